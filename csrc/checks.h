@@ -1,0 +1,94 @@
+// Argument validation shared by every backend of resnet_fused's ops. Messages
+// name the argument, what was expected and what was got.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace resnet_fused {
+
+// Output spatial size of a convolution, or a clear error when the (padded)
+// input is smaller than the dilated kernel.
+inline std::vector<int64_t> conv_output_size(
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation) {
+  std::vector<int64_t> out{input.size(0), weight.size(0)};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t in = input.size(d + 2) + 2 * padding[d];
+    const int64_t k = dilation[d] * (weight.size(d + 2) - 1) + 1;
+    TORCH_CHECK(in >= k, "conv_bias_act: input spatial size ", input.sizes().slice(2),
+                " with padding ", padding, " is smaller than the kernel ",
+                weight.sizes().slice(2), " with dilation ", dilation);
+    out.push_back((in - k) / stride[d] + 1);
+  }
+  return out;
+}
+
+inline void check_conv_bias_act_args(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "conv_bias_act: expected input to be 4-D (N, C, H, W), got ",
+              input.dim(), "-D with shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4, "conv_bias_act: expected weight to be 4-D (K, C/groups, R, S), got ",
+              weight.dim(), "-D with shape ", weight.sizes());
+  TORCH_CHECK(input.is_floating_point(), "conv_bias_act: expected a floating-point input, got ",
+              input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "conv_bias_act: expected weight dtype ",
+              input.scalar_type(), " (the input's), got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), "conv_bias_act: expected weight on ",
+              input.device(), " (the input's device), got ", weight.device());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "conv_bias_act: expected stride, padding and dilation of length 2, got ", stride,
+              ", ", padding, ", ", dilation);
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(stride[d] > 0, "conv_bias_act: expected stride > 0, got ", stride);
+    TORCH_CHECK(dilation[d] > 0, "conv_bias_act: expected dilation > 0, got ", dilation);
+    TORCH_CHECK(padding[d] >= 0, "conv_bias_act: expected padding >= 0, got ", padding);
+  }
+  TORCH_CHECK(groups > 0, "conv_bias_act: expected groups > 0, got ", groups);
+  TORCH_CHECK(weight.size(0) % groups == 0, "conv_bias_act: expected weight.size(0) (",
+              weight.size(0), " output channels) divisible by groups=", groups);
+  TORCH_CHECK(input.size(1) == weight.size(1) * groups, "conv_bias_act: expected input with ",
+              weight.size(1) * groups, " channels (weight.size(1)=", weight.size(1),
+              " x groups=", groups, "), got input of shape ", input.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "conv_bias_act: expected bias of shape [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "conv_bias_act: expected bias dtype ",
+                input.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), "conv_bias_act: expected bias on ", input.device(),
+                ", got ", bias->device());
+  }
+  const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size),
+                "conv_bias_act: expected residual of the output's shape ", at::IntArrayRef(out_size),
+                ", got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(),
+                "conv_bias_act: expected residual dtype ", input.scalar_type(), ", got ",
+                residual->scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "conv_bias_act: expected residual on ",
+                input.device(), ", got ", residual->device());
+  }
+}
+
+inline void check_add_relu_args(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "add_relu: expected b of a's shape ", a.sizes(), ", got ",
+              b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "add_relu: expected b of a's dtype ",
+              a.scalar_type(), ", got ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "add_relu: expected b on a's device ", a.device(), ", got ",
+              b.device());
+  TORCH_CHECK(a.is_floating_point(), "add_relu: expected floating-point tensors, got ",
+              a.scalar_type());
+}
+
+// The memory format an op returns: the input's (NCHW or channels_last).
+inline at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  return input.suggest_memory_format();
+}
+
+}  // namespace resnet_fused

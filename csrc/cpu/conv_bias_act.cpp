@@ -1,0 +1,163 @@
+// CPU conv_bias_act: one oneDNN convolution primitive whose post-ops apply the
+// bias, the residual add and the ReLU while the output tile is still in registers,
+// reached through ATen's mkldnn ops. Without oneDNN (a torch built without it),
+// a portable path runs the convolution and then a single fused epilogue pass.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace resnet_fused {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+using ScalarList = c10::List<optional<at::Scalar>>;
+
+// mkldnn::_convolution_pointwise: conv + bias + unary post-op ("relu"/"none").
+using PointwiseFn = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, at::IntArrayRef,
+                           at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                           ScalarList, optional<c10::string_view>);
+// mkldnn::_convolution_pointwise_.binary: other = relu(other + conv + bias), in place.
+using SumReluFn = Tensor&(Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                          c10::string_view, optional<at::Scalar>, optional<c10::string_view>,
+                          ScalarList, optional<c10::string_view>);
+
+struct OneDnnOps {
+  optional<c10::TypedOperatorHandle<PointwiseFn>> pointwise;
+  optional<c10::TypedOperatorHandle<SumReluFn>> sum_relu;
+  bool bf16 = false;
+};
+
+// Looked up once: the ops exist only in torch builds with oneDNN.
+const OneDnnOps& onednn() {
+  static const OneDnnOps ops = [] {
+    OneDnnOps o;
+    auto& d = c10::Dispatcher::singleton();
+    if (auto h = d.findSchema({"mkldnn::_convolution_pointwise", ""})) o.pointwise = h->typed<PointwiseFn>();
+    if (auto h = d.findSchema({"mkldnn::_convolution_pointwise_", "binary"})) o.sum_relu = h->typed<SumReluFn>();
+    if (auto h = d.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""}))
+      o.bf16 = h->typed<bool()>().call();
+    return o;
+  }();
+  return ops;
+}
+
+bool use_onednn(const Tensor& input) {
+  const auto& o = onednn();
+  if (!o.pointwise || !o.sum_relu || !at::globalContext().userEnabledMkldnn()) return false;
+  return input.scalar_type() == at::kFloat || (input.scalar_type() == at::kBFloat16 && o.bf16);
+}
+
+void check_cpu(const Tensor& input, const Tensor& weight) {
+  TORCH_CHECK(input.device().is_cpu(), "conv_bias_act (CPU kernel): expected input on cpu, got ",
+              input.device());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
+              "conv_bias_act on CPU supports float32 and bfloat16 inputs, got ", dt);
+  TORCH_CHECK(!weight.is_mkldnn() || use_onednn(input),
+              "conv_bias_act: weight was packed by pack_weight for oneDNN, which cannot run ", dt,
+              " here; pass the unpacked weight");
+}
+
+// Portable path: the convolution, then bias/residual/ReLU already applied by
+// at::convolution (bias) and one in-place pass (residual add + ReLU).
+void residual_relu_inplace(Tensor& out, const optional<Tensor>& residual, bool relu) {
+  if (residual.has_value()) {
+    out.add_(*residual);
+  }
+  if (relu) {
+    out.relu_();  // torch.relu semantics, NaN propagates
+  }
+}
+
+Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
+                         const optional<Tensor>& residual, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         bool relu) {
+  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
+  check_cpu(input, weight);
+  const auto fmt = output_memory_format(input);
+  const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
+  if (input.numel() == 0 || c10::multiply_integers(out_size) == 0) {
+    // oneDNN rejects empty tensors; an empty output needs no arithmetic.
+    return at::empty(out_size, input.options().memory_format(fmt));
+  }
+  if (!use_onednn(input)) {
+    Tensor out = at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+    residual_relu_inplace(out, residual, relu);
+    return out.contiguous(fmt);
+  }
+  const auto& o = onednn();
+  if (!residual.has_value()) {
+    Tensor out = o.pointwise->call(input, weight, bias, padding, stride, dilation, groups,
+                                   relu ? "relu" : "none", ScalarList(), c10::nullopt);
+    return out.contiguous(fmt);
+  }
+  // oneDNN's out-of-place binary post-op measured slower than its in-place sum
+  // post-op, so the residual is copied into the output, which the convolution
+  // then accumulates into. The residual must be channels_last for the sum to fuse.
+  Tensor out = at::empty(out_size, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  out.copy_(*residual);
+  Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  if (relu) {
+    o.sum_relu->call(out, x, weight, bias, padding, stride, dilation, groups, "add", c10::nullopt,
+                     c10::string_view("relu"), ScalarList(), c10::nullopt);
+  } else {
+    o.sum_relu->call(out, x, weight, bias, padding, stride, dilation, groups, "add", c10::nullopt,
+                     c10::nullopt, ScalarList(), c10::nullopt);
+  }
+  return out.contiguous(fmt);
+}
+
+Tensor& conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& weight,
+                                const optional<Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
+  check_cpu(input, weight);
+  if (residual.numel() == 0) return residual;
+  const bool fusable = use_onednn(input) &&
+                       residual.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                       !residual.is_contiguous();  // a 1x1-spatial tensor is both: take the safe path
+  if (fusable) {
+    Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    onednn().sum_relu->call(residual, x, weight, bias, padding, stride, dilation, groups, "add",
+                            c10::nullopt, c10::string_view("relu"), ScalarList(), c10::nullopt);
+    return residual;
+  }
+  // Any other layout: compute out of place, then write back once.
+  residual.copy_(conv_bias_act_cpu(input, weight, bias, residual, stride, padding, dilation,
+                                   groups, /*relu=*/true));
+  return residual;
+}
+
+Tensor pack_weight_cpu(const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
+  TORCH_CHECK(weight.dim() == 4, "pack_weight: expected a 4-D weight, got shape ", weight.sizes());
+  TORCH_CHECK(input_size.size() == 4, "pack_weight: expected a 4-D input_size, got ", input_size);
+  if (!at::hasMKLDNN() || !use_onednn(weight)) {
+    return weight.contiguous(at::MemoryFormat::ChannelsLast);  // nothing better to pack into
+  }
+  return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding, stride,
+                                          dilation, groups, input_size);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("conv_bias_act", &conv_bias_act_cpu);
+  m.impl("conv_bias_add_relu_", &conv_bias_add_relu_cpu_);
+  m.impl("pack_weight", &pack_weight_cpu);
+}
+
+// A packed (oneDNN-layout) weight dispatches on MkldnnCPU.
+TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
+  m.impl("conv_bias_act", &conv_bias_act_cpu);
+  m.impl("conv_bias_add_relu_", &conv_bias_add_relu_cpu_);
+}
+
+}  // namespace resnet_fused

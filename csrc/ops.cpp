@@ -1,0 +1,43 @@
+// Schemas of resnet_fused's ops, registered with the PyTorch dispatcher.
+// Kernels live per backend (cpu/, cuda/); fake kernels for tracing live in
+// resnet_fused/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+TORCH_LIBRARY(resnet_fused, m) {
+  // act(conv2d(input, weight) + bias [+ residual]), act = relu or identity.
+  // With BatchNorm folded into weight and bias this is conv-BN-ReLU, conv-BN and
+  // conv-BN-add-ReLU. weight may be a pack_weight() result on CPU.
+  m.def(
+      "conv_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // residual = relu(residual + conv2d(input, weight) + bias), in place: the end of
+  // a residual block when the identity tensor is not needed afterwards.
+  m.def(
+      "conv_bias_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor(a!)");
+  m.def("add_relu(Tensor a, Tensor b) -> Tensor");
+  m.def("add_relu_(Tensor(a!) a, Tensor b) -> Tensor(a!)");
+  // Re-lays a folded weight out for the backend's kernel, once, at fold time.
+  // input_size is a representative input shape (the layout may depend on it).
+  m.def(
+      "pack_weight(Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "int[] input_size) -> Tensor");
+}
+
+// The module exists so that `import resnet_fused._C` loads the library (and with
+// it the registrations above); it also records what it was built against.
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", TORCH_VERSION);
+#ifdef RESNET_FUSED_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  return m;
+}

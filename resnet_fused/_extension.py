@@ -1,0 +1,67 @@
+"""Loads the compiled library resnet_fused._C, guarded.
+
+If it cannot be loaded (not built, built against another torch, a missing shared
+library), the package still imports: `available()` is False, `load_error()` says
+why in one line, and the model runs torchvision's math after one warning.
+"""
+
+import warnings
+
+import torch
+
+_error = None
+_C = None
+
+
+def _release(version):
+    """'2.11.0+cu128' -> '2.11.0': local build tags do not change the ABI."""
+    return version.split("+")[0]
+
+
+try:
+    from . import _C  # noqa: F811  (registers torch.ops.resnet_fused.*)
+except ImportError as e:  # also OSError subclasses raised through ImportError
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "undefined symbol" in msg:
+        _error = (f"resnet_fused._C was built against a different torch than the installed "
+                  f"torch {torch.__version__} ({msg}); rebuild it: pip install --no-build-isolation .")
+    elif "No module named" in msg:
+        _error = ("resnet_fused._C is not built; build it with `pip install --no-build-isolation .` "
+                  "or `python setup.py build_ext --inplace`")
+    else:
+        _error = f"resnet_fused._C failed to load: {msg}"
+except OSError as e:
+    _error = f"resnet_fused._C failed to load: {e}"
+else:
+    built, running = _release(_C.torch_version), _release(torch.__version__)
+    if built != running:
+        # The library loaded, but its ABI may not match: do not trust it.
+        _error = (f"resnet_fused._C was built against torch {built} but torch {running} is "
+                  "installed; rebuild it: pip install --no-build-isolation .")
+
+if _error is not None:
+    warnings.warn(f"{_error}. Falling back to torchvision's (unfused) math.", RuntimeWarning,
+                  stacklevel=2)
+
+
+def available():
+    """True when the compiled ops are loaded and usable."""
+    return _error is None
+
+
+def load_error():
+    """Why the compiled ops are unavailable, or None."""
+    return _error
+
+
+def has_kernel(op_name, device_type):
+    """Whether torch.ops.resnet_fused.<op_name> has a kernel for this device type."""
+    if not available():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"resnet_fused::{op_name}", key)
+
+
+def built_with_cuda():
+    return available() and bool(_C.with_cuda)

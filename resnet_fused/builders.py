@@ -1,0 +1,85 @@
+"""Builders with torchvision's signatures: resnet18(weights=..., progress=..., **kwargs).
+
+`weights` takes a torchvision weights enum (ResNet50_Weights.IMAGENET1K_V2), its
+string ("IMAGENET1K_V2" or "ResNet50_Weights.IMAGENET1K_V2"), "DEFAULT", or a path
+to a state_dict file saved from the torchvision model.
+"""
+
+import os
+
+import torch
+from torchvision import models as tvm
+
+from .model import fuse
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+
+
+def load_state_dict_file(path):
+    """The state_dict in a checkpoint file, with a clear error for anything else."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file not found: {path}") from None
+    except Exception as e:  # pickle/zip errors: a corrupt or foreign file
+        raise ValueError(f"could not read weights file {path}: it is not a PyTorch checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights file {path} does not hold a state_dict (a dict of tensors), "
+                         f"got {type(obj).__name__}")
+    return obj
+
+
+def _is_path(weights):
+    return isinstance(weights, (os.PathLike,)) or (
+        isinstance(weights, str) and (os.sep in weights or weights.endswith((".pt", ".pth"))
+                                      or os.path.exists(weights)))
+
+
+def build(arch, weights=None, progress=True, **kwargs):
+    """The fused `arch` (one of ARCHS), optionally with weights (see module doc)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    path = None
+    if weights is not None and _is_path(weights):
+        path, weights = os.fspath(weights), None
+    if weights is not None:
+        # Resolves enums and strings, and checks num_classes against the weights.
+        weights = tvm.get_model_weights(arch).verify(weights)
+    try:
+        model = getattr(tvm, arch)(weights=weights, progress=progress, **kwargs)
+    except OSError as e:  # download failed (offline, proxy, ...)
+        raise RuntimeError(f"could not download {weights} for {arch}: {e}. Offline, pass a "
+                           "path to a saved state_dict instead (weights='path/to/file.pth')") from None
+    if path is not None:
+        state = load_state_dict_file(path)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"weights file {path} does not fit {arch}"
+                             f"{' with ' + str(kwargs) if kwargs else ''}: {e}") from None
+    return fuse(model, inplace=True)
+
+
+def _builder(arch):
+    def builder(*, weights=None, progress=True, **kwargs):
+        return build(arch, weights=weights, progress=progress, **kwargs)
+    builder.__name__ = arch
+    builder.__doc__ = (f"Fused {arch}; same signature as torchvision.models.{arch}. "
+                       "`weights` may also be a path to a state_dict file.")
+    return builder
+
+
+resnet18 = _builder("resnet18")
+resnet34 = _builder("resnet34")
+resnet50 = _builder("resnet50")
+resnet101 = _builder("resnet101")
+resnet152 = _builder("resnet152")
+resnext50_32x4d = _builder("resnext50_32x4d")
+resnext101_32x8d = _builder("resnext101_32x8d")
+resnext101_64x4d = _builder("resnext101_64x4d")
+wide_resnet50_2 = _builder("wide_resnet50_2")
+wide_resnet101_2 = _builder("wide_resnet101_2")

@@ -1,0 +1,58 @@
+"""Folding BatchNorm into the preceding convolution.
+
+    y = gamma * (conv(x, W) - mean) / sqrt(var + eps) + beta
+      = conv(x, W * s) + (beta - mean * s),   s = gamma / sqrt(var + eps)
+
+computed in fp32 (fp64 for fp64 models) with the BN's own eps, then cast to the
+run dtype: folding after a cast to fp16/bf16 loses accuracy.
+"""
+
+import warnings
+
+import torch
+
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def _bn_stats(bn, name):
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if mean is None or var is None:
+        raise ValueError(
+            f"{name}: BatchNorm has no running statistics (track_running_stats=False), so it "
+            "cannot be folded into the convolution; use the model in train mode or give the "
+            "BatchNorm running statistics")
+    return mean, var
+
+
+def fold_conv_bn(conv, bn, name="conv"):
+    """(weight, bias) of one convolution with `bn` folded in, in fp32 (fp64 if the
+    parameters are fp64), detached. Raises ValueError naming `name` when `bn` has
+    no running statistics."""
+    mean, var = _bn_stats(bn, name)
+    acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        w = conv.weight.detach().to(acc)
+        mean, var = mean.detach().to(acc), var.detach().to(acc)
+        gamma = bn.weight.detach().to(acc) if bn.weight is not None else torch.ones_like(mean)
+        beta = bn.bias.detach().to(acc) if bn.bias is not None else torch.zeros_like(mean)
+        scale = gamma * torch.rsqrt(var + bn.eps)
+        bias = beta - mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias.detach().to(acc) * scale
+        return w * scale.reshape(-1, 1, 1, 1), bias
+
+
+def cast_folded(weight, bias, dtype, name="conv"):
+    """Casts a folded (weight, bias) to the run dtype. For fp16, values beyond
+    fp16's range would become inf: such a layer is kept in fp32 (returned dtype
+    says so) with a warning."""
+    if dtype == torch.float16:
+        peak = max(weight.abs().max().item() if weight.numel() else 0.0,
+                   bias.abs().max().item() if bias.numel() else 0.0)
+        if peak > FP16_MAX:
+            warnings.warn(
+                f"{name}: the folded weight/bias reaches {peak:.3g}, beyond float16's range "
+                f"({FP16_MAX:.0f}), e.g. from a tiny running_var; this layer runs in float32.",
+                RuntimeWarning, stacklevel=3)
+            return weight.float(), bias.float(), torch.float32
+    return weight.to(dtype), bias.to(dtype), dtype

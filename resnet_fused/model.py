@@ -1,0 +1,281 @@
+"""FusedResNet: torchvision's ResNet with a fused eval-mode forward.
+
+It *is* a torchvision ResNet (a subclass with the same module tree, so the same
+state_dict keys): train mode, and any case the fused kernels cannot serve, run
+torchvision's own forward. In eval mode each conv + BatchNorm (+ residual add)
++ ReLU runs as one op on BN-folded weights, which are folded once per
+(device, dtype) and refolded whenever a parameter or buffer changes.
+"""
+
+import copy
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from . import _extension, ops
+from .fold import cast_folded, fold_conv_bn
+
+# Refolds are rare; one lock for all models keeps them picklable and copyable.
+_FOLD_LOCK = threading.Lock()
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _tracing():
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler and (compiler.is_compiling()
+                              or getattr(compiler, "is_exporting", lambda: False)()))
+
+
+@dataclass
+class _Conv:
+    """One conv with its BN folded in, ready for the op."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    dtype: torch.dtype            # dtype this conv computes in (fp32 if fp16 would overflow)
+    packed: dict = field(default_factory=dict)  # backend layout, made on first use
+
+    def weight_for(self, x):
+        if _tracing() or x.device.type != "cpu":
+            return self.weight
+        w = self.packed.get("w")
+        if w is None:
+            w = ops.pack_weight(self.weight, self.stride, self.padding, self.dilation,
+                                self.groups, x.shape)
+            self.packed["w"] = w
+        return w
+
+
+@dataclass
+class _Fold:
+    signature: tuple
+    stem: _Conv
+    blocks: list   # per block: dict with conv1, conv2, [conv3], [downsample]
+
+
+class FusedResNet(ResNet):
+    """A torchvision ResNet whose eval-mode forward runs fused kernels.
+
+    Constructed like torchvision.models.ResNet, or from an existing model with
+    resnet_fused.fuse(model). `to_torchvision()` gives the unfused model back.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fold_cache = {}
+
+    # ---- public API -------------------------------------------------------
+
+    def to_torchvision(self):
+        """A plain torchvision ResNet with the same parameters (a copy)."""
+        model = copy.deepcopy(self)
+        model.__class__ = ResNet
+        del model._fold_cache
+        return model
+
+    def refresh_fold(self):
+        """Drops the folded weights. Needed only after writes through `.data`,
+        which bypass the version counters that refolding watches."""
+        self._fold_cache = {}
+
+    def fused_status(self, x):
+        """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        if self.training:
+            return False, "train mode runs torchvision's math (batch statistics)"
+        if not _extension.available():
+            return False, _extension.load_error()
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters())):
+            return False, ("gradients are enabled and required; the fused ops have no backward "
+                           "(run inference under torch.inference_mode() or torch.no_grad())")
+        dev = x.device.type
+        if not _extension.has_kernel("conv_bias_act", dev):
+            return False, f"resnet_fused has no {dev} kernels in this build"
+        dtype = self._run_dtype(x)
+        if dev == "cpu" and dtype not in _cpu_dtypes():
+            return False, f"the CPU kernels support {sorted(map(str, _cpu_dtypes()))}, not {dtype}"
+        if dev == "cuda" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False, f"the CUDA kernels support float16, bfloat16 and float32, not {dtype}"
+        return True, ""
+
+    # ---- forward ----------------------------------------------------------
+
+    def forward(self, x):
+        self._check_input(x)
+        ok, why = self.fused_status(x)
+        if not ok:
+            if not self.training:
+                _warn_once(why, f"FusedResNet: running unfused torchvision math: {why}.")
+            return super().forward(x)
+        dtype = self._run_dtype(x)
+        fold = self._inline_fold(dtype) if _tracing() else self._cached_fold(x.device, dtype)
+        return self._forward_fused(x.to(dtype), fold)
+
+    def _forward_fused(self, x, fold):
+        x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
+        x = _conv(x, fold.stem, relu=True)
+        x = self.maxpool(x)
+        for convs in fold.blocks:
+            out = _conv(x, convs["conv1"], relu=True)
+            if "conv3" in convs:
+                out = _conv(out, convs["conv2"], relu=True)
+                last = convs["conv3"]
+            else:
+                last = convs["conv2"]
+            if "downsample" in convs:
+                identity = _conv(x, convs["downsample"], relu=False)
+            else:
+                identity = x
+            # identity is an intermediate of this forward and dead after this
+            # op, so the residual sum can accumulate into it in place.
+            x = _conv_add_relu_(identity, out, last)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    # ---- folding ----------------------------------------------------------
+
+    def _pairs(self):
+        """(name, conv, bn, relu) of every conv in forward order, blocks grouped."""
+        yield "stem", [("stem", self.conv1, self.bn1)]
+        for li, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), 1):
+            for bi, block in enumerate(layer):
+                name = f"layer{li}.{bi}"
+                if not isinstance(block, (BasicBlock, Bottleneck)):
+                    raise TypeError(f"{name}: expected a torchvision BasicBlock or Bottleneck, "
+                                    f"got {type(block).__name__}")
+                n = 3 if isinstance(block, Bottleneck) else 2
+                pairs = [(f"conv{i}", getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+                         for i in range(1, n + 1)]
+                if block.downsample is not None:
+                    ds = block.downsample
+                    if not (isinstance(ds, nn.Sequential) and len(ds) == 2
+                            and isinstance(ds[0], nn.Conv2d)):
+                        raise TypeError(f"{name}.downsample: expected Sequential(Conv2d, "
+                                        f"BatchNorm2d), got {ds}")
+                    pairs.append(("downsample", ds[0], ds[1]))
+                yield name, pairs
+
+    def _signature(self):
+        sig = []
+        for _, pairs in self._pairs():
+            for _, conv, bn in pairs:
+                for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                          bn.running_var):
+                    sig.append(None if t is None else (t._version, t.data_ptr()))
+                sig.append(bn.eps)
+        return tuple(sig)
+
+    def _fold(self, dtype, signature, check_range):
+        stem, blocks = None, []
+        for name, pairs in self._pairs():
+            convs = {}
+            for key, conv, bn in pairs:
+                label = name if key == "stem" else f"{name}.{key}"
+                w, b = fold_conv_bn(conv, bn, label)
+                if check_range:
+                    w, b, cdt = cast_folded(w, b, dtype, label)
+                else:
+                    w, b, cdt = w.to(dtype), b.to(dtype), dtype
+                convs[key] = _Conv(w.contiguous(memory_format=torch.channels_last), b,
+                                   tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                                   conv.groups, cdt)
+            if name == "stem":
+                stem = convs["stem"]
+            else:
+                blocks.append(convs)
+        return _Fold(signature, stem, blocks)
+
+    def _cached_fold(self, device, dtype):
+        key = (device, dtype)
+        signature = self._signature()
+        fold = self._fold_cache.get(key)
+        if fold is not None and fold.signature == signature:
+            return fold
+        with _FOLD_LOCK:  # one refold at a time; readers see either old or new whole
+            fold = self._fold_cache.get(key)
+            if fold is None or fold.signature != signature:
+                fold = self._fold(dtype, signature, check_range=True)
+                # Stale entries for other dtypes/devices could be reused wrongly later.
+                self._fold_cache = {key: fold}
+        return fold
+
+    def _inline_fold(self, dtype):
+        # Under torch.compile/export the fold is part of the traced graph.
+        return self._fold(dtype, (), check_range=False)
+
+    # ---- helpers ----------------------------------------------------------
+
+    def _run_dtype(self, x):
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
+            return torch.get_autocast_dtype(dev)
+        return x.dtype
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FusedResNet: expected a Tensor input, got {type(x).__name__}")
+        cin = self.conv1.in_channels
+        if x.dim() != 4 or x.shape[1] != cin:
+            raise ValueError(f"FusedResNet: expected input of shape (N, {cin}, H, W), "
+                             f"got {tuple(x.shape)}")
+        w = self.conv1.weight
+        if x.device != w.device:
+            raise ValueError(f"FusedResNet: input is on {x.device} but the model is on "
+                             f"{w.device}; move one of them")
+        if not x.is_floating_point():
+            raise TypeError(f"FusedResNet: expected a floating-point input, got {x.dtype}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"FusedResNet: input dtype {x.dtype} differs from the model's "
+                            f"{w.dtype}; convert one of them (or use torch.autocast)")
+
+
+def _cpu_dtypes():
+    dtypes = {torch.float32}
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.add(torch.bfloat16)
+    return dtypes
+
+
+def _conv(x, c, relu, residual=None):
+    dt = x.dtype
+    if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
+        x = x.to(c.dtype)
+        residual = None if residual is None else residual.to(c.dtype)
+    y = torch.ops.resnet_fused.conv_bias_act(x, c.weight_for(x), c.bias, residual,
+                                             c.stride, c.padding, c.dilation, c.groups, relu)
+    return y.to(dt)
+
+
+def _conv_add_relu_(identity, x, c):
+    if c.dtype != x.dtype:
+        return _conv(x, c, relu=True, residual=identity)
+    return torch.ops.resnet_fused.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias,
+                                                      c.stride, c.padding, c.dilation, c.groups)
+
+
+def fuse(model, inplace=False):
+    """Converts a torchvision ResNet (any depth/width/groups, custom num_classes,
+    dilation, zero_init_residual) into a FusedResNet sharing its parameters'
+    values. With inplace=False (default) the given model is left untouched."""
+    if isinstance(model, FusedResNet):
+        return model if inplace else copy.deepcopy(model)
+    if not isinstance(model, ResNet):
+        raise TypeError(f"fuse: expected a torchvision.models.ResNet, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.__class__ = FusedResNet
+    model._fold_cache = {}
+    list(model._pairs())  # validates the structure now rather than at first forward
+    return model

@@ -1,0 +1,106 @@
+"""Python layer over torch.ops.resnet_fused.*: argument normalisation, fake
+(meta) kernels so torch.compile and torch.export trace through the ops, and a
+clear error when the compiled library is missing."""
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from . import _extension
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _require():
+    if not _extension.available():
+        raise RuntimeError(_extension.load_error())
+
+
+def conv_bias_act(input, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
+                  groups=1, relu=True):
+    """act(conv2d(input, weight, stride, padding, dilation, groups) + bias [+ residual]),
+    act = ReLU if `relu` else identity, in one pass. Returns the input's memory format."""
+    _require()
+    return torch.ops.resnet_fused.conv_bias_act(
+        input, weight, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
+        _pair(dilation, "dilation"), groups, relu)
+
+
+def conv_bias_add_relu_(residual, input, weight, bias=None, stride=1, padding=0, dilation=1,
+                        groups=1):
+    """residual = relu(residual + conv2d(input, weight) + bias), in place."""
+    _require()
+    return torch.ops.resnet_fused.conv_bias_add_relu_(
+        residual, input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+        _pair(dilation, "dilation"), groups)
+
+
+def add_relu(a, b):
+    """relu(a + b) in one pass; NaN propagates as in torch.relu."""
+    _require()
+    return torch.ops.resnet_fused.add_relu(a, b)
+
+
+def add_relu_(a, b):
+    """a = relu(a + b), in place."""
+    _require()
+    return torch.ops.resnet_fused.add_relu_(a, b)
+
+
+def pack_weight(weight, stride, padding, dilation, groups, input_size):
+    """The weight re-laid out for the backend's kernel (done once, at fold time)."""
+    _require()
+    return torch.ops.resnet_fused.pack_weight(
+        weight, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
+        groups, list(input_size))
+
+
+def _conv_out_shape(input, weight, stride, padding, dilation):
+    n, _, h, w = input.shape
+    k, _, r, s = weight.shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return (n, k, p, q)
+
+
+def _register_fakes():
+    lib = "resnet_fused::"
+
+    @torch.library.register_fake(lib + "conv_bias_act")
+    def _(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+        torch._check(input.dim() == 4 and weight.dim() == 4,
+                     lambda: "conv_bias_act: input and weight must be 4-D")
+        torch._check(input.shape[1] == weight.shape[1] * groups,
+                     lambda: f"conv_bias_act: expected input with {weight.shape[1] * groups} "
+                             f"channels, got {input.shape[1]}")
+        shape = _conv_out_shape(input, weight, stride, padding, dilation)
+        fmt = suggest_memory_format(input)  # what the kernels return
+        return input.new_empty(shape).contiguous(memory_format=fmt)
+
+    @torch.library.register_fake(lib + "conv_bias_add_relu_")
+    def _(residual, input, weight, bias, stride, padding, dilation, groups):
+        return residual
+
+    @torch.library.register_fake(lib + "add_relu")
+    def _(a, b):
+        return torch.empty_like(a)
+
+    @torch.library.register_fake(lib + "add_relu_")
+    def _(a, b):
+        return a
+
+    @torch.library.register_fake(lib + "pack_weight")
+    def _(weight, stride, padding, dilation, groups, input_size):
+        return torch.empty_like(weight)
+
+
+# Fake kernels need the schemas; registering them without the library would turn
+# a clear "not built" message into an unrelated import-time crash.
+if _extension.available():
+    _register_fakes()

@@ -1,0 +1,155 @@
+"""Build of the resnet_fused._C extension.
+
+CUDA sources are compiled when a CUDA build of torch and a matching CUDA toolkit
+are both present; otherwise the build is CPU-only. Overrides:
+  FORCE_CUDA=1              build the CUDA sources (fails with a reason if impossible)
+  RESNET_FUSED_CPU_ONLY=1   never build them
+  TORCH_CUDA_ARCH_LIST      target archs (default: the visible GPU's, else 9.0)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(reason):
+    # One line that says why; setuptools' own traceback would bury it.
+    sys.exit(f"resnet_fused build failed: {reason}")
+
+
+def flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+try:
+    import torch
+except ImportError:
+    fail("torch is not installed; install torch first, then build with "
+         "`pip install --no-build-isolation .`")
+
+
+def find_cuda_home():
+    """The toolkit root. A bare `nvcc` on PATH may be a wrapper script outside
+    the toolkit, where torch's guess (dirname of dirname of nvcc) is wrong, so ask
+    nvcc itself where its toolkit is."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return os.path.realpath(root)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            m = re.search(r"^#\$ TOP=(\S+)", out.stdout + out.stderr, re.M)
+            if m:
+                return os.path.realpath(m.group(1))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(nvcc)), ".."))
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return os.path.realpath("/usr/local/cuda")
+    return None
+
+
+def nvcc_version(cuda_home):
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def wheel_cuda_includes():
+    """Headers such as cusparse.h that torch's CUDA headers include may exist only
+    inside the pip nvidia-* wheels torch depends on."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    return dirs
+
+
+def decide_cuda():
+    """Returns (build_cuda, cuda_home, reason)."""
+    if flag("RESNET_FUSED_CPU_ONLY"):
+        return False, None, "RESNET_FUSED_CPU_ONLY=1"
+    forced = flag("FORCE_CUDA")
+    cuda_home = find_cuda_home()
+    if torch.version.cuda is None:
+        if forced:
+            fail(f"FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build")
+        return False, None, f"torch {torch.__version__} has no CUDA"
+    if cuda_home is None:
+        if forced:
+            fail("FORCE_CUDA=1 but no CUDA toolkit was found (no nvcc on PATH, CUDA_HOME unset)")
+        return False, None, "no CUDA toolkit (nvcc) found"
+    have = nvcc_version(cuda_home)
+    want = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    if have is None or have[0] != want[0]:
+        msg = (f"torch {torch.__version__} was built with CUDA {torch.version.cuda} but the toolkit "
+               f"at {cuda_home} is CUDA {'.'.join(map(str, have)) if have else 'unknown'}; "
+               "the major versions must match")
+        if forced:
+            fail(msg)
+        return False, None, msg
+    return True, cuda_home, f"CUDA {'.'.join(map(str, have))} at {cuda_home}"
+
+
+def default_arch_list():
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "9.0"
+
+
+build_cuda, cuda_home, why = decide_cuda()
+if build_cuda:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
+
+if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+    fail("no C++ compiler found (install g++, or set CXX)")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+# No -std flag: torch.utils.cpp_extension picks the standard this torch needs.
+cxx_flags = ["-O3"]
+include_dirs = [os.path.join(HERE, "csrc")]
+
+if build_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    include_dirs += wheel_cuda_includes()
+    missing = [h for h in ("cuda_runtime.h", "cusparse.h", "cublas_v2.h")
+               if not any(os.path.exists(os.path.join(d, h))
+                          for d in include_dirs + [os.path.join(cuda_home, "include")])]
+    if missing:
+        fail(f"CUDA headers not found: {', '.join(missing)} (looked in {cuda_home}/include and "
+             "the nvidia-* wheels); install the CUDA toolkit's dev headers")
+    ext = CUDAExtension(
+        "resnet_fused._C", sources, include_dirs=include_dirs,
+        define_macros=[("RESNET_FUSED_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags,
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+    )
+    print(f"resnet_fused: building with CUDA ({why}), archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+else:
+    ext = CppExtension("resnet_fused._C", sources, include_dirs=include_dirs,
+                       extra_compile_args={"cxx": cxx_flags})
+    print(f"resnet_fused: building CPU-only ({why})")
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
