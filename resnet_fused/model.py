@@ -64,6 +64,7 @@ class _Fold:
     signature: tuple
     stem: _Conv
     blocks: list   # per block: dict with conv1, conv2, [conv3], [downsample]
+    finite: bool   # every folded weight and bias is finite
 
 
 class FusedResNet(ResNet):
@@ -122,27 +123,48 @@ class FusedResNet(ResNet):
             return super().forward(x)
         dtype = self._run_dtype(x)
         fold = self._inline_fold(dtype) if _tracing() else self._cached_fold(x.device, dtype)
-        return self._forward_fused(x.to(dtype), fold)
+        # NaN/Inf can reach a ReLU only through the input or the weights. With both
+        # finite, the CPU kernels may skip their per-op scan (the CUDA kernels
+        # propagate NaN natively and need none; checking there would sync).
+        finite = (fold.finite and x.device.type == "cpu" and not _tracing()
+                  and bool(torch.isfinite(x).all()))
+        return self._forward_fused(x.to(dtype), fold, finite)
 
-    def _forward_fused(self, x, fold):
+    def _forward_fused(self, x, fold, finite):
+        stage = _stage_labeller()
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
-        x = _conv(x, fold.stem, relu=True)
-        x = self.maxpool(x)
-        for convs in fold.blocks:
-            out = _conv(x, convs["conv1"], relu=True)
+        with stage("stem"):
+            x = _conv(x, fold.stem, True, finite)
+        with stage("maxpool"):
+            x = self.maxpool(x)
+        for i, convs in enumerate(fold.blocks):
+            if i in self._stage_starts:
+                stage.enter(self._stage_starts[i])
+            out = _conv(x, convs["conv1"], True, finite)
             if "conv3" in convs:
-                out = _conv(out, convs["conv2"], relu=True)
+                out = _conv(out, convs["conv2"], True, finite)
                 last = convs["conv3"]
             else:
                 last = convs["conv2"]
             if "downsample" in convs:
-                identity = _conv(x, convs["downsample"], relu=False)
+                identity = _conv(x, convs["downsample"], False, finite)
             else:
                 identity = x
             # identity is an intermediate of this forward and dead after this
             # op, so the residual sum can accumulate into it in place.
-            x = _conv_add_relu_(identity, out, last)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+            x = _conv_add_relu_(identity, out, last, finite)
+        stage.exit()
+        with stage("head"):
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    @property
+    def _stage_starts(self):
+        """Block index -> layer name, for profiler labels."""
+        starts, i = {}, 0
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            starts[i] = name
+            i += len(getattr(self, name))
+        return starts
 
     # ---- folding ----------------------------------------------------------
 
@@ -168,12 +190,16 @@ class FusedResNet(ResNet):
                 yield name, pairs
 
     def _signature(self):
+        # Version counters catch in-place writes, data pointers replaced tensors
+        # (load_state_dict copies in place; .to() and `param.data = ...` replace).
+        # Inference tensors (made under torch.inference_mode) have no counter.
         sig = []
         for _, pairs in self._pairs():
             for _, conv, bn in pairs:
                 for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                           bn.running_var):
-                    sig.append(None if t is None else (t._version, t.data_ptr()))
+                    sig.append(None if t is None else
+                               (-1 if t.is_inference() else t._version, t.data_ptr()))
                 sig.append(bn.eps)
         return tuple(sig)
 
@@ -195,7 +221,10 @@ class FusedResNet(ResNet):
                 stem = convs["stem"]
             else:
                 blocks.append(convs)
-        return _Fold(signature, stem, blocks)
+        finite = check_range and all(
+            bool(torch.isfinite(c.weight).all() and torch.isfinite(c.bias).all())
+            for c in [stem] + [c for convs in blocks for c in convs.values()])
+        return _Fold(signature, stem, blocks, finite)
 
     def _cached_fold(self, device, dtype):
         key = (device, dtype)
@@ -241,6 +270,37 @@ class FusedResNet(ResNet):
                             f"{w.dtype}; convert one of them (or use torch.autocast)")
 
 
+class _stage_labeller:
+    """Profiler labels ("stage:layer1", ...) around the parts of the fused forward,
+    matching those `resnet-fused profile` puts around torchvision's; no-ops
+    unless a profiler is running."""
+
+    def __init__(self):
+        self.on = not _tracing() and torch.autograd.profiler._is_profiler_enabled
+        self.open = None
+
+    def __call__(self, name):
+        self.enter(name)
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.exit()
+
+    def enter(self, name):
+        self.exit()
+        if self.on:
+            self.open = torch.profiler.record_function(f"stage:{name}")
+            self.open.__enter__()
+
+    def exit(self):
+        if self.open is not None:
+            self.open.__exit__(None, None, None)
+            self.open = None
+
+
 def _cpu_dtypes():
     dtypes = {torch.float32}
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -248,21 +308,22 @@ def _cpu_dtypes():
     return dtypes
 
 
-def _conv(x, c, relu, residual=None):
+def _conv(x, c, relu, finite, residual=None):
     dt = x.dtype
     if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
         x = x.to(c.dtype)
         residual = None if residual is None else residual.to(c.dtype)
-    y = torch.ops.resnet_fused.conv_bias_act(x, c.weight_for(x), c.bias, residual,
-                                             c.stride, c.padding, c.dilation, c.groups, relu)
+    y = torch.ops.resnet_fused.conv_bias_act(x, c.weight_for(x), c.bias, residual, c.stride,
+                                             c.padding, c.dilation, c.groups, relu, finite)
     return y.to(dt)
 
 
-def _conv_add_relu_(identity, x, c):
+def _conv_add_relu_(identity, x, c, finite):
     if c.dtype != x.dtype:
-        return _conv(x, c, relu=True, residual=identity)
+        return _conv(x, c, True, finite, residual=identity)
     return torch.ops.resnet_fused.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias,
-                                                      c.stride, c.padding, c.dilation, c.groups)
+                                                      c.stride, c.padding, c.dilation, c.groups,
+                                                      finite)
 
 
 def fuse(model, inplace=False):

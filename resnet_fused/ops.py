@@ -23,22 +23,24 @@ def _require():
 
 
 def conv_bias_act(input, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
-                  groups=1, relu=True):
+                  groups=1, relu=True, assume_finite=False):
     """act(conv2d(input, weight, stride, padding, dilation, groups) + bias [+ residual]),
-    act = ReLU if `relu` else identity, in one pass. Returns the input's memory format."""
+    act = ReLU if `relu` else identity, in one pass. Returns the input's memory format.
+    assume_finite=True promises input and residual hold no NaN/Inf (saves a scan on CPU;
+    with a NaN present the ReLU may then turn it into 0)."""
     _require()
     return torch.ops.resnet_fused.conv_bias_act(
         input, weight, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), groups, relu)
+        _pair(dilation, "dilation"), groups, relu, assume_finite)
 
 
 def conv_bias_add_relu_(residual, input, weight, bias=None, stride=1, padding=0, dilation=1,
-                        groups=1):
+                        groups=1, assume_finite=False):
     """residual = relu(residual + conv2d(input, weight) + bias), in place."""
     _require()
     return torch.ops.resnet_fused.conv_bias_add_relu_(
         residual, input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), groups)
+        _pair(dilation, "dilation"), groups, assume_finite)
 
 
 def add_relu(a, b):
@@ -73,7 +75,8 @@ def _register_fakes():
     lib = "resnet_fused::"
 
     @torch.library.register_fake(lib + "conv_bias_act")
-    def _(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+    def _(input, weight, bias, residual, stride, padding, dilation, groups, relu,
+          assume_finite=False):
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "conv_bias_act: input and weight must be 4-D")
         torch._check(input.shape[1] == weight.shape[1] * groups,
@@ -84,7 +87,7 @@ def _register_fakes():
         return input.new_empty(shape).contiguous(memory_format=fmt)
 
     @torch.library.register_fake(lib + "conv_bias_add_relu_")
-    def _(residual, input, weight, bias, stride, padding, dilation, groups):
+    def _(residual, input, weight, bias, stride, padding, dilation, groups, assume_finite=False):
         return residual
 
     @torch.library.register_fake(lib + "add_relu")

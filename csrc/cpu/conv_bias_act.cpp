@@ -64,6 +64,31 @@ void check_cpu(const Tensor& input, const Tensor& weight) {
               " here; pass the unpacked weight");
 }
 
+// oneDNN's ReLU post-op maps NaN to 0, unlike torch.relu. A NaN can reach a
+// ReLU only from a non-finite input or residual value (weights are folded and
+// checked once, at fold time), so inputs holding one take the exact path below.
+// Non-finite iff the exponent bits are all ones; integer ops keep the scan
+// vectorized and memory bound.
+template <typename Bits, Bits kExponent>
+bool all_finite_bits(const Tensor& t) {
+  const Bits* p = reinterpret_cast<const Bits*>(t.const_data_ptr());
+  return at::parallel_reduce(
+      0, t.numel(), 1 << 16, true,
+      [&](int64_t begin, int64_t end, bool ok) {
+        Bits bad = 0;
+        for (int64_t i = begin; i < end; ++i) bad |= static_cast<Bits>((p[i] & kExponent) == kExponent);
+        return ok && bad == 0;
+      },
+      [](bool a, bool b) { return a && b; });
+}
+
+bool all_finite(const Tensor& t) {
+  // Only the memory the tensor covers matters; a dense tensor is read as flat.
+  const Tensor d = t.is_non_overlapping_and_dense() ? t : t.contiguous();
+  return d.scalar_type() == at::kFloat ? all_finite_bits<uint32_t, 0x7f800000u>(d)
+                                       : all_finite_bits<uint16_t, 0x7f80u>(d);
+}
+
 // Portable path: the convolution, then bias/residual/ReLU already applied by
 // at::convolution (bias) and one in-place pass (residual add + ReLU).
 void residual_relu_inplace(Tensor& out, const optional<Tensor>& residual, bool relu) {
@@ -78,7 +103,7 @@ void residual_relu_inplace(Tensor& out, const optional<Tensor>& residual, bool r
 Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                          const optional<Tensor>& residual, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         bool relu) {
+                         bool relu, bool assume_finite) {
   check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
   check_cpu(input, weight);
   const auto fmt = output_memory_format(input);
@@ -87,8 +112,11 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
     // oneDNN rejects empty tensors; an empty output needs no arithmetic.
     return at::empty(out_size, input.options().memory_format(fmt));
   }
-  if (!use_onednn(input)) {
-    Tensor out = at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+  const bool finite = !relu || assume_finite ||
+                      (all_finite(input) && (!residual || all_finite(*residual)));
+  if (!use_onednn(input) || !finite) {
+    const Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
+    Tensor out = at::convolution(input, w, bias, stride, padding, dilation, false, {0, 0}, groups);
     residual_relu_inplace(out, residual, relu);
     return out.contiguous(fmt);
   }
@@ -116,11 +144,13 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
 
 Tensor& conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& weight,
                                 const optional<Tensor>& bias, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                bool assume_finite) {
   check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
   check_cpu(input, weight);
   if (residual.numel() == 0) return residual;
   const bool fusable = use_onednn(input) &&
+                       (assume_finite || (all_finite(input) && all_finite(residual))) &&
                        residual.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                        !residual.is_contiguous();  // a 1x1-spatial tensor is both: take the safe path
   if (fusable) {
@@ -131,7 +161,7 @@ Tensor& conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Ten
   }
   // Any other layout: compute out of place, then write back once.
   residual.copy_(conv_bias_act_cpu(input, weight, bias, residual, stride, padding, dilation,
-                                   groups, /*relu=*/true));
+                                   groups, /*relu=*/true, assume_finite));
   return residual;
 }
 

@@ -1,0 +1,399 @@
+"""Command line: python -m resnet_fused {verify,bench,profile,predict} (also `resnet-fused`)."""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+
+from . import _extension
+from .builders import ARCHS, load_state_dict_file
+from .model import fuse
+from .testing import realistic_
+
+# ---------------------------------------------------------------- models
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def load_models(arch, weights, device):
+    """(torchvision model, fused model, description of the weights), both in eval mode."""
+    if weights is None:
+        tv = realistic_(getattr(torchvision.models, arch)(), seed=0)
+        desc = "seeded random weights with realistic BatchNorm statistics (no checkpoint given)"
+    elif os.path.exists(weights):
+        tv = getattr(torchvision.models, arch)()
+        try:
+            tv.load_state_dict(load_state_dict_file(weights), strict=True)
+        except RuntimeError as e:
+            raise SystemExit(f"error: --weights {weights} does not fit {arch}: {e}")
+        desc = f"weights from {weights}"
+    else:
+        try:
+            w = torchvision.models.get_model_weights(arch).verify(weights)
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"error: --weights {weights!r} is neither a file nor a torchvision "
+                             f"weights name for {arch}: {e}")
+        try:
+            tv = getattr(torchvision.models, arch)(weights=w)
+        except OSError as e:
+            raise SystemExit(f"error: could not download {w} ({e}); offline, pass a state_dict "
+                             "file with --weights PATH")
+        desc = f"torchvision weights {w}"
+    tv = tv.eval().to(device)
+    return tv, fuse(tv).eval(), desc
+
+
+def _dtypes(device):
+    if device.type == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    out = [torch.float32]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        out.append(torch.bfloat16)
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- verify
+
+
+def verify_arch(arch, weights, device, batch, size, seed=0):
+    """Rows of (arch, dtype, max_abs, rel, ref_rel, top1, ok) comparing fused with torchvision."""
+    tv, fused, desc = load_models(arch, weights, device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *size, generator=g).to(device)
+    rows = []
+    with torch.inference_mode():
+        ref64 = tv.double()(x.double()).float()
+    for dtype in _dtypes(device):
+        # Conversions outside inference_mode: params stay normal tensors.
+        tv_d, fused_d = tv.to(dtype), fused.to(dtype)
+        with torch.inference_mode():
+            ours = fused_d(x.to(dtype)).float()
+            theirs = tv_d(x.to(dtype)).float()
+        scale = ref64.abs().max().item()
+        err = (ours - ref64).abs().max().item()
+        tv_err = (theirs - ref64).abs().max().item()
+        top1 = (ours.argmax(1) == theirs.argmax(1)).float().mean().item()
+        if dtype == torch.float32 and not _tf32(device):
+            ok = err <= 1e-5 * scale + 1e-6 and (ours - theirs).abs().max().item() <= 1e-5 * scale + 1e-6
+        else:
+            # Half precision (and TF32) may err at most 2x what torchvision's own
+            # reduced-precision path errs against the fp64 reference.
+            ok = err <= 2 * tv_err + 1e-6 * scale
+        rows.append(dict(arch=arch, dtype=str(dtype).replace("torch.", ""), max_abs=err,
+                         rel=err / scale, torchvision_rel=tv_err / scale, top1=top1, ok=ok))
+    return rows, desc
+
+
+def _tf32(device):
+    return device.type == "cuda" and torch.backends.cudnn.allow_tf32
+
+
+def cmd_verify(args):
+    device = _device(args.device)
+    archs = ARCHS if args.arch == "all" else [args.arch]
+    print(f"verify on {device}: fused vs torchvision, batch {args.batch}, input {args.size}, "
+          "errors against an fp64 torchvision reference")
+    print(f"{'arch':18} {'dtype':9} {'max abs err':>12} {'rel err':>10} {'tv rel err':>10} "
+          f"{'top-1 agree':>11}  result")
+    bad = 0
+    for arch in archs:
+        rows, desc = verify_arch(arch, args.weights, device, args.batch, args.size)
+        for r in rows:
+            bad += not r["ok"]
+            print(f"{r['arch']:18} {r['dtype']:9} {r['max_abs']:12.3e} {r['rel']:10.2e} "
+                  f"{r['torchvision_rel']:10.2e} {r['top1']:11.2%}  {'ok' if r['ok'] else 'MISMATCH'}")
+    print(f"weights: {desc}")
+    if not _extension.available():
+        print(f"note: {_extension.load_error()}")
+    print("all match" if not bad else f"{bad} mismatch(es)")
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def time_fn(fn, device, warmup, repeats):
+    """Median and all timings (ms) of fn() after warm-up; synchronised on CUDA."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def bench_variants(tv, fused, dtype, use_compile):
+    """name -> (model, input memory format)."""
+    tv_d = tv.to(dtype)
+    variants = {"torchvision eager (NCHW)": (tv_d, torch.contiguous_format)}
+    import copy
+    tv_cl = copy.deepcopy(tv_d).to(memory_format=torch.channels_last)
+    variants["torchvision eager (channels_last)"] = (tv_cl, torch.channels_last)
+    if use_compile:
+        variants["torch.compile (torchvision)"] = (torch.compile(tv_cl), torch.channels_last)
+    variants["resnet_fused"] = (fused.to(dtype), torch.contiguous_format)
+    return variants
+
+
+def cmd_bench(args):
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1, 8])
+    tv, fused, desc = load_models(args.arch, args.weights, device)
+    variants = bench_variants(tv, fused, dtype, args.compile)
+    results = []
+    print(f"bench {args.arch} on {_device_name(device)}, {args.dtype}, input {args.size}, "
+          f"median of {args.repeats} after {args.warmup} warm-up runs; {desc}")
+    with torch.inference_mode():
+        for variant, (model, fmt) in variants.items():
+            for b in batches:
+                x = torch.randn(b, 3, *args.size, device=device, dtype=dtype).contiguous(
+                    memory_format=fmt)
+                print(f"  {variant}, batch {b} ...", file=sys.stderr, flush=True)
+                med, _ = time_fn(lambda: model(x), device, args.warmup, args.repeats)
+                results.append(dict(variant=variant, batch=b, ms=med, images_per_s=b / med * 1e3))
+    base = {r["batch"]: r["ms"] for r in results if r["variant"] == "torchvision eager (NCHW)"}
+    for r in results:
+        r["speedup_vs_eager_nchw"] = base[r["batch"]] / r["ms"]
+    print(f"\n{'variant':36} {'batch':>5} {'ms/batch':>10} {'images/s':>10} {'vs eager NCHW':>14}")
+    for r in results:
+        print(f"{r['variant']:36} {r['batch']:5d} {r['ms']:10.2f} {r['images_per_s']:10.1f} "
+              f"{r['speedup_vs_eager_nchw']:13.2f}x")
+    report = dict(arch=args.arch, device=_device_name(device), dtype=args.dtype,
+                  size=list(args.size), torch=torch.__version__, weights=desc, results=results)
+    print(json.dumps(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------- profile
+
+STAGES = ("stem", "maxpool", "layer1", "layer2", "layer3", "layer4", "head")
+
+
+def _stage_times(events):
+    return {s: sum(e.cpu_time_total if e.device_time_total == 0 else e.device_time_total
+                   for e in events if e.key == f"stage:{s}") / 1e3 for s in STAGES}
+
+
+def cmd_profile(args):
+    from torch.profiler import ProfilerActivity, profile
+
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    tv, fused, desc = load_models(args.arch, args.weights, device)
+    tv, fused = tv.to(dtype), fused.to(dtype)  # outside inference_mode: see verify_arch
+    x = torch.randn(args.batch, 3, *args.size, device=device, dtype=dtype)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    os.makedirs(args.out, exist_ok=True)
+    per_stage = {}
+    with torch.inference_mode():
+        for name, model in (("unfused", tv), ("fused", fused)):
+            for i in range(args.warmup):
+                print(f"[{name}] warm-up {i + 1}/{args.warmup}", file=sys.stderr, flush=True)
+                model(x)
+            _sync(device)
+            with profile(activities=acts) as prof:
+                for i in range(args.repeats):
+                    print(f"[{name}] profiled run {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
+                    (_staged_torchvision if name == "unfused" else _staged_fused)(model, x)
+                _sync(device)
+            trace = os.path.join(args.out, f"trace_{name}.json")
+            prof.export_chrome_trace(trace)
+            events = prof.key_averages()
+            per_stage[name] = {k: v / args.repeats for k, v in _stage_times(events).items()}
+            print(f"\n{name}: top ops\n" + events.table(sort_by="self_cpu_time_total", row_limit=8))
+            print(f"chrome trace: {trace}")
+    print(f"\nper-stage time (ms per forward), {args.arch}, batch {args.batch}, {args.dtype}, "
+          f"{_device_name(device)}; {desc}")
+    print(f"{'stage':10} {'unfused':>10} {'fused':>10} {'speedup':>8}")
+    for s in STAGES:
+        u, f = per_stage["unfused"][s], per_stage["fused"][s]
+        print(f"{s:10} {u:10.2f} {f:10.2f} {u / f if f else float('nan'):7.2f}x")
+    png = os.path.join(args.out, "per_stage.png")
+    _bar_chart(per_stage, png, f"{args.arch} batch {args.batch} {args.dtype} on {_device_name(device)}")
+    print(f"bar chart: {png}")
+    return 0
+
+
+def _staged_torchvision(m, x):
+    """torchvision's ResNet forward, with a profiler label per stage."""
+    rf = torch.profiler.record_function
+    with rf("stage:stem"):
+        x = m.relu(m.bn1(m.conv1(x)))
+    with rf("stage:maxpool"):
+        x = m.maxpool(x)
+    for s in ("layer1", "layer2", "layer3", "layer4"):
+        with rf(f"stage:{s}"):
+            x = getattr(m, s)(x)
+    with rf("stage:head"):
+        return m.fc(torch.flatten(m.avgpool(x), 1))
+
+
+def _staged_fused(m, x):
+    return m(x)  # FusedResNet labels its stages itself while a profiler runs
+
+
+def _bar_chart(per_stage, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.4
+    xs = range(len(STAGES))
+    ax.bar([i - width / 2 for i in xs], [per_stage["unfused"][s] for s in STAGES], width,
+           label="unfused (torchvision)")
+    ax.bar([i + width / 2 for i in xs], [per_stage["fused"][s] for s in STAGES], width,
+           label="fused (resnet_fused)")
+    ax.set_xticks(list(xs), STAGES)
+    ax.set_ylabel("ms per forward")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- predict
+
+
+def cmd_predict(args):
+    from PIL import Image, UnidentifiedImageError
+    from torchvision import transforms
+
+    device = _device(args.device)
+    tv, fused, desc = load_models(args.arch, args.weights, device)
+    categories = torchvision.models.get_model_weights(args.arch).DEFAULT.meta["categories"]
+    preprocess = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    print(f"{args.arch} on {device}; {desc}")
+    status = 0
+    for path in args.images:
+        try:
+            img = Image.open(path).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            print(f"{path}: cannot read image ({e})", file=sys.stderr)
+            status = 1
+            continue
+        with torch.inference_mode():
+            probs = fused(preprocess(img).unsqueeze(0).to(device)).softmax(1)[0]
+        top = probs.topk(5)
+        print(path)
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            print(f"  {p:7.2%}  {categories[i]}")
+    return status
+
+
+# ---------------------------------------------------------------- main
+
+
+def _size(text):
+    parts = [int(v) for v in text.lower().replace("x", ",").split(",") if v]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HxW, got {text!r}")
+    return tuple(parts)
+
+
+def _batches(text):
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return vals
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="resnet-fused", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, arch_choices=ARCHS):
+        sp.add_argument("--arch", default="resnet50", choices=arch_choices)
+        sp.add_argument("--weights", default=None,
+                        help="torchvision weights name (e.g. IMAGENET1K_V2) or a state_dict file; "
+                             "default: seeded random weights")
+        sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+
+    v = sub.add_parser("verify", help="compare fused with torchvision in every supported dtype")
+    common(v, ARCHS + ("all",))
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--size", type=_size, default=(224, 224))
+    v.set_defaults(fn=cmd_verify)
+
+    b = sub.add_parser("bench", help="fused vs unfused throughput and latency")
+    common(b)
+    b.add_argument("--batch-sizes", type=_batches, default=None,
+                   help="comma-separated (default: 1,8 on CPU; 1,32,256 on CUDA)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--size", type=_size, default=(224, 224))
+    b.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--json", default=None, help="also write the results to this file")
+    b.set_defaults(fn=cmd_bench)
+
+    pr = sub.add_parser("profile", help="per-stage time fused vs unfused, trace + bar chart")
+    common(pr)
+    pr.add_argument("--batch", type=int, default=8)
+    pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pr.add_argument("--size", type=_size, default=(224, 224))
+    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--repeats", type=int, default=3)
+    pr.add_argument("--out", default="profile_out", help="folder for traces and the chart")
+    pr.set_defaults(fn=cmd_profile)
+
+    pd = sub.add_parser("predict", help="top-5 ImageNet classes of image files")
+    common(pd)
+    pd.add_argument("images", nargs="+")
+    pd.set_defaults(fn=cmd_predict)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
