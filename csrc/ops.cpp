@@ -21,9 +21,11 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv_bias_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool assume_finite=False) -> Tensor(a!)");
+      "bool assume_finite=False) -> ()");
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
-  m.def("add_relu_(Tensor(a!) a, Tensor b) -> Tensor(a!)");
+  // In-place ops return nothing: functionalization (torch.compile) supports
+  // mutating custom ops only without aliased outputs.
+  m.def("add_relu_(Tensor(a!) a, Tensor b) -> ()");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(

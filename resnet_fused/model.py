@@ -321,9 +321,9 @@ def _conv(x, c, relu, finite, residual=None):
 def _conv_add_relu_(identity, x, c, finite):
     if c.dtype != x.dtype:
         return _conv(x, c, True, finite, residual=identity)
-    return torch.ops.resnet_fused.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias,
-                                                      c.stride, c.padding, c.dilation, c.groups,
-                                                      finite)
+    torch.ops.resnet_fused.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias, c.stride,
+                                               c.padding, c.dilation, c.groups, finite)
+    return identity
 
 
 def fuse(model, inplace=False):

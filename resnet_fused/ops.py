@@ -38,9 +38,10 @@ def conv_bias_add_relu_(residual, input, weight, bias=None, stride=1, padding=0,
                         groups=1, assume_finite=False):
     """residual = relu(residual + conv2d(input, weight) + bias), in place."""
     _require()
-    return torch.ops.resnet_fused.conv_bias_add_relu_(
+    torch.ops.resnet_fused.conv_bias_add_relu_(
         residual, input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), groups, assume_finite)
+    return residual
 
 
 def add_relu(a, b):
@@ -52,7 +53,8 @@ def add_relu(a, b):
 def add_relu_(a, b):
     """a = relu(a + b), in place."""
     _require()
-    return torch.ops.resnet_fused.add_relu_(a, b)
+    torch.ops.resnet_fused.add_relu_(a, b)
+    return a
 
 
 def pack_weight(weight, stride, padding, dilation, groups, input_size):
@@ -88,7 +90,7 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "conv_bias_add_relu_")
     def _(residual, input, weight, bias, stride, padding, dilation, groups, assume_finite=False):
-        return residual
+        return None
 
     @torch.library.register_fake(lib + "add_relu")
     def _(a, b):
@@ -96,7 +98,7 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "add_relu_")
     def _(a, b):
-        return a
+        return None
 
     @torch.library.register_fake(lib + "pack_weight")
     def _(weight, stride, padding, dilation, groups, input_size):

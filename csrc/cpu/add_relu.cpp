@@ -65,11 +65,10 @@ Tensor add_relu_cpu(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-Tensor& add_relu_cpu_(Tensor& a, const Tensor& b) {
+void add_relu_cpu_(Tensor& a, const Tensor& b) {
   check_add_relu_args(a, b);
   auto iter = make_iter(a, a, b);
   add_relu_kernel(iter);
-  return a;
 }
 
 }  // namespace

@@ -89,6 +89,14 @@ bool all_finite(const Tensor& t) {
                                        : all_finite_bits<uint16_t, 0x7f80u>(d);
 }
 
+// oneDNN fuses the in-place sum only when it sees the input as channels_last;
+// a 1x1-spatial input is also plain-contiguous and reads as NCHW to it, unless
+// the weight is already packed.
+bool sum_fuses(const Tensor& x_channels_last, const Tensor& weight) {
+  return weight.is_mkldnn() ||
+         x_channels_last.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
 // Portable path: the convolution, then bias/residual/ReLU already applied by
 // at::convolution (bias) and one in-place pass (residual add + ReLU).
 void residual_relu_inplace(Tensor& out, const optional<Tensor>& residual, bool relu) {
@@ -114,7 +122,9 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   }
   const bool finite = !relu || assume_finite ||
                       (all_finite(input) && (!residual || all_finite(*residual)));
-  if (!use_onednn(input) || !finite) {
+  // The residual sum needs a channels_last input; the plain path takes either.
+  const Tensor x = residual.has_value() ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
+  if (!use_onednn(input) || !finite || (residual.has_value() && !sum_fuses(x, weight))) {
     const Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
     Tensor out = at::convolution(input, w, bias, stride, padding, dilation, false, {0, 0}, groups);
     residual_relu_inplace(out, residual, relu);
@@ -131,7 +141,6 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   // then accumulates into. The residual must be channels_last for the sum to fuse.
   Tensor out = at::empty(out_size, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   out.copy_(*residual);
-  Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   if (relu) {
     o.sum_relu->call(out, x, weight, bias, padding, stride, dilation, groups, "add", c10::nullopt,
                      c10::string_view("relu"), ScalarList(), c10::nullopt);
@@ -142,27 +151,25 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   return out.contiguous(fmt);
 }
 
-Tensor& conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& weight,
+void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& weight,
                                 const optional<Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 bool assume_finite) {
   check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
   check_cpu(input, weight);
-  if (residual.numel() == 0) return residual;
-  const bool fusable = use_onednn(input) &&
-                       (assume_finite || (all_finite(input) && all_finite(residual))) &&
+  if (residual.numel() == 0) return;
+  const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const bool fusable = use_onednn(input) && sum_fuses(x, weight) &&
                        residual.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                       !residual.is_contiguous();  // a 1x1-spatial tensor is both: take the safe path
+                       (assume_finite || (all_finite(input) && all_finite(residual)));
   if (fusable) {
-    Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
     onednn().sum_relu->call(residual, x, weight, bias, padding, stride, dilation, groups, "add",
                             c10::nullopt, c10::string_view("relu"), ScalarList(), c10::nullopt);
-    return residual;
+    return;
   }
   // Any other layout: compute out of place, then write back once.
   residual.copy_(conv_bias_act_cpu(input, weight, bias, residual, stride, padding, dilation,
                                    groups, /*relu=*/true, assume_finite));
-  return residual;
 }
 
 Tensor pack_weight_cpu(const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,

@@ -86,16 +86,15 @@ Tensor add_relu_cuda(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-Tensor& add_relu_cuda_(Tensor& a, const Tensor& b) {
+void add_relu_cuda_(Tensor& a, const Tensor& b) {
   check_add_relu_args(a, b);
   check_cuda(a);
   if (!dense(a)) {
     a.copy_(add_relu_cuda(a, b));
-    return a;
+    return;
   }
   Tensor b_d = b.strides() == a.strides() && dense(b) ? b : at::empty_like(a).copy_(b);
   launch(a, a, b_d);
-  return a;
 }
 
 }  // namespace

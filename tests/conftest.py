@@ -1,0 +1,18 @@
+import pytest
+import torch
+import torchvision
+
+from resnet_fused.testing import realistic_
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tv_model(arch, seed=0, **kwargs):
+    """A torchvision model with realistic (seeded) weights, in eval mode."""
+    return realistic_(getattr(torchvision.models, arch)(**kwargs), seed=seed).eval()
+
+
+def rel_err(out, ref):
+    """max |out - ref| / max |ref|, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
