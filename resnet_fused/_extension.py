@@ -65,3 +65,7 @@ def has_kernel(op_name, device_type):
 
 def built_with_cuda():
     return available() and bool(_C.with_cuda)
+
+
+# Device types with conv_bias_act kernels, fixed once the library is loaded.
+KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if has_kernel("conv_bias_act", d))

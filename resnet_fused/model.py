@@ -78,6 +78,13 @@ class FusedResNet(ResNet):
         super().__init__(*args, **kwargs)
         self._fold_cache = {}
 
+    def __getstate__(self):
+        # Folded weights are derived data (and packed ones cannot be copied):
+        # copies and pickles start without them.
+        state = self.__dict__.copy()
+        state["_fold_cache"] = {}
+        return state
+
     # ---- public API -------------------------------------------------------
 
     def to_torchvision(self):
@@ -103,11 +110,11 @@ class FusedResNet(ResNet):
             return False, ("gradients are enabled and required; the fused ops have no backward "
                            "(run inference under torch.inference_mode() or torch.no_grad())")
         dev = x.device.type
-        if not _extension.has_kernel("conv_bias_act", dev):
+        if dev not in _extension.KERNEL_DEVICES:
             return False, f"resnet_fused has no {dev} kernels in this build"
         dtype = self._run_dtype(x)
-        if dev == "cpu" and dtype not in _cpu_dtypes():
-            return False, f"the CPU kernels support {sorted(map(str, _cpu_dtypes()))}, not {dtype}"
+        if dev == "cpu" and dtype not in _CPU_DTYPES:
+            return False, f"the CPU kernels support {sorted(map(str, _CPU_DTYPES))}, not {dtype}"
         if dev == "cuda" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False, f"the CUDA kernels support float16, bfloat16 and float32, not {dtype}"
         return True, ""
@@ -196,8 +203,10 @@ class FusedResNet(ResNet):
         sig = []
         for _, pairs in self._pairs():
             for _, conv, bn in pairs:
+                # BN's train-mode update of the running stats does not bump their
+                # counters, but it always bumps num_batches_tracked.
                 for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                          bn.running_var):
+                          bn.running_var, getattr(bn, "num_batches_tracked", None)):
                     sig.append(None if t is None else
                                (-1 if t.is_inference() else t._version, t.data_ptr()))
                 sig.append(bn.eps)
@@ -301,11 +310,9 @@ class _stage_labeller:
             self.open = None
 
 
-def _cpu_dtypes():
-    dtypes = {torch.float32}
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        dtypes.add(torch.bfloat16)
-    return dtypes
+# Constants, so that torch.compile traces the checks that use them.
+_CPU_DTYPES = frozenset([torch.float32] + (
+    [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []))
 
 
 def _conv(x, c, relu, finite, residual=None):

@@ -1,0 +1,181 @@
+"""FusedResNet against torchvision."""
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import resnet_fused
+from resnet_fused import FusedResNet, fuse
+
+from conftest import rel_err, tv_model
+
+pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
+BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("arch", resnet_fused.ARCHS)
+def test_every_builder_matches_torchvision(arch):
+    tv = tv_model(arch)
+    fused = getattr(resnet_fused, arch)()
+    fused.load_state_dict(tv.state_dict(), strict=True)
+    fused.eval()
+    assert isinstance(fused, FusedResNet)
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(1, 3, 64, 64, generator=g),
+             torch.randn(3, 3, 97, 131, generator=g).contiguous(memory_format=torch.channels_last)]
+    with torch.inference_mode():
+        for x in cases:
+            ref = tv(x)
+            assert rel_err(fused(x), ref) <= 1e-5
+        if BF16:
+            # bf16 may err at most 2x torchvision's own bf16 error against fp32.
+            x = cases[1]
+            ours = fuse(tv).to(torch.bfloat16)(x.bfloat16())
+            theirs = tv_model(arch).to(torch.bfloat16)(x.bfloat16())
+            assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref) + 1e-3
+
+
+def test_fuse_keeps_custom_configurations():
+    for kwargs in [dict(num_classes=10), dict(replace_stride_with_dilation=[False, True, True]),
+                   dict(zero_init_residual=True)]:
+        tv = tv_model("resnet50", **kwargs)
+        fused = fuse(tv)
+        x = torch.randn(2, 3, 75, 75)
+        with torch.inference_mode():
+            assert rel_err(fused(x), tv(x)) <= 1e-5, kwargs
+    assert fuse(tv) is not tv and type(tv) is torchvision.models.ResNet
+
+
+def test_state_dict_round_trip_and_to_torchvision():
+    tv = tv_model("resnet18")
+    fused = resnet_fused.resnet18()
+    fused.load_state_dict(tv.state_dict(), strict=True)
+    back = torchvision.models.resnet18()
+    back.load_state_dict(fused.state_dict(), strict=True)
+    assert list(fused.state_dict()) == list(tv.state_dict())
+    plain = fused.to_torchvision()
+    assert type(plain) is torchvision.models.ResNet
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert rel_err(plain.eval()(x), fused.eval()(x)) <= 1e-5
+
+
+def test_weights_file_and_bad_files(tmp_path):
+    tv = tv_model("resnet18")
+    path = tmp_path / "r18.pth"
+    torch.save(tv.state_dict(), path)
+    fused = resnet_fused.resnet18(weights=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert rel_err(fused(x), tv(x)) <= 1e-5
+    corrupt = tmp_path / "bad.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        resnet_fused.resnet18(weights=str(corrupt))
+    with pytest.raises(ValueError, match="does not fit resnet50"):
+        resnet_fused.resnet50(weights=str(path))
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        resnet_fused.resnet18(weights=str(tmp_path / "missing.pth"))
+
+
+def test_train_mode_is_torchvision():
+    torch.manual_seed(0)
+    tv = tv_model("resnet18").train()
+    fused = fuse(tv).train()
+    x = torch.randn(4, 3, 64, 64)
+    out_tv, out_f = tv(x), fused(x)
+    assert torch.equal(out_tv, out_f)
+    out_tv.square().mean().backward()
+    out_f.square().mean().backward()
+    for (n, p), (_, q) in zip(tv.named_parameters(), fused.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    for (n, b), (_, c) in zip(tv.named_buffers(), fused.named_buffers()):
+        assert torch.equal(b, c), n
+
+
+def test_fold_is_refreshed_when_parameters_change():
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = fused(x)
+    with torch.no_grad():
+        fused.layer2[0].bn1.running_var.mul_(3.0)       # in place, a buffer
+        fused.layer3[1].conv2.weight.mul_(0.5)          # in place, a parameter
+        tv.layer2[0].bn1.running_var.mul_(3.0)
+        tv.layer3[1].conv2.weight.mul_(0.5)
+    with torch.inference_mode():
+        after = fused(x)
+        assert not torch.allclose(before, after)
+        assert rel_err(after, tv(x)) <= 1e-5
+    fused.load_state_dict(tv_model("resnet18", seed=1).state_dict())   # copies in place
+    with torch.inference_mode():
+        assert rel_err(fused(x), tv_model("resnet18", seed=1)(x)) <= 1e-5
+    fused.train()                                   # running stats change in train mode
+    fused(torch.randn(4, 3, 64, 64))
+    fused.eval()
+    with torch.inference_mode():
+        assert rel_err(fused(x), fused.to_torchvision().eval()(x)) <= 1e-5
+        fused.to(torch.float64)                       # dtype change: unfused fallback, right
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert fused(x.double()).dtype == torch.float64
+
+
+def test_compile_fullgraph():
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(compiled(x), tv(x)) <= 1e-5
+
+
+def test_bad_input_and_unfoldable_bn():
+    fused = fuse(tv_model("resnet18"))
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+            fused(torch.randn(2, 4, 32, 32))
+        with pytest.raises(ValueError, match=r"expected input of shape"):
+            fused(torch.randn(3, 32, 32))
+        with pytest.raises(TypeError, match="input dtype torch.float64 differs"):
+            fused(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+        with pytest.raises(TypeError, match="floating-point"):
+            fused(torch.zeros(1, 3, 32, 32, dtype=torch.int64))
+        assert fused(torch.randn(0, 3, 64, 64)).shape == (0, 1000)
+    tv = torchvision.models.resnet18(norm_layer=lambda c: torch.nn.BatchNorm2d(
+        c, track_running_stats=False)).eval()
+    with torch.inference_mode(), pytest.raises(ValueError, match="stem: BatchNorm has no running"):
+        fuse(tv)(torch.randn(1, 3, 32, 32))
+    with pytest.raises(TypeError, match="expected a torchvision.models.ResNet"):
+        fuse(torch.nn.Linear(2, 2))
+
+
+def test_nan_propagates_like_torchvision():
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64)
+    x[0, 1, 10, 10] = float("nan")
+    with torch.inference_mode():
+        ref, out = tv(x), fused(x)
+    assert torch.equal(ref.isnan(), out.isnan())
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    assert rel_err(out[1], ref[1]) <= 1e-5
+
+
+def test_grad_in_eval_mode_falls_back_with_a_warning():
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="gradients are enabled"):
+        out = fused(x)
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_hub_entry_point():
+    import hubconf
+    model = hubconf.resnet18(num_classes=7)
+    assert isinstance(model, FusedResNet) and model.fc.out_features == 7
