@@ -1,0 +1,58 @@
+"""The command line, end to end on small inputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused.cli import main
+
+pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
+
+
+def test_verify_passes_and_reports(capsys):
+    assert main(["verify", "--arch", "resnet18", "--size", "64", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "float32" in out and "all match" in out and "seeded random weights" in out
+
+
+def test_bench_prints_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--arch", "resnet18", "--batch-sizes", "1,2", "--size", "64",
+                 "--warmup", "1", "--repeats", "2", "--device", "cpu", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    variants = {r["variant"] for r in report["results"]}
+    assert {"torchvision eager (NCHW)", "resnet_fused"} <= variants
+    assert all(r["ms"] > 0 and r["batch"] in (1, 2) for r in report["results"])
+    assert "vs eager NCHW" in capsys.readouterr().out
+
+
+def test_profile_writes_traces_and_chart(tmp_path):
+    assert main(["profile", "--arch", "resnet18", "--batch", "1", "--size", "64", "--warmup", "1",
+                 "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    for name in ("trace_fused.json", "trace_unfused.json", "per_stage.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_predict_prints_top5(tmp_path, capsys):
+    from PIL import Image
+    img = tmp_path / "img.png"
+    Image.fromarray((torch.rand(300, 260, 3) * 255).byte().numpy()).save(img)
+    assert main(["predict", "--arch", "resnet18", "--device", "cpu", str(img)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == str(img) and len([l for l in lines if l.startswith("  ")]) == 5
+
+
+@pytest.mark.parametrize("argv", [["verify", "--arch", "resnet9"], ["bench", "--batch-sizes", "x"],
+                                  ["bench", "--size", "0"], ["nosuchcommand"], []])
+def test_bad_arguments_exit_2(argv):
+    r = subprocess.run([sys.executable, "-m", "resnet_fused", *argv], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_bad_weights_name_is_clear():
+    with pytest.raises(SystemExit, match="neither a file nor a torchvision weights name"):
+        main(["verify", "--arch", "resnet18", "--weights", "NOPE", "--device", "cpu"])
