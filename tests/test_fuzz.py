@@ -1,0 +1,136 @@
+"""Differential fuzzing of the ops against F.conv2d (+ bias + residual + relu) in fp64.
+
+CI runs a bounded number of cases; RESNET_FUSED_FUZZ_EXAMPLES raises it."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import resnet_fused
+from resnet_fused import ops
+
+pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
+EXAMPLES = int(os.environ.get("RESNET_FUSED_FUZZ_EXAMPLES", "150"))
+DEVICES = ["cpu"] + (["cuda"] if resnet_fused._extension.has_kernel("conv_bias_act", "cuda")
+                     and torch.cuda.is_available() else [])
+
+
+def _dtypes(device):
+    if device == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                              else [])
+
+
+# Relative to max|reference|; low precision gets a budget that grows with the
+# reduction length (rounding errors of a K-term fp32-accumulated sum of rounded inputs).
+def _tol(dtype, k):
+    eps = {torch.float32: 3e-7, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        eps = 1e-3  # TF32 on CUDA
+    return eps * 4 + eps * (k ** 0.5) * 0.5
+
+
+def _layout(t, how, draw):
+    """A view of t's values with a different memory layout."""
+    if how == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if how == "permuted":            # a transposed-then-back, non-contiguous view
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    if how == "offset":              # storage offset into a larger buffer
+        big = torch.empty(t.numel() + 7, dtype=t.dtype, device=t.device)
+        return big[7:].view(t.shape).copy_(t)
+    if how == "sliced":              # every other element of a larger tensor
+        big = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=t.device)
+        v = big[..., ::2]
+        return v.copy_(t)
+    return t
+
+
+LAYOUTS = ["contiguous", "channels_last", "permuted", "offset", "sliced"]
+
+
+@st.composite
+def conv_cases(draw):
+    device = draw(st.sampled_from(DEVICES))
+    dtype = draw(st.sampled_from(_dtypes(device)))
+    groups = draw(st.sampled_from([1, 1, 2, 4]))
+    c = groups * draw(st.integers(1, 12))
+    k = groups * draw(st.integers(1, 12))
+    r = draw(st.sampled_from([1, 3, 5, 7]))
+    stride = draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, r // 2 * dilation + 1))
+    span = dilation * (r - 1) + 1
+    h = draw(st.integers(max(1, span - 2 * padding), span + 9))
+    w = draw(st.integers(max(1, span - 2 * padding), span + 9))
+    n = draw(st.integers(0, 3))
+    return dict(device=device, dtype=dtype, n=n, c=c, k=k, h=h, w=w, r=r, stride=stride,
+                padding=padding, dilation=dilation, groups=groups,
+                x_layout=draw(st.sampled_from(LAYOUTS)), res_kind=draw(
+                    st.sampled_from(["none", "dense", "channels_last", "expanded", "sliced"])),
+                relu=draw(st.booleans()), bias=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=conv_cases())
+def test_conv_bias_act_fuzz(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    n, c, k, h, w, r = (case[key] for key in ("n", "c", "k", "h", "w", "r"))
+    s, p, d, gr = case["stride"], case["padding"], case["dilation"], case["groups"]
+    dev, dt = case["device"], case["dtype"]
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(k, c // gr, r, r, generator=g) / (c // gr * r * r) ** 0.5
+    b = torch.randn(k, generator=g) if case["bias"] else None
+    ho, wo = (h + 2 * p - d * (r - 1) - 1) // s + 1, (w + 2 * p - d * (r - 1) - 1) // s + 1
+    res = None
+    if case["res_kind"] == "expanded":
+        res = torch.randn(1, k, 1, wo, generator=g).expand(n, k, ho, wo)
+    elif case["res_kind"] != "none":
+        res = torch.randn(n, k, ho, wo, generator=g)
+    ref = F.conv2d(x.to(dt).double(), wt.to(dt).double(), None if b is None else b.to(dt).double(),
+                   s, p, d, gr)
+    if res is not None:
+        ref = ref + res.to(dt).double()
+    if case["relu"]:
+        ref = F.relu(ref)
+
+    xd = _layout(x.to(dev, dt), case["x_layout"], None)
+    rd = None
+    if res is not None:
+        rd = res.to(dev, dt)
+        if case["res_kind"] == "channels_last":
+            rd = rd.contiguous(memory_format=torch.channels_last)
+        elif case["res_kind"] == "sliced":
+            rd = _layout(rd, "sliced", None)
+        elif case["res_kind"] == "expanded":
+            rd = res.to(dev, dt)[:1, :, :1].expand(n, k, ho, wo)
+    out = ops.conv_bias_act(xd, wt.to(dev, dt), None if b is None else b.to(dev, dt), rd,
+                            s, p, d, gr, case["relu"])
+    assert out.shape == ref.shape and out.dtype == dt
+    if out.numel():
+        err = (out.double().cpu() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+        assert err <= _tol(dt, c // gr * r * r), (case, err)
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck))
+@given(shape=st.lists(st.integers(0, 9), min_size=1, max_size=4),
+       layout=st.sampled_from(["contiguous", "offset", "transposed"]),
+       device=st.sampled_from(DEVICES), inplace=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_add_relu_fuzz(shape, layout, device, inplace, seed):
+    g = torch.Generator().manual_seed(seed)
+    for dt in _dtypes(device):
+        a = torch.randn(*shape, generator=g).to(device, dt)
+        b = torch.randn(*shape, generator=g).to(device, dt)
+        if layout == "offset":
+            a = torch.cat([a.flatten(), a.flatten()])[a.numel():].view(a.shape)
+        elif layout == "transposed" and a.dim() > 1:
+            a, b = a.transpose(0, -1), b.transpose(0, -1)
+        ref = torch.relu(a.double() + b.double()).to(dt)
+        out = ops.add_relu_(a.clone(), b) if inplace else ops.add_relu(a, b)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)

@@ -1,0 +1,85 @@
+"""Concurrency, autocast, export and memory: FusedResNet never silently differs."""
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import fuse
+
+from conftest import rel_err, tv_model
+
+pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
+
+
+def test_eight_threads_get_the_right_answers():
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    inputs = [torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(i))
+              for i in range(8)]
+    with torch.inference_mode():
+        refs = [tv(x) for x in inputs]
+    # A parameter change right before the threads start: every thread races to
+    # refold; none may see a half-built or stale fold.
+    with torch.no_grad():
+        fused.layer1[0].conv1.weight.mul_(1.0)
+    errors, barrier = [None] * 8, threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        with torch.inference_mode():
+            for _ in range(3):
+                errors[i] = max(errors[i] or 0.0, rel_err(fused(inputs[i]), refs[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(e is not None and e <= 1e-5 for e in errors), errors
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN")
+def test_cpu_autocast_bf16_matches_an_explicit_cast():
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = tv(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            ours, theirs = fused(x), tv(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref) + 1e-3
+
+
+def test_torch_export_runs_and_matches():
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        program = torch.export.export(fused, (x,))
+        assert any("resnet_fused" in str(n.target) for n in program.graph.nodes)
+        assert rel_err(program.module()(x), tv(x)) <= 1e-5
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
+def test_repeated_forwards_do_not_grow_memory():
+    fused = fuse(tv_model("resnet18"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        for _ in range(20):           # first calls fill the fold and oneDNN caches
+            fused(x)
+        gc.collect()
+        before = _rss_bytes()
+        for _ in range(300):
+            fused(x)
+        gc.collect()
+        growth = _rss_bytes() - before
+    assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 300 forwards"
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
