@@ -1,0 +1,79 @@
+"""Load failures: each gets one clear message, and nothing is half-loaded."""
+
+import subprocess
+import sys
+import textwrap
+import urllib.error
+
+import pytest
+import torch
+
+import resnet_fused
+
+
+def _run(code):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True)
+
+
+def test_missing_library_falls_back_with_one_warning():
+    r = _run("""
+        import sys, warnings
+        sys.modules["resnet_fused._C"] = None          # as if the library failed to load
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, torchvision, resnet_fused
+            assert not resnet_fused.available()
+            print("ERROR:", resnet_fused.load_error())
+            tv = torchvision.models.resnet18().eval()
+            model = resnet_fused.fuse(tv)
+            x = torch.randn(1, 3, 32, 32)
+            with torch.inference_mode():
+                assert torch.equal(model(x), tv(x))      # torchvision's math
+                model(x)
+            try:
+                resnet_fused.ops.add_relu(x, x)
+            except RuntimeError as e:
+                print("OPS:", e)
+        print("WARNINGS:", len([w for w in caught if issubclass(w.category, RuntimeWarning)]))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "ERROR: resnet_fused._C failed to load" in r.stdout
+    assert "OPS: resnet_fused._C failed to load" in r.stdout
+    # One at import, one when the model first falls back.
+    assert "WARNINGS: 2" in r.stdout
+
+
+def test_library_built_for_another_torch_is_refused():
+    r = _run("""
+        import warnings, torch
+        warnings.simplefilter("ignore")
+        import resnet_fused._C as C
+        real = torch.__version__
+        torch.__version__ = "9.9.9"                      # pretend torch was upgraded
+        import importlib, resnet_fused._extension as ext
+        importlib.reload(ext)
+        print(ext.available(), ext.load_error())
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "False" in r.stdout and "built against torch" in r.stdout and "9.9.9" in r.stdout
+
+
+def test_offline_download_error_is_clear(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="could not download .*pass a path to a saved state_dict"):
+        resnet_fused.resnet18(weights="IMAGENET1K_V1")
+
+
+def test_state_dict_mismatches_are_named():
+    model = resnet_fused.resnet18()
+    state = model.state_dict()
+    missing = {k: v for k, v in state.items() if k != "fc.bias"}
+    with pytest.raises(RuntimeError, match="Missing key.*fc.bias"):
+        model.load_state_dict(missing)
+    with pytest.raises(RuntimeError, match="size mismatch for fc.weight"):
+        resnet_fused.resnet18(num_classes=10).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_classes"):
+        resnet_fused.resnet18(weights="IMAGENET1K_V1", num_classes=10)
