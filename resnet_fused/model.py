@@ -123,6 +123,11 @@ class FusedResNet(ResNet):
 
     def forward(self, x):
         self._check_input(x)
+        if torch.onnx.is_in_onnx_export():
+            # ONNX has no fused op of ours; its runtimes fold BN themselves.
+            _warn_once("onnx", "FusedResNet: ONNX export exports torchvision's graph "
+                               "(same as exporting model.to_torchvision()).")
+            return super().forward(x)
         ok, why = self.fused_status(x)
         if not ok:
             if not self.training:

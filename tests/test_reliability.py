@@ -83,3 +83,16 @@ def test_repeated_forwards_do_not_grow_memory():
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+def test_onnx_export_gives_torchvision_graph(tmp_path):
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.warns(RuntimeWarning, match="ONNX export exports torchvision's graph"):
+        torch.onnx.export(fused, (x,), str(tmp_path / "m.onnx"))
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert "Conv" in ops and not any(node.domain.startswith("resnet_fused") for node in graph.node)
