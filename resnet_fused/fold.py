@@ -46,13 +46,23 @@ def cast_folded(weight, bias, dtype, name="conv"):
     """Casts a folded (weight, bias) to the run dtype. For fp16, values beyond
     fp16's range would become inf: such a layer is kept in fp32 (returned dtype
     says so) with a warning."""
-    if dtype == torch.float16:
-        peak = max(weight.abs().max().item() if weight.numel() else 0.0,
-                   bias.abs().max().item() if bias.numel() else 0.0)
-        if peak > FP16_MAX:
-            warnings.warn(
-                f"{name}: the folded weight/bias reaches {peak:.3g}, beyond float16's range "
-                f"({FP16_MAX:.0f}), e.g. from a tiny running_var; this layer runs in float32.",
-                RuntimeWarning, stacklevel=3)
+    if dtype == torch.float16 and weight.numel():
+        finite = torch.isfinite(weight).all() and torch.isfinite(bias).all()
+        peak = max(weight.abs().max().item(), bias.abs().max().item() if bias.numel() else 0.0)
+        problem = None
+        if finite and peak > FP16_MAX:
+            problem = (f"the folded weight/bias reaches {peak:.3g}, beyond float16's range "
+                       f"({FP16_MAX:.0f}), e.g. from a tiny running_var")
+        else:
+            # An output channel whose nonzero weights all flush to 0 in fp16 has
+            # lost every significant bit (e.g. from a tiny gamma).
+            flat = weight.flatten(1)
+            lost = (flat != 0).any(1) & (flat.to(torch.float16) == 0).all(1)
+            if lost.any():
+                problem = (f"{int(lost.sum())} output channel(s) of the folded weight underflow "
+                           "to zero in float16")
+        if problem:
+            warnings.warn(f"{name}: {problem}; this layer runs in float32.", RuntimeWarning,
+                          stacklevel=3)
             return weight.float(), bias.float(), torch.float32
     return weight.to(dtype), bias.to(dtype), dtype

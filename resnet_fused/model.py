@@ -135,6 +135,11 @@ class FusedResNet(ResNet):
             return super().forward(x)
         dtype = self._run_dtype(x)
         fold = self._inline_fold(dtype) if _tracing() else self._cached_fold(x.device, dtype)
+        if not _tracing() and not fold.finite:
+            # NaN/Inf in a parameter or BN statistic: torchvision's math is exact.
+            _warn_once("nonfinite", "FusedResNet: a folded weight or bias is NaN/Inf (from the "
+                                    "parameters or BN statistics); running torchvision's math.")
+            return super().forward(x)
         # NaN/Inf can reach a ReLU only through the input or the weights. With both
         # finite, the CPU kernels may skip their per-op scan (the CUDA kernels
         # propagate NaN natively and need none; checking there would sync).

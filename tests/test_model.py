@@ -179,3 +179,17 @@ def test_hub_entry_point():
     import hubconf
     model = hubconf.resnet18(num_classes=7)
     assert isinstance(model, FusedResNet) and model.fc.out_features == 7
+
+
+def test_nan_in_bn_statistics_propagates_like_torchvision():
+    tv = tv_model("resnet18")
+    with torch.no_grad():
+        tv.layer2[0].bn1.running_var[5] = float("nan")
+        tv.layer3[0].bn2.running_mean[0] = float("inf")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        out = fused(x)
+    with torch.inference_mode():
+        ref = tv(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()

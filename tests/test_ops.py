@@ -99,16 +99,19 @@ def test_non_contiguous_inputs():
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("assume_finite", [False])
-@pytest.mark.parametrize("where", ["input", "residual"])
-def test_nan_and_inf_propagate_like_torch(where, assume_finite):
+@pytest.mark.parametrize("where", ["input", "residual", "weight", "bias"])
+def test_nan_and_inf_propagate_like_torch(where):
     x, w, b, res, s, p, d, g = make(SHAPES[1], torch.float32, channels_last=True)
     if where == "input":
         x[0, 3, 5, 5], x[1, 0, 2, 2] = float("nan"), float("inf")
-    else:
+    elif where == "residual":
         res[0, 3, 5, 5], res[1, 0, 2, 2] = float("nan"), -float("inf")
+    elif where == "weight":
+        w[7, 0, 1, 1] = float("nan")
+    else:
+        b[9] = float("nan")
     for relu in (True, False):
-        out = ops.conv_bias_act(x, w, b, res, s, p, d, g, relu, assume_finite)
+        out = ops.conv_bias_act(x, w, b, res, s, p, d, g, relu)
         ref = reference(x, w, b, res, s, p, d, g, relu)
         assert torch.equal(out.isnan(), ref.isnan())
         assert torch.equal(out.isinf(), ref.isinf())

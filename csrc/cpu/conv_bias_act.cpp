@@ -65,8 +65,9 @@ void check_cpu(const Tensor& input, const Tensor& weight) {
 }
 
 // oneDNN's ReLU post-op maps NaN to 0, unlike torch.relu. A NaN can reach a
-// ReLU only from a non-finite input or residual value (weights are folded and
-// checked once, at fold time), so inputs holding one take the exact path below.
+// ReLU only from a non-finite operand, so calls holding one take the exact path
+// below. (A packed weight is not scanned: packing happens at fold time, where
+// FusedResNet checks the folded weights once.)
 // Non-finite iff the exponent bits are all ones; integer ops keep the scan
 // vectorized and memory bound.
 template <typename Bits, Bits kExponent>
@@ -121,7 +122,8 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
     return at::empty(out_size, input.options().memory_format(fmt));
   }
   const bool finite = !relu || assume_finite ||
-                      (all_finite(input) && (!residual || all_finite(*residual)));
+                      (all_finite(input) && (!residual || all_finite(*residual)) &&
+                       (weight.is_mkldnn() || all_finite(weight)) && (!bias || all_finite(*bias)));
   // The residual sum needs a channels_last input; the plain path takes either.
   const Tensor x = residual.has_value() ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
   if (!use_onednn(input) || !finite || (residual.has_value() && !sum_fuses(x, weight))) {
