@@ -5,6 +5,7 @@ library), the package still imports: `available()` is False, `load_error()` says
 why in one line, and the model runs torchvision's math after one warning.
 """
 
+import os
 import warnings
 
 import torch
@@ -67,5 +68,10 @@ def built_with_cuda():
     return available() and bool(_C.with_cuda)
 
 
-# Device types with conv_bias_act kernels, fixed once the library is loaded.
-KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if has_kernel("conv_bias_act", d))
+# Device types whose conv kernels FusedResNet uses, fixed once the library is
+# loaded. The CUDA conv kernels compile but have not yet been verified on a GPU,
+# so the model uses them only when asked (the ops themselves are callable).
+CUDA_CONV_BUILT = has_kernel("conv_bias_act", "cuda")
+_USE_CUDA = os.environ.get("RESNET_FUSED_UNVERIFIED_CUDA", "") == "1"
+KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if has_kernel("conv_bias_act", d)
+                           and (d != "cuda" or _USE_CUDA))

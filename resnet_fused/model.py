@@ -111,6 +111,9 @@ class FusedResNet(ResNet):
                            "(run inference under torch.inference_mode() or torch.no_grad())")
         dev = x.device.type
         if dev not in _extension.KERNEL_DEVICES:
+            if dev == "cuda" and _extension.CUDA_CONV_BUILT:
+                return False, ("the CUDA conv kernels are not yet verified on a GPU; set "
+                               "RESNET_FUSED_UNVERIFIED_CUDA=1 to use them")
             return False, f"resnet_fused has no {dev} kernels in this build"
         dtype = self._run_dtype(x)
         if dev == "cpu" and dtype not in _CPU_DTYPES:

@@ -102,7 +102,8 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "pack_weight")
     def _(weight, stride, padding, dilation, groups, input_size):
-        return torch.empty_like(weight)
+        # CUDA packs to KRSC = channels_last; CPU's oneDNN layout is opaque.
+        return torch.empty_like(weight, memory_format=torch.channels_last)
 
 
 # Fake kernels need the schemas; registering them without the library would turn

@@ -212,11 +212,13 @@ struct TileCfg {
 // Tile table (chosen per shape in conv_bias_act.cu):
 //   L 128x128, 8 warps of 64x32: big GEMMs with >64 output channels; 64 KB smem, 2 CTAs/SM.
 //   M 128x64,  4 warps of 64x32: the 64-channel layers, where a 128-wide tile would be half empty.
-//   S 64x64,   4 warps of 32x32: small GEMMs (few tiles: small batch, 7x7 maps) and the
-//              scalar-load path. 4 stages everywhere: cp.async latency is ~3 k-tiles of MMA.
+//   S 64x64,   4 warps of 32x32: small GEMMs (few tiles: small batch, 7x7 maps). 4 stages everywhere: cp.async latency is ~3 k-tiles of MMA.
+//   X 64x64 for the scalar-load path: its 2x16 in-flight elements per thread need a
+//              looser register cap than S (which would spill).
 using CfgL = TileCfg<128, 128, 2, 4, 4, 2>;
 using CfgM = TileCfg<128, 64, 2, 2, 4, 3>;
 using CfgS = TileCfg<64, 64, 2, 2, 4, 4>;
+using CfgX = TileCfg<64, 64, 2, 2, 4, 3>;
 
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4));

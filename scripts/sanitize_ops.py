@@ -1,0 +1,89 @@
+"""Small launches of every CUDA conv path, to run under compute-sanitizer
+(memcheck, racecheck) from scripts/gpu_check.sh. Checks results loosely against
+float32 cuDNN too, so a silent wrong answer is also reported. Exit status 1 on a
+mismatch.
+
+  compute-sanitizer --tool memcheck python3 scripts/sanitize_ops.py
+"""
+
+import glob
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load():
+    try:
+        import resnet_fused._C  # noqa: F401
+    except Exception:
+        libs = glob.glob(os.path.join(ROOT, "resnet_fused", "_C*.so"))
+        if not libs:
+            sys.exit("sanitize_ops: no resnet_fused/_C*.so; build first")
+        torch.ops.load_library(libs[0])
+
+
+def set_tf32(enabled):
+    cudnn = torch.backends.cudnn
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):
+        cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        cudnn.allow_tf32 = enabled
+
+
+# (label, dtype, tf32, N, C, K, H, R, stride, pad, groups, residual, nchw)
+CASES = [
+    ("fp16 128x128 tiles", torch.float16, False, 7, 64, 128, 56, 1, 1, 0, 1, True, False),
+    ("fp16 128x64 tiles", torch.float16, False, 7, 64, 64, 56, 3, 1, 1, 1, True, False),
+    ("fp16 64x64 tiles", torch.float16, False, 2, 64, 72, 9, 3, 2, 1, 1, True, False),
+    ("fp16 scalar loads (stem)", torch.float16, False, 2, 3, 64, 30, 7, 2, 3, 1, False, False),
+    ("fp16 odd K, NCHW", torch.float16, False, 1, 16, 17, 11, 3, 1, 1, 1, True, True),
+    ("fp16 grouped, tensor cores", torch.float16, False, 2, 64, 64, 10, 3, 1, 1, 2, False, False),
+    ("fp16 direct (4 per group)", torch.float16, False, 2, 128, 128, 9, 3, 2, 1, 32, True, False),
+    ("bf16 64x64 tiles", torch.bfloat16, False, 2, 128, 128, 12, 3, 1, 1, 1, True, False),
+    ("tf32 vector loads", torch.float32, True, 2, 32, 64, 13, 3, 1, 1, 1, True, False),
+    ("tf32 scalar loads", torch.float32, True, 2, 3, 64, 20, 7, 2, 3, 1, False, False),
+    ("fp32 exact (SIMT)", torch.float32, False, 2, 40, 72, 11, 3, 1, 1, 1, True, False),
+]
+
+
+def main():
+    load()
+    ops = torch.ops.resnet_fused
+    torch.manual_seed(0)
+    bad = 0
+    for label, dtype, tf32, N, C, K, H, R, st, pad, groups, use_res, nchw in CASES:
+        set_tf32(tf32)
+        fmt = torch.contiguous_format if nchw else torch.channels_last
+        x = torch.randn(N, C, H, H, device="cuda").to(dtype).contiguous(memory_format=fmt)
+        w = (torch.randn(K, C // groups, R, R, device="cuda") / (C // groups * R * R) ** 0.5).to(dtype)
+        b = torch.randn(K, device="cuda").to(dtype)
+        P = (H + 2 * pad - R) // st + 1
+        res = torch.randn(N, K, P, P, device="cuda").to(dtype).contiguous(memory_format=fmt) if use_res else None
+        wp = ops.pack_weight(w, [st, st], [pad, pad], [1, 1], groups, list(x.shape))
+        y = ops.conv_bias_act(x, wp, b, res, [st, st], [pad, pad], [1, 1], groups, True)
+        set_tf32(False)
+        ref = F.conv2d(x.float(), w.float(), b.float(), st, pad, 1, groups)
+        if use_res:
+            ref = ref + res.float()
+            inplace = res.clone().contiguous(memory_format=torch.channels_last)
+            ops.conv_bias_add_relu_(inplace, x, wp, b, [st, st], [pad, pad], [1, 1], groups)
+        ref = torch.relu(ref)
+        err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item()
+        if use_res:
+            err = max(err, ((inplace.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item())
+        ok = err < 2e-2
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} {label:30s} rel err {err:.2e}")
+    a = torch.randn(4097, device="cuda", dtype=torch.float16)[1:]
+    ops.add_relu_(a, ops.add_relu(a, a))
+    torch.cuda.synchronize()
+    print(f"sanitize_ops: {len(CASES)} cases, {bad} mismatches")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
