@@ -129,25 +129,33 @@ def cmd_verify(args):
 # ---------------------------------------------------------------- bench
 
 
-def time_fn(fn, device, warmup, repeats):
-    """Median and all timings (ms) of fn() after warm-up; synchronised on CUDA."""
-    for _ in range(warmup):
+def _time_once(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns, device, warmup, repeats, block=5):
+    """Median ms of each fn after warm-up. Runs go in blocks of `block` per variant,
+    round-robin (A A A B B B A A A ...): drift in clock speed or machine load hits
+    every variant alike, while each block still runs with that model's caches warm."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times
+    times = {name: [] for name in fns}
+    while any(len(t) < repeats for t in times.values()):
+        for name, fn in fns.items():
+            for _ in range(min(block, repeats - len(times[name]))):
+                times[name].append(_time_once(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_variants(tv, fused, dtype, use_compile):
@@ -171,15 +179,17 @@ def cmd_bench(args):
     variants = bench_variants(tv, fused, dtype, args.compile)
     results = []
     print(f"bench {args.arch} on {_device_name(device)}, {args.dtype}, input {args.size}, "
-          f"median of {args.repeats} after {args.warmup} warm-up runs; {desc}")
+          f"median of {args.repeats} runs (blocks of 5, round-robin) after {args.warmup} warm-up runs; "
+          f"{desc}")
     with torch.inference_mode():
-        for variant, (model, fmt) in variants.items():
-            for b in batches:
-                x = torch.randn(b, 3, *args.size, device=device, dtype=dtype).contiguous(
-                    memory_format=fmt)
-                print(f"  {variant}, batch {b} ...", file=sys.stderr, flush=True)
-                med, _ = time_fn(lambda: model(x), device, args.warmup, args.repeats)
-                results.append(dict(variant=variant, batch=b, ms=med, images_per_s=b / med * 1e3))
+        for b in batches:
+            x = torch.randn(b, 3, *args.size, device=device, dtype=dtype)
+            inputs = {fmt: x.contiguous(memory_format=fmt) for _, fmt in variants.values()}
+            fns = {name: (lambda m=model, i=inputs[fmt]: m(i))
+                   for name, (model, fmt) in variants.items()}
+            print(f"  batch {b} ...", file=sys.stderr, flush=True)
+            for name, med in time_interleaved(fns, device, args.warmup, args.repeats).items():
+                results.append(dict(variant=name, batch=b, ms=med, images_per_s=b / med * 1e3))
     base = {r["batch"]: r["ms"] for r in results if r["variant"] == "torchvision eager (NCHW)"}
     for r in results:
         r["speedup_vs_eager_nchw"] = base[r["batch"]] / r["ms"]
