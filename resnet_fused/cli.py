@@ -1,6 +1,7 @@
 """Command line: python -m resnet_fused {verify,bench,profile,predict} (also `resnet-fused`)."""
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -162,11 +163,13 @@ def bench_variants(tv, fused, dtype, use_compile):
     """name -> (model, input memory format)."""
     tv_d = tv.to(dtype)
     variants = {"torchvision eager (NCHW)": (tv_d, torch.contiguous_format)}
-    import copy
     tv_cl = copy.deepcopy(tv_d).to(memory_format=torch.channels_last)
     variants["torchvision eager (channels_last)"] = (tv_cl, torch.channels_last)
     if use_compile:
         variants["torch.compile (torchvision)"] = (torch.compile(tv_cl), torch.channels_last)
+        # Inductor's freezing folds BN into the convs as we do: the strongest compiled peer.
+        variants["torch.compile freezing (torchvision)"] = (
+            torch.compile(copy.deepcopy(tv_cl), options={"freezing": True}), torch.channels_last)
     variants["resnet_fused"] = (fused.to(dtype), torch.contiguous_format)
     return variants
 
@@ -377,7 +380,7 @@ def build_parser():
                    help="comma-separated (default: 1,8 on CPU; 1,32,256 on CUDA)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--size", type=_size, default=(224, 224))
-    b.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision)")
+    b.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision), default and with freezing")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--json", default=None, help="also write the results to this file")

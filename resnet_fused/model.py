@@ -155,8 +155,8 @@ class FusedResNet(ResNet):
         # NaN/Inf can reach a ReLU only through the input or the weights. With both
         # finite, the CPU kernels may skip their per-op scan (the CUDA kernels
         # propagate NaN natively and need none; checking there would sync).
-        # A non-finite element makes the sum non-finite; an overflowing sum of finite
-        # elements only costs the exact path. 20x cheaper than isfinite(x).all().
+        # Any non-finite element makes the sum non-finite (a sum that overflows
+        # only costs the exact path); 20x cheaper than isfinite(x).all().
         finite = (fold.finite and x.device.type == "cpu" and not _tracing()
                   and bool(torch.isfinite(x.sum())))
         return self._forward_fused(x.to(dtype), fold, finite)
@@ -168,9 +168,10 @@ class FusedResNet(ResNet):
             x = _conv(x, fold.stem, True, finite)
         with stage("maxpool"):
             x = self.maxpool(x)
+        starts = self._stage_starts
         for i, convs in enumerate(fold.blocks):
-            if i in self._stage_starts:
-                stage.enter(self._stage_starts[i])
+            if i in starts:
+                stage.enter(starts[i])
             out = _conv(x, convs["conv1"], True, finite)
             if "conv3" in convs:
                 out = _conv(out, convs["conv2"], True, finite)
