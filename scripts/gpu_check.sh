@@ -86,6 +86,20 @@ elif [ "$BUILD_RC" -eq 0 ]; then
   MEM_RES="compute-sanitizer not found"; RACE_RES="$MEM_RES"
 fi
 
+# ---- the model on the GPU (only while time is left under the cap) ----------
+# FusedResNet uses the CUDA conv kernels only when told to, until they pass here.
+MODEL_RES="not run"; MODEL_S=0
+if [ "$BUILD_RC" -eq 0 ] && [ $(( $(now) - START )) -lt 420 ]; then
+  t=$(now)
+  RESNET_FUSED_UNVERIFIED_CUDA=1 timeout 90 "$PY" -m resnet_fused verify --arch resnet50 --size 128 \
+    > "$LOG_DIR/verify.log" 2>&1
+  VERIFY_RC=$?
+  RESNET_FUSED_UNVERIFIED_CUDA=1 timeout 60 "$PY" -m resnet_fused bench --arch resnet50 \
+    --dtype float16 --batch-sizes 256 --repeats 10 > "$LOG_DIR/bench.log" 2>&1
+  MODEL_S=$(( $(now) - t ))
+  MODEL_RES="verify rc=$VERIFY_RC; bench: $(grep -E '^resnet_fused ' "$LOG_DIR/bench.log" | tr -s ' ' | head -1)"
+fi
+
 # ---- summary --------------------------------------------------------------
 tail -n 30 "$LOG_DIR/pytest.log" 2>/dev/null | grep -E "FAILED|ERROR|Error" | head -20 || true
 grep -E "^(ok |BAD)|sanitize_ops:" "$LOG_DIR/memcheck.log" 2>/dev/null | head -20 || true
@@ -96,5 +110,6 @@ printf '%-10s %-6s %s\n' build "$BUILD_S" "$BUILD_RES"
 printf '%-10s %-6s %s\n' pytest "$TEST_S" "$TEST_RES"
 printf '%-10s %-6s %s\n' memcheck "$MEM_S" "$MEM_RES"
 printf '%-10s %-6s %s\n' racecheck "$RACE_S" "$RACE_RES"
+printf '%-10s %-6s %s\n' model "$MODEL_S" "$MODEL_RES"
 
 [ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$MEM_OK" -eq 1 ] && [ "$RACE_OK" -eq 1 ]
