@@ -67,17 +67,17 @@ def test_torch_export_runs_and_matches():
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
 def test_repeated_forwards_do_not_grow_memory():
     fused = fuse(tv_model("resnet18"))
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         for _ in range(20):           # first calls fill the fold and oneDNN caches
             fused(x)
         gc.collect()
         before = _rss_bytes()
-        for _ in range(300):
+        for _ in range(1000):
             fused(x)
         gc.collect()
         growth = _rss_bytes() - before
-    assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 300 forwards"
+    assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 1000 forwards"
 
 
 def _rss_bytes():

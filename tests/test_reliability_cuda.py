@@ -1,0 +1,89 @@
+"""FusedResNet on a GPU: threads with their own streams, autocast, memory, graphs.
+
+These run the CUDA conv kernels through the model, which uses them only with
+RESNET_FUSED_UNVERIFIED_CUDA=1 until they have passed here (see README)."""
+
+import threading
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import _extension, fuse
+
+from conftest import rel_err, tv_model
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not resnet_fused.available(), reason="extension not built"),
+    pytest.mark.skipif("cuda" not in _extension.KERNEL_DEVICES,
+                       reason="model does not use the CUDA kernels (RESNET_FUSED_UNVERIFIED_CUDA)"),
+]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def test_threads_with_their_own_streams():
+    tv = tv_model("resnet18").cuda()
+    fused = fuse(tv)
+    inputs = [torch.randn(2, 3, 64, 64, device="cuda") for _ in range(8)]
+    with torch.inference_mode():
+        refs = [tv(x) for x in inputs]
+    errors = [None] * 8
+
+    def work(i):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.inference_mode():
+            out = fused(inputs[i])
+        stream.synchronize()
+        errors[i] = rel_err(out, refs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(e is not None and e <= 1e-5 for e in errors), errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autocast_matches_an_explicit_cast(dtype):
+    tv = tv_model("resnet50").cuda()
+    fused = fuse(tv)
+    x = torch.randn(4, 3, 96, 96, device="cuda")
+    with torch.inference_mode():
+        ref = tv.double()(x.double())
+        tv.float()
+        with torch.autocast("cuda", dtype):
+            ours, theirs = fused(x), tv(x)
+    assert ours.dtype == dtype
+    assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref) + 1e-4
+
+
+def test_memory_does_not_grow_and_graph_replays():
+    tv = tv_model("resnet18").cuda()
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        for _ in range(5):
+            fused(x)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(1000):
+            fused(x)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fused(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_out, tv(x)) <= 1e-5
