@@ -1,7 +1,8 @@
 // CPU conv_bias_act: one oneDNN convolution primitive whose post-ops apply the
-// bias, the residual add and the ReLU while the output tile is still in registers,
-// reached through ATen's mkldnn ops. Without oneDNN (a torch built without it),
-// a portable path runs the convolution and then a single fused epilogue pass.
+// bias, the residual sum and the ReLU inside the convolution kernel, reached
+// through ATen's mkldnn ops. Without oneDNN (a torch built without it, or the
+// rare call with a NaN/Inf operand, see below), a portable path runs ATen's
+// convolution with its bias, then the residual add and ReLU in place.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -65,11 +66,12 @@ void check_cpu(const Tensor& input, const Tensor& weight) {
 }
 
 // oneDNN's ReLU post-op maps NaN to 0, unlike torch.relu. A NaN can reach a
-// ReLU only from a non-finite operand, so calls holding one take the exact path
-// below. (A packed weight is not scanned: packing happens at fold time, where
+// ReLU only from a non-finite operand, so calls holding one take the portable
+// path. (A packed weight is not scanned: packing happens at fold time, where
 // FusedResNet checks the folded weights once.)
-// Non-finite iff the exponent bits are all ones; integer ops keep the scan
-// vectorized and memory bound.
+//
+// A value is non-finite iff its exponent bits are all ones; integer ops keep the
+// scan vectorized and memory bound.
 template <typename Bits, Bits kExponent>
 bool all_finite_bits(const Tensor& t) {
   const Bits* p = reinterpret_cast<const Bits*>(t.const_data_ptr());
@@ -98,14 +100,14 @@ bool sum_fuses(const Tensor& x_channels_last, const Tensor& weight) {
          x_channels_last.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
-// Portable path: the convolution, then bias/residual/ReLU already applied by
-// at::convolution (bias) and one in-place pass (residual add + ReLU).
+// Portable path, after at::convolution (which adds the bias): residual add and
+// ReLU in place, with torch's NaN semantics.
 void residual_relu_inplace(Tensor& out, const optional<Tensor>& residual, bool relu) {
   if (residual.has_value()) {
     out.add_(*residual);
   }
   if (relu) {
-    out.relu_();  // torch.relu semantics, NaN propagates
+    out.relu_();
   }
 }
 
