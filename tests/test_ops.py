@@ -189,3 +189,42 @@ def test_opcheck(channels_last):
                            list(s), list(p), list(d), g))
     torch.library.opcheck(torch.ops.resnet_fused.add_relu.default, (res, res.flip(0)))
     torch.library.opcheck(torch.ops.resnet_fused.add_relu_.default, (res.clone(), res.flip(0)))
+
+
+# Found by tests/test_fuzz.py: torch 2.14's oneDNN gets these wrong (bf16 with an
+# output column of size 1) or crashes on them (padding wider than half the dilated
+# kernel, bf16, or fp32 with a residual), F.conv2d included for bf16.
+ONEDNN_REGRESSIONS = [
+    # (dtype, N, C, K, H, W, kernel, stride, padding, dilation, groups)
+    (torch.bfloat16, 2, 24, 14, 13, 5, 3, 2, 0, 2, 2),
+    (torch.bfloat16, 2, 8, 16, 3, 1, 3, 2, 1, 1, 1),
+    (torch.bfloat16, 2, 256, 256, 5, 3, 3, 2, 0, 1, 1),
+    (torch.bfloat16, 2, 16, 16, 1, 3, 3, 2, 3, 2, 1),
+    (torch.float32, 3, 10, 10, 7, 1, 1, 2, 1, 2, 1),
+    (torch.bfloat16, 1, 28, 12, 6, 1, 1, 2, 1, 2, 4),
+    (torch.float32, 2, 2, 1, 7, 7, 7, 1, 0, 1, 1),     # one output channel, 1x1 output
+    (torch.float32, 3, 64, 1, 7, 7, 7, 1, 0, 1, 1),
+    (torch.float32, 2, 8, 40, 9, 1, 1, 2, 1, 2, 4),    # crashed F.conv2d on channels_last
+]
+
+
+@pytest.mark.parametrize("case", ONEDNN_REGRESSIONS, ids=lambda c: "x".join(map(str, c[1:])))
+def test_shapes_onednn_gets_wrong(case):
+    dt, n, c, k, h, w, r, s, p, d, g = case
+    if dt not in CPU_DTYPES:
+        pytest.skip("no bf16 oneDNN")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=gen).to(dt)
+    wt = (torch.randn(k, c // g, r, r, generator=gen) / (c // g * r * r) ** 0.5).to(dt)
+    out_shape = F.conv2d(torch.empty(0, c, h, w), torch.empty(k, c // g, r, r), None, s, p, d,
+                         g).shape
+    res = torch.randn(n, *out_shape[1:], generator=gen).to(dt)
+    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+        for residual, relu in [(None, False), (res, True), (res, False)]:
+            out = ops.conv_bias_act(xi, wt, None, residual, s, p, d, g, relu)
+            ref = reference(x, wt, None, residual, (s, s), (p, p), (d, d), g, relu)
+            assert (out.double() - ref).abs().max().item() <= TOL[dt] * ref.abs().max().item()
+    acc = res.contiguous(memory_format=torch.channels_last).clone()
+    ops.conv_bias_add_relu_(acc, x, wt, None, s, p, d, g)
+    ref = reference(x, wt, None, res, (s, s), (p, p), (d, d), g, True)
+    assert (acc.double() - ref).abs().max().item() <= TOL[dt] * ref.abs().max().item()

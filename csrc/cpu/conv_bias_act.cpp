@@ -100,6 +100,39 @@ bool sum_fuses(const Tensor& x_channels_last, const Tensor& weight) {
          x_channels_last.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
+// The oneDNN that torch 2.14 ships gets some shapes outside ResNet's wrong, or
+// crashes on them (found by tests/test_fuzz.py; each is a case in test_ops.py):
+// - padding wider than half the dilated kernel (outputs that see only padding):
+//   crashes in the fused residual sum (fp32) and in plain bf16 convolution;
+// - a single output channel with a 1x1 output: wrong values from the fused ops;
+// - bf16 with an output row or column of size 1 (3x3, stride 2 or 3): wrong
+//   values, in torch's own F.conv2d too.
+// ATen's plain fp32 convolution on NCHW input is right on all of them (on
+// channels_last input it too crashed on an over-padded grouped 1x1 conv), so such
+// calls take the portable path with NCHW input, bf16 ones in fp32 (bf16 values
+// are exact in fp32, and oneDNN accumulates bf16 in fp32 anyway).
+bool onednn_fusion_unsafe(const Tensor& weight, at::IntArrayRef out_size, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  for (int d = 0; d < 2; ++d) {
+    const int64_t span = dilation[d] * (weight.size(d + 2) - 1) + 1;
+    if (2 * padding[d] > span - 1) return true;
+  }
+  return weight.size(0) == 1 && out_size[2] * out_size[3] == 1;
+}
+
+bool bf16_needs_fp32(const Tensor& input, const Tensor& weight, at::IntArrayRef out_size,
+                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return input.scalar_type() == at::kBFloat16 &&
+         (out_size[2] == 1 || out_size[3] == 1 ||
+          onednn_fusion_unsafe(weight, out_size, padding, dilation));
+}
+
+Tensor to_float(const Tensor& t) { return (t.is_mkldnn() ? t.to_dense() : t).to(at::kFloat); }
+
+optional<Tensor> to_float(const optional<Tensor>& t) {
+  return t.has_value() ? optional<Tensor>(to_float(*t)) : c10::nullopt;
+}
+
 // Portable path, after at::convolution (which adds the bias): residual add and
 // ReLU in place, with torch's NaN semantics.
 void residual_relu_inplace(Tensor& out, const optional<Tensor>& residual, bool relu) {
@@ -123,14 +156,21 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
     // oneDNN rejects empty tensors; an empty output needs no arithmetic.
     return at::empty(out_size, input.options().memory_format(fmt));
   }
+  if (bf16_needs_fp32(input, weight, out_size, padding, dilation)) {
+    return conv_bias_act_cpu(to_float(input), to_float(weight), to_float(bias), to_float(residual),
+                             stride, padding, dilation, groups, relu, assume_finite)
+        .to(at::kBFloat16);
+  }
   const bool finite = !relu || assume_finite ||
                       (all_finite(input) && (!residual || all_finite(*residual)) &&
                        (weight.is_mkldnn() || all_finite(weight)) && (!bias || all_finite(*bias)));
   // The residual sum needs a channels_last input; the plain path takes either.
   const Tensor x = residual.has_value() ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
-  if (!use_onednn(input) || !finite || (residual.has_value() && !sum_fuses(x, weight))) {
+  const bool unsafe = onednn_fusion_unsafe(weight, out_size, padding, dilation);
+  if (!use_onednn(input) || !finite || unsafe || (residual.has_value() && !sum_fuses(x, weight))) {
     const Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
-    Tensor out = at::convolution(input, w, bias, stride, padding, dilation, false, {0, 0}, groups);
+    Tensor out = at::convolution(unsafe ? input.contiguous() : input, w, bias, stride, padding,
+                                 dilation, false, {0, 0}, groups);
     residual_relu_inplace(out, residual, relu);
     return out.contiguous(fmt);
   }
@@ -162,8 +202,15 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
   check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
   check_cpu(input, weight);
   if (residual.numel() == 0) return;
+  const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
+  if (bf16_needs_fp32(input, weight, out_size, padding, dilation)) {
+    residual.copy_(conv_bias_act_cpu(input, weight, bias, residual, stride, padding, dilation,
+                                     groups, /*relu=*/true, assume_finite));
+    return;
+  }
   const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const bool fusable = use_onednn(input) && sum_fuses(x, weight) &&
+                       !onednn_fusion_unsafe(weight, out_size, padding, dilation) &&
                        residual.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                        (assume_finite || (all_finite(input) && all_finite(residual)));
   if (fusable) {
