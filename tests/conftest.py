@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 import torchvision
@@ -16,3 +18,12 @@ def rel_err(out, ref):
     """max |out - ref| / max |ref|, in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def run_in_threads(work, n):
+    """Runs work(i) for i in range(n), each in its own thread, and waits for all."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -9,7 +9,7 @@ import torch
 import resnet_fused
 from resnet_fused import fuse
 
-from conftest import rel_err, tv_model
+from conftest import rel_err, run_in_threads, tv_model
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 
@@ -33,11 +33,7 @@ def test_eight_threads_get_the_right_answers():
             for _ in range(3):
                 errors[i] = max(errors[i] or 0.0, rel_err(fused(inputs[i]), refs[i]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 8)
     assert all(e is not None and e <= 1e-5 for e in errors), errors
 
 

@@ -3,7 +3,6 @@
 These run the CUDA conv kernels through the model, which uses them only with
 RESNET_FUSED_UNVERIFIED_CUDA=1 until they have passed here (see README)."""
 
-import threading
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 import resnet_fused
 from resnet_fused import _extension, fuse
 
-from conftest import rel_err, tv_model
+from conftest import rel_err, run_in_threads, tv_model
 
 pytestmark = [
     pytest.mark.cuda,
@@ -45,11 +44,7 @@ def test_threads_with_their_own_streams():
         stream.synchronize()
         errors[i] = rel_err(out, refs[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 8)
     assert all(e is not None and e <= 1e-5 for e in errors), errors
 
 
