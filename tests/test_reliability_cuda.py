@@ -3,7 +3,6 @@
 These run the CUDA conv kernels through the model, which uses them only with
 RESNET_FUSED_UNVERIFIED_CUDA=1 until they have passed here (see README)."""
 
-
 import pytest
 import torch
 
