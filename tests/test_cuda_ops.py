@@ -512,6 +512,21 @@ def test_more_than_2_31_elements():
     torch.testing.assert_close(tail, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs ~13 GB of free GPU memory")
+@pytest.mark.parametrize("numel", [2**31 - 24, 2**31 + 24], ids=["below_2^31", "above_2^31"])
+def test_add_relu_around_2_31_elements(numel):
+    """The vector loop and the scalar tail both past the 32-bit boundary."""
+    a = torch.empty(numel, device=DEV, dtype=torch.float16).normal_()
+    b = torch.empty(numel, device=DEV, dtype=torch.float16).normal_()
+    out = ops.add_relu(a, b)
+    for sl in (slice(0, 4096), slice(numel - 4099, numel)):   # head and tail, with the tail's odd end
+        torch.testing.assert_close(out[sl], torch.relu(a[sl].float() + b[sl].float()).half())
+    ops.add_relu_(a, b)
+    assert torch.equal(a[-3:], out[-3:])
+
+
 # ---------------------------------------------------------------------------
 # add_relu
 
