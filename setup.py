@@ -139,7 +139,9 @@ if build_cuda:
              "the nvidia-* wheels); install the CUDA toolkit's dev headers")
     ext = CUDAExtension(
         "resnet_fused._C", sources, include_dirs=include_dirs,
-        define_macros=[("RESNET_FUSED_WITH_CUDA", "1")],
+        # Recorded so the package can say so when the GPU's arch is not among them.
+        define_macros=[("RESNET_FUSED_WITH_CUDA", "1"),
+                       ("RESNET_FUSED_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"')],
         extra_compile_args={"cxx": cxx_flags,
                             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
     )

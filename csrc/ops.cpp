@@ -43,8 +43,10 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(m, "torch_version", TORCH_VERSION);
 #ifdef RESNET_FUSED_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
+  PyModule_AddStringConstant(m, "cuda_archs", RESNET_FUSED_CUDA_ARCHS);
 #else
   PyModule_AddIntConstant(m, "with_cuda", 0);
+  PyModule_AddStringConstant(m, "cuda_archs", "");
 #endif
   return m;
 }

@@ -5,6 +5,7 @@ library), the package still imports: `available()` is False, `load_error()` says
 why in one line, and the model runs torchvision's math after one warning.
 """
 
+import functools
 import os
 import warnings
 
@@ -66,6 +67,35 @@ def has_kernel(op_name, device_type):
 
 def built_with_cuda():
     return available() and bool(_C.with_cuda)
+
+
+def _runs_on(archs, major, minor):
+    """Whether code built for TORCH_CUDA_ARCH_LIST-style `archs` ("8.0;9.0+PTX")
+    runs on a GPU of compute capability major.minor: a cubin runs on its own
+    major version at an equal or higher minor; PTX compiles for any later GPU."""
+    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
+        ptx = arch.endswith("+PTX")
+        arch = arch.removesuffix("+PTX").rstrip("a")
+        try:
+            a_major, a_minor = (int(v) for v in arch.split("."))
+        except ValueError:
+            continue
+        if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_arch_error(device):
+    """A one-line reason why the CUDA kernels cannot run on `device`, or None."""
+    archs = getattr(_C, "cuda_archs", "") if available() else ""
+    if not archs:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if _runs_on(archs, major, minor):
+        return None
+    return (f"resnet_fused._C was built for CUDA archs {archs} but {torch.cuda.get_device_name(device)} "
+            f"is sm_{major}{minor}; rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
 
 
 # Device types whose conv kernels FusedResNet uses, fixed once the library is

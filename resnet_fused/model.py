@@ -124,6 +124,10 @@ class FusedResNet(ResNet):
                 return False, ("the CUDA conv kernels are not yet verified on a GPU; set "
                                "RESNET_FUSED_UNVERIFIED_CUDA=1 to use them")
             return False, f"resnet_fused has no {dev} kernels in this build"
+        if dev == "cuda" and not _tracing():
+            arch_error = _extension.cuda_arch_error(x.device)
+            if arch_error:
+                return False, arch_error
         dtype = self._run_dtype(x)
         if dev == "cpu" and dtype not in _CPU_DTYPES:
             return False, f"the CPU kernels support {sorted(map(str, _CPU_DTYPES))}, not {dtype}"

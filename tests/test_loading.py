@@ -77,3 +77,28 @@ def test_state_dict_mismatches_are_named():
         resnet_fused.resnet18(num_classes=10).load_state_dict(state)
     with pytest.raises(ValueError, match="num_classes"):
         resnet_fused.resnet18(weights="IMAGENET1K_V1", num_classes=10)
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("8.0", (8, 6), True), ("8.6", (8, 0), False),
+    ("8.0;9.0", (9, 0), True), ("8.0+PTX", (9, 0), True), ("9.0a", (9, 0), True),
+    ("9.0", (10, 0), False), ("7.5 8.0", (8, 9), True),
+])
+def test_cuda_arch_compatibility_rule(archs, capability, runs):
+    from resnet_fused._extension import _runs_on
+    assert _runs_on(archs, *capability) is runs
+
+
+def test_gpu_of_another_arch_is_named(monkeypatch):
+    from resnet_fused import _extension
+    monkeypatch.setattr(_extension, "_C", type("C", (), {"cuda_archs": "9.0"}))
+    monkeypatch.setattr(_extension, "available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    _extension.cuda_arch_error.cache_clear()
+    try:
+        message = _extension.cuda_arch_error("cuda:0")
+    finally:
+        _extension.cuda_arch_error.cache_clear()
+    assert message == ("resnet_fused._C was built for CUDA archs 9.0 but NVIDIA A100 is sm_80; "
+                       "rebuild with TORCH_CUDA_ARCH_LIST=8.0")
