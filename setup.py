@@ -126,6 +126,11 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # No -std flag: torch.utils.cpp_extension picks the standard this torch needs.
 cxx_flags = ["-O3"]
+link_flags = []
+# ATen's parallel_for is header code: without OpenMP our kernels would run on one thread.
+if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 include_dirs = [os.path.join(HERE, "csrc")]
 
 if build_cuda:
@@ -144,11 +149,12 @@ if build_cuda:
                        ("RESNET_FUSED_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"')],
         extra_compile_args={"cxx": cxx_flags,
                             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
     print(f"resnet_fused: building with CUDA ({why}), archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
 else:
     ext = CppExtension("resnet_fused._C", sources, include_dirs=include_dirs,
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     print(f"resnet_fused: building CPU-only ({why})")
 
 setup(

@@ -13,12 +13,12 @@ namespace resnet_fused {
 // input is smaller than the dilated kernel.
 inline std::vector<int64_t> conv_output_size(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, const char* op = "conv_bias_act") {
   std::vector<int64_t> out{input.size(0), weight.size(0)};
   for (int d = 0; d < 2; ++d) {
     const int64_t in = input.size(d + 2) + 2 * padding[d];
     const int64_t k = dilation[d] * (weight.size(d + 2) - 1) + 1;
-    TORCH_CHECK(in >= k, "conv_bias_act: input spatial size ", input.sizes().slice(2),
+    TORCH_CHECK(in >= k, op, ": input spatial size ", input.sizes().slice(2),
                 " with padding ", padding, " is smaller than the kernel ",
                 weight.sizes().slice(2), " with dilation ", dilation);
     out.push_back((in - k) / stride[d] + 1);
@@ -29,48 +29,48 @@ inline std::vector<int64_t> conv_output_size(
 inline void check_conv_bias_act_args(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(input.dim() == 4, "conv_bias_act: expected input to be 4-D (N, C, H, W), got ",
+    at::IntArrayRef dilation, int64_t groups, const char* op = "conv_bias_act") {
+  TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ",
               input.dim(), "-D with shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 4, "conv_bias_act: expected weight to be 4-D (K, C/groups, R, S), got ",
+  TORCH_CHECK(weight.dim() == 4, op, ": expected weight to be 4-D (K, C/groups, R, S), got ",
               weight.dim(), "-D with shape ", weight.sizes());
-  TORCH_CHECK(input.is_floating_point(), "conv_bias_act: expected a floating-point input, got ",
+  TORCH_CHECK(input.is_floating_point(), op, ": expected a floating-point input, got ",
               input.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "conv_bias_act: expected weight dtype ",
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": expected weight dtype ",
               input.scalar_type(), " (the input's), got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), "conv_bias_act: expected weight on ",
+  TORCH_CHECK(weight.device() == input.device(), op, ": expected weight on ",
               input.device(), " (the input's device), got ", weight.device());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "conv_bias_act: expected stride, padding and dilation of length 2, got ", stride,
+              op, ": expected stride, padding and dilation of length 2, got ", stride,
               ", ", padding, ", ", dilation);
   for (int d = 0; d < 2; ++d) {
-    TORCH_CHECK(stride[d] > 0, "conv_bias_act: expected stride > 0, got ", stride);
-    TORCH_CHECK(dilation[d] > 0, "conv_bias_act: expected dilation > 0, got ", dilation);
-    TORCH_CHECK(padding[d] >= 0, "conv_bias_act: expected padding >= 0, got ", padding);
+    TORCH_CHECK(stride[d] > 0, op, ": expected stride > 0, got ", stride);
+    TORCH_CHECK(dilation[d] > 0, op, ": expected dilation > 0, got ", dilation);
+    TORCH_CHECK(padding[d] >= 0, op, ": expected padding >= 0, got ", padding);
   }
-  TORCH_CHECK(groups > 0, "conv_bias_act: expected groups > 0, got ", groups);
-  TORCH_CHECK(weight.size(0) % groups == 0, "conv_bias_act: expected weight.size(0) (",
+  TORCH_CHECK(groups > 0, op, ": expected groups > 0, got ", groups);
+  TORCH_CHECK(weight.size(0) % groups == 0, op, ": expected weight.size(0) (",
               weight.size(0), " output channels) divisible by groups=", groups);
-  TORCH_CHECK(input.size(1) == weight.size(1) * groups, "conv_bias_act: expected input with ",
+  TORCH_CHECK(input.size(1) == weight.size(1) * groups, op, ": expected input with ",
               weight.size(1) * groups, " channels (weight.size(1)=", weight.size(1),
               " x groups=", groups, "), got input of shape ", input.sizes());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "conv_bias_act: expected bias of shape [", weight.size(0), "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "conv_bias_act: expected bias dtype ",
+                op, ": expected bias of shape [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": expected bias dtype ",
                 input.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == input.device(), "conv_bias_act: expected bias on ", input.device(),
+    TORCH_CHECK(bias->device() == input.device(), op, ": expected bias on ", input.device(),
                 ", got ", bias->device());
   }
-  const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
+  const auto out_size = conv_output_size(input, weight, stride, padding, dilation, op);
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size),
-                "conv_bias_act: expected residual of the output's shape ", at::IntArrayRef(out_size),
+                op, ": expected residual of the output's shape ", at::IntArrayRef(out_size),
                 ", got ", residual->sizes());
     TORCH_CHECK(residual->scalar_type() == input.scalar_type(),
-                "conv_bias_act: expected residual dtype ", input.scalar_type(), ", got ",
+                op, ": expected residual dtype ", input.scalar_type(), ", got ",
                 residual->scalar_type());
-    TORCH_CHECK(residual->device() == input.device(), "conv_bias_act: expected residual on ",
+    TORCH_CHECK(residual->device() == input.device(), op, ": expected residual on ",
                 input.device(), ", got ", residual->device());
   }
 }

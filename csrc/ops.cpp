@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/winograd.h"
+
 TORCH_LIBRARY(resnet_fused, m) {
   // act(conv2d(input, weight) + bias [+ residual]), act = relu or identity.
   // With BatchNorm folded into weight and bias this is conv-BN-ReLU, conv-BN and
@@ -26,6 +28,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   // In-place ops return nothing: functionalization (torch.compile) supports
   // mutating custom ops only without aliased outputs.
   m.def("add_relu_(Tensor(a!) a, Tensor b) -> ()");
+  // conv_bias_act for a 3x3, stride-1, padding-1, ungrouped conv, computed by
+  // Winograd's F(2x2, 3x3) on CPU. winograd_weight is winograd_weight(weight)
+  // from resnet_fused.ops (the weight in the Winograd domain, [16, C, K]).
+  m.def(
+      "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
+      "Tensor? residual, bool relu, bool assume_finite=False) -> Tensor");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(
@@ -41,6 +49,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "torch_version", TORCH_VERSION);
+  PyModule_AddIntConstant(m, "cpu_winograd", resnet_fused::winograd_supported() ? 1 : 0);
 #ifdef RESNET_FUSED_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
   PyModule_AddStringConstant(m, "cuda_archs", RESNET_FUSED_CUDA_ARCHS);

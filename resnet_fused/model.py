@@ -47,6 +47,7 @@ class _Conv:
     groups: int
     dtype: torch.dtype            # dtype this conv computes in (fp32 if fp16 would overflow)
     packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
+    winograd: torch.Tensor = None  # weight in the Winograd domain, for winograd_conv3x3
 
     # oneDNN's packed layout is chosen for one input shape; used with another it is
     # re-laid out on every call (measured: ResNet-50 batch 1 at 83 ms instead of 34
@@ -55,7 +56,7 @@ class _Conv:
     MAX_PACKED_SHAPES = 4
 
     def weight_for(self, x):
-        if _tracing() or x.device.type != "cpu":
+        if _tracing() or x.device.type != "cpu" or self.winograd is not None:
             return self.weight
         shape = tuple(x.shape)
         w = self.packed.get(shape)
@@ -252,9 +253,12 @@ class FusedResNet(ResNet):
                     w, b, cdt = cast_folded(w, b, dtype, label)
                 else:
                     w, b, cdt = w.to(dtype), b.to(dtype), dtype
-                convs[key] = _Conv(w.contiguous(memory_format=torch.channels_last), b,
-                                   tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
-                                   conv.groups, cdt)
+                c = _Conv(w.contiguous(memory_format=torch.channels_last), b,
+                          tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                          conv.groups, cdt)
+                if check_range and _winograd_fits(c):
+                    c.winograd = ops.winograd_weight(c.weight)
+                convs[key] = c
             if name == "stem":
                 stem = convs["stem"]
             else:
@@ -344,18 +348,30 @@ _CPU_DTYPES = frozenset([torch.float32] + (
     [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []))
 
 
+def _winograd_fits(c):
+    # 3x3 stride-1 convs: 2.25x fewer multiplies (measured 1.5-1.9x faster than
+    # oneDNN's direct kernel on ResNet-50's layers, and as accurate in fp32).
+    return (c.weight.device.type == "cpu" and c.dtype == torch.float32
+            and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)
+            and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
+            and ops.winograd_available())
+
+
 def _conv(x, c, relu, finite, residual=None):
     dt = x.dtype
     if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
         x = x.to(c.dtype)
         residual = None if residual is None else residual.to(c.dtype)
+    if c.winograd is not None:
+        return torch.ops.resnet_fused.winograd_conv3x3(x, c.weight, c.winograd, c.bias, residual,
+                                                       relu, finite).to(dt)
     y = torch.ops.resnet_fused.conv_bias_act(x, c.weight_for(x), c.bias, residual, c.stride,
                                              c.padding, c.dilation, c.groups, relu, finite)
     return y.to(dt)
 
 
 def _conv_add_relu_(identity, x, c, finite):
-    if c.dtype != x.dtype:
+    if c.dtype != x.dtype or c.winograd is not None:
         return _conv(x, c, True, finite, residual=identity)
     torch.ops.resnet_fused.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias, c.stride,
                                                c.padding, c.dilation, c.groups, finite)

@@ -57,6 +57,37 @@ def add_relu_(a, b):
     return a
 
 
+# G of Winograd's F(2x2, 3x3): a 3x3 filter g becomes the 4x4 tile G g G^T.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight):
+    """A [K, C, 3, 3] weight in the F(2x2, 3x3) Winograd domain: [16, C, K] float32,
+    computed in float64 (once, at fold time) for winograd_conv3x3."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ia,kcab,jb->ijck", g, weight.to(torch.float64), g)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+
+
+def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, relu=True,
+                     assume_finite=False):
+    """conv_bias_act(input, weight, bias, residual, stride=1, padding=1, relu=relu) for a
+    3x3 float32 weight, computed on CPU by Winograd's F(2x2, 3x3) (2.25x fewer
+    multiplies). `winograd_weight` must be winograd_weight(weight)."""
+    _require()
+    return torch.ops.resnet_fused.winograd_conv3x3(input, weight, winograd_weight, bias, residual,
+                                                   relu, assume_finite)
+
+
+def winograd_available():
+    """Whether winograd_conv3x3 runs its Winograd kernel here (else it computes
+    through conv_bias_act, correct but not faster)."""
+    return _extension.available() and bool(getattr(_extension._C, "cpu_winograd", 0))
+
+
 def pack_weight(weight, stride, padding, dilation, groups, input_size):
     """The weight re-laid out for the backend's kernel (done once, at fold time)."""
     _require()
@@ -91,6 +122,13 @@ def _register_fakes():
     @torch.library.register_fake(lib + "conv_bias_add_relu_")
     def _(residual, input, weight, bias, stride, padding, dilation, groups, assume_finite=False):
         return None
+
+    @torch.library.register_fake(lib + "winograd_conv3x3")
+    def _(input, weight, winograd_weight, bias, residual, relu, assume_finite=False):
+        torch._check(input.dim() == 4 and weight.dim() == 4,
+                     lambda: "winograd_conv3x3: input and weight must be 4-D")
+        shape = (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
+        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
     @torch.library.register_fake(lib + "add_relu")
     def _(a, b):

@@ -27,3 +27,15 @@ def run_in_threads(work, n):
         t.start()
     for t in threads:
         t.join()
+
+
+def put_nonfinite(where, x, w, b, res):
+    """Writes NaN/Inf into the named operand of a conv (x, w, b, residual), in place."""
+    if where == "input":
+        x[0, 3, 5, 5], x[1, 0, 2, 2] = float("nan"), float("inf")
+    elif where == "residual":
+        res[0, 3, 5, 5], res[1, 0, 2, 2] = float("nan"), -float("inf")
+    elif where == "weight":
+        w[7, 0, 1, 1] = float("nan")
+    else:
+        b[9] = float("nan")

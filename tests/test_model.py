@@ -193,3 +193,17 @@ def test_nan_in_bn_statistics_propagates_like_torchvision():
     with torch.inference_mode():
         ref = tv(x)
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+
+
+@pytest.mark.parametrize("arch, expected", [("resnet18", 13), ("resnet50", 13), ("resnext50_32x4d", 0)])
+def test_cpu_fp32_runs_stride1_3x3_convs_by_winograd(arch, expected):
+    # Counted, so that losing the fast path (or taking it for a grouped conv) fails.
+    if not resnet_fused.ops.winograd_available():
+        pytest.skip("no Winograd kernel on this CPU")
+    fused = fuse(tv_model(arch))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        fused(x)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "resnet_fused::winograd_conv3x3")
+    assert calls == expected
+    assert rel_err(fused(x), tv_model(arch)(x)) <= 1e-5

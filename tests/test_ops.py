@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import resnet_fused
 from resnet_fused import ops
 
+from conftest import put_nonfinite
+
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 
 CPU_DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -102,14 +104,7 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize("where", ["input", "residual", "weight", "bias"])
 def test_nan_and_inf_propagate_like_torch(where):
     x, w, b, res, s, p, d, g = make(SHAPES[1], torch.float32, channels_last=True)
-    if where == "input":
-        x[0, 3, 5, 5], x[1, 0, 2, 2] = float("nan"), float("inf")
-    elif where == "residual":
-        res[0, 3, 5, 5], res[1, 0, 2, 2] = float("nan"), -float("inf")
-    elif where == "weight":
-        w[7, 0, 1, 1] = float("nan")
-    else:
-        b[9] = float("nan")
+    put_nonfinite(where, x, w, b, res)
     for relu in (True, False):
         out = ops.conv_bias_act(x, w, b, res, s, p, d, g, relu)
         ref = reference(x, w, b, res, s, p, d, g, relu)

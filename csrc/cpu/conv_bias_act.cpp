@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/finite.h"
 
 namespace resnet_fused {
 namespace {
@@ -67,30 +68,8 @@ void check_cpu(const Tensor& input, const Tensor& weight) {
 
 // oneDNN's ReLU post-op maps NaN to 0, unlike torch.relu. A NaN can reach a
 // ReLU only from a non-finite operand, so calls holding one take the portable
-// path. (A packed weight is not scanned: packing happens at fold time, where
-// FusedResNet checks the folded weights once.)
-//
-// A value is non-finite iff its exponent bits are all ones; integer ops keep the
-// scan vectorized and memory bound.
-template <typename Bits, Bits kExponent>
-bool all_finite_bits(const Tensor& t) {
-  const Bits* p = reinterpret_cast<const Bits*>(t.const_data_ptr());
-  return at::parallel_reduce(
-      0, t.numel(), 1 << 16, true,
-      [&](int64_t begin, int64_t end, bool ok) {
-        Bits bad = 0;
-        for (int64_t i = begin; i < end; ++i) bad |= static_cast<Bits>((p[i] & kExponent) == kExponent);
-        return ok && bad == 0;
-      },
-      [](bool a, bool b) { return a && b; });
-}
-
-bool all_finite(const Tensor& t) {
-  // Only the memory the tensor covers matters; a dense tensor is read as flat.
-  const Tensor d = t.is_non_overlapping_and_dense() ? t : t.contiguous();
-  return d.scalar_type() == at::kFloat ? all_finite_bits<uint32_t, 0x7f800000u>(d)
-                                       : all_finite_bits<uint16_t, 0x7f80u>(d);
-}
+// path (all_finite, finite.h). A packed weight is not scanned: packing happens at
+// fold time, where FusedResNet checks the folded weights once.
 
 // oneDNN fuses the in-place sum only when it sees the input as channels_last;
 // a 1x1-spatial input is also plain-contiguous and reads as NCHW to it, unless
