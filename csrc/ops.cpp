@@ -5,7 +5,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include "cpu/winograd.h"
+#include "cpu/avx512.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
   // act(conv2d(input, weight) + bias [+ residual]), act = relu or identity.
@@ -34,6 +34,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, bool relu, bool assume_finite=False) -> Tensor");
+  // ResNet's stem: max_pool2d(relu(conv2d(input, weight, stride 2, padding 3) + bias),
+  // 3x3, stride 2, padding 1) for a 7x7 weight (CPU, float32).
+  m.def("resnet_stem(Tensor input, Tensor weight, Tensor? bias, bool assume_finite=False) -> Tensor");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(
@@ -49,7 +52,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "torch_version", TORCH_VERSION);
-  PyModule_AddIntConstant(m, "cpu_winograd", resnet_fused::winograd_supported() ? 1 : 0);
+  PyModule_AddIntConstant(m, "cpu_avx512_kernels", resnet_fused::avx512_kernels_supported() ? 1 : 0);
 #ifdef RESNET_FUSED_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
   PyModule_AddStringConstant(m, "cuda_archs", RESNET_FUSED_CUDA_ARCHS);

@@ -56,7 +56,7 @@ class _Conv:
     MAX_PACKED_SHAPES = 4
 
     def weight_for(self, x):
-        if _tracing() or x.device.type != "cpu" or self.winograd is not None:
+        if _tracing() or x.device.type != "cpu":
             return self.weight
         shape = tuple(x.shape)
         w = self.packed.get(shape)
@@ -75,6 +75,7 @@ class _Fold:
     stem: _Conv
     blocks: list   # per block: dict with conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
+    stem_pool: bool = False  # stem conv + max-pool run as one resnet_stem op
 
 
 class FusedResNet(ResNet):
@@ -169,10 +170,11 @@ class FusedResNet(ResNet):
     def _forward_fused(self, x, fold, finite):
         stage = _stage_labeller()
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
-        with stage("stem"):
-            x = _conv(x, fold.stem, True, finite)
-        with stage("maxpool"):
-            x = self.maxpool(x)
+        with stage("stem+maxpool"):
+            if fold.stem_pool:
+                x = torch.ops.resnet_fused.resnet_stem(x, fold.stem.weight, fold.stem.bias, finite)
+            else:
+                x = self.maxpool(_conv(x, fold.stem, True, finite))
         starts = self._stage_starts
         for i, convs in enumerate(fold.blocks):
             if i in starts:
@@ -266,7 +268,19 @@ class FusedResNet(ResNet):
         finite = check_range and all(
             bool(torch.isfinite(c.weight).all() and torch.isfinite(c.bias).all())
             for c in [stem] + [c for convs in blocks for c in convs.values()])
-        return _Fold(signature, stem, blocks, finite)
+        return _Fold(signature, stem, blocks, finite,
+                      stem_pool=check_range and self._stem_pool_fits(stem))
+
+    def _stem_pool_fits(self, stem):
+        # resnet_stem computes exactly torchvision's stem: 7x7/2 conv, ReLU, 3x3/2 max-pool.
+        p = self.maxpool
+        pool = (isinstance(p, nn.MaxPool2d) and _pair(p.kernel_size) == (3, 3)
+                and _pair(p.stride) == (2, 2) and _pair(p.padding) == (1, 1)
+                and _pair(p.dilation) == (1, 1) and not p.ceil_mode)
+        return (pool and stem.weight.device.type == "cpu" and stem.dtype == torch.float32
+                and tuple(stem.weight.shape[2:]) == (7, 7) and stem.stride == (2, 2)
+                and stem.padding == (3, 3) and stem.dilation == (1, 1) and stem.groups == 1
+                and ops.avx512_kernels_available())
 
     def _cached_fold(self, device, dtype):
         key = (device, dtype)
@@ -348,13 +362,30 @@ _CPU_DTYPES = frozenset([torch.float32] + (
     [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []))
 
 
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def _winograd_fits(c):
     # 3x3 stride-1 convs: 2.25x fewer multiplies (measured 1.5-1.9x faster than
     # oneDNN's direct kernel on ResNet-50's layers, and as accurate in fp32).
     return (c.weight.device.type == "cpu" and c.dtype == torch.float32
             and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)
             and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
-            and ops.winograd_available())
+            and ops.avx512_kernels_available())
+
+
+# Winograd re-reads its 16 transformed weight matrices once per block of tiles;
+# with fewer than this many 2x2 output tiles per thread, that traffic outweighs
+# the multiplies it saves (measured, 512 channels at 7x7: 0.70x and 0.93x of
+# oneDNN's speed with 16 and 32 tiles per thread; 1.21x with 64).
+_WINOGRAD_MIN_TILES_PER_THREAD = 24
+
+
+def _winograd_pays(x):
+    n, _, h, w = x.shape
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    return tiles >= _WINOGRAD_MIN_TILES_PER_THREAD * torch.get_num_threads()
 
 
 def _conv(x, c, relu, finite, residual=None):
@@ -362,7 +393,7 @@ def _conv(x, c, relu, finite, residual=None):
     if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
         x = x.to(c.dtype)
         residual = None if residual is None else residual.to(c.dtype)
-    if c.winograd is not None:
+    if c.winograd is not None and _winograd_pays(x):
         return torch.ops.resnet_fused.winograd_conv3x3(x, c.weight, c.winograd, c.bias, residual,
                                                        relu, finite).to(dt)
     y = torch.ops.resnet_fused.conv_bias_act(x, c.weight_for(x), c.bias, residual, c.stride,
@@ -371,7 +402,7 @@ def _conv(x, c, relu, finite, residual=None):
 
 
 def _conv_add_relu_(identity, x, c, finite):
-    if c.dtype != x.dtype or c.winograd is not None:
+    if c.dtype != x.dtype or (c.winograd is not None and _winograd_pays(x)):
         return _conv(x, c, True, finite, residual=identity)
     torch.ops.resnet_fused.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias, c.stride,
                                                c.padding, c.dilation, c.groups, finite)

@@ -195,15 +195,25 @@ def test_nan_in_bn_statistics_propagates_like_torchvision():
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
 
 
-@pytest.mark.parametrize("arch, expected", [("resnet18", 13), ("resnet50", 13), ("resnext50_32x4d", 0)])
-def test_cpu_fp32_runs_stride1_3x3_convs_by_winograd(arch, expected):
-    # Counted, so that losing the fast path (or taking it for a grouped conv) fails.
-    if not resnet_fused.ops.winograd_available():
-        pytest.skip("no Winograd kernel on this CPU")
+# Stride-1 3x3 convs of layer1 and layer2 (input 2x3x64x64: 128 and 32 tiles); those
+# of layer3 and layer4 have too few tiles (8, 2) for Winograd to pay.
+@pytest.mark.parametrize("arch, winograd", [("resnet18", 7), ("resnet50", 6),
+                                             ("resnext50_32x4d", 0)])
+def test_cpu_fp32_runs_the_avx512_kernels(arch, winograd):
+    # Counted, so that losing a fast path (or taking Winograd where it does not
+    # pay, or for a grouped conv) fails.
+    if not resnet_fused.ops.avx512_kernels_available():
+        pytest.skip("no AVX-512 kernels on this CPU")
     fused = fuse(tv_model(arch))
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode(), torch.profiler.profile() as prof:
-        fused(x)
-    calls = sum(e.count for e in prof.key_averages() if e.key == "resnet_fused::winograd_conv3x3")
-    assert calls == expected
+    x = torch.randn(2, 3, 64, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            fused(x)
+    finally:
+        torch.set_num_threads(threads)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("resnet_fused::winograd_conv3x3", 0) == winograd
+    assert calls.get("resnet_fused::resnet_stem", 0) == 1
     assert rel_err(fused(x), tv_model(arch)(x)) <= 1e-5

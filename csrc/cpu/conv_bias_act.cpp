@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/conv_bias_act.h"
 #include "cpu/finite.h"
 
 namespace resnet_fused {
@@ -123,6 +124,8 @@ void residual_relu_inplace(Tensor& out, const optional<Tensor>& residual, bool r
   }
 }
 
+}  // namespace
+
 Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
                          const optional<Tensor>& residual, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -173,6 +176,8 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   }
   return out.contiguous(fmt);
 }
+
+namespace {
 
 void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& weight,
                                 const optional<Tensor>& bias, at::IntArrayRef stride,

@@ -18,53 +18,37 @@
 // NaN where a direct convolution keeps it), the call goes to conv_bias_act.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/avx512.h"
+#include "cpu/conv_bias_act.h"
 #include "cpu/finite.h"
-#include "cpu/winograd.h"
-
-#if defined(__GNUC__) && defined(__x86_64__) && __has_include(<ATen/native/CPUBlas.h>)
-#include <ATen/native/CPUBlas.h>
-#if defined(CPUBLAS_BRGEMM_F32F32F32)
-#define RESNET_FUSED_WINOGRAD 1
-#include <immintrin.h>
-#endif
-#endif
 
 namespace resnet_fused {
 
 using at::Tensor;
 using c10::optional;
 
-#ifdef RESNET_FUSED_WINOGRAD
+#ifdef RESNET_FUSED_AVX512_KERNELS
 
-bool winograd_supported() {
+bool avx512_kernels_supported() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
 
 namespace {
 
-// Only these functions are compiled for AVX-512; the rest of the library stays
-// baseline x86-64 and calls them after the runtime check above.
-#define AVX512 __attribute__((target("avx512f")))
+#define AVX512 RESNET_FUSED_AVX512
 
 struct Geometry {
   int64_t H, W, C, K;  // input and output are H x W (stride 1, padding 1)
   int64_t tiles_h, tiles_w;
   int64_t v_stride, m_stride;  // floats between consecutive V[xi] / M[xi] in a block
 };
-
-// Channels [c, c + 16) that exist, as a lane mask (C need not be a multiple of 16).
-AVX512 inline __mmask16 lanes(int64_t c, int64_t C) {
-  const int64_t n = std::min<int64_t>(16, C - c);
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
 
 // V[xi][l][c] = (B^T d B)[xi] for the 4x4 input tile d of tile t0 + l, with
 // B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1] and zeros outside the image.
@@ -196,9 +180,8 @@ void winograd_run(const Tensor& input, const Tensor& U, const optional<Tensor>& 
       transform_input(in, V, t0, count, g);
       for (int xi = 0; xi < 16; ++xi) {
         // M[xi] (count x K) = V[xi] (count x C) @ U[xi] (C x K), all row-major.
-        at::native::cpublas::brgemm(count, g.K, g.C, g.C, g.K, g.K, /*add_C=*/false,
-                                    V + xi * g.v_stride, u + xi * g.C * g.K,
-                                    M + xi * g.m_stride, /*is_vnni=*/false);
+        gemm_f32(count, g.K, g.C, V + xi * g.v_stride, g.C, u + xi * g.C * g.K, g.K,
+                 M + xi * g.m_stride, g.K);
       }
       transform_output(M, b, residual, o, relu, t0, count, g);
     }
@@ -209,7 +192,7 @@ void winograd_run(const Tensor& input, const Tensor& U, const optional<Tensor>& 
 
 #else  // no AVX-512 build support or no fp32 brgemm in this torch
 
-bool winograd_supported() { return false; }
+bool avx512_kernels_supported() { return false; }
 
 #endif
 
@@ -236,14 +219,8 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
 
 Tensor direct(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
               const optional<Tensor>& residual, bool relu, bool assume_finite) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resnet_fused::conv_bias_act", "")
-                             .typed<Tensor(const Tensor&, const Tensor&, const optional<Tensor>&,
-                                           const optional<Tensor>&, at::IntArrayRef,
-                                           at::IntArrayRef, at::IntArrayRef, int64_t, bool,
-                                           bool)>();
-  const std::vector<int64_t> one{1, 1};
-  return op.call(input, weight, bias, residual, one, one, one, 1, relu, assume_finite);
+  return conv_bias_act_cpu(input, weight, bias, residual, {1, 1}, {1, 1}, {1, 1}, 1, relu,
+                           assume_finite);
 }
 
 Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Tensor& U,
@@ -252,10 +229,10 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
   check_winograd_args(input, weight, U, bias, residual);
   const auto fmt = output_memory_format(input);
   const bool finite = assume_finite || (all_finite(input) && all_finite(weight));
-  if (!winograd_supported() || !finite || input.numel() == 0 || weight.size(0) == 0) {
+  if (!avx512_kernels_supported() || !finite || input.numel() == 0 || weight.size(0) == 0) {
     return direct(input, weight, bias, residual, relu, assume_finite);
   }
-#ifdef RESNET_FUSED_WINOGRAD
+#ifdef RESNET_FUSED_AVX512_KERNELS
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor u = U.contiguous();
