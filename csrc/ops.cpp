@@ -34,9 +34,6 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, bool relu, bool assume_finite=False) -> Tensor");
-  // ResNet's stem: max_pool2d(relu(conv2d(input, weight, stride 2, padding 3) + bias),
-  // 3x3, stride 2, padding 1) for a 7x7 weight (CPU, float32).
-  m.def("resnet_stem(Tensor input, Tensor weight, Tensor? bias, bool assume_finite=False) -> Tensor");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(

@@ -75,7 +75,6 @@ class _Fold:
     stem: _Conv
     blocks: list   # per block: dict with conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
-    stem_pool: bool = False  # stem conv + max-pool run as one resnet_stem op
 
 
 class FusedResNet(ResNet):
@@ -170,11 +169,10 @@ class FusedResNet(ResNet):
     def _forward_fused(self, x, fold, finite):
         stage = _stage_labeller()
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
-        with stage("stem+maxpool"):
-            if fold.stem_pool:
-                x = torch.ops.resnet_fused.resnet_stem(x, fold.stem.weight, fold.stem.bias, finite)
-            else:
-                x = self.maxpool(_conv(x, fold.stem, True, finite))
+        with stage("stem"):
+            x = _conv(x, fold.stem, True, finite)
+        with stage("maxpool"):
+            x = self.maxpool(x)
         starts = self._stage_starts
         for i, convs in enumerate(fold.blocks):
             if i in starts:
@@ -268,19 +266,7 @@ class FusedResNet(ResNet):
         finite = check_range and all(
             bool(torch.isfinite(c.weight).all() and torch.isfinite(c.bias).all())
             for c in [stem] + [c for convs in blocks for c in convs.values()])
-        return _Fold(signature, stem, blocks, finite,
-                      stem_pool=check_range and self._stem_pool_fits(stem))
-
-    def _stem_pool_fits(self, stem):
-        # resnet_stem computes exactly torchvision's stem: 7x7/2 conv, ReLU, 3x3/2 max-pool.
-        p = self.maxpool
-        pool = (isinstance(p, nn.MaxPool2d) and _pair(p.kernel_size) == (3, 3)
-                and _pair(p.stride) == (2, 2) and _pair(p.padding) == (1, 1)
-                and _pair(p.dilation) == (1, 1) and not p.ceil_mode)
-        return (pool and stem.weight.device.type == "cpu" and stem.dtype == torch.float32
-                and tuple(stem.weight.shape[2:]) == (7, 7) and stem.stride == (2, 2)
-                and stem.padding == (3, 3) and stem.dilation == (1, 1) and stem.groups == 1
-                and ops.avx512_kernels_available())
+        return _Fold(signature, stem, blocks, finite)
 
     def _cached_fold(self, device, dtype):
         key = (device, dtype)
@@ -360,10 +346,6 @@ class _stage_labeller:
 # Constants, so that torch.compile traces the checks that use them.
 _CPU_DTYPES = frozenset([torch.float32] + (
     [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []))
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _winograd_fits(c):

@@ -82,18 +82,9 @@ def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, r
                                                    relu, assume_finite)
 
 
-def resnet_stem(input, weight, bias=None, assume_finite=False):
-    """ResNet's stem in one pass on CPU (float32): max_pool2d(relu(conv2d(input, weight,
-    stride=2, padding=3) + bias), 3, stride=2, padding=1) for a 7x7 weight, without
-    writing the conv's output to memory."""
-    _require()
-    return torch.ops.resnet_fused.resnet_stem(input, weight, bias, assume_finite)
-
-
 def avx512_kernels_available():
-    """Whether the CPU kernels winograd_conv3x3 and resnet_stem run here (built with
-    them, on a CPU with AVX-512); else those ops compute through conv_bias_act and
-    ATen, correct but not faster."""
+    """Whether the CPU kernel of winograd_conv3x3 runs here (built with it, on a CPU
+    with AVX-512); else the op computes through conv_bias_act, correct but not faster."""
     return _extension.available() and bool(getattr(_extension._C, "cpu_avx512_kernels", 0))
 
 
@@ -137,14 +128,6 @@ def _register_fakes():
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "winograd_conv3x3: input and weight must be 4-D")
         shape = (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
-        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
-
-    @torch.library.register_fake(lib + "resnet_stem")
-    def _(input, weight, bias, assume_finite=False):
-        torch._check(input.dim() == 4 and weight.dim() == 4,
-                     lambda: "resnet_stem: input and weight must be 4-D")
-        h, w = ((s + 2 * 3 - 7) // 2 + 1 for s in input.shape[2:])
-        shape = (input.shape[0], weight.shape[0], (h - 1) // 2 + 1, (w - 1) // 2 + 1)
         return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
     @torch.library.register_fake(lib + "add_relu")

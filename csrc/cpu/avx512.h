@@ -1,5 +1,5 @@
-// Shared by the CPU kernels written for AVX-512 around oneDNN's fp32 GEMM
-// micro-kernel (ATen's cpublas::brgemm): winograd.cpp and stem.cpp.
+// For CPU kernels written for AVX-512 around oneDNN's fp32 GEMM micro-kernel
+// (ATen's cpublas::brgemm): winograd.cpp.
 //
 // Only functions marked RESNET_FUSED_AVX512 are compiled for AVX-512; the rest of
 // the library stays baseline x86-64 and calls them after avx512_kernels_supported().

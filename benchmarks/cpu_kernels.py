@@ -1,0 +1,70 @@
+"""Times the CPU Winograd kernel against what it replaces, per ResNet-50 layer shape:
+winograd_conv3x3 vs conv_bias_act (oneDNN, weight packed as the model packs it), with
+each one's error against fp64. fp32, channels_last, median of repeats after warm-up, on
+the threads torch uses.
+
+    python benchmarks/cpu_kernels.py [--batch-sizes 1,8] [--repeats 30]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from resnet_fused import ops
+
+# (C = K, H = W) of ResNet-50's stride-1 3x3 convs, layer1-4.
+WINOGRAD_LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
+
+
+def median_ms(fn, repeats, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def winograd_rows(batch, repeats):
+    for c, h in WINOGRAD_LAYERS:
+        x = torch.randn(batch, c, h, h).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5, torch.randn(c)
+        u, packed = ops.winograd_weight(w), ops.pack_weight(w, 1, 1, 1, 1, x.shape)
+        ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
+        ours = lambda: ops.winograd_conv3x3(x, w, u, b, None, True, True)  # noqa: E731
+        theirs = lambda: ops.conv_bias_act(x, packed, b, None, 1, 1, 1, 1, True, True)  # noqa: E731
+        yield (f"3x3 {c}ch {h}x{h}", median_ms(theirs, repeats), median_ms(ours, repeats),
+               rel_err(theirs(), ref), rel_err(ours(), ref))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    if not ops.avx512_kernels_available():
+        print("the Winograd kernel does not run on this machine; both columns would time oneDNN")
+        return 1
+    print(f"cpu ({torch.get_num_threads()} threads), float32, channels_last, "
+          f"median of {args.repeats}")
+    print(f"{'shape':18} {'batch':>5} {'oneDNN ms':>10} {'ours ms':>8} {'speedup':>8} "
+          f"{'err oneDNN':>11} {'err ours':>9}")
+    with torch.inference_mode():
+        for batch in (int(v) for v in args.batch_sizes.split(",")):
+            for name, t_ref, t_ours, e_ref, e_ours in winograd_rows(batch, args.repeats):
+                print(f"{name:18} {batch:5d} {t_ref:10.2f} {t_ours:8.2f} {t_ref / t_ours:7.2f}x "
+                      f"{e_ref:11.1e} {e_ours:9.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
