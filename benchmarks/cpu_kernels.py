@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from resnet_fused import ops
+from resnet_fused import _extension, ops
 
 # (C = K, H = W) of ResNet-50's stride-1 3x3 convs, layer1-4.
 WINOGRAD_LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -40,8 +40,8 @@ def winograd_rows(batch, repeats):
         w, b = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5, torch.randn(c)
         u, packed = ops.winograd_weight(w), ops.pack_weight(w, 1, 1, 1, 1, x.shape)
         ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
-        ours = lambda: ops.winograd_conv3x3(x, w, u, b, None, True, True)  # noqa: E731
-        theirs = lambda: ops.conv_bias_act(x, packed, b, None, 1, 1, 1, 1, True, True)  # noqa: E731
+        ours = lambda: ops.winograd_conv3x3(x, w, u, b, None, relu=True, assume_finite=True)  # noqa: E731
+        theirs = lambda: ops.conv_bias_act(x, packed, b, None, 1, 1, 1, 1, relu=True, assume_finite=True)  # noqa: E731
         yield (f"3x3 {c}ch {h}x{h}", median_ms(theirs, repeats), median_ms(ours, repeats),
                rel_err(theirs(), ref), rel_err(ours(), ref))
 
@@ -51,7 +51,7 @@ def main():
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args()
-    if not ops.avx512_kernels_available():
+    if not _extension.winograd_kernel_available():
         print("the Winograd kernel does not run on this machine; both columns would time oneDNN")
         return 1
     print(f"cpu ({torch.get_num_threads()} threads), float32, channels_last, "

@@ -5,7 +5,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include "cpu/avx512.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/winograd.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
   // act(conv2d(input, weight) + bias [+ residual]), act = relu or identity.
@@ -16,13 +17,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   // ReLU exactly (FusedResNet checks its own input once instead).
   m.def(
       "conv_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, *, bool relu=True, "
       "bool assume_finite=False) -> Tensor");
   // residual = relu(residual + conv2d(input, weight) + bias), in place: the end of
   // a residual block when the identity tensor is not needed afterwards.
   m.def(
       "conv_bias_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, *, "
       "bool assume_finite=False) -> ()");
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
   // In-place ops return nothing: functionalization (torch.compile) supports
@@ -33,7 +34,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   // from resnet_fused.ops (the weight in the Winograd domain, [16, C, K]).
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
-      "Tensor? residual, bool relu, bool assume_finite=False) -> Tensor");
+      "Tensor? residual, *, bool relu=True, bool assume_finite=False) -> Tensor");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(
@@ -49,7 +50,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "torch_version", TORCH_VERSION);
-  PyModule_AddIntConstant(m, "cpu_avx512_kernels", resnet_fused::avx512_kernels_supported() ? 1 : 0);
+  // Read once, at import (RESNET_FUSED_CPU_ISA caps it).
+  PyModule_AddStringConstant(m, "cpu_isa", resnet_fused::cpu_isa_name(resnet_fused::cpu_isa()));
+  PyModule_AddIntConstant(m, "winograd_kernel", resnet_fused::winograd_kernel_available() ? 1 : 0);
 #ifdef RESNET_FUSED_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
   PyModule_AddStringConstant(m, "cuda_archs", RESNET_FUSED_CUDA_ARCHS);

@@ -41,6 +41,11 @@ else:
         _error = (f"resnet_fused._C was built against torch {built} but torch {running} is "
                   "installed; rebuild it: pip install --no-build-isolation .")
 
+_ISA_CAPS = ("avx512", "avx2", "none")
+if os.environ.get("RESNET_FUSED_CPU_ISA", "") not in _ISA_CAPS + ("",):
+    warnings.warn(f"RESNET_FUSED_CPU_ISA: expected one of {', '.join(_ISA_CAPS)}, got "
+                  f"{os.environ['RESNET_FUSED_CPU_ISA']!r}; ignoring it", RuntimeWarning, stacklevel=2)
+
 if _error is not None:
     warnings.warn(f"{_error}. Falling back to torchvision's (unfused) math.", RuntimeWarning,
                   stacklevel=2)
@@ -63,6 +68,18 @@ def has_kernel(op_name, device_type):
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"resnet_fused::{op_name}", key)
+
+
+def cpu_isa():
+    """The vector ISA our CPU kernels use here: "avx512", "avx2" or "none" (the CPU's
+    best, capped by RESNET_FUSED_CPU_ISA)."""
+    return _C.cpu_isa if available() else "none"
+
+
+def winograd_kernel_available():
+    """Whether winograd_conv3x3 runs its own kernel here (AVX2+FMA or AVX-512);
+    else it computes through conv_bias_act, correct but not faster."""
+    return available() and bool(_C.winograd_kernel)
 
 
 def built_with_cuda():
@@ -96,12 +113,3 @@ def cuda_arch_error(device):
         return None
     return (f"resnet_fused._C was built for CUDA archs {archs} but {torch.cuda.get_device_name(device)} "
             f"is sm_{major}{minor}; rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
-
-
-# Device types whose conv kernels FusedResNet uses, fixed once the library is
-# loaded. The CUDA conv kernels compile but have not yet been verified on a GPU,
-# so the model uses them only when asked (the ops themselves are callable).
-CUDA_CONV_BUILT = has_kernel("conv_bias_act", "cuda")
-_USE_CUDA = os.environ.get("RESNET_FUSED_UNVERIFIED_CUDA", "") == "1"
-KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if has_kernel("conv_bias_act", d)
-                           and (d != "cuda" or _USE_CUDA))

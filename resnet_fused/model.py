@@ -10,13 +10,14 @@ torchvision's own forward. In eval mode each conv + BatchNorm (+ residual add)
 import copy
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from . import _extension, ops
+from . import _extension, dispatch
+from .dispatch import tracing as _tracing
 from .fold import cast_folded, fold_conv_bn
 
 # Refolds are rare; one lock for all models keeps them picklable and copyable.
@@ -30,50 +31,11 @@ def _warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _tracing():
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler and (compiler.is_compiling()
-                              or getattr(compiler, "is_exporting", lambda: False)()))
-
-
-@dataclass
-class _Conv:
-    """One conv with its BN folded in, ready for the op."""
-    weight: torch.Tensor
-    bias: torch.Tensor
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-    groups: int
-    dtype: torch.dtype            # dtype this conv computes in (fp32 if fp16 would overflow)
-    packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
-    winograd: torch.Tensor = None  # weight in the Winograd domain, for winograd_conv3x3
-
-    # oneDNN's packed layout is chosen for one input shape; used with another it is
-    # re-laid out on every call (measured: ResNet-50 batch 1 at 83 ms instead of 34
-    # with weights packed for batch 8). So packs are kept per shape, for a few
-    # shapes; beyond those the plain weight is used, still correct.
-    MAX_PACKED_SHAPES = 4
-
-    def weight_for(self, x):
-        if _tracing() or x.device.type != "cpu":
-            return self.weight
-        shape = tuple(x.shape)
-        w = self.packed.get(shape)
-        if w is None:
-            if len(self.packed) >= self.MAX_PACKED_SHAPES:
-                return self.weight
-            w = ops.pack_weight(self.weight, self.stride, self.padding, self.dilation,
-                                self.groups, shape)
-            self.packed[shape] = w
-        return w
-
-
 @dataclass
 class _Fold:
     signature: tuple
-    stem: _Conv
-    blocks: list   # per block: dict with conv1, conv2, [conv3], [downsample]
+    stem: dispatch.PreparedConv
+    blocks: list   # per block: dict of PreparedConv: conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
 
 
@@ -119,21 +81,9 @@ class FusedResNet(ResNet):
                 p.requires_grad for p in self.parameters())):
             return False, ("gradients are enabled and required; the fused ops have no backward "
                            "(run inference under torch.inference_mode() or torch.no_grad())")
-        dev = x.device.type
-        if dev not in _extension.KERNEL_DEVICES:
-            if dev == "cuda" and _extension.CUDA_CONV_BUILT:
-                return False, ("the CUDA conv kernels are not yet verified on a GPU; set "
-                               "RESNET_FUSED_UNVERIFIED_CUDA=1 to use them")
-            return False, f"resnet_fused has no {dev} kernels in this build"
-        if dev == "cuda" and not _tracing():
-            arch_error = _extension.cuda_arch_error(x.device)
-            if arch_error:
-                return False, arch_error
-        dtype = self._run_dtype(x)
-        if dev == "cpu" and dtype not in _CPU_DTYPES:
-            return False, f"the CPU kernels support {sorted(map(str, _CPU_DTYPES))}, not {dtype}"
-        if dev == "cuda" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return False, f"the CUDA kernels support float16, bfloat16 and float32, not {dtype}"
+        why = dispatch.unsupported(x.device, self._run_dtype(x))
+        if why:
+            return False, why
         return True, ""
 
     # ---- forward ----------------------------------------------------------
@@ -170,26 +120,26 @@ class FusedResNet(ResNet):
         stage = _stage_labeller()
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
         with stage("stem"):
-            x = _conv(x, fold.stem, True, finite)
+            x = dispatch.conv(x, fold.stem, True, finite)
         with stage("maxpool"):
             x = self.maxpool(x)
         starts = self._stage_starts
         for i, convs in enumerate(fold.blocks):
             if i in starts:
                 stage.enter(starts[i])
-            out = _conv(x, convs["conv1"], True, finite)
+            out = dispatch.conv(x, convs["conv1"], True, finite)
             if "conv3" in convs:
-                out = _conv(out, convs["conv2"], True, finite)
+                out = dispatch.conv(out, convs["conv2"], True, finite)
                 last = convs["conv3"]
             else:
                 last = convs["conv2"]
             if "downsample" in convs:
-                identity = _conv(x, convs["downsample"], False, finite)
+                identity = dispatch.conv(x, convs["downsample"], False, finite)
             else:
                 identity = x
             # identity is an intermediate of this forward and dead after this
             # op, so the residual sum can accumulate into it in place.
-            x = _conv_add_relu_(identity, out, last, finite)
+            x = dispatch.conv_add_relu_(identity, out, last, finite)
         stage.exit()
         with stage("head"):
             return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -253,12 +203,7 @@ class FusedResNet(ResNet):
                     w, b, cdt = cast_folded(w, b, dtype, label)
                 else:
                     w, b, cdt = w.to(dtype), b.to(dtype), dtype
-                c = _Conv(w.contiguous(memory_format=torch.channels_last), b,
-                          tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
-                          conv.groups, cdt)
-                if check_range and _winograd_fits(c):
-                    c.winograd = ops.winograd_weight(c.weight)
-                convs[key] = c
+                convs[key] = dispatch.prepare(w, b, conv, cdt, cache_winograd=check_range)
             if name == "stem":
                 stem = convs["stem"]
             else:
@@ -341,54 +286,6 @@ class _stage_labeller:
         if self.open is not None:
             self.open.__exit__(None, None, None)
             self.open = None
-
-
-# Constants, so that torch.compile traces the checks that use them.
-_CPU_DTYPES = frozenset([torch.float32] + (
-    [torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []))
-
-
-def _winograd_fits(c):
-    # 3x3 stride-1 convs: 2.25x fewer multiplies (measured 1.5-1.9x faster than
-    # oneDNN's direct kernel on ResNet-50's layers, and as accurate in fp32).
-    return (c.weight.device.type == "cpu" and c.dtype == torch.float32
-            and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)
-            and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
-            and ops.avx512_kernels_available())
-
-
-# Winograd re-reads its 16 transformed weight matrices once per block of tiles;
-# with fewer than this many 2x2 output tiles per thread, that traffic outweighs
-# the multiplies it saves (measured, 512 channels at 7x7: 0.70x and 0.93x of
-# oneDNN's speed with 16 and 32 tiles per thread; 1.21x with 64).
-_WINOGRAD_MIN_TILES_PER_THREAD = 24
-
-
-def _winograd_pays(x):
-    n, _, h, w = x.shape
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    return tiles >= _WINOGRAD_MIN_TILES_PER_THREAD * torch.get_num_threads()
-
-
-def _conv(x, c, relu, finite, residual=None):
-    dt = x.dtype
-    if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
-        x = x.to(c.dtype)
-        residual = None if residual is None else residual.to(c.dtype)
-    if c.winograd is not None and _winograd_pays(x):
-        return torch.ops.resnet_fused.winograd_conv3x3(x, c.weight, c.winograd, c.bias, residual,
-                                                       relu, finite).to(dt)
-    y = torch.ops.resnet_fused.conv_bias_act(x, c.weight_for(x), c.bias, residual, c.stride,
-                                             c.padding, c.dilation, c.groups, relu, finite)
-    return y.to(dt)
-
-
-def _conv_add_relu_(identity, x, c, finite):
-    if c.dtype != x.dtype or (c.winograd is not None and _winograd_pays(x)):
-        return _conv(x, c, True, finite, residual=identity)
-    torch.ops.resnet_fused.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias, c.stride,
-                                               c.padding, c.dilation, c.groups, finite)
-    return identity
 
 
 def fuse(model, inplace=False):

@@ -23,7 +23,7 @@ def _require():
 
 
 def conv_bias_act(input, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
-                  groups=1, relu=True, assume_finite=False):
+                  groups=1, *, relu=True, assume_finite=False):
     """act(conv2d(input, weight, stride, padding, dilation, groups) + bias [+ residual]),
     act = ReLU if `relu` else identity, in one pass. Returns the input's memory format.
     assume_finite=True promises input and residual hold no NaN/Inf (saves a scan on CPU;
@@ -31,16 +31,16 @@ def conv_bias_act(input, weight, bias=None, residual=None, stride=1, padding=0, 
     _require()
     return torch.ops.resnet_fused.conv_bias_act(
         input, weight, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), groups, relu, assume_finite)
+        _pair(dilation, "dilation"), groups, relu=relu, assume_finite=assume_finite)
 
 
 def conv_bias_add_relu_(residual, input, weight, bias=None, stride=1, padding=0, dilation=1,
-                        groups=1, assume_finite=False):
+                        groups=1, *, assume_finite=False):
     """residual = relu(residual + conv2d(input, weight) + bias), in place."""
     _require()
     torch.ops.resnet_fused.conv_bias_add_relu_(
         residual, input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), groups, assume_finite)
+        _pair(dilation, "dilation"), groups, assume_finite=assume_finite)
     return residual
 
 
@@ -72,20 +72,14 @@ def winograd_weight(weight):
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
 
 
-def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, relu=True,
+def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *, relu=True,
                      assume_finite=False):
     """conv_bias_act(input, weight, bias, residual, stride=1, padding=1, relu=relu) for a
     3x3 float32 weight, computed on CPU by Winograd's F(2x2, 3x3) (2.25x fewer
     multiplies). `winograd_weight` must be winograd_weight(weight)."""
     _require()
     return torch.ops.resnet_fused.winograd_conv3x3(input, weight, winograd_weight, bias, residual,
-                                                   relu, assume_finite)
-
-
-def avx512_kernels_available():
-    """Whether the CPU kernel of winograd_conv3x3 runs here (built with it, on a CPU
-    with AVX-512); else the op computes through conv_bias_act, correct but not faster."""
-    return _extension.available() and bool(getattr(_extension._C, "cpu_avx512_kernels", 0))
+                                                   relu=relu, assume_finite=assume_finite)
 
 
 def pack_weight(weight, stride, padding, dilation, groups, input_size):
@@ -108,7 +102,7 @@ def _register_fakes():
     lib = "resnet_fused::"
 
     @torch.library.register_fake(lib + "conv_bias_act")
-    def _(input, weight, bias, residual, stride, padding, dilation, groups, relu,
+    def _(input, weight, bias, residual, stride, padding, dilation, groups, *, relu=True,
           assume_finite=False):
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "conv_bias_act: input and weight must be 4-D")
@@ -120,11 +114,11 @@ def _register_fakes():
         return input.new_empty(shape).contiguous(memory_format=fmt)
 
     @torch.library.register_fake(lib + "conv_bias_add_relu_")
-    def _(residual, input, weight, bias, stride, padding, dilation, groups, assume_finite=False):
+    def _(residual, input, weight, bias, stride, padding, dilation, groups, *, assume_finite=False):
         return None
 
     @torch.library.register_fake(lib + "winograd_conv3x3")
-    def _(input, weight, winograd_weight, bias, residual, relu, assume_finite=False):
+    def _(input, weight, winograd_weight, bias, residual, *, relu=True, assume_finite=False):
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "winograd_conv3x3: input and weight must be 4-D")
         shape = (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])

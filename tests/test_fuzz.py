@@ -14,27 +14,13 @@ from hypothesis import strategies as st
 import resnet_fused
 from resnet_fused import ops
 
+from common_utils import dtypes_for, tol
+
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 EXAMPLES = int(os.environ.get("RESNET_FUSED_FUZZ_EXAMPLES", "150"))
 FIXED = "RESNET_FUSED_FUZZ_EXAMPLES" not in os.environ
 DEVICES = ["cpu"] + (["cuda"] if resnet_fused._extension.has_kernel("conv_bias_act", "cuda")
                      and torch.cuda.is_available() else [])
-
-
-def _dtypes(device):
-    if device == "cuda":
-        return [torch.float32, torch.float16, torch.bfloat16]
-    return [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                              else [])
-
-
-# Relative to max|reference|; low precision gets a budget that grows with the
-# reduction length (rounding errors of a K-term fp32-accumulated sum of rounded inputs).
-def _tol(dtype, k):
-    eps = {torch.float32: 3e-7, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        eps = 1e-3  # TF32 on CUDA
-    return eps * 4 + eps * (k ** 0.5) * 0.5
 
 
 def _layout(t, how, draw):
@@ -59,7 +45,7 @@ LAYOUTS = ["contiguous", "channels_last", "permuted", "offset", "sliced"]
 @st.composite
 def conv_cases(draw):
     device = draw(st.sampled_from(DEVICES))
-    dtype = draw(st.sampled_from(_dtypes(device)))
+    dtype = draw(st.sampled_from(dtypes_for(device)))
     groups = draw(st.sampled_from([1, 1, 2, 4]))
     c = groups * draw(st.integers(1, 12))
     k = groups * draw(st.integers(1, 12))
@@ -114,11 +100,11 @@ def test_conv_bias_act_fuzz(case):
         elif case["res_kind"] == "expanded":
             rd = res.to(dev, dt)[:1, :, :1].expand(n, k, ho, wo)
     out = ops.conv_bias_act(xd, wt.to(dev, dt), None if b is None else b.to(dev, dt), rd,
-                            s, p, d, gr, case["relu"])
+                            s, p, d, gr, relu=case["relu"])
     assert out.shape == ref.shape and out.dtype == dt
     if out.numel():
         err = (out.double().cpu() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-        assert err <= _tol(dt, c // gr * r * r), (case, err)
+        assert err <= tol(dt, c // gr * r * r), (case, err)
 
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
@@ -128,7 +114,7 @@ def test_conv_bias_act_fuzz(case):
        device=st.sampled_from(DEVICES), inplace=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_add_relu_fuzz(shape, layout, device, inplace, seed):
     g = torch.Generator().manual_seed(seed)
-    for dt in _dtypes(device):
+    for dt in dtypes_for(device):
         a = torch.randn(*shape, generator=g).to(device, dt)
         b = torch.randn(*shape, generator=g).to(device, dt)
         if layout == "offset":

@@ -9,7 +9,8 @@ import torchvision
 import resnet_fused
 from resnet_fused import FusedResNet, fuse
 
-from conftest import rel_err, tv_model
+from common_utils import rel_err, tv_model
+from resnet_fused._extension import winograd_kernel_available
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -202,8 +203,8 @@ def test_nan_in_bn_statistics_propagates_like_torchvision():
 def test_cpu_fp32_runs_winograd_where_it_pays(arch, winograd):
     # Counted, so that losing a fast path (or taking Winograd where it does not
     # pay, or for a grouped conv) fails.
-    if not resnet_fused.ops.avx512_kernels_available():
-        pytest.skip("no AVX-512 kernels on this CPU")
+    if not winograd_kernel_available():
+        pytest.skip("no AVX2 or AVX-512 on this CPU: the Winograd kernel does not run here")
     fused = fuse(tv_model(arch))
     x = torch.randn(2, 3, 64, 64)
     threads = torch.get_num_threads()

@@ -1,225 +1,350 @@
-"""The ops against an independent fp64 reference (F.conv2d + bias + residual + relu)."""
+"""Each op against an fp64 reference (F.conv2d + bias + residual + relu), on every
+device it has a kernel for. Tolerances follow tests/common_utils.py's rule:
+2 * sqrt(C/groups * R * S) * eps_fp32 + eps_dtype, relative to max|ref|."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import resnet_fused
-from resnet_fused import ops
+from resnet_fused import _extension, ops
 
-from conftest import put_nonfinite
+from common_utils import (ConvCase, assert_matches, devices, dtypes_for, opcheck, put_nonfinite,
+                          reference, rel_err, requires_extension, skip_unless_dtype)
 
-pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
+pytestmark = requires_extension
+ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CL = torch.channels_last
 
-CPU_DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                                else [])
-TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
-
-# (C, K, H, W, kernel, stride, padding, dilation, groups): ResNet's conv shapes at
-# small spatial sizes, plus odd ones.
-SHAPES = [
-    (3, 64, 29, 31, 7, 2, 3, 1, 1),       # stem
-    (64, 64, 14, 14, 3, 1, 1, 1, 1),
-    (64, 256, 14, 14, 1, 1, 0, 1, 1),
-    (256, 128, 15, 13, 1, 2, 0, 1, 1),    # strided 1x1 downsample
-    (128, 128, 9, 9, 3, 2, 1, 1, 1),
-    (128, 128, 8, 8, 3, 1, 2, 2, 1),      # dilation (replace_stride_with_dilation)
-    (128, 128, 7, 9, 3, 1, 1, 1, 32),     # ResNeXt 32x4d
-    (256, 256, 5, 5, 3, 1, 1, 1, 64),     # ResNeXt 64x4d
-    (20, 24, 5, 7, 3, 1, 1, 1, 1),        # channels not multiples of 8
-    (16, 8, 1, 1, 1, 1, 0, 1, 1),         # 1x1 spatial
+# ResNet's conv shapes at small spatial sizes, plus odd ones.
+CASES = [
+    ConvCase(3, 64, 29, 31, R=7, stride=2, padding=3),       # stem
+    ConvCase(64, 64, 14, 14, R=3, padding=1),
+    ConvCase(64, 256, 14, 14),
+    ConvCase(256, 128, 15, 13, stride=2),                     # strided 1x1 downsample
+    ConvCase(128, 128, 9, 9, R=3, stride=2, padding=1),
+    ConvCase(128, 128, 8, 8, R=3, padding=2, dilation=2),     # replace_stride_with_dilation
+    ConvCase(128, 128, 7, 9, R=3, padding=1, groups=32),      # ResNeXt 32x4d
+    ConvCase(256, 256, 5, 5, R=3, padding=1, groups=64),      # ResNeXt 64x4d
+    ConvCase(512, 512, 3, 3, R=3, padding=1, N=1),            # longest reduction
+    ConvCase(20, 24, 5, 7, R=3, padding=1),                   # channels not multiples of 8
+    ConvCase(16, 8, 1, 1),                                    # 1x1 spatial
 ]
-
-
-def reference(x, w, b, residual, stride, padding, dilation, groups, relu):
-    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding,
-                 dilation, groups)
-    if residual is not None:
-        y = y + residual.double()
-    return F.relu(y) if relu else y
-
-
-def make(shape, dtype, batch=2, channels_last=False, seed=0):
-    c, k, h, w, r, s, p, d, g = shape
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, c, h, w, generator=gen).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    wt = (torch.randn(k, c // g, r, r, generator=gen) / (c // g * r * r) ** 0.5).to(dtype)
-    b = torch.randn(k, generator=gen).to(dtype)
-    ho = (h + 2 * p - d * (r - 1) - 1) // s + 1
-    wo = (w + 2 * p - d * (r - 1) - 1) // s + 1
-    res = torch.randn(batch, k, ho, wo, generator=gen).to(dtype)
-    return x, wt, b, res, (s, s), (p, p), (d, d), g
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_conv_bias_act_matches_fp64(shape, channels_last, dtype):
-    x, w, b, res, s, p, d, g = make(shape, dtype, channels_last=channels_last)
-    for residual, relu in [(None, True), (None, False), (res, True), (res, False)]:
-        out = ops.conv_bias_act(x, w, b, residual, s, p, d, g, relu)
-        ref = reference(x, w, b, residual, s, p, d, g, relu)
-        assert out.dtype == dtype and out.shape == ref.shape
-        assert out.is_contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
-        assert err <= TOL[dtype], (residual is not None, relu, err)
-
-
-@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[6:7], ids=lambda s: "x".join(map(str, s)))
-def test_packed_weight_and_inplace_residual(shape):
-    x, w, b, res, s, p, d, g = make(shape, torch.float32, channels_last=True)
-    packed = ops.pack_weight(w, s, p, d, g, x.shape)
-    ref = reference(x, w, b, res, s, p, d, g, True)
-    out = ops.conv_bias_act(x, packed, b, res, s, p, d, g, True)
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6 * ref.abs().max().item())
-    acc = res.contiguous(memory_format=torch.channels_last).clone()
-    ops.conv_bias_add_relu_(acc, x, packed, b, s, p, d, g)
-    torch.testing.assert_close(acc.double(), ref, rtol=0, atol=2e-6 * ref.abs().max().item())
-
-
-def test_output_keeps_input_memory_format():
-    x, w, b, res, s, p, d, g = make(SHAPES[1], torch.float32)
-    assert ops.conv_bias_act(x, w, b, res, s, p, d, g).is_contiguous()
-    xc = x.contiguous(memory_format=torch.channels_last)
-    assert ops.conv_bias_act(xc, w, b, res, s, p, d, g).is_contiguous(
-        memory_format=torch.channels_last)
-
-
-def test_non_contiguous_inputs():
-    x, w, b, res, s, p, d, g = make(SHAPES[1], torch.float32, batch=4)
-    xs = x[::2]                                    # batch slice with a step
-    rs = res[1::2]
-    out = ops.conv_bias_act(xs, w, b, rs, s, p, d, g, True)
-    torch.testing.assert_close(out.double(), reference(xs, w, b, rs, s, p, d, g, True),
-                               rtol=0, atol=1e-5)
-    expanded = res[:1, :, :1, :1].expand(2, -1, res.shape[2], res.shape[3])  # stride-0 residual
-    out = ops.conv_bias_act(x[:2], w, b, expanded, s, p, d, g, True)
-    torch.testing.assert_close(out.double(), reference(x[:2], w, b, expanded, s, p, d, g, True),
-                               rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("where", ["input", "residual", "weight", "bias"])
-def test_nan_and_inf_propagate_like_torch(where):
-    x, w, b, res, s, p, d, g = make(SHAPES[1], torch.float32, channels_last=True)
-    put_nonfinite(where, x, w, b, res)
-    for relu in (True, False):
-        out = ops.conv_bias_act(x, w, b, res, s, p, d, g, relu)
-        ref = reference(x, w, b, res, s, p, d, g, relu)
-        assert torch.equal(out.isnan(), ref.isnan())
-        assert torch.equal(out.isinf(), ref.isinf())
-        acc = res.clone()
-        ops.conv_bias_add_relu_(acc, x, w, b, s, p, d, g)
-        assert torch.equal(acc.isnan(), reference(x, w, b, res, s, p, d, g, True).isnan())
-
-
-def test_batch_zero():
-    x, w, b, res, s, p, d, g = make(SHAPES[1], torch.float32, batch=0)
-    out = ops.conv_bias_act(x, w, b, res, s, p, d, g)
-    assert out.shape == (0, 64, 14, 14)
-    assert ops.add_relu(res, res).shape == res.shape
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_add_relu(dtype, channels_last):
-    g = torch.Generator().manual_seed(1)
-    a = torch.randn(2, 5, 7, 3, generator=g).to(dtype)
-    b = torch.randn(2, 5, 7, 3, generator=g).to(dtype)
-    if channels_last:
-        a = a.contiguous(memory_format=torch.channels_last)
-    a[0, 0, 0, 0] = float("nan")
-    ref = torch.relu(a.float() + b.float()).to(dtype)
-    out = ops.add_relu(a, b)
-    torch.testing.assert_close(out, ref, equal_nan=True)
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last
-                             else torch.contiguous_format)
-    a2 = a.clone()
-    assert ops.add_relu_(a2, b) is a2
-    torch.testing.assert_close(a2, ref, equal_nan=True)
-    t = a.transpose(1, 3)                          # non-contiguous views
-    torch.testing.assert_close(ops.add_relu(t, b.transpose(1, 3)),
-                               torch.relu(t.float() + b.transpose(1, 3).float()).to(dtype),
-                               equal_nan=True)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(x=torch.randn(2, 8, 5)), "expected input to be 4-D"),
-    (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
-    (dict(w=torch.randn(16, 8, 3, 3).double()), "expected weight dtype"),
-    (dict(b=torch.randn(15)), "expected bias of shape [16]"),
-    (dict(r=torch.randn(2, 16, 4, 5)), "expected residual of the output's shape"),
-    (dict(r=torch.randn(2, 16, 5, 5).bfloat16()), "expected residual dtype"),
-    (dict(x=torch.randn(2, 8, 5, 5).half(), w=torch.randn(16, 8, 3, 3).half(),
-          b=torch.randn(16).half(), r=None), "supports float32 and bfloat16"),
-    (dict(x=torch.randn(2, 8, 1, 1), r=None, pad=0), "smaller than the kernel"),
-    (dict(stride=0), "expected stride > 0"),
-])
-def test_bad_input_is_named(kwargs, message):
-    args = dict(x=torch.randn(2, 8, 5, 5), w=torch.randn(16, 8, 3, 3), b=torch.randn(16),
-                r=torch.randn(2, 16, 5, 5), stride=1, pad=1)
-    args.update(kwargs)
-    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        ops.conv_bias_act(args["x"], args["w"], args["b"], args["r"], args["stride"], args["pad"])
-
-
-def test_add_relu_bad_input():
-    with pytest.raises(RuntimeError, match="expected b of a's shape"):
-        ops.add_relu(torch.randn(2, 3), torch.randn(3, 2))
-    with pytest.raises(RuntimeError, match="expected b of a's dtype"):
-        ops.add_relu(torch.randn(2, 3), torch.randn(2, 3).double())
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck(channels_last):
-    x, w, b, res, s, p, d, g = make(SHAPES[6], torch.float32, channels_last=channels_last)
-    torch.library.opcheck(torch.ops.resnet_fused.conv_bias_act.default,
-                          (x, w, b, res, list(s), list(p), list(d), g, True))
-    torch.library.opcheck(torch.ops.resnet_fused.conv_bias_act.default,
-                          (x, w, None, None, list(s), list(p), list(d), g, False))
-    torch.library.opcheck(torch.ops.resnet_fused.conv_bias_add_relu_.default,
-                          (res.contiguous(memory_format=torch.channels_last).clone(), x, w, b,
-                           list(s), list(p), list(d), g))
-    torch.library.opcheck(torch.ops.resnet_fused.add_relu.default, (res, res.flip(0)))
-    torch.library.opcheck(torch.ops.resnet_fused.add_relu_.default, (res.clone(), res.flip(0)))
-
 
 # Found by tests/test_fuzz.py: torch 2.14's oneDNN gets these wrong (bf16 with an
 # output column of size 1) or crashes on them (padding wider than half the dilated
 # kernel, bf16, or fp32 with a residual), F.conv2d included for bf16.
 ONEDNN_REGRESSIONS = [
-    # (dtype, N, C, K, H, W, kernel, stride, padding, dilation, groups)
-    (torch.bfloat16, 2, 24, 14, 13, 5, 3, 2, 0, 2, 2),
-    (torch.bfloat16, 2, 8, 16, 3, 1, 3, 2, 1, 1, 1),
-    (torch.bfloat16, 2, 256, 256, 5, 3, 3, 2, 0, 1, 1),
-    (torch.bfloat16, 2, 16, 16, 1, 3, 3, 2, 3, 2, 1),
-    (torch.float32, 3, 10, 10, 7, 1, 1, 2, 1, 2, 1),
-    (torch.bfloat16, 1, 28, 12, 6, 1, 1, 2, 1, 2, 4),
-    (torch.float32, 2, 2, 1, 7, 7, 7, 1, 0, 1, 1),     # one output channel, 1x1 output
-    (torch.float32, 3, 64, 1, 7, 7, 7, 1, 0, 1, 1),
-    (torch.float32, 2, 8, 40, 9, 1, 1, 2, 1, 2, 4),    # crashed F.conv2d on channels_last
+    (torch.bfloat16, ConvCase(24, 14, 13, 5, R=3, stride=2, dilation=2, groups=2)),
+    (torch.bfloat16, ConvCase(8, 16, 3, 1, R=3, stride=2, padding=1)),
+    (torch.bfloat16, ConvCase(256, 256, 5, 3, R=3, stride=2)),
+    (torch.bfloat16, ConvCase(16, 16, 1, 3, R=3, stride=2, padding=3, dilation=2)),
+    (torch.float32, ConvCase(10, 10, 7, 1, R=1, stride=2, padding=1, dilation=2, N=3)),
+    (torch.bfloat16, ConvCase(28, 12, 6, 1, R=1, stride=2, padding=1, dilation=2, groups=4, N=1)),
+    (torch.float32, ConvCase(2, 1, 7, 7, R=7)),             # one output channel, 1x1 output
+    (torch.float32, ConvCase(64, 1, 7, 7, R=7, N=3)),
+    (torch.float32, ConvCase(8, 40, 9, 1, stride=2, padding=1, dilation=2, groups=4)),
 ]
 
+ids = str
 
-@pytest.mark.parametrize("case", ONEDNN_REGRESSIONS, ids=lambda c: "x".join(map(str, c[1:])))
-def test_shapes_onednn_gets_wrong(case):
-    dt, n, c, k, h, w, r, s, p, d, g = case
-    if dt not in CPU_DTYPES:
-        pytest.skip("no bf16 oneDNN")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, h, w, generator=gen).to(dt)
-    wt = (torch.randn(k, c // g, r, r, generator=gen) / (c // g * r * r) ** 0.5).to(dt)
-    out_shape = F.conv2d(torch.empty(0, c, h, w), torch.empty(k, c // g, r, r), None, s, p, d,
-                         g).shape
-    res = torch.randn(n, *out_shape[1:], generator=gen).to(dt)
-    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
-        for residual, relu in [(None, False), (res, True), (res, False)]:
-            out = ops.conv_bias_act(xi, wt, None, residual, s, p, d, g, relu)
-            ref = reference(x, wt, None, residual, (s, s), (p, p), (d, d), g, relu)
-            assert (out.double() - ref).abs().max().item() <= TOL[dt] * ref.abs().max().item()
-    acc = res.contiguous(memory_format=torch.channels_last).clone()
-    ops.conv_bias_add_relu_(acc, x, wt, None, s, p, d, g)
-    ref = reference(x, wt, None, res, (s, s), (p, p), (d, d), g, True)
-    assert (acc.double() - ref).abs().max().item() <= TOL[dt] * ref.abs().max().item()
+
+def fmt_of(channels_last):
+    return CL if channels_last else torch.contiguous_format
+
+
+@pytest.mark.parametrize("device", devices())
+class TestConvBiasAct:
+    @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", CASES, ids=ids)
+    def test_matches_fp64(self, device, case, channels_last, dtype):
+        skip_unless_dtype(device, dtype)
+        x, w, b, res = case.tensors(dtype, device, channels_last)
+        s, p, d, g = case.geometry()
+        for residual, relu in [(None, True), (None, False), (res, True), (res, False)]:
+            out = ops.conv_bias_act(x, w, b, residual, s, p, d, g, relu=relu)
+            ref = reference(x, w, b, residual, case, relu)
+            assert out.dtype == dtype and out.shape == ref.shape and out.device == x.device
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            assert_matches(out, ref, dtype, case.reduction, f"residual={residual is not None} "
+                                                            f"relu={relu}")
+
+    @pytest.mark.parametrize("dtype, case", ONEDNN_REGRESSIONS, ids=ids)
+    def test_shapes_onednn_gets_wrong(self, device, dtype, case):
+        skip_unless_dtype(device, dtype)
+        x, w, _, res = case.tensors(dtype, device)
+        s, p, d, g = case.geometry()
+        for xi in (x, x.contiguous(memory_format=CL)):
+            for residual, relu in [(None, False), (res, True), (res, False)]:
+                out = ops.conv_bias_act(xi, w, None, residual, s, p, d, g, relu=relu)
+                assert_matches(out, reference(x, w, None, residual, case, relu), dtype,
+                               case.reduction)
+        acc = res.contiguous(memory_format=CL).clone()
+        ops.conv_bias_add_relu_(acc, x, w, None, s, p, d, g)
+        assert_matches(acc, reference(x, w, None, res, case, True), dtype, case.reduction)
+
+    def test_non_contiguous_operands(self, device):
+        case = ConvCase(64, 64, 14, 14, R=3, padding=1, N=4)
+        x, w, b, res = case.tensors(device=device)
+        s, p, d, g = case.geometry()
+        for xs, rs in [(x[::2], res[1::2]),                                      # strided batch
+                       (x[:2], res[:1, :, :1, :1].expand(2, -1, 14, 14)),       # stride-0 residual
+                       (x[:2].transpose(2, 3).contiguous().transpose(2, 3), res[:2])]:
+            out = ops.conv_bias_act(xs, w, b, rs, s, p, d, g, relu=True)
+            assert_matches(out, reference(xs, w, b, rs, case, True), torch.float32,
+                           case.reduction)
+
+    @pytest.mark.parametrize("where", ["input", "residual", "weight", "bias"])
+    def test_nan_and_inf_propagate_like_torch(self, device, where):
+        case = ConvCase(64, 64, 14, 14, R=3, padding=1)
+        x, w, b, res = case.tensors(device="cpu", channels_last=True)
+        put_nonfinite(where, x, w, b, res)
+        x, w, b, res = (t.to(device) for t in (x, w, b, res))
+        s, p, d, g = case.geometry()
+        for relu in (True, False):
+            out = ops.conv_bias_act(x, w, b, res, s, p, d, g, relu=relu).cpu()
+            ref = reference(x, w, b, res, case, relu)
+            assert torch.equal(out.isnan(), ref.isnan())
+            assert torch.equal(out.isinf(), ref.isinf())
+
+    def test_batch_zero(self, device):
+        case = ConvCase(64, 64, 14, 14, R=3, padding=1, N=0)
+        x, w, b, res = case.tensors(device=device)
+        out = ops.conv_bias_act(x, w, b, res, *case.geometry())
+        assert out.shape == (0, 64, 14, 14)
+
+    @pytest.mark.parametrize("change, message", [
+        (dict(x=(2, 8, 5)), "expected input to be 4-D"),
+        (dict(x=(2, 7, 5, 5)), "expected input with 8 channels"),
+        (dict(w_dtype=torch.float64), "expected weight dtype"),
+        (dict(b=(15,)), r"expected bias of shape \[16\]"),
+        (dict(r=(2, 16, 4, 5)), "expected residual of the output's shape"),
+        (dict(r_dtype=torch.bfloat16), "expected residual dtype"),
+        (dict(x=(2, 8, 1, 1), r=None, pad=0), "smaller than the kernel"),
+        (dict(stride=0), r"expected stride > 0"),
+    ])
+    def test_bad_input_is_named(self, device, change, message):
+        a = dict(x=(2, 8, 5, 5), b=(16,), r=(2, 16, 5, 5), stride=1, pad=1,
+                 w_dtype=torch.float32, r_dtype=torch.float32)
+        a.update(change)
+        x = torch.randn(a["x"], device=device)
+        w = torch.randn(16, 8, 3, 3, device=device, dtype=a["w_dtype"])
+        b = torch.randn(a["b"], device=device)
+        r = None if a["r"] is None else torch.randn(a["r"], device=device, dtype=a["r_dtype"])
+        with pytest.raises(RuntimeError, match=message):
+            ops.conv_bias_act(x, w, b, r, a["stride"], a["pad"])
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_opcheck(self, device, channels_last):
+        case = ConvCase(128, 128, 7, 9, R=3, padding=1, groups=32)
+        x, w, b, res = case.tensors(device=device, channels_last=channels_last)
+        s, p, d, g = (list(v) if isinstance(v, tuple) else v for v in case.geometry())
+        op = torch.ops.resnet_fused.conv_bias_act.default
+        opcheck(op, (x, w, b, res, s, p, d, g), dict(relu=True))
+        opcheck(op, (x, w, None, None, s, p, d, g), dict(relu=False))
+
+
+def test_cpu_rejects_half():
+    x, w, b, _ = ConvCase(8, 16, 5, 5, R=3, padding=1).tensors(torch.float16)
+    with pytest.raises(RuntimeError, match="supports float32 and bfloat16"):
+        ops.conv_bias_act(x, w, b, None, 1, 1)
+
+
+@pytest.mark.parametrize("device", devices())
+class TestConvBiasAddRelu:
+    @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)
+    @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6], CASES[8]], ids=ids)
+    def test_matches_fp64_in_place(self, device, case, dtype):
+        skip_unless_dtype(device, dtype)
+        x, w, b, res = case.tensors(dtype, device, channels_last=True)
+        ref = reference(x, w, b, res, case, True)
+        for acc in (res.contiguous(memory_format=CL).clone(), res.clone()):
+            ops.conv_bias_add_relu_(acc, x, w, b, *case.geometry())
+            assert_matches(acc, ref, dtype, case.reduction)
+
+    def test_nan_propagates(self, device):
+        case = ConvCase(64, 64, 14, 14, R=3, padding=1)
+        for where in ("input", "residual", "weight", "bias"):
+            x, w, b, res = case.tensors(channels_last=True)
+            put_nonfinite(where, x, w, b, res)
+            ref = reference(x, w, b, res, case, True)
+            x, w, b, acc = (t.to(device) for t in (x, w, b, res.clone()))
+            ops.conv_bias_add_relu_(acc, x, w, b, *case.geometry())
+            assert torch.equal(acc.cpu().isnan(), ref.isnan()), where
+
+    def test_errors_name_this_op(self, device):
+        x, w, b, res = ConvCase(8, 16, 5, 5, R=3, padding=1).tensors(device=device)
+        with pytest.raises(RuntimeError, match=r"conv_bias_add_relu_: expected bias of shape"):
+            ops.conv_bias_add_relu_(res, x, w, b[:15], 1, 1)
+
+    def test_opcheck(self, device):
+        case = CASES[6]
+        x, w, b, res = case.tensors(device=device, channels_last=True)
+        s, p, d, g = (list(v) if isinstance(v, tuple) else v for v in case.geometry())
+        opcheck(torch.ops.resnet_fused.conv_bias_add_relu_.default,
+                (res.contiguous(memory_format=CL).clone(), x, w, b, s, p, d, g))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[6]], ids=ids)
+def test_pack_weight_gives_the_same_results(device, case):
+    x, w, b, res = case.tensors(device=device, channels_last=True)
+    s, p, d, g = case.geometry()
+    packed = ops.pack_weight(w, s, p, d, g, x.shape)
+    ref = reference(x, w, b, res, case, True)
+    assert_matches(ops.conv_bias_act(x, packed, b, res, s, p, d, g), ref, torch.float32,
+                   case.reduction)
+    acc = res.contiguous(memory_format=CL).clone()
+    ops.conv_bias_add_relu_(acc, x, packed, b, s, p, d, g)
+    assert_matches(acc, ref, torch.float32, case.reduction)
+
+
+@pytest.mark.parametrize("device", devices())
+class TestAddRelu:
+    @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+    def test_matches_torch(self, device, dtype, layout):
+        g = torch.Generator().manual_seed(1)
+        a = torch.randn(2, 5, 7, 3, generator=g).to(device, dtype)
+        b = torch.randn(2, 5, 7, 3, generator=g).to(device, dtype)
+        a[0, 0, 0, 0] = float("nan")
+        if layout == "channels_last":
+            a = a.contiguous(memory_format=CL)
+        elif layout == "transposed":
+            a, b = a.transpose(1, 3), b.transpose(1, 3)
+        ref = torch.relu(a.double() + b.double()).to(dtype)  # one rounding, as ours
+        out = ops.add_relu(a, b)
+        torch.testing.assert_close(out, ref, equal_nan=True, rtol=0, atol=0)
+        if layout != "transposed":
+            assert out.is_contiguous(memory_format=CL if layout == "channels_last"
+                                     else torch.contiguous_format)
+        a2 = a.clone()
+        assert ops.add_relu_(a2, b) is a2
+        torch.testing.assert_close(a2, ref, equal_nan=True, rtol=0, atol=0)
+
+    def test_batch_zero(self, device):
+        z = torch.empty(0, 4, 3, 3, device=device)
+        assert ops.add_relu(z, z).shape == z.shape
+
+    def test_bad_input_is_named(self, device):
+        with pytest.raises(RuntimeError, match="expected b of a's shape"):
+            ops.add_relu(torch.randn(2, 3, device=device), torch.randn(3, 2, device=device))
+        with pytest.raises(RuntimeError, match="expected b of a's dtype"):
+            ops.add_relu(torch.randn(2, 3, device=device),
+                         torch.randn(2, 3, device=device).double())
+
+    def test_opcheck(self, device):
+        r = torch.randn(2, 8, 5, 5, device=device)
+        opcheck(torch.ops.resnet_fused.add_relu.default, (r, r.flip(0)))
+        opcheck(torch.ops.resnet_fused.add_relu_.default, (r.clone(), r.flip(0)))
+
+
+# winograd_conv3x3 is a CPU op: ResNet's stride-1 3x3 shapes at small sizes, odd
+# sizes (partial 2x2 tiles), channel counts off the vector width, sub-tile images.
+WINOGRAD_CASES = [ConvCase(c, k, h, w, R=3, padding=1, N=n) for n, c, k, h, w in [
+    (2, 64, 64, 14, 14), (3, 128, 128, 7, 7), (1, 512, 512, 3, 3), (2, 20, 37, 9, 13),
+    (2, 17, 5, 2, 3), (1, 3, 1, 1, 1), (5, 32, 48, 1, 6)]]
+
+
+class TestWinogradConv3x3:
+    def test_kernel_runs_where_expected(self):
+        # Any x86-64 CPU with AVX2+FMA (all of this project's machines) runs our kernel;
+        # elsewhere the op is still correct, through conv_bias_act.
+        flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+        if " avx2" in flags and " fma" in flags and _extension.cpu_isa() != "none":
+            assert _extension.winograd_kernel_available()
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=ids)
+    def test_matches_fp64(self, case, channels_last):
+        x, w, b, res = case.tensors(channels_last=channels_last)
+        u = ops.winograd_weight(w)
+        assert u.shape == (16, case.C, case.K) and u.dtype == torch.float32
+        for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
+                                     (None, res, False), (None, None, True)]:
+            out = ops.winograd_conv3x3(x, w, u, bias, residual, relu=relu)
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            assert_matches(out, reference(x, w, bias, residual, case, relu), torch.float32,
+                           case.reduction)
+
+    def test_as_accurate_as_the_direct_kernel(self):
+        case = ConvCase(256, 256, 14, 14, R=3, padding=1)
+        x, w, b, res = case.tensors(seed=3)
+        ref = reference(x, w, b, res, case, True)
+        wino = rel_err(ops.winograd_conv3x3(x, w, ops.winograd_weight(w), b, res), ref)
+        direct = rel_err(ops.conv_bias_act(x, w, b, res, 1, 1), ref)
+        assert wino <= 2 * direct + torch.finfo(torch.float32).eps, (wino, direct)
+
+    def test_non_contiguous_operands(self):
+        case = ConvCase(24, 16, 8, 10, R=3, padding=1, N=4)
+        x, w, b, res = case.tensors()
+        u = ops.winograd_weight(w)
+        for r in (res[1::2], res[:1, :, :1, :1].expand(2, -1, 8, 10)):
+            out = ops.winograd_conv3x3(x[::2], w, u, b, r)
+            assert_matches(out, reference(x[::2], w, b, r, case, True), torch.float32,
+                           case.reduction)
+
+    @pytest.mark.parametrize("where", ["input", "residual", "weight", "bias"])
+    def test_nan_and_inf_propagate_like_torch(self, where):
+        case = ConvCase(32, 32, 10, 10, R=3, padding=1)
+        x, w, b, res = case.tensors()
+        put_nonfinite(where, x, w, b, res)
+        u = ops.winograd_weight(w)
+        for relu in (True, False):
+            out = ops.winograd_conv3x3(x, w, u, b, res, relu=relu)
+            ref = reference(x, w, b, res, case, relu)
+            assert torch.equal(out.isnan(), ref.isnan())
+            assert torch.equal(out.isinf(), ref.isinf())
+
+    def test_batch_and_channels_zero(self):
+        x, w, b, res = ConvCase(8, 16, 5, 5, R=3, padding=1, N=0).tensors()
+        assert ops.winograd_conv3x3(x, w, ops.winograd_weight(w), b, res).shape == (0, 16, 5, 5)
+        x, w, _, _ = ConvCase(8, 0, 5, 5, R=3, padding=1).tensors()
+        assert ops.winograd_conv3x3(x, w, ops.winograd_weight(w)).shape == (2, 0, 5, 5)
+
+    def test_thread_counts_give_the_same_result(self):
+        x, w, b, res = ConvCase(32, 48, 11, 9, R=3, padding=1, N=3).tensors()
+        u = ops.winograd_weight(w)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = ops.winograd_conv3x3(x, w, u, b, res)
+            torch.set_num_threads(max(2, before))
+            many = ops.winograd_conv3x3(x, w, u, b, res)
+        finally:
+            torch.set_num_threads(before)
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("change, message", [
+        (dict(w=torch.randn(16, 8, 1, 1)), "expected a 3x3 weight"),
+        (dict(u=torch.randn(16, 16, 8)), r"expected winograd_weight of shape \[16, 8, 16\]"),
+        (dict(u=torch.randn(16, 8, 16).double()), "expected winograd_weight float32"),
+        (dict(x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(16, 8, 3, 3).bfloat16(),
+              b=None, r=None), "expected float32 input"),
+        (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
+        (dict(r=torch.randn(2, 16, 4, 5)), "expected residual of the output's shape"),
+        (dict(b=torch.randn(15)), r"expected bias of shape \[16\]"),
+    ])
+    def test_bad_input_is_named(self, change, message):
+        a = dict(x=torch.randn(2, 8, 5, 5), w=torch.randn(16, 8, 3, 3), b=torch.randn(16),
+                 r=torch.randn(2, 16, 5, 5))
+        a.update(change)
+        u = change.get("u", ops.winograd_weight(torch.randn(16, 8, 3, 3)))
+        with pytest.raises(RuntimeError, match=message):
+            ops.winograd_conv3x3(a["x"], a["w"], u, a["b"], a["r"])
+
+    def test_winograd_weight_rejects_other_kernels(self):
+        with pytest.raises(ValueError, match=r"expected a \[K, C, 3, 3\] weight, got \(4, 2, 5, 5\)"):
+            ops.winograd_weight(torch.randn(4, 2, 5, 5))
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_opcheck(self, channels_last):
+        x, w, b, res = ConvCase(16, 24, 6, 7, R=3, padding=1).tensors(channels_last=channels_last)
+        u = ops.winograd_weight(w)
+        op = torch.ops.resnet_fused.winograd_conv3x3.default
+        opcheck(op, (x, w, u, b, res), dict(relu=True))
+        opcheck(op, (x, w, u, None, None), dict(relu=False))
+
+
+def test_dtype_table_matches_the_kernels():
+    assert torch.float32 in dtypes_for("cpu")
+    assert (torch.bfloat16 in dtypes_for("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()

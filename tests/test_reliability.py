@@ -9,7 +9,7 @@ import torch
 import resnet_fused
 from resnet_fused import fuse
 
-from conftest import rel_err, run_in_threads, tv_model
+from common_utils import rel_err, run_in_threads, tv_model
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 

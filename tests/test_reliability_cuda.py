@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import resnet_fused
-from resnet_fused import _extension, fuse
+from resnet_fused import dispatch, fuse
 
-from conftest import rel_err, run_in_threads, tv_model
+from common_utils import rel_err, run_in_threads, tv_model
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not resnet_fused.available(), reason="extension not built"),
-    pytest.mark.skipif("cuda" not in _extension.KERNEL_DEVICES,
+    pytest.mark.skipif("cuda" not in dispatch.KERNEL_DEVICES,
                        reason="model does not use the CUDA kernels (RESNET_FUSED_UNVERIFIED_CUDA)"),
 ]
 

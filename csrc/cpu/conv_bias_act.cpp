@@ -56,14 +56,14 @@ bool use_onednn(const Tensor& input) {
   return input.scalar_type() == at::kFloat || (input.scalar_type() == at::kBFloat16 && o.bf16);
 }
 
-void check_cpu(const Tensor& input, const Tensor& weight) {
-  TORCH_CHECK(input.device().is_cpu(), "conv_bias_act (CPU kernel): expected input on cpu, got ",
+void check_cpu(const Tensor& input, const Tensor& weight, const char* op) {
+  TORCH_CHECK(input.device().is_cpu(), op, " (CPU kernel): expected input on cpu, got ",
               input.device());
   const auto dt = input.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
-              "conv_bias_act on CPU supports float32 and bfloat16 inputs, got ", dt);
+              op, " on CPU supports float32 and bfloat16 inputs, got ", dt);
   TORCH_CHECK(!weight.is_mkldnn() || use_onednn(input),
-              "conv_bias_act: weight was packed by pack_weight for oneDNN, which cannot run ", dt,
+              op, ": weight was packed by pack_weight for oneDNN, which cannot run ", dt,
               " here; pass the unpacked weight");
 }
 
@@ -131,7 +131,7 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                          bool relu, bool assume_finite) {
   check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
-  check_cpu(input, weight);
+  check_cpu(input, weight, "conv_bias_act");
   const auto fmt = output_memory_format(input);
   const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
   if (input.numel() == 0 || c10::multiply_integers(out_size) == 0) {
@@ -183,8 +183,9 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
                                 const optional<Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 bool assume_finite) {
-  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
-  check_cpu(input, weight);
+  constexpr const char* op = "conv_bias_add_relu_";
+  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups, op);
+  check_cpu(input, weight, op);
   if (residual.numel() == 0) return;
   const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
   if (bf16_needs_fp32(input, weight, out_size, padding, dilation)) {

@@ -1,0 +1,64 @@
+// winograd_kernel.h instantiated for AVX2 + FMA (8 float lanes). Called only
+// when cpu_isa() >= kAvx2; the rest of the library stays baseline x86-64.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/winograd_problem.h"
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+#include "cpu/winograd_kernel.h"
+
+namespace resnet_fused {
+namespace winograd {
+namespace {
+
+struct Avx2 {
+  using Reg = __m256;
+  static constexpr int64_t kLanes = 8;
+
+  // Lanes [0, n) of 8; masked forms only for channel tails (AMD runs the
+  // masked store in microcode).
+  static __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Reg load(const float* p, int64_t n) {
+    return n >= kLanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask(n));
+  }
+  static void store(float* p, Reg v, int64_t n) {
+    if (n >= kLanes) {
+      _mm256_storeu_ps(p, v);
+    } else {
+      _mm256_maskstore_ps(p, mask(n), v);
+    }
+  }
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+  // vmaxps returns its second operand when either is NaN: NaN propagates as in torch.relu.
+  static Reg relu(Reg v) { return _mm256_max_ps(zero(), v); }
+};
+
+}  // namespace
+
+void run_blocks_avx2(const Problem& p, int64_t first, int64_t last, float* scratch) {
+  run_blocks<Avx2>(p, first, last, scratch);
+}
+
+}  // namespace winograd
+}  // namespace resnet_fused
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif

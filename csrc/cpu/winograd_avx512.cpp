@@ -1,0 +1,60 @@
+// winograd_kernel.h instantiated for AVX-512F (16 float lanes). Called only
+// when cpu_isa() == kAvx512; the rest of the library stays baseline x86-64.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/winograd_problem.h"
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#endif
+
+#include "cpu/winograd_kernel.h"
+
+namespace resnet_fused {
+namespace winograd {
+namespace {
+
+struct Avx512 {
+  using Reg = __m512;
+  static constexpr int64_t kLanes = 16;
+
+  static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static Reg load(const float* p, int64_t n) {
+    return n >= kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask(n), p);
+  }
+  static void store(float* p, Reg v, int64_t n) {
+    if (n >= kLanes) {
+      _mm512_storeu_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, mask(n), v);
+    }
+  }
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  // vmaxps returns its second operand when either is NaN: NaN propagates as in
+  // torch.relu. (The maskz form: GCC 12 warns on the plain one's internals.)
+  static Reg relu(Reg v) { return _mm512_maskz_max_ps(0xFFFF, zero(), v); }
+};
+
+}  // namespace
+
+void run_blocks_avx512(const Problem& p, int64_t first, int64_t last, float* scratch) {
+  run_blocks<Avx512>(p, first, last, scratch);
+}
+
+}  // namespace winograd
+}  // namespace resnet_fused
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif

@@ -1,0 +1,37 @@
+// One winograd_conv3x3 call as the ISA-specific kernels see it: raw pointers and
+// sizes only, so that those kernels include no ATen code.
+#pragma once
+
+#include <cstdint>
+
+namespace resnet_fused {
+namespace winograd {
+
+// C (m x n) = A (m x k) @ B (k x n), row-major and dense (lda = k, ldb = ldc = n).
+using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c);
+
+struct Problem {
+  // channels_last [N, C, H, W] input, [N, K, H, W] output/residual (stride 1, padding 1).
+  const float* input;
+  const float* U;         // [16, C, K], from resnet_fused.ops.winograd_weight
+  const float* bias;      // [K] or null
+  const float* residual;  // or null
+  float* out;
+  bool relu;
+  int64_t H, W, C, K;
+  int64_t tiles_h, tiles_w, tiles;  // 2x2 output tiles
+  int64_t block;                    // tiles per block
+  int64_t v_stride, m_stride;       // floats between consecutive V[xi] / M[xi] in a block
+  GemmFn gemm;
+};
+
+// Per-thread scratch of run_blocks: V, M and a zero row for the image border.
+inline int64_t scratch_floats(const Problem& p) {
+  return 16 * (p.v_stride + p.m_stride) + p.C;
+}
+
+void run_blocks_avx2(const Problem& p, int64_t first, int64_t last, float* scratch);
+void run_blocks_avx512(const Problem& p, int64_t first, int64_t last, float* scratch);
+
+}  // namespace winograd
+}  // namespace resnet_fused
