@@ -7,12 +7,14 @@ PY     := $(VENV)/bin/python
 # A known-good pair; the package itself works with torch >= 2.5.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := ninja numpy setuptools wheel pillow matplotlib pytest hypothesis onnx onnxscript
+# ONNX Runtime and OpenVINO: the CPU peers `bench --peers` times side by side.
+PEERS := onnxruntime openvino
 
 .PHONY: demo test build clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PINS) $(DEPS)
+	$(PY) -m pip install --quiet $(TORCH_PINS) $(DEPS) $(PEERS)
 	touch $@
 
 # Compiled, editable install: builds resnet_fused/_C*.so in place (ninja, incremental).
@@ -21,10 +23,17 @@ build: $(VENV)/.deps
 
 demo: build
 	$(PY) -m resnet_fused verify --arch all --size 128
-	$(PY) -m resnet_fused bench --arch resnet50 --batch-sizes 1,8
+	$(PY) -m resnet_fused bench --arch resnet50 --batch-sizes 1,8 --compile --peers
 
+# The suite, then the op and model tests again as another CPU class would run
+# them: AVX2 only (ATen, oneDNN and our kernels capped; on an AVX2 machine this
+# is the same path), and with none of our vector kernels.
+EMULATED_TESTS := tests/test_ops.py tests/test_model.py tests/test_fuzz.py
 test: build
 	$(PY) -m pytest -q tests
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 RESNET_FUSED_CPU_ISA=avx2 \
+		$(PY) -m pytest -q $(EMULATED_TESTS)
+	RESNET_FUSED_CPU_ISA=none $(PY) -m pytest -q tests/test_ops.py
 
 clean:
 	rm -rf build *.egg-info resnet_fused/_C*.so

@@ -39,8 +39,9 @@ def _is_path(weights):
                                       or os.path.exists(weights)))
 
 
-def build(arch, weights=None, progress=True, **kwargs):
-    """The fused `arch` (one of ARCHS), optionally with weights (see module doc)."""
+def torchvision_model(arch, weights=None, progress=True, **kwargs):
+    """The plain torchvision `arch` (one of ARCHS) with `weights` resolved as in the
+    module doc. Errors say which argument is wrong and how to fix it."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     path = None
@@ -48,7 +49,11 @@ def build(arch, weights=None, progress=True, **kwargs):
         path, weights = os.fspath(weights), None
     if weights is not None:
         # Resolves enums and strings, and checks num_classes against the weights.
-        weights = tvm.get_model_weights(arch).verify(weights)
+        try:
+            weights = tvm.get_model_weights(arch).verify(weights)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"weights {weights!r} is neither a file nor a torchvision weights "
+                             f"name for {arch}: {e}") from None
     try:
         model = getattr(tvm, arch)(weights=weights, progress=progress, **kwargs)
     except OSError as e:  # download failed (offline, proxy, ...)
@@ -61,7 +66,12 @@ def build(arch, weights=None, progress=True, **kwargs):
         except RuntimeError as e:
             raise ValueError(f"weights file {path} does not fit {arch}"
                              f"{' with ' + str(kwargs) if kwargs else ''}: {e}") from None
-    return fuse(model, inplace=True)
+    return model
+
+
+def build(arch, weights=None, progress=True, **kwargs):
+    """The fused `arch` (one of ARCHS), optionally with weights (see module doc)."""
+    return fuse(torchvision_model(arch, weights, progress, **kwargs), inplace=True)
 
 
 def _builder(arch):

@@ -4,16 +4,14 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
 
-from . import _extension
-from .builders import ARCHS, load_state_dict_file
-from .model import fuse
+from . import _extension, benchmark, dispatch
+from .builders import ARCHS, torchvision_model
+from .model import STAGES, fuse
 from .testing import realistic_
 
 # ---------------------------------------------------------------- models
@@ -33,41 +31,14 @@ def load_models(arch, weights, device):
     if weights is None:
         tv = realistic_(getattr(torchvision.models, arch)(), seed=0)
         desc = "seeded random weights with realistic BatchNorm statistics (no checkpoint given)"
-    elif os.path.exists(weights):
-        tv = getattr(torchvision.models, arch)()
-        try:
-            tv.load_state_dict(load_state_dict_file(weights), strict=True)
-        except RuntimeError as e:
-            raise SystemExit(f"error: --weights {weights} does not fit {arch}: {e}")
-        desc = f"weights from {weights}"
     else:
         try:
-            w = torchvision.models.get_model_weights(arch).verify(weights)
-        except (ValueError, KeyError) as e:
-            raise SystemExit(f"error: --weights {weights!r} is neither a file nor a torchvision "
-                             f"weights name for {arch}: {e}")
-        try:
-            tv = getattr(torchvision.models, arch)(weights=w)
-        except OSError as e:
-            raise SystemExit(f"error: could not download {w} ({e}); offline, pass a state_dict "
-                             "file with --weights PATH")
-        desc = f"torchvision weights {w}"
+            tv = torchvision_model(arch, weights)
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --weights: {e}")
+        desc = f"weights {weights}"
     tv = tv.eval().to(device)
     return tv, fuse(tv).eval(), desc
-
-
-def _dtypes(device):
-    if device.type == "cuda":
-        return [torch.float32, torch.float16, torch.bfloat16]
-    out = [torch.float32]
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        out.append(torch.bfloat16)
-    return out
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- verify
@@ -81,7 +52,7 @@ def verify_arch(arch, weights, device, batch, size, seed=0):
     rows = []
     with torch.inference_mode():
         ref64 = tv.double()(x.double()).float()
-    for dtype in _dtypes(device):
+    for dtype in dispatch.dtypes_for(device.type):
         # Conversions outside inference_mode: params stay normal tensors.
         tv_d, fused_d = tv.to(dtype), fused.to(dtype)
         with torch.inference_mode():
@@ -130,78 +101,56 @@ def cmd_verify(args):
 # ---------------------------------------------------------------- bench
 
 
-def _time_once(fn, device):
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def time_interleaved(fns, device, warmup, repeats, block=5):
-    """Median ms of each fn after warm-up. Runs go in blocks of `block` per variant,
-    round-robin (A A A B B B A A A ...): drift in clock speed or machine load hits
-    every variant alike, while each block still runs with that model's caches warm."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times = {name: [] for name in fns}
-    while any(len(t) < repeats for t in times.values()):
-        for name, fn in fns.items():
-            for _ in range(min(block, repeats - len(times[name]))):
-                times[name].append(_time_once(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def bench_variants(tv, fused, dtype, use_compile):
-    """name -> (model, input memory format)."""
-    tv_d = tv.to(dtype)
-    variants = {"torchvision eager (NCHW)": (tv_d, torch.contiguous_format)}
-    tv_cl = copy.deepcopy(tv_d).to(memory_format=torch.channels_last)
-    variants["torchvision eager (channels_last)"] = (tv_cl, torch.channels_last)
-    if use_compile:
-        variants["torch.compile (torchvision)"] = (torch.compile(tv_cl), torch.channels_last)
-        # Inductor's freezing folds BN into the convs as we do: the strongest compiled peer.
-        variants["torch.compile freezing (torchvision)"] = (
-            torch.compile(copy.deepcopy(tv_cl), options={"freezing": True}), torch.channels_last)
-    variants["resnet_fused"] = (fused.to(dtype), torch.contiguous_format)
-    return variants
-
-
 def cmd_bench(args):
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1, 8])
     tv, fused, desc = load_models(args.arch, args.weights, device)
-    variants = bench_variants(tv, fused, dtype, args.compile)
+    variants = benchmark.torch_variants(tv, fused, dtype, args.compile)
+    notes = []
+    if args.peers:
+        if device.type != "cpu":
+            notes.append("peers: ONNX Runtime and OpenVINO are timed on the CPU only")
+        else:
+            example = torch.randn(1, 3, *args.size)
+            peers, notes = benchmark.peer_variants(tv, example, dtype, torch.get_num_threads())
+            variants.update(peers)
+    print(f"bench {args.arch} on {benchmark.device_name(device)}, {args.dtype}, input "
+          f"{args.size}, median of {args.repeats} runs (blocks of 5, round-robin) after "
+          f"{args.warmup} warm-up runs; {desc}")
+    for note in notes:
+        print(f"  {note}")
     results = []
-    print(f"bench {args.arch} on {_device_name(device)}, {args.dtype}, input {args.size}, "
-          f"median of {args.repeats} runs (blocks of 5, round-robin) after {args.warmup} warm-up runs; "
-          f"{desc}")
+    ref_model = copy.deepcopy(tv).double()
     with torch.inference_mode():
         for b in batches:
-            x = torch.randn(b, 3, *args.size, device=device, dtype=dtype)
-            inputs = {fmt: x.contiguous(memory_format=fmt) for _, fmt in variants.values()}
-            fns = {name: (lambda m=model, i=inputs[fmt]: m(i))
-                   for name, (model, fmt) in variants.items()}
+            g = torch.Generator().manual_seed(b)
+            x = torch.randn(b, 3, *args.size, generator=g).to(device=device, dtype=dtype)
+            ref = ref_model(x.double())
+            fns = {name: (lambda f=f: f(x)) for name, f in variants.items()}
+            errors = {name: benchmark.rel_err(f(x), ref) for name, f in variants.items()}
             print(f"  batch {b} ...", file=sys.stderr, flush=True)
-            for name, med in time_interleaved(fns, device, args.warmup, args.repeats).items():
-                results.append(dict(variant=name, batch=b, ms=med, images_per_s=b / med * 1e3))
-    base = {r["batch"]: r["ms"] for r in results if r["variant"] == "torchvision eager (NCHW)"}
+            for name, med in benchmark.time_interleaved(fns, device, args.warmup,
+                                                        args.repeats).items():
+                results.append(dict(variant=name, batch=b, ms=med, images_per_s=b / med * 1e3,
+                                    rel_err=errors[name]))
+    base = {r["batch"]: r["ms"] for r in results if r["variant"] == benchmark.EAGER}
+    fastest_peer = {}
     for r in results:
         r["speedup_vs_eager_nchw"] = base[r["batch"]] / r["ms"]
-    print(f"\n{'variant':36} {'batch':>5} {'ms/batch':>10} {'images/s':>10} {'vs eager NCHW':>14}")
+        if r["variant"] not in (benchmark.EAGER, "resnet_fused"):
+            fastest_peer[r["batch"]] = min(fastest_peer.get(r["batch"], float("inf")), r["ms"])
+    print(f"\n{'variant':34} {'batch':>5} {'ms/batch':>10} {'images/s':>10} "
+          f"{'vs eager NCHW':>14} {'rel err vs fp64':>16}")
     for r in results:
-        print(f"{r['variant']:36} {r['batch']:5d} {r['ms']:10.2f} {r['images_per_s']:10.1f} "
-              f"{r['speedup_vs_eager_nchw']:13.2f}x")
-    report = dict(arch=args.arch, device=_device_name(device), dtype=args.dtype,
-                  size=list(args.size), torch=torch.__version__, weights=desc, results=results)
+        print(f"{r['variant']:34} {r['batch']:5d} {r['ms']:10.2f} {r['images_per_s']:10.1f} "
+              f"{r['speedup_vs_eager_nchw']:13.2f}x {r['rel_err']:16.2e}")
+    for b, ms in sorted(fastest_peer.items()):
+        ours = next(r["ms"] for r in results if r["batch"] == b and r["variant"] == "resnet_fused")
+        print(f"batch {b}: resnet_fused is {ms / ours:.2f}x the fastest other variant")
+    report = dict(arch=args.arch, device=benchmark.device_name(device), dtype=args.dtype,
+                  size=list(args.size), torch=torch.__version__, weights=desc, notes=notes,
+                  results=results)
     print(json.dumps(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -209,20 +158,7 @@ def cmd_bench(args):
     return 0
 
 
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 # ---------------------------------------------------------------- profile
-
-STAGES = ("stem", "maxpool", "layer1", "layer2", "layer3", "layer4", "head")
-
-
-def _stage_times(events):
-    return {s: sum(e.cpu_time_total if e.device_time_total == 0 else e.device_time_total
-                   for e in events if e.key == f"stage:{s}") / 1e3 for s in STAGES}
 
 
 def cmd_profile(args):
@@ -241,67 +177,35 @@ def cmd_profile(args):
             for i in range(args.warmup):
                 print(f"[{name}] warm-up {i + 1}/{args.warmup}", file=sys.stderr, flush=True)
                 model(x)
-            _sync(device)
+            benchmark.sync(device)
+            # FusedResNet labels its stages itself while a profiler runs.
+            forward = benchmark.staged_torchvision if name == "unfused" else (lambda m, i: m(i))
             with profile(activities=acts) as prof:
                 for i in range(args.repeats):
                     print(f"[{name}] profiled run {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
-                    (_staged_torchvision if name == "unfused" else _staged_fused)(model, x)
-                _sync(device)
+                    forward(model, x)
+                benchmark.sync(device)
             trace = os.path.join(args.out, f"trace_{name}.json")
             prof.export_chrome_trace(trace)
             events = prof.key_averages()
-            per_stage[name] = {k: v / args.repeats for k, v in _stage_times(events).items()}
+            per_stage[name] = {k: v / args.repeats for k, v in benchmark.stage_times(events).items()}
             print(f"\n{name}: top ops\n" + events.table(sort_by="self_cpu_time_total", row_limit=8))
             print(f"chrome trace: {trace}")
+    where = benchmark.device_name(device)
     print(f"\nper-stage time (ms per forward), {args.arch}, batch {args.batch}, {args.dtype}, "
-          f"{_device_name(device)}; {desc}")
+          f"{where}; {desc}")
     print(f"{'stage':10} {'unfused':>10} {'fused':>10} {'speedup':>8}")
     for s in STAGES:
         u, f = per_stage["unfused"][s], per_stage["fused"][s]
         print(f"{s:10} {u:10.2f} {f:10.2f} {u / f if f else float('nan'):7.2f}x")
     png = os.path.join(args.out, "per_stage.png")
-    _bar_chart(per_stage, png, f"{args.arch} batch {args.batch} {args.dtype} on {_device_name(device)}")
-    print(f"bar chart: {png}")
+    try:
+        benchmark.bar_chart(per_stage, png, f"{args.arch} batch {args.batch} {args.dtype} on {where}")
+        print(f"bar chart: {png}")
+    except ImportError:
+        print("bar chart: skipped, matplotlib is not installed (pip install resnet_fused[cli] "
+              "for the chart)")
     return 0
-
-
-def _staged_torchvision(m, x):
-    """torchvision's ResNet forward, with a profiler label per stage."""
-    rf = torch.profiler.record_function
-    with rf("stage:stem"):
-        x = m.relu(m.bn1(m.conv1(x)))
-    with rf("stage:maxpool"):
-        x = m.maxpool(x)
-    for s in ("layer1", "layer2", "layer3", "layer4"):
-        with rf(f"stage:{s}"):
-            x = getattr(m, s)(x)
-    with rf("stage:head"):
-        return m.fc(torch.flatten(m.avgpool(x), 1))
-
-
-def _staged_fused(m, x):
-    return m(x)  # FusedResNet labels its stages itself while a profiler runs
-
-
-def _bar_chart(per_stage, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.4
-    xs = range(len(STAGES))
-    ax.bar([i - width / 2 for i in xs], [per_stage["unfused"][s] for s in STAGES], width,
-           label="unfused (torchvision)")
-    ax.bar([i + width / 2 for i in xs], [per_stage["fused"][s] for s in STAGES], width,
-           label="fused (resnet_fused)")
-    ax.set_xticks(list(xs), STAGES)
-    ax.set_ylabel("ms per forward")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- predict
@@ -381,6 +285,9 @@ def build_parser():
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--size", type=_size, default=(224, 224))
     b.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision), default and with freezing")
+    b.add_argument("--peers", action="store_true",
+                   help="also time ONNX Runtime and OpenVINO on torchvision's graph (CPU; "
+                        "pip install resnet_fused[peers])")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--json", default=None, help="also write the results to this file")

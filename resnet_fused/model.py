@@ -156,7 +156,7 @@ class FusedResNet(ResNet):
     # ---- folding ----------------------------------------------------------
 
     def _pairs(self):
-        """(name, conv, bn, relu) of every conv in forward order, blocks grouped."""
+        """(name, [(key, conv, bn), ...]) per stem and block, in forward order."""
         yield "stem", [("stem", self.conv1, self.bn1)]
         for li, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), 1):
             for bi, block in enumerate(layer):
@@ -255,6 +255,10 @@ class FusedResNet(ResNet):
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"FusedResNet: input dtype {x.dtype} differs from the model's "
                             f"{w.dtype}; convert one of them (or use torch.autocast)")
+
+
+# The parts of a ResNet forward that `resnet-fused profile` reports, in order.
+STAGES = ("stem", "maxpool", "layer1", "layer2", "layer3", "layer4", "head")
 
 
 class _stage_labeller:

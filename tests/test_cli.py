@@ -56,3 +56,33 @@ def test_bad_arguments_exit_2(argv):
 def test_bad_weights_name_is_clear():
     with pytest.raises(SystemExit, match="neither a file nor a torchvision weights name"):
         main(["verify", "--arch", "resnet18", "--weights", "NOPE", "--device", "cpu"])
+
+
+def test_bench_peers_rows_or_install_hint(capsys):
+    assert main(["bench", "--arch", "resnet18", "--batch-sizes", "1", "--size", "64", "--warmup",
+                 "1", "--repeats", "1", "--device", "cpu", "--peers"]) == 0
+    out = capsys.readouterr().out
+    for peer, module in (("onnxruntime", "onnxruntime"), ("openvino f32", "openvino")):
+        try:
+            __import__(module)
+        except ImportError:
+            assert f"{module}: not installed (pip install resnet_fused[peers])" in out
+        else:
+            row = next(line for line in out.splitlines() if line.startswith(peer))
+            assert float(row.split()[-1]) < 1e-5  # its error against the fp64 reference
+
+
+def test_profile_without_matplotlib_says_how_to_get_the_chart(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert main(["profile", "--arch", "resnet18", "--batch", "1", "--size", "64", "--warmup", "1",
+                 "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "pip install resnet_fused[cli] for the chart" in capsys.readouterr().out
+    assert (tmp_path / "trace_fused.json").stat().st_size > 0

@@ -102,3 +102,16 @@ def test_gpu_of_another_arch_is_named(monkeypatch):
         _extension.cuda_arch_error.cache_clear()
     assert message == ("resnet_fused._C was built for CUDA archs 9.0 but NVIDIA A100 is sm_80; "
                        "rebuild with TORCH_CUDA_ARCH_LIST=8.0")
+
+
+@pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
+def test_cpu_isa_cap_is_read_and_checked():
+    code = "import resnet_fused._extension as e; print(e.cpu_isa(), e.winograd_kernel_available())"
+    env_run = lambda value: subprocess.run(  # noqa: E731
+        [sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+        env={**__import__("os").environ, "RESNET_FUSED_CPU_ISA": value})
+    r = env_run("none")
+    assert r.returncode == 0 and r.stdout.split() == ["none", "False"], r.stderr
+    r = env_run("sse9")
+    assert r.returncode == 0, r.stderr
+    assert "RESNET_FUSED_CPU_ISA: expected one of avx512, avx2, none, got 'sse9'" in r.stderr

@@ -1,0 +1,211 @@
+"""Timing and profiling, for `resnet-fused bench` / `profile` and benchmarks/.
+
+Timing: every variant runs in the same process on the same input, in blocks of
+runs round-robin, after warm-up; the median is reported (CUDA events on a GPU,
+perf_counter on the CPU). Peers (ONNX Runtime, OpenVINO) are optional: without
+them their rows are skipped with a sentence saying how to install them.
+"""
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .model import STAGES
+
+# ---- timing ------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_model():
+    """The CPU's model name, as lscpu shows it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def time_once(fn, device):
+    """Milliseconds of one call of fn."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns, device, warmup, repeats, block=5):
+    """Median ms of each fn after warm-up. Runs go in blocks of `block` per variant,
+    round-robin (A A A B B B A A A ...): drift in clock speed or machine load hits
+    every variant alike, while each block still runs with that model's caches warm."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    while any(len(t) < repeats for t in times.values()):
+        for name, fn in fns.items():
+            for _ in range(min(block, repeats - len(times[name]))):
+                times[name].append(time_once(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ---- variants ------------------------------------------------------------------------
+
+EAGER = "torchvision eager (NCHW)"
+
+
+def torch_variants(tv, fused, dtype, use_compile):
+    """name -> callable(x) for torchvision eager, torch.compile and resnet_fused."""
+    tv_d = tv.to(dtype)
+    cl = torch.channels_last
+    tv_cl = copy.deepcopy(tv_d).to(memory_format=cl)
+    variants = {EAGER: tv_d,
+                "torchvision eager (channels_last)": lambda x: tv_cl(x.contiguous(memory_format=cl))}
+    if use_compile:
+        compiled = torch.compile(tv_cl)
+        # Inductor's freezing folds BN into the convs as we do: the strongest compiled peer.
+        frozen = torch.compile(copy.deepcopy(tv_cl), options={"freezing": True})
+        variants["torch.compile"] = lambda x: compiled(x.contiguous(memory_format=cl))
+        variants["torch.compile + freezing"] = lambda x: frozen(x.contiguous(memory_format=cl))
+    variants["resnet_fused"] = fused.to(dtype)
+    return variants
+
+
+def peer_variants(tv, example, dtype, threads):
+    """name -> callable(x) for ONNX Runtime and OpenVINO on torchvision's graph, and
+    the reasons for the peers that cannot run here."""
+    variants, skipped = {}, []
+    if dtype not in (torch.float32, torch.bfloat16):
+        return variants, [f"peers: none for {dtype}"]
+    onnx_path = None
+    try:
+        onnx_path = export_onnx(tv.float(), example.float())
+    except Exception as e:  # exporter missing or failing: a peer row, not the bench, is lost
+        return variants, [f"peers: torch.onnx.export failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})"]
+    if dtype == torch.float32:
+        try:
+            variants["onnxruntime"] = onnxruntime_runner(onnx_path, threads)
+        except ImportError:
+            skipped.append("onnxruntime: not installed (pip install resnet_fused[peers])")
+    try:
+        precision = "f32" if dtype == torch.float32 else "bf16"
+        variants[f"openvino {precision}"] = openvino_runner(onnx_path, threads, precision)
+    except ImportError:
+        skipped.append("openvino: not installed (pip install resnet_fused[peers])")
+    return variants, skipped
+
+
+def export_onnx(model, example):
+    """torchvision's graph as ONNX (opset 17, dynamic batch) in a temporary file."""
+    path = os.path.join(tempfile.mkdtemp(prefix="resnet_fused_"), "model.onnx")
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), (example,), path, opset_version=17,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+    return path
+
+
+def onnxruntime_runner(path, threads):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    def run(x):
+        return torch.from_numpy(session.run(None, {"x": x.float().numpy()})[0])
+    return run
+
+
+def openvino_runner(path, threads, precision):
+    """OpenVINO on the CPU at the given inference precision (it would pick bf16 by
+    itself on AMX CPUs: the fp32 row must ask for f32)."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
+    request = compiled.create_infer_request()
+
+    def run(x):
+        request.infer({0: x.float().numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return run
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+# ---- profiling -------------------------------------------------------------------------
+
+
+def stage_times(events):
+    """ms per stage label ("stage:layer1", ...) in torch.profiler's key_averages()."""
+    return {s: sum(e.cpu_time_total if e.device_time_total == 0 else e.device_time_total
+                   for e in events if e.key == f"stage:{s}") / 1e3 for s in STAGES}
+
+
+def staged_torchvision(m, x):
+    """torchvision's ResNet forward, with the profiler labels FusedResNet emits."""
+    rf = torch.profiler.record_function
+    with rf("stage:stem"):
+        x = m.relu(m.bn1(m.conv1(x)))
+    with rf("stage:maxpool"):
+        x = m.maxpool(x)
+    for s in ("layer1", "layer2", "layer3", "layer4"):
+        with rf(f"stage:{s}"):
+            x = getattr(m, s)(x)
+    with rf("stage:head"):
+        return m.fc(torch.flatten(m.avgpool(x), 1))
+
+
+def bar_chart(per_stage, path, title):
+    """A PNG of per-stage ms, fused vs unfused. Raises ImportError without matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.4
+    xs = range(len(STAGES))
+    ax.bar([i - width / 2 for i in xs], [per_stage["unfused"][s] for s in STAGES], width,
+           label="unfused (torchvision)")
+    ax.bar([i + width / 2 for i in xs], [per_stage["fused"][s] for s in STAGES], width,
+           label="fused (resnet_fused)")
+    ax.set_xticks(list(xs), STAGES)
+    ax.set_ylabel("ms per forward")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
