@@ -154,9 +154,9 @@ def conv(x, c, relu, finite, residual=None):
 def conv_add_relu_(identity, x, c, finite):
     """relu(conv(x) + bias + identity), accumulated into `identity` where a kernel can
     (identity must be dead after this call); returns the result."""
-    if (c.dtype != x.dtype or (c.winograd is not None and _winograd_pays(x))
-            or torch.is_grad_enabled() and (identity.requires_grad or x.requires_grad
-                                            or c.weight.requires_grad)):
+    needs_grad = torch.is_grad_enabled() and (identity.requires_grad or x.requires_grad
+                                              or c.weight.requires_grad)
+    if c.dtype != x.dtype or (c.winograd is not None and _winograd_pays(x)) or needs_grad:
         return conv(x, c, True, finite, residual=identity)
     ops.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias, c.stride, c.padding,
                             c.dilation, c.groups, assume_finite=finite)

@@ -64,7 +64,7 @@ def main():
         P = (H + 2 * pad - R) // st + 1
         res = torch.randn(N, K, P, P, device="cuda").to(dtype).contiguous(memory_format=fmt) if use_res else None
         wp = ops.pack_weight(w, [st, st], [pad, pad], [1, 1], groups, list(x.shape))
-        y = ops.conv_bias_act(x, wp, b, res, [st, st], [pad, pad], [1, 1], groups, True)
+        y = ops.conv_bias_act(x, wp, b, res, [st, st], [pad, pad], [1, 1], groups, relu=True)
         set_tf32(False)
         ref = F.conv2d(x.float(), w.float(), b.float(), st, pad, 1, groups)
         if use_res:

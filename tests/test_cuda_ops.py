@@ -17,9 +17,7 @@ An indexing or pipeline bug shows as O(1) errors or NaN, far above all of these.
 
 import contextlib
 import functools
-import glob
 import math
-import os
 from collections import namedtuple
 
 import pytest
@@ -32,33 +30,15 @@ pytestmark = [
 ]
 
 
-def _load_ops():
-    """Loads the compiled library; returns an error string, or None when loaded."""
-    try:
-        import resnet_fused._C  # noqa: F401
-        return None
-    except Exception as e:  # the package may need modules this machine lacks
-        err = f"import resnet_fused._C failed: {e}"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for lib in glob.glob(os.path.join(root, "resnet_fused", "_C*.so")):
-        try:
-            torch.ops.load_library(lib)
-            return None
-        except Exception as e:
-            err += f"; loading {lib} failed: {e}"
-    return err
+import resnet_fused  # noqa: E402  (registers the ops and their fake kernels; needs only torch)
 
-
-_LOAD_ERROR = _load_ops()
-if _LOAD_ERROR is not None:
-    pytest.skip(f"resnet_fused library not available ({_LOAD_ERROR})", allow_module_level=True)
+if not resnet_fused.available():
+    pytest.skip(f"resnet_fused library not available ({resnet_fused.load_error()})",
+                allow_module_level=True)
 if not torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::conv_bias_act", "CUDA"):
     pytest.skip("resnet_fused was built without CUDA kernels", allow_module_level=True)
 
-try:  # fake kernels for opcheck live in the Python package, when it is there
-    import resnet_fused.ops  # noqa: F401
-except Exception:
-    pass
+from common_utils import opcheck  # noqa: E402
 
 ops = torch.ops.resnet_fused
 DEV = "cuda"
@@ -227,7 +207,7 @@ def assert_close_ref(out, ref, tol, what=""):
 
 def run_conv(s, x, w, b, res, relu):
     return ops.conv_bias_act(x, w, b, res, list(s.stride), list(s.padding), list(s.dilation),
-                             s.groups, relu)
+                             s.groups, relu=relu)
 
 
 def check_shape_mode(s, mode):
@@ -373,8 +353,8 @@ def _graph_workload(dtype):
     acc = torch.empty_like(res)
 
     def run():
-        y1 = ops.conv_bias_act(x, w, bias, res, [1, 1], [0, 0], [1, 1], 1, True)
-        y2 = ops.conv_bias_act(stem_x, stem_w, bias[:64], None, [2, 2], [3, 3], [1, 1], 1, True)
+        y1 = ops.conv_bias_act(x, w, bias, res, [1, 1], [0, 0], [1, 1], 1, relu=True)
+        y2 = ops.conv_bias_act(stem_x, stem_w, bias[:64], None, [2, 2], [3, 3], [1, 1], 1, relu=True)
         acc.copy_(res)
         ops.conv_bias_add_relu_(acc, x, w, bias, [1, 1], [0, 0], [1, 1], 1)
         y3 = ops.add_relu(y1, acc)
@@ -425,43 +405,24 @@ def test_cuda_graph_capture_and_replay(dtype):
 # opcheck, errors, packing
 
 
-def _has_fake(qualname):
-    """Whether a fake (or Meta) kernel is registered: they come with the Python package."""
-    if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
-        return True
-    try:
-        from torch._library.simple_registry import singleton
-
-        return singleton.find(qualname).fake_impl.kernel is not None
-    except Exception:
-        return False
-
-
-def _opcheck(op, args):
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if not _has_fake(op._schema.name):
-        utils = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(op, args, test_utils=utils)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_opcheck(dtype):
+def testopcheck(dtype):
     x = torch.randn(2, 16, 9, 9, device=DEV, dtype=dtype).contiguous(memory_format=CL)
     w = torch.randn(32, 16, 3, 3, device=DEV, dtype=dtype) * 0.1
     b = torch.randn(32, device=DEV, dtype=dtype)
     r = torch.randn(2, 32, 9, 9, device=DEV, dtype=dtype).contiguous(memory_format=CL)
-    _opcheck(ops.conv_bias_act.default, (x, w, b, r, [1, 1], [1, 1], [1, 1], 1, True))
-    _opcheck(ops.conv_bias_act.default, (x, w, None, None, [2, 2], [0, 0], [1, 1], 1, False))
-    _opcheck(ops.conv_bias_add_relu_.default, (r.clone(), x, w, b, [1, 1], [1, 1], [1, 1], 1))
+    opcheck(ops.conv_bias_act.default, (x, w, b, r, [1, 1], [1, 1], [1, 1], 1), dict(relu=True))
+    opcheck(ops.conv_bias_act.default, (x, w, None, None, [2, 2], [0, 0], [1, 1], 1), dict(relu=False))
+    opcheck(ops.conv_bias_add_relu_.default, (r.clone(), x, w, b, [1, 1], [1, 1], [1, 1], 1))
     a = torch.randn(3, 5, 7, device=DEV, dtype=dtype)
-    _opcheck(ops.add_relu.default, (a, torch.randn_like(a)))
-    _opcheck(ops.add_relu_.default, (a.clone(), torch.randn_like(a)))
+    opcheck(ops.add_relu.default, (a, torch.randn_like(a)))
+    opcheck(ops.add_relu_.default, (a.clone(), torch.randn_like(a)))
 
 
 def test_errors_name_the_argument():
     x = torch.randn(1, 8, 5, 5, device=DEV)
     w = torch.randn(16, 8, 3, 3, device=DEV)
-    args = ([1, 1], [1, 1], [1, 1], 1, True)
+    args = ([1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
         ops.conv_bias_act(x.double(), w.double(), None, None, *args)
     with pytest.raises(RuntimeError, match="weight"):
@@ -477,8 +438,8 @@ def test_pack_weight_layout_and_equivalence():
     p = ops.pack_weight(w, [1, 1], [1, 1], [1, 1], 1, [2, 32, 10, 10])
     assert p.shape == w.shape and p.is_contiguous(memory_format=CL) and torch.equal(p, w)
     x = torch.randn(2, 32, 10, 10, device=DEV, dtype=torch.float16).contiguous(memory_format=CL)
-    a = ops.conv_bias_act(x, w, None, None, [1, 1], [1, 1], [1, 1], 1, True)
-    b = ops.conv_bias_act(x, p, None, None, [1, 1], [1, 1], [1, 1], 1, True)
+    a = ops.conv_bias_act(x, w, None, None, [1, 1], [1, 1], [1, 1], 1, relu=True)
+    b = ops.conv_bias_act(x, p, None, None, [1, 1], [1, 1], [1, 1], 1, relu=True)
     assert torch.equal(a, b)
 
 
@@ -505,7 +466,7 @@ def test_more_than_2_31_elements():
     x = torch.empty(N, C, H, W, device=DEV, dtype=torch.float16, memory_format=CL).normal_()
     w = (torch.randn(K, C, 1, 1, device=DEV) / 8).half()
     b = torch.randn(K, device=DEV).half()
-    out = ops.conv_bias_act(x, w, b, None, [1, 1], [0, 0], [1, 1], 1, False)
+    out = ops.conv_bias_act(x, w, b, None, [1, 1], [0, 0], [1, 1], 1, relu=False)
     tail = out[:, :, -2:, :].float()
     ref = F.conv2d(x[:, :, -2:, :].float(), w.float(), b.float())
     del out, x
