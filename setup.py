@@ -66,16 +66,21 @@ def nvcc_version(cuda_home):
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def wheel_cuda_includes():
+def wheel_cuda_includes(cuda_home):
     """Headers such as cusparse.h that torch's CUDA headers include may exist only
-    inside the pip nvidia-* wheels torch depends on."""
+    inside the pip nvidia-* wheels torch depends on: the wheel folders that hold a
+    header the toolkit lacks."""
     try:
         import nvidia
     except ImportError:
         return []
+    toolkit = os.path.join(cuda_home, "include")
     dirs = []
     for root in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+        for d in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            headers = [h for h in os.listdir(d) if h.endswith((".h", ".hpp"))]
+            if any(not os.path.exists(os.path.join(toolkit, h)) for h in headers):
+                dirs.append(d)
     return dirs
 
 
@@ -135,10 +140,11 @@ include_dirs = [os.path.join(HERE, "csrc")]
 
 if build_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    include_dirs += wheel_cuda_includes()
+    # The toolkit's own folder first: the wheel folders fill in only what it lacks.
+    include_dirs += [os.path.join(cuda_home, "include")] + wheel_cuda_includes(cuda_home)
     missing = [h for h in ("cuda_runtime.h", "cusparse.h", "cublas_v2.h")
                if not any(os.path.exists(os.path.join(d, h))
-                          for d in include_dirs + [os.path.join(cuda_home, "include")])]
+                          for d in include_dirs)]
     if missing:
         fail(f"CUDA headers not found: {', '.join(missing)} (looked in {cuda_home}/include and "
              "the nvidia-* wheels); install the CUDA toolkit's dev headers")

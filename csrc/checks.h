@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Optional.h>
 
 #include <vector>
@@ -84,6 +85,21 @@ inline void check_add_relu_args(const at::Tensor& a, const at::Tensor& b) {
               b.device());
   TORCH_CHECK(a.is_floating_point(), "add_relu: expected floating-point tensors, got ",
               a.scalar_type());
+}
+
+// add_relu_ writes a while reading b: b may be a itself (same elements, same
+// order), but any other overlap would read values already overwritten.
+inline void check_add_relu_inplace_args(const at::Tensor& a, const at::Tensor& b) {
+  check_add_relu_args(a, b);
+  TORCH_CHECK(at::has_internal_overlap(a) != at::MemOverlap::Yes,
+              "add_relu_: expected a without internal overlap (e.g. not an expanded tensor), got "
+              "strides ", a.strides());
+  const auto overlap = at::get_overlap_status(a, b);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Partial &&
+                  (overlap != at::MemOverlapStatus::Full || a.strides() == b.strides()),
+              "add_relu_: expected b to be a itself or not to overlap a's memory, got b partly "
+              "overlapping a (a: sizes ", a.sizes(), " strides ", a.strides(), "; b: strides ",
+              b.strides(), ")");
 }
 
 // The memory format an op returns: the input's (NCHW or channels_last).

@@ -15,24 +15,38 @@ now() { date +%s; }
 # Caps in seconds: build, pytest, memcheck, racecheck (sum ~8.5 min).
 CAP_BUILD=150 CAP_TEST=210 CAP_MEM=80 CAP_RACE=90
 
+# compute-sanitizer ships in the toolkit's bin/, which need not be on PATH.
+SAN=$(command -v compute-sanitizer || true)
+for d in "${CUDA_HOME:-}" "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")/.." /usr/local/cuda; do
+  [ -z "$SAN" ] && [ -x "$d/bin/compute-sanitizer" ] && SAN="$d/bin/compute-sanitizer"
+done
+# Without a GPU (a dry run of this script) every GPU step says so and is skipped.
+HAVE_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+NO_GPU="skipped: no GPU"
+
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi -L 2>&1 || true
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
-  command -v compute-sanitizer || echo "compute-sanitizer: not found"
+  echo "compute-sanitizer: ${SAN:-not found}"
 } > "$LOG_DIR/env.log"
 
 # ---- build ----------------------------------------------------------------
 t=$(now)
-FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" timeout "$CAP_BUILD" "$PY" setup.py build_ext --inplace \
-  > "$LOG_DIR/build.log" 2>&1
-BUILD_RC=$?
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+  echo "build skipped (GPU_CHECK_SKIP_BUILD=1)" > "$LOG_DIR/build.log"; BUILD_RC=0
+else
+  FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" timeout "$CAP_BUILD" "$PY" setup.py build_ext --inplace \
+    > "$LOG_DIR/build.log" 2>&1
+  BUILD_RC=$?
+fi
 BUILD_S=$(( $(now) - t ))
 BUILD_WARN=$(grep -ciE "csrc/cuda/.*warning" "$LOG_DIR/build.log" || true)
 
 # ---- tests ----------------------------------------------------------------
 TEST_RES="not run"; TEST_RC=1; TEST_S=0
-if [ "$BUILD_RC" -eq 0 ]; then
+[ "$HAVE_GPU" = 1 ] || TEST_RES="$NO_GPU"
+if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_GPU" = 1 ]; then
   t=$(now)
   RESNET_FUSED_UNVERIFIED_CUDA=1 timeout "$CAP_TEST" "$PY" -m pytest -q tests -m cuda -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$LOG_DIR/pytest.xml" > "$LOG_DIR/pytest.log" 2>&1
@@ -52,11 +66,13 @@ fi
 
 # ---- sanitizers -----------------------------------------------------------
 MEM_RES="not run"; RACE_RES="not run"; MEM_S=0; RACE_S=0; MEM_OK=0; RACE_OK=0
-if [ "$BUILD_RC" -eq 0 ] && command -v compute-sanitizer > /dev/null; then
+if [ "$HAVE_GPU" != 1 ]; then
+  MEM_RES="$NO_GPU"; RACE_RES="$NO_GPU"
+elif [ "$BUILD_RC" -eq 0 ] && [ -n "$SAN" ]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck
   # sees reads past a tensor's end instead of into a neighbour inside one block.
   t=$(now)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$CAP_MEM" compute-sanitizer --tool memcheck \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$CAP_MEM" "$SAN" --tool memcheck \
     --print-limit 20 "$PY" scripts/sanitize_ops.py > "$LOG_DIR/memcheck.log" 2>&1
   MEM_RC=$?
   MEM_S=$(( $(now) - t ))
@@ -69,7 +85,7 @@ if [ "$BUILD_RC" -eq 0 ] && command -v compute-sanitizer > /dev/null; then
   fi
 
   t=$(now)
-  timeout "$CAP_RACE" compute-sanitizer --tool racecheck --racecheck-report hazard \
+  timeout "$CAP_RACE" "$SAN" --tool racecheck --racecheck-report hazard \
     --print-limit 20 "$PY" scripts/sanitize_ops.py > "$LOG_DIR/racecheck.log" 2>&1
   RACE_RC=$?
   RACE_S=$(( $(now) - t ))
@@ -88,10 +104,11 @@ fi
 
 # initcheck (reads of never-written device memory), while time is left.
 INIT_RES="not run"; INIT_S=0
-if [ "$BUILD_RC" -eq 0 ] && command -v compute-sanitizer > /dev/null \
+[ "$HAVE_GPU" = 1 ] || INIT_RES="$NO_GPU"
+if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ] \
    && [ $(( $(now) - START )) -lt 360 ]; then
   t=$(now)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 80 compute-sanitizer --tool initcheck \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 80 "$SAN" --tool initcheck \
     --print-limit 20 "$PY" scripts/sanitize_ops.py > "$LOG_DIR/initcheck.log" 2>&1
   INIT_RC=$?
   INIT_S=$(( $(now) - t ))
@@ -102,7 +119,8 @@ fi
 # ---- the model on the GPU (only while time is left under the cap) ----------
 # FusedResNet uses the CUDA conv kernels only when told to, until they pass here.
 MODEL_RES="not run"; MODEL_S=0
-if [ "$BUILD_RC" -eq 0 ] && [ $(( $(now) - START )) -lt 420 ]; then
+[ "$HAVE_GPU" = 1 ] || MODEL_RES="$NO_GPU"
+if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_GPU" = 1 ] && [ $(( $(now) - START )) -lt 420 ]; then
   t=$(now)
   RESNET_FUSED_UNVERIFIED_CUDA=1 timeout 90 "$PY" -m resnet_fused verify --arch resnet50 --size 128 \
     > "$LOG_DIR/verify.log" 2>&1
@@ -117,13 +135,21 @@ fi
 tail -n 30 "$LOG_DIR/pytest.log" 2>/dev/null | grep -E "FAILED|ERROR|Error" | head -20 || true
 grep -E "^(ok |BAD)|sanitize_ops:" "$LOG_DIR/memcheck.log" 2>/dev/null | head -20 || true
 BUILD_RES="$([ "$BUILD_RC" -eq 0 ] && echo ok || echo "FAILED rc=$BUILD_RC"), $BUILD_WARN warnings in csrc/cuda"
-printf '\n== gpu_check summary (%s s total, logs in %s) ==\n' "$(( $(now) - START ))" "$LOG_DIR"
-printf '%-10s %-6s %s\n' step secs result
-printf '%-10s %-6s %s\n' build "$BUILD_S" "$BUILD_RES"
-printf '%-10s %-6s %s\n' pytest "$TEST_S" "$TEST_RES"
-printf '%-10s %-6s %s\n' memcheck "$MEM_S" "$MEM_RES"
-printf '%-10s %-6s %s\n' racecheck "$RACE_S" "$RACE_RES"
-printf '%-10s %-6s %s\n' initcheck "$INIT_S" "$INIT_RES"
-printf '%-10s %-6s %s\n' model "$MODEL_S" "$MODEL_RES"
+# One summary file and one archive of the logs: few files to bring back.
+{
+  printf '== gpu_check summary (%s s total) ==\n' "$(( $(now) - START ))"
+  printf '%-10s %-6s %s\n' step secs result
+  printf '%-10s %-6s %s\n' build "$BUILD_S" "$BUILD_RES"
+  printf '%-10s %-6s %s\n' pytest "$TEST_S" "$TEST_RES"
+  printf '%-10s %-6s %s\n' memcheck "$MEM_S" "$MEM_RES"
+  printf '%-10s %-6s %s\n' racecheck "$RACE_S" "$RACE_RES"
+  printf '%-10s %-6s %s\n' initcheck "$INIT_S" "$INIT_RES"
+  printf '%-10s %-6s %s\n' model "$MODEL_S" "$MODEL_RES"
+} > "$LOG_DIR/summary.txt"
+echo
+cat "$LOG_DIR/summary.txt"
+(cd "$LOG_DIR" && tar czf logs.tar.gz --exclude=logs.tar.gz --exclude=summary.txt ./* 2>/dev/null \
+  && find . -maxdepth 1 -type f ! -name logs.tar.gz ! -name summary.txt -delete)
+echo "logs: $LOG_DIR/logs.tar.gz, summary: $LOG_DIR/summary.txt"
 
 [ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$MEM_OK" -eq 1 ] && [ "$RACE_OK" -eq 1 ]

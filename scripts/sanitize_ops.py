@@ -1,29 +1,25 @@
 """Small launches of every CUDA conv path, to run under compute-sanitizer
-(memcheck, racecheck) from scripts/gpu_check.sh. Checks results loosely against
-float32 cuDNN too, so a silent wrong answer is also reported. Exit status 1 on a
-mismatch.
+(memcheck, racecheck, initcheck) from scripts/gpu_check.sh. Checks results
+loosely against an fp64 CPU reference too (so the sanitizer instruments only our
+kernels, not cuDNN), and a silent wrong answer is also reported. Exit status 1 on
+a mismatch.
 
   compute-sanitizer --tool memcheck python3 scripts/sanitize_ops.py
 """
 
-import glob
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load():
-    try:
-        import resnet_fused._C  # noqa: F401
-    except Exception:
-        libs = glob.glob(os.path.join(ROOT, "resnet_fused", "_C*.so"))
-        if not libs:
-            sys.exit("sanitize_ops: no resnet_fused/_C*.so; build first")
-        torch.ops.load_library(libs[0])
+    import resnet_fused  # the ops need only torch
+    if not resnet_fused.available():
+        sys.exit(f"sanitize_ops: {resnet_fused.load_error()}")
 
 
 def set_tf32(enabled):
@@ -66,15 +62,17 @@ def main():
         wp = ops.pack_weight(w, [st, st], [pad, pad], [1, 1], groups, list(x.shape))
         y = ops.conv_bias_act(x, wp, b, res, [st, st], [pad, pad], [1, 1], groups, relu=True)
         set_tf32(False)
-        ref = F.conv2d(x.float(), w.float(), b.float(), st, pad, 1, groups)
+        # References in fp64 on the CPU: the sanitizer then sees only our kernels (no cuDNN).
+        cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+        ref = F.conv2d(cpu(x), cpu(w), cpu(b), st, pad, 1, groups)
         if use_res:
-            ref = ref + res.float()
+            ref = ref + cpu(res)
             inplace = res.clone().contiguous(memory_format=torch.channels_last)
             ops.conv_bias_add_relu_(inplace, x, wp, b, [st, st], [pad, pad], [1, 1], groups)
         ref = torch.relu(ref)
-        err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item()
+        err = ((cpu(y) - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item()
         if use_res:
-            err = max(err, ((inplace.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item())
+            err = max(err, ((cpu(inplace) - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item())
         ok = err < 2e-2
         bad += not ok
         print(f"{'ok ' if ok else 'BAD'} {label:30s} rel err {err:.2e}")

@@ -232,6 +232,21 @@ class TestAddRelu:
             ops.add_relu(torch.randn(2, 3, device=device),
                          torch.randn(2, 3, device=device).double())
 
+    def test_in_place_overlap(self, device):
+        buf = torch.randn(10, device=device)
+        a = buf[:8].clone()
+        ref = torch.relu(a + a)
+        assert torch.equal(ops.add_relu_(a, a), ref)   # b is a itself: fine
+        with pytest.raises(RuntimeError, match="add_relu_: expected b to be a itself or not to "
+                                               "overlap a's memory"):
+            ops.add_relu_(buf[:8], buf[2:])
+        square = torch.randn(4, 4, device=device)
+        with pytest.raises(RuntimeError, match="partly overlapping"):
+            ops.add_relu_(square, square.t())
+        with pytest.raises(RuntimeError, match="expected a without internal overlap"):
+            ops.add_relu_(torch.randn(1, 4, device=device).expand(3, 4),
+                          torch.randn(3, 4, device=device))
+
     def test_opcheck(self, device):
         r = torch.randn(2, 8, 5, 5, device=device)
         opcheck(torch.ops.resnet_fused.add_relu.default, (r, r.flip(0)))

@@ -66,7 +66,7 @@ Tensor add_relu_cpu(const Tensor& a, const Tensor& b) {
 }
 
 void add_relu_cpu_(Tensor& a, const Tensor& b) {
-  check_add_relu_args(a, b);
+  check_add_relu_inplace_args(a, b);
   auto iter = make_iter(a, a, b);
   add_relu_kernel(iter);
 }

@@ -87,7 +87,7 @@ Tensor add_relu_cuda(const Tensor& a, const Tensor& b) {
 }
 
 void add_relu_cuda_(Tensor& a, const Tensor& b) {
-  check_add_relu_args(a, b);
+  check_add_relu_inplace_args(a, b);
   check_cuda(a);
   if (!dense(a)) {
     a.copy_(add_relu_cuda(a, b));
