@@ -75,6 +75,7 @@ class PreparedConv:
     groups: int
     dtype: torch.dtype             # dtype this conv computes in (fp32 if fp16 would overflow)
     winograd: torch.Tensor = None  # weight in the Winograd domain, for winograd_conv3x3
+    cached: bool = True            # kept across forwards, so worth packing per input shape
     packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
 
     # oneDNN's packed layout is chosen for one input shape; used with another it is
@@ -84,7 +85,7 @@ class PreparedConv:
     MAX_PACKED_SHAPES = 4
 
     def weight_for(self, x):
-        if tracing() or x.device.type != "cpu" or self.weight.requires_grad:
+        if not self.cached or tracing() or x.device.type != "cpu":
             return self.weight
         shape = tuple(x.shape)
         w = self.packed.get(shape)
@@ -97,14 +98,15 @@ class PreparedConv:
         return w
 
 
-def prepare(weight, bias, conv, dtype, cache_winograd=True):
+def prepare(weight, bias, conv, dtype, cached=True):
     """A PreparedConv of a folded (weight, bias) for `conv`'s geometry, computing in
-    `dtype`. cache_winograd=False (tracing, or weights that carry gradients) leaves
-    the Winograd weight to be computed at each call."""
+    `dtype`. cached=False (a fold made for one forward: traced, or carrying
+    gradients) skips what pays only across forwards: the Winograd weight and
+    oneDNN's packed weights."""
     c = PreparedConv(weight.contiguous(memory_format=torch.channels_last), bias,
                      tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
-                     dtype)
-    if cache_winograd and _winograd_fits(c):
+                     dtype, cached=cached)
+    if cached and _winograd_fits(c):
         c.winograd = ops.winograd_weight(c.weight)
     return c
 

@@ -24,21 +24,24 @@ def _bn_stats(bn, name):
     return mean, var
 
 
-def fold_conv_bn(conv, bn, name="conv"):
+def fold_conv_bn(conv, bn, name="conv", differentiable=False):
     """(weight, bias) of one convolution with `bn` folded in, in fp32 (fp64 if the
-    parameters are fp64), detached. Raises ValueError naming `name` when `bn` has
-    no running statistics."""
+    parameters are fp64). Detached unless `differentiable`: then gradients flow to
+    the conv's weight and bias and to the BN's weight and bias (never to the running
+    statistics, as in torchvision's eval mode). Raises ValueError naming `name`
+    when `bn` has no running statistics."""
     mean, var = _bn_stats(bn, name)
     acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
-        w = conv.weight.detach().to(acc)
+    keep = (lambda t: t.to(acc)) if differentiable else (lambda t: t.detach().to(acc))
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        w = keep(conv.weight)
         mean, var = mean.detach().to(acc), var.detach().to(acc)
-        gamma = bn.weight.detach().to(acc) if bn.weight is not None else torch.ones_like(mean)
-        beta = bn.bias.detach().to(acc) if bn.bias is not None else torch.zeros_like(mean)
+        gamma = keep(bn.weight) if bn.weight is not None else torch.ones_like(mean)
+        beta = keep(bn.bias) if bn.bias is not None else torch.zeros_like(mean)
         scale = gamma * torch.rsqrt(var + bn.eps)
         bias = beta - mean * scale
         if conv.bias is not None:
-            bias = bias + conv.bias.detach().to(acc) * scale
+            bias = bias + keep(conv.bias) * scale
         return w * scale.reshape(-1, 1, 1, 1), bias
 
 

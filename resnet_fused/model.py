@@ -77,10 +77,6 @@ class FusedResNet(ResNet):
             return False, "train mode runs torchvision's math (batch statistics)"
         if not _extension.available():
             return False, _extension.load_error()
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters())):
-            return False, ("gradients are enabled and required; the fused ops have no backward "
-                           "(run inference under torch.inference_mode() or torch.no_grad())")
         why = dispatch.unsupported(x.device, self._run_dtype(x))
         if why:
             return False, why
@@ -101,8 +97,16 @@ class FusedResNet(ResNet):
                 _warn_once(why, f"FusedResNet: running unfused torchvision math: {why}.")
             return super().forward(x)
         dtype = self._run_dtype(x)
-        fold = self._inline_fold(dtype) if _tracing() else self._cached_fold(x.device, dtype)
-        if not _tracing() and not fold.finite:
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in self.parameters()))
+        if _tracing() or grad:
+            # Folded inline: part of the traced graph, or of the autograd graph (then
+            # gradients reach the conv weights and BN affine parameters). The ops scan
+            # their operands for NaN/Inf themselves.
+            fold = self._inline_fold(dtype, differentiable=grad)
+            return self._forward_fused(x.to(dtype), fold, False)
+        fold = self._cached_fold(x.device, dtype)
+        if not fold.finite:
             # NaN/Inf in a parameter or BN statistic: torchvision's math is exact.
             _warn_once("nonfinite", "FusedResNet: a folded weight or bias is NaN/Inf (from the "
                                     "parameters or BN statistics); running torchvision's math.")
@@ -112,8 +116,7 @@ class FusedResNet(ResNet):
         # propagate NaN natively and need none; checking there would sync).
         # Any non-finite element makes the sum non-finite (a sum that overflows
         # only costs the exact path); 20x cheaper than isfinite(x).all().
-        finite = (fold.finite and x.device.type == "cpu" and not _tracing()
-                  and bool(torch.isfinite(x.sum())))
+        finite = x.device.type == "cpu" and bool(torch.isfinite(x.sum()))
         return self._forward_fused(x.to(dtype), fold, finite)
 
     def _forward_fused(self, x, fold, finite):
@@ -192,18 +195,18 @@ class FusedResNet(ResNet):
                 sig.append(bn.eps)
         return tuple(sig)
 
-    def _fold(self, dtype, signature, check_range):
+    def _fold(self, dtype, signature, check_range, differentiable=False):
         stem, blocks = None, []
         for name, pairs in self._pairs():
             convs = {}
             for key, conv, bn in pairs:
                 label = name if key == "stem" else f"{name}.{key}"
-                w, b = fold_conv_bn(conv, bn, label)
+                w, b = fold_conv_bn(conv, bn, label, differentiable)
                 if check_range:
                     w, b, cdt = cast_folded(w, b, dtype, label)
                 else:
                     w, b, cdt = w.to(dtype), b.to(dtype), dtype
-                convs[key] = dispatch.prepare(w, b, conv, cdt, cache_winograd=check_range)
+                convs[key] = dispatch.prepare(w, b, conv, cdt, cached=check_range)
             if name == "stem":
                 stem = convs["stem"]
             else:
@@ -227,9 +230,10 @@ class FusedResNet(ResNet):
                 self._fold_cache = {key: fold}
         return fold
 
-    def _inline_fold(self, dtype):
-        # Under torch.compile/export the fold is part of the traced graph.
-        return self._fold(dtype, (), check_range=False)
+    def _inline_fold(self, dtype, differentiable):
+        # Under torch.compile/export the fold is part of the traced graph; with
+        # gradients, of the autograd graph.
+        return self._fold(dtype, (), check_range=False, differentiable=differentiable)
 
     # ---- helpers ----------------------------------------------------------
 

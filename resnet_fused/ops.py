@@ -138,7 +138,68 @@ def _register_fakes():
         return torch.empty_like(weight, memory_format=torch.channels_last)
 
 
-# Fake kernels need the schemas; registering them without the library would turn
-# a clear "not built" message into an unrelated import-time crash.
+def _relu_grad(grad, out, relu):
+    # torch.relu's own backward rule (NaN outputs pass their gradient on).
+    return torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
+
+
+def _conv_backward(ctx, grad, geometry):
+    """(grad_input, grad_weight, grad_bias, grad_residual) of act(conv + bias [+ residual])."""
+    input, weight, out = ctx.saved_tensors
+    g = _relu_grad(grad, out, ctx.relu)
+    stride, padding, dilation, groups = geometry
+    if weight.is_mkldnn:  # a oneDNN-packed weight: its logical values
+        weight = weight.to_dense()
+    need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias
+    gi, gw, gb = torch.ops.aten.convolution_backward(
+        g, input, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
+        dilation, False, [0, 0], groups, [need_in, need_w, need_b])
+    return gi, gw, gb, (g if ctx.has_residual else None)
+
+
+def _register_autograd():
+    lib = "resnet_fused::"
+
+    def save(ctx, inputs, output, relu, bias, residual):
+        ctx.save_for_backward(inputs[0], inputs[1], output)
+        ctx.relu, ctx.has_bias, ctx.has_residual = relu, bias is not None, residual is not None
+
+    def conv_setup(ctx, inputs, keyword_only_inputs, output):
+        save(ctx, inputs, output, keyword_only_inputs.get("relu", True), inputs[2], inputs[3])
+        ctx.geometry = tuple(inputs[4:8])
+
+    def conv_backward(ctx, grad):
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ctx.geometry)
+        return gi, gw, gb, gr, None, None, None, None
+
+    torch.library.register_autograd(lib + "conv_bias_act", conv_backward,
+                                    setup_context=conv_setup)
+
+    # The gradient of the weight goes to `weight`; winograd_weight is derived from
+    # it (ops.winograd_weight) and gets none.
+    def winograd_setup(ctx, inputs, keyword_only_inputs, output):
+        save(ctx, inputs, output, keyword_only_inputs.get("relu", True), inputs[3], inputs[4])
+
+    def winograd_backward(ctx, grad):
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ((1, 1), (1, 1), (1, 1), 1))
+        return gi, gw, None, gb, gr
+
+    torch.library.register_autograd(lib + "winograd_conv3x3", winograd_backward,
+                                    setup_context=winograd_setup)
+
+    def add_relu_setup(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    def add_relu_backward(ctx, grad):
+        g = _relu_grad(grad, ctx.saved_tensors[0], True)
+        return g, g
+
+    torch.library.register_autograd(lib + "add_relu", add_relu_backward,
+                                    setup_context=add_relu_setup)
+
+
+# Fake kernels and autograd formulas need the schemas; registering them without the
+# library would turn a clear "not built" message into an unrelated import-time crash.
 if _extension.available():
     _register_fakes()
+    _register_autograd()

@@ -145,7 +145,7 @@ class TestConvBiasAct:
 
 def test_cpu_rejects_half():
     x, w, b, _ = ConvCase(8, 16, 5, 5, R=3, padding=1).tensors(torch.float16)
-    with pytest.raises(RuntimeError, match="supports float32 and bfloat16"):
+    with pytest.raises(RuntimeError, match="supports float32, bfloat16 and float64"):
         ops.conv_bias_act(x, w, b, None, 1, 1)
 
 

@@ -60,8 +60,9 @@ void check_cpu(const Tensor& input, const Tensor& weight, const char* op) {
   TORCH_CHECK(input.device().is_cpu(), op, " (CPU kernel): expected input on cpu, got ",
               input.device());
   const auto dt = input.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
-              op, " on CPU supports float32 and bfloat16 inputs, got ", dt);
+  // float64 takes the portable path: for gradient checks, not for speed.
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble,
+              op, " on CPU supports float32, bfloat16 and float64 inputs, got ", dt);
   TORCH_CHECK(!weight.is_mkldnn() || use_onednn(input),
               op, ": weight was packed by pack_weight for oneDNN, which cannot run ", dt,
               " here; pass the unpacked weight");

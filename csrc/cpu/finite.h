@@ -24,8 +24,9 @@ inline bool all_finite_bits(const at::Tensor& t) {
       [](bool a, bool b) { return a && b; });
 }
 
-// float32 or bfloat16 only (the CPU kernels' dtypes).
+// float32, bfloat16 or float64 (the CPU kernels' dtypes).
 inline bool all_finite(const at::Tensor& t) {
+  if (t.scalar_type() == at::kDouble) return at::isfinite(t).all().item<bool>();
   // Only the memory the tensor covers matters; a dense tensor is read as flat.
   const at::Tensor d = t.is_non_overlapping_and_dense() ? t : t.contiguous();
   return d.scalar_type() == at::kFloat ? all_finite_bits<uint32_t, 0x7f800000u>(d)

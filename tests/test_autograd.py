@@ -1,0 +1,136 @@
+"""Gradients: the ops' backward formulas against torch's (gradcheck in fp64), and
+FusedResNet in eval mode with gradients enabled against torchvision's eval-mode
+gradients (input, conv weights, BN affine parameters).
+
+Model gradients are compared in the relative 2-norm, ||ours - ref|| / ||ref||:
+where a pre-activation lies within rounding of 0 (or a max-pool window ties), the
+fused and unfused forwards may take different sides of the ReLU/max kink, which
+changes single gradient elements by O(1) while the gradient as a whole agrees to
+fp32 rounding. The max-norm measure would flag those, run to run."""
+
+import warnings
+
+import pytest
+import torch
+
+from resnet_fused import fuse, ops
+
+from common_utils import ConvCase, rel_err, requires_extension, tv_model
+
+pytestmark = requires_extension
+
+
+def _f64(case, seed=0):
+    x, w, b, r = case.tensors(torch.float64, seed=seed)
+    return [t.requires_grad_() for t in (x, w, b, r)]
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("case", [ConvCase(4, 6, 5, 5, R=3, padding=1),
+                                  ConvCase(4, 6, 6, 7, R=3, stride=2, padding=1, groups=2),
+                                  ConvCase(3, 5, 7, 7, R=1, N=1)], ids=str)
+def test_conv_bias_act_gradcheck(case, relu):
+    x, w, b, r = _f64(case)
+    s, p, d, g = case.geometry()
+    fn = lambda x, w, b, r: ops.conv_bias_act(x, w, b, r, s, p, d, g, relu=relu)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+    fn = lambda x, w: ops.conv_bias_act(x, w, None, None, s, p, d, g, relu=relu)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+
+
+def test_add_relu_gradcheck():
+    a = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.add_relu, (a, b))
+
+
+def test_winograd_conv3x3_grads_match_the_direct_conv():
+    # fp32 only (the kernel's dtype): its gradients must equal conv_bias_act's, which
+    # gradcheck verifies above; weight gets the gradient, winograd_weight none.
+    case = ConvCase(16, 24, 9, 11, R=3, padding=1)
+    grads = []
+    for wino in (True, False):
+        x, w, b, r = (t.requires_grad_() for t in case.tensors())
+        if wino:
+            out = ops.winograd_conv3x3(x, w, ops.winograd_weight(w.detach()), b, r)
+        else:
+            out = ops.conv_bias_act(x, w, b, r, 1, 1)
+        out.square().sum().backward()
+        grads.append([t.grad for t in (x, w, b, r)])
+    for ours, ref in zip(*grads):
+        assert rel_err(ours, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_opcheck_with_gradients(dtype):
+    case = ConvCase(8, 16, 6, 6, R=3, padding=1)
+    x, w, b, r = (t.requires_grad_() for t in case.tensors(dtype))
+    s, p, d, g = (list(v) if isinstance(v, tuple) else v for v in case.geometry())
+    torch.library.opcheck(torch.ops.resnet_fused.conv_bias_act.default, (x, w, b, r, s, p, d, g),
+                          dict(relu=True))
+    u = ops.winograd_weight(w.detach())
+    torch.library.opcheck(torch.ops.resnet_fused.winograd_conv3x3.default, (x, w, u, b, r),
+                          dict(relu=True))
+    a = torch.randn(2, 3, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_fused.add_relu.default, (a, torch.randn(2, 3, 4)))
+
+
+def grad_err(ours, ref):
+    ours, ref = ours.double(), ref.double()
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def _grads(model, x):
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+    named = {n: p.grad for n, p in model.named_parameters()
+             if p.grad is not None and ("conv" in n or "bn" in n or "downsample" in n)}
+    return out, x.grad, named
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_eval_mode_with_gradients_runs_fused_and_matches_torchvision(arch):
+    tv = tv_model(arch)
+    fused = fuse(tv).eval()
+    assert fused.fused_status(torch.randn(1, 3, 32, 32, requires_grad=True)) == (True, "")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "running unfused" warning
+        with torch.profiler.profile() as prof:
+            ours = _grads(fused, x1)
+    calls = {e.key for e in prof.key_averages()}
+    assert "resnet_fused::conv_bias_act" in calls
+    theirs = _grads(tv, x2)
+    assert rel_err(ours[0], theirs[0]) <= 1e-5
+    assert grad_err(ours[1], theirs[1]) <= 1e-5
+    assert ours[2].keys() == theirs[2].keys() and len(ours[2]) > 0
+    for name in theirs[2]:
+        assert grad_err(ours[2][name], theirs[2][name]) <= 1e-5, name
+    # Eval mode: running statistics untouched.
+    for (n, b1), (_, b2) in zip(fused.named_buffers(), tv.named_buffers()):
+        assert torch.equal(b1, b2), n
+
+
+def test_saliency_with_frozen_parameters():
+    # Gradients w.r.t. the input only (Grad-CAM, saliency, adversarial examples).
+    tv = tv_model("resnet18").requires_grad_(False)
+    fused = fuse(tv).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (fused, tv):
+        xi = x.clone().requires_grad_()
+        model(xi)[0, 3].backward()
+        grads.append(xi.grad)
+    assert grad_err(grads[0], grads[1]) <= 1e-5
+
+
+def test_no_grad_keeps_the_cached_fold():
+    fused = fuse(tv_model("resnet18")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fused(x)
+    cached = dict(fused._fold_cache)
+    fused(x.requires_grad_())  # a gradient forward folds inline, leaves the cache alone
+    assert len(cached) == 1
+    assert all(fused._fold_cache[k] is v for k, v in cached.items())
