@@ -35,20 +35,14 @@ def _warn_once(key, message):
 class _Fold:
     signature: tuple
     stem: dispatch.PreparedConv
-    blocks: list   # per block: dict of PreparedConv: conv1, conv2, [conv3], [downsample]
+    layers: list   # (name, blocks); a block: dict of PreparedConv conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
 
 
-class FusedResNet(ResNet):
-    """A torchvision ResNet whose eval-mode forward runs fused kernels.
-
-    Constructed like torchvision.models.ResNet, or from an existing model with
-    resnet_fused.fuse(model). `to_torchvision()` gives the unfused model back.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._fold_cache = {}
+class _Folding:
+    """Folding and running the conv-BN pairs of a ResNet trunk (conv1/bn1, maxpool,
+    layer1..4, as far as present), shared by FusedResNet and FusedBody: fold once
+    per (device, dtype), refold on any change, inline when traced or differentiated."""
 
     def __getstate__(self):
         # Folded weights are derived data (and packed ones cannot be copied):
@@ -57,45 +51,14 @@ class FusedResNet(ResNet):
         state["_fold_cache"] = {}
         return state
 
-    # ---- public API -------------------------------------------------------
-
-    def to_torchvision(self):
-        """A plain torchvision ResNet with the same parameters (a copy)."""
-        model = copy.deepcopy(self)
-        model.__class__ = ResNet
-        del model._fold_cache
-        return model
-
     def refresh_fold(self):
         """Drops the folded weights. Needed only after writes through `.data`,
         which bypass the version counters that refolding watches."""
         self._fold_cache = {}
 
-    def fused_status(self, x):
-        """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
-        if self.training:
-            return False, "train mode runs torchvision's math (batch statistics)"
-        if not _extension.available():
-            return False, _extension.load_error()
-        why = dispatch.unsupported(x.device, self._run_dtype(x))
-        if why:
-            return False, why
-        return True, ""
-
-    # ---- forward ----------------------------------------------------------
-
-    def forward(self, x):
-        self._check_input(x)
-        if torch.onnx.is_in_onnx_export():
-            # ONNX has no fused op of ours; its runtimes fold BN themselves.
-            _warn_once("onnx", "FusedResNet: ONNX export exports torchvision's graph "
-                               "(same as exporting model.to_torchvision()).")
-            return super().forward(x)
-        ok, why = self.fused_status(x)
-        if not ok:
-            if not self.training:
-                _warn_once(why, f"FusedResNet: running unfused torchvision math: {why}.")
-            return super().forward(x)
+    def _fold_for(self, x):
+        """(x in the run dtype, fold, finite) for a fused forward, or None when
+        torchvision's math must run (non-finite folded weights)."""
         dtype = self._run_dtype(x)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in self.parameters()))
@@ -103,67 +66,46 @@ class FusedResNet(ResNet):
             # Folded inline: part of the traced graph, or of the autograd graph (then
             # gradients reach the conv weights and BN affine parameters). The ops scan
             # their operands for NaN/Inf themselves.
-            fold = self._inline_fold(dtype, differentiable=grad)
-            return self._forward_fused(x.to(dtype), fold, False)
+            return x.to(dtype), self._inline_fold(dtype, differentiable=grad), False
         fold = self._cached_fold(x.device, dtype)
         if not fold.finite:
             # NaN/Inf in a parameter or BN statistic: torchvision's math is exact.
-            _warn_once("nonfinite", "FusedResNet: a folded weight or bias is NaN/Inf (from the "
-                                    "parameters or BN statistics); running torchvision's math.")
-            return super().forward(x)
+            _warn_once("nonfinite", f"{type(self).__name__}: a folded weight or bias is NaN/Inf "
+                                    "(from the parameters or BN statistics); running "
+                                    "torchvision's math.")
+            return None
         # NaN/Inf can reach a ReLU only through the input or the weights. With both
         # finite, the CPU kernels may skip their per-op scan (the CUDA kernels
         # propagate NaN natively and need none; checking there would sync).
         # Any non-finite element makes the sum non-finite (a sum that overflows
         # only costs the exact path); 20x cheaper than isfinite(x).all().
         finite = x.device.type == "cpu" and bool(torch.isfinite(x.sum()))
-        return self._forward_fused(x.to(dtype), fold, finite)
+        return x.to(dtype), fold, finite
 
-    def _forward_fused(self, x, fold, finite):
-        stage = _stage_labeller()
+    def _run_fused(self, x, fold, finite, stage):
+        """{name: output} of "maxpool" (after the stem) and of each layer."""
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
         with stage("stem"):
             x = dispatch.conv(x, fold.stem, True, finite)
         with stage("maxpool"):
             x = self.maxpool(x)
-        starts = self._stage_starts
-        for i, convs in enumerate(fold.blocks):
-            if i in starts:
-                stage.enter(starts[i])
-            out = dispatch.conv(x, convs["conv1"], True, finite)
-            if "conv3" in convs:
-                out = dispatch.conv(out, convs["conv2"], True, finite)
-                last = convs["conv3"]
-            else:
-                last = convs["conv2"]
-            if "downsample" in convs:
-                identity = dispatch.conv(x, convs["downsample"], False, finite)
-            else:
-                identity = x
-            # identity is an intermediate of this forward and dead after this
-            # op, so the residual sum can accumulate into it in place.
-            x = dispatch.conv_add_relu_(identity, out, last, finite)
-        stage.exit()
-        with stage("head"):
-            return self.fc(torch.flatten(self.avgpool(x), 1))
+        outputs = {"maxpool": x}
+        for name, blocks in fold.layers:
+            with stage(name):
+                for convs in blocks:
+                    x = _block(x, convs, finite)
+            outputs[name] = x
+        return outputs
 
-    @property
-    def _stage_starts(self):
-        """Block index -> layer name, for profiler labels."""
-        starts, i = {}, 0
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            starts[i] = name
-            i += len(getattr(self, name))
-        return starts
-
-    # ---- folding ----------------------------------------------------------
+    def _layer_names(self):
+        return [n for n in ("layer1", "layer2", "layer3", "layer4") if n in self._modules]
 
     def _pairs(self):
         """(name, [(key, conv, bn), ...]) per stem and block, in forward order."""
         yield "stem", [("stem", self.conv1, self.bn1)]
-        for li, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), 1):
-            for bi, block in enumerate(layer):
-                name = f"layer{li}.{bi}"
+        for layer_name in self._layer_names():
+            for bi, block in enumerate(getattr(self, layer_name)):
+                name = f"{layer_name}.{bi}"
                 if not isinstance(block, (BasicBlock, Bottleneck)):
                     raise TypeError(f"{name}: expected a torchvision BasicBlock or Bottleneck, "
                                     f"got {type(block).__name__}")
@@ -196,7 +138,7 @@ class FusedResNet(ResNet):
         return tuple(sig)
 
     def _fold(self, dtype, signature, check_range, differentiable=False):
-        stem, blocks = None, []
+        stem, blocks = None, {n: [] for n in self._layer_names()}
         for name, pairs in self._pairs():
             convs = {}
             for key, conv, bn in pairs:
@@ -210,11 +152,11 @@ class FusedResNet(ResNet):
             if name == "stem":
                 stem = convs["stem"]
             else:
-                blocks.append(convs)
+                blocks[name.split(".")[0]].append(convs)
         finite = check_range and all(
             bool(torch.isfinite(c.weight).all() and torch.isfinite(c.bias).all())
-            for c in [stem] + [c for convs in blocks for c in convs.values()])
-        return _Fold(signature, stem, blocks, finite)
+            for c in [stem] + [c for b in blocks.values() for convs in b for c in convs.values()])
+        return _Fold(signature, stem, list(blocks.items()), finite)
 
     def _cached_fold(self, device, dtype):
         key = (device, dtype)
@@ -265,6 +207,75 @@ class FusedResNet(ResNet):
 STAGES = ("stem", "maxpool", "layer1", "layer2", "layer3", "layer4", "head")
 
 
+class FusedResNet(_Folding, ResNet):
+    """A torchvision ResNet whose eval-mode forward runs fused kernels.
+
+    Constructed like torchvision.models.ResNet, or from an existing model with
+    resnet_fused.fuse(model). `to_torchvision()` gives the unfused model back.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fold_cache = {}
+
+    # ---- public API -------------------------------------------------------
+
+    def to_torchvision(self):
+        """A plain torchvision ResNet with the same parameters (a copy)."""
+        model = copy.deepcopy(self)
+        model.__class__ = ResNet
+        del model._fold_cache
+        return model
+
+    def fused_status(self, x):
+        """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        if self.training:
+            return False, "train mode runs torchvision's math (batch statistics)"
+        if not _extension.available():
+            return False, _extension.load_error()
+        why = dispatch.unsupported(x.device, self._run_dtype(x))
+        if why:
+            return False, why
+        return True, ""
+
+    # ---- forward ----------------------------------------------------------
+
+    def forward(self, x):
+        self._check_input(x)
+        if torch.onnx.is_in_onnx_export():
+            # ONNX has no fused op of ours; its runtimes fold BN themselves.
+            _warn_once("onnx", "FusedResNet: ONNX export exports torchvision's graph "
+                               "(same as exporting model.to_torchvision()).")
+            return super().forward(x)
+        ok, why = self.fused_status(x)
+        if not ok:
+            if not self.training:
+                _warn_once(why, f"FusedResNet: running unfused torchvision math: {why}.")
+            return super().forward(x)
+        prepared = self._fold_for(x)
+        if prepared is None:
+            return super().forward(x)
+        x, fold, finite = prepared
+        stage = _stage_labeller()
+        x = self._run_fused(x, fold, finite, stage)["layer4"]
+        with stage("head"):
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _block(x, convs, finite):
+    """One BasicBlock or Bottleneck, fused."""
+    out = dispatch.conv(x, convs["conv1"], True, finite)
+    if "conv3" in convs:
+        out = dispatch.conv(out, convs["conv2"], True, finite)
+        last = convs["conv3"]
+    else:
+        last = convs["conv2"]
+    identity = dispatch.conv(x, convs["downsample"], False, finite) if "downsample" in convs else x
+    # identity is an intermediate of this forward and dead after this op, so the
+    # residual sum can accumulate into it in place.
+    return dispatch.conv_add_relu_(identity, out, last, finite)
+
+
 class _stage_labeller:
     """Profiler labels ("stage:layer1", ...) around the parts of the fused forward,
     matching those `resnet-fused profile` puts around torchvision's; no-ops
@@ -299,11 +310,15 @@ class _stage_labeller:
 def fuse(model, inplace=False):
     """Converts a torchvision ResNet (any depth/width/groups, custom num_classes,
     dilation, zero_init_residual) into a FusedResNet sharing its parameters'
-    values. With inplace=False (default) the given model is left untouched."""
+    values; in any other model (detection, segmentation), every ResNet and every
+    IntermediateLayerGetter body over one (resnet_fused.backbone.FusedBody). With
+    inplace=False (default) the given model is left untouched."""
     if isinstance(model, FusedResNet):
         return model if inplace else copy.deepcopy(model)
     if not isinstance(model, ResNet):
-        raise TypeError(f"fuse: expected a torchvision.models.ResNet, got {type(model).__name__}")
+        # A model holding ResNets or backbone bodies over one (detection, segmentation).
+        from .backbone import fuse_any
+        return fuse_any(model, inplace)
     if not inplace:
         model = copy.deepcopy(model)
     model.__class__ = FusedResNet

@@ -9,6 +9,7 @@ deep nets overflow fp16 (a random-init ResNet-101 does, in torchvision itself).
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def realistic_(model, seed=0):
             # Kaiming-normal (fan_out) like torchvision's init, but from our generator.
             fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_out) ** 0.5)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
             uniform(m.running_var, 0.5, 2.0)
             sign = torch.randint(0, 2, m.running_mean.shape, generator=g) * 2 - 1
             uniform(m.running_mean, 0.1, 0.5)

@@ -1,0 +1,88 @@
+"""A ResNet used as a backbone: torchvision's detection and segmentation models
+wrap the ResNet's children in an IntermediateLayerGetter (the "body") that returns
+the outputs of some layers. FusedBody is that body with the fused forward.
+
+It keeps the module tree and state_dict keys, returns the same OrderedDict of
+feature maps, folds FrozenBatchNorm2d with its own eps, and, since a frozen BN
+computes the same in train and eval mode, runs fused in train mode too when all
+its BNs are frozen (fine-tuning as torchvision's detection references do).
+"""
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from . import _extension, dispatch
+from .model import _Folding, _stage_labeller, _warn_once
+
+_TRUNK = ("conv1", "bn1", "relu", "maxpool")
+
+
+class FusedBody(_Folding, IntermediateLayerGetter):
+    """An IntermediateLayerGetter over a torchvision ResNet whose forward runs fused."""
+
+    @classmethod
+    def convert(cls, body):
+        """`body` (an IntermediateLayerGetter over a ResNet's children) turned into a
+        FusedBody in place, or None if it is not one."""
+        names = list(body.keys())
+        if names[:4] != list(_TRUNK) or not all(
+                n.startswith("layer") for n in names[4:]) or len(names) < 5:
+            return None
+        body.__class__ = cls
+        body._fold_cache = {}
+        list(body._pairs())  # validates the blocks now rather than at first forward
+        return body
+
+    def _frozen(self):
+        return all(not isinstance(m, nn.BatchNorm2d) for m in self.modules())
+
+    def fused_status(self, x):
+        """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        if self.training and not self._frozen():
+            return False, "train mode with BatchNorm2d runs torchvision's math (batch statistics)"
+        if not _extension.available():
+            return False, _extension.load_error()
+        why = dispatch.unsupported(x.device, self._run_dtype(x))
+        return (False, why) if why else (True, "")
+
+    def forward(self, x):
+        ok, why = self.fused_status(x)
+        if not ok or torch.onnx.is_in_onnx_export():
+            if not ok and not self.training:
+                _warn_once(why, f"FusedBody: running unfused torchvision math: {why}.")
+            return super().forward(x)
+        prepared = self._fold_for(x)
+        if prepared is None:
+            return super().forward(x)
+        x, fold, finite = prepared
+        outputs = self._run_fused(x, fold, finite, _stage_labeller())
+        return OrderedDict((self.return_layers[name], outputs[name])
+                           for name in self.keys() if name in self.return_layers)
+
+
+def fuse_any(model, inplace=False):
+    """Replaces every torchvision ResNet and every IntermediateLayerGetter body over
+    one inside `model` by its fused equivalent; returns the model (same type)."""
+    from torchvision.models.resnet import ResNet
+
+    from .model import FusedResNet, fuse
+    if not inplace:
+        model = copy.deepcopy(model)
+    found = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (FusedResNet, FusedBody)):
+            found += 1
+        elif isinstance(module, ResNet):
+            fuse(module, inplace=True)
+            found += 1
+        elif type(module) is IntermediateLayerGetter and FusedBody.convert(module) is not None:
+            found += 1
+    if not found:
+        raise TypeError(f"fuse: found no torchvision ResNet, nor an IntermediateLayerGetter body "
+                        f"over one, in {type(model).__name__}; nothing to fuse")
+    return model
+

@@ -1,0 +1,129 @@
+"""torchvision's detection and segmentation models with the ResNet backbone fused,
+against the same models unfused: eval-mode outputs, and the frozen-BN training
+step (losses and gradients)."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from resnet_fused import fuse
+from resnet_fused.backbone import FusedBody
+from resnet_fused.testing import realistic_
+
+from common_utils import rel_err, requires_extension
+
+pytestmark = requires_extension
+
+DETECTION = ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn",
+             "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+             "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"]
+SEGMENTATION = ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"]
+
+
+def freeze_bn_(module):
+    """BatchNorm2d -> FrozenBatchNorm2d with the same statistics, as torchvision's
+    builders do for pretrained backbones."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_bn_(child)
+    return module
+
+
+def detection_model(name):
+    torch.manual_seed(0)
+    kwargs = dict(weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=128)
+    if name.startswith("keypoint"):
+        kwargs["num_keypoints"] = 5
+    model = getattr(torchvision.models.detection, name)(**kwargs)
+    realistic_(model.backbone.body, seed=0)
+    freeze_bn_(model.backbone.body)
+    return model.eval()
+
+
+def images(n=2):
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 96, 112, generator=g), torch.rand(3, 100, 90, generator=g)][:n]
+
+
+@pytest.mark.parametrize("name", DETECTION)
+def test_detection_eval_matches(name):
+    tv = detection_model(name)
+    fused = fuse(tv)
+    assert type(fused) is type(tv) and isinstance(fused.backbone.body, FusedBody)
+    assert fused.state_dict().keys() == tv.state_dict().keys()
+    x = images()
+    with torch.inference_mode():
+        feats, feats_tv = fused.backbone.body(x[0][None]), tv.backbone.body(x[0][None])
+        assert list(feats) == list(feats_tv)
+        for k in feats:
+            assert rel_err(feats[k], feats_tv[k]) <= 1e-5, k
+        ours, theirs = fused(x), tv(x)
+    for o, t in zip(ours, theirs):
+        assert o.keys() == t.keys()
+        n = min(len(o["scores"]), len(t["scores"]), 20)  # the top detections, in score order
+        assert torch.equal(o["labels"][:n], t["labels"][:n])
+        for key in o:
+            if key != "labels" and o[key].numel():
+                assert rel_err(o[key][:n], t[key][:n]) <= 1e-4, key
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn"])
+def test_detection_frozen_bn_training_step_matches(name):
+    tv = detection_model(name).train()
+    fused = fuse(tv).train()
+    x = images()
+    targets = [dict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]), labels=torch.tensor([1])),
+               dict(boxes=torch.tensor([[5.0, 5.0, 40.0, 50.0]]), labels=torch.tensor([2]))]
+    losses = []
+    for model in (fused, tv):
+        torch.manual_seed(0)  # the proposal sampler draws at random
+        loss = model(x, targets)
+        sum(loss.values()).backward()
+        losses.append({k: v.detach() for k, v in loss.items()})
+    for k in losses[1]:
+        assert rel_err(losses[0][k], losses[1][k]) <= 1e-5, k
+    # The whole model's gradients also depend on which proposals/anchors the heads
+    # select, a discrete choice that rounding-level differences in the features can
+    # flip; so the backbone's gradients are compared for one fixed upstream gradient.
+    batch = torch.stack([torch.nn.functional.pad(i, (0, 112 - i.shape[2], 0, 100 - i.shape[1]))
+                         for i in x])
+    grads = []
+    for model in (fused, tv):
+        body = model.backbone.body
+        body.zero_grad()
+        feats = body(batch)
+        g = torch.Generator().manual_seed(1)
+        sum((f * torch.randn(f.shape, generator=g)).sum() for f in feats.values()).backward()
+        grads.append({n: p.grad for n, p in body.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[1]
+    for n, ref in grads[1].items():
+        ours, ref = grads[0][n].double(), ref.double()
+        assert ((ours - ref).norm() / ref.norm()).item() <= 1e-5, n
+
+
+@pytest.mark.parametrize("name", SEGMENTATION)
+def test_segmentation_matches(name):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models.segmentation, name)(
+        weights=None, weights_backbone=None, num_classes=4, aux_loss=True)
+    realistic_(tv.backbone, seed=0)
+    tv.eval()
+    fused = fuse(tv)
+    assert isinstance(fused.backbone, FusedBody)
+    x = torch.randn(1, 3, 64, 72, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, theirs = fused(x), tv(x)
+    for k in theirs:
+        assert rel_err(ours[k], theirs[k]) <= 1e-5, k
+
+
+def test_nothing_to_fuse_is_an_error():
+    with pytest.raises(TypeError, match="found no torchvision ResNet.*in Sequential"):
+        fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
