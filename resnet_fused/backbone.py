@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from . import _extension, dispatch
-from .model import _Folding, _stage_labeller, _warn_once
+from .model import _Folding, _stage_labeller
 
 _TRUNK = ("conv1", "bn1", "relu", "maxpool")
 
@@ -50,12 +50,7 @@ class FusedBody(_Folding, IntermediateLayerGetter):
         return (False, why) if why else (True, "")
 
     def forward(self, x):
-        ok, why = self.fused_status(x)
-        if not ok or torch.onnx.is_in_onnx_export():
-            if not ok and not self.training:
-                _warn_once(why, f"FusedBody: running unfused torchvision math: {why}.")
-            return super().forward(x)
-        prepared = self._fold_for(x)
+        prepared = None if torch.onnx.is_in_onnx_export() else self._prepare_fused(x)
         if prepared is None:
             return super().forward(x)
         x, fold, finite = prepared

@@ -56,6 +56,16 @@ class _Folding:
         which bypass the version counters that refolding watches."""
         self._fold_cache = {}
 
+    def _prepare_fused(self, x):
+        """(x, fold, finite) for a fused forward, or None when torchvision's math must
+        run (said once, in eval mode)."""
+        ok, why = self.fused_status(x)
+        if not ok:
+            if not self.training:
+                _warn_once(why, f"{type(self).__name__}: running unfused torchvision math: {why}.")
+            return None
+        return self._fold_for(x)
+
     def _fold_for(self, x):
         """(x in the run dtype, fold, finite) for a fused forward, or None when
         torchvision's math must run (non-finite folded weights)."""
@@ -247,12 +257,7 @@ class FusedResNet(_Folding, ResNet):
             _warn_once("onnx", "FusedResNet: ONNX export exports torchvision's graph "
                                "(same as exporting model.to_torchvision()).")
             return super().forward(x)
-        ok, why = self.fused_status(x)
-        if not ok:
-            if not self.training:
-                _warn_once(why, f"FusedResNet: running unfused torchvision math: {why}.")
-            return super().forward(x)
-        prepared = self._fold_for(x)
+        prepared = self._prepare_fused(x)
         if prepared is None:
             return super().forward(x)
         x, fold, finite = prepared

@@ -166,16 +166,6 @@ def test_nan_propagates_like_torchvision():
     assert rel_err(out[1], ref[1]) <= 1e-5
 
 
-def test_grad_in_eval_mode_falls_back_with_a_warning():
-    tv = tv_model("resnet18")
-    fused = fuse(tv)
-    x = torch.randn(1, 3, 32, 32, requires_grad=True)
-    with pytest.warns(RuntimeWarning, match="gradients are enabled"):
-        out = fused(x)
-    out.sum().backward()
-    assert x.grad is not None
-
-
 def test_hub_entry_point():
     import hubconf
     model = hubconf.resnet18(num_classes=7)
