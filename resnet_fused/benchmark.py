@@ -95,6 +95,24 @@ def torch_variants(tv, fused, dtype, use_compile):
     return variants
 
 
+def task_variants(tv, fused, x):
+    """name -> callable() for a whole detection/segmentation model and its ResNet body
+    alone, unfused and fused, on the batch `x` (images in [0, 1] for detection). The
+    body runs on what the model would feed it (after a detection model's resize and
+    normalisation), so the body's share of the whole is measured, not guessed."""
+    from .testing import backbone_body
+
+    detection = hasattr(tv, "transform")
+    inputs = list(x) if detection else x
+    body_x = tv.transform(inputs)[0].tensors if detection else x
+    variants = {}
+    for label, model in (("unfused", tv), ("resnet_fused", fused)):
+        body = backbone_body(model)
+        variants[f"whole model, {label}"] = lambda m=model: m(inputs)
+        variants[f"ResNet body, {label}"] = lambda b=body: b(body_x)
+    return variants
+
+
 def peer_variants(tv, example, dtype, threads):
     """name -> callable(x) for ONNX Runtime and OpenVINO on torchvision's graph, and
     the reasons for the peers that cannot run here."""

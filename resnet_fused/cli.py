@@ -12,7 +12,7 @@ import torchvision
 from . import _extension, benchmark, dispatch
 from .builders import ARCHS, torchvision_model
 from .model import STAGES, fuse
-from .testing import realistic_
+from .testing import DETECTION, SEGMENTATION, realistic_, task_model
 
 # ---------------------------------------------------------------- models
 
@@ -102,6 +102,8 @@ def cmd_verify(args):
 
 
 def cmd_bench(args):
+    if args.model:
+        return cmd_bench_task(args)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1, 8])
@@ -151,6 +153,56 @@ def cmd_bench(args):
     report = dict(arch=args.arch, device=benchmark.device_name(device), dtype=args.dtype,
                   size=list(args.size), torch=torch.__version__, weights=desc, notes=notes,
                   results=results)
+    print(json.dumps(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def cmd_bench_task(args):
+    """bench --model: a whole detection or segmentation model, its ResNet body fused
+    against unfused, and the body's share of the model's time."""
+    ignored = [flag for flag, on in (("--weights", args.weights), ("--compile", args.compile),
+                                     ("--peers", args.peers)) if on]
+    if ignored:
+        print(f"error: {', '.join(ignored)} cannot be combined with --model (the whole "
+              "model runs with seeded random weights, fused against unfused)", file=sys.stderr)
+        return 2
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    batches = args.batch_sizes or [1]
+    tv = task_model(args.model).to(device=device, dtype=dtype)
+    fused = fuse(tv)
+    print(f"bench {args.model} on {benchmark.device_name(device)}, {args.dtype}, input "
+          f"{args.size}, median of {args.repeats} runs (blocks of 5, round-robin) after "
+          f"{args.warmup} warm-up runs; seeded random weights with realistic BatchNorm "
+          "statistics in the backbone")
+    if args.model in DETECTION:
+        print(f"  the model resizes its input to min_size {tv.transform.min_size[0]}, "
+              f"max_size {tv.transform.max_size} before the backbone")
+    rows = []
+    with torch.inference_mode():
+        for b in batches:
+            g = torch.Generator().manual_seed(b)
+            x = torch.rand(b, 3, *args.size, generator=g).to(device=device, dtype=dtype)
+            variants = benchmark.task_variants(tv, fused, x)
+            print(f"  batch {b} ...", file=sys.stderr, flush=True)
+            ms = benchmark.time_interleaved(variants, device, args.warmup, args.repeats)
+            rows.append((b, ms))
+    print(f"\n{'batch':>5} {'':14} {'unfused ms':>11} {'fused ms':>10} {'speedup':>8} "
+          f"{'body share':>11}")
+    results = []
+    for b, ms in rows:
+        for part in ("whole model", "ResNet body"):
+            u, f = ms[f"{part}, unfused"], ms[f"{part}, resnet_fused"]
+            share = ms["ResNet body, unfused"] / ms["whole model, unfused"]
+            print(f"{b:5d} {part:14} {u:11.1f} {f:10.1f} {u / f:7.2f}x "
+                  f"{share if part == 'whole model' else 1:10.0%}")
+            results.append(dict(batch=b, part=part, unfused_ms=u, fused_ms=f, speedup=u / f,
+                                body_share_unfused=share))
+    report = dict(model=args.model, device=benchmark.device_name(device), dtype=args.dtype,
+                  size=list(args.size), torch=torch.__version__, results=results)
     print(json.dumps(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -280,8 +332,12 @@ def build_parser():
 
     b = sub.add_parser("bench", help="fused vs unfused throughput and latency")
     common(b)
+    b.add_argument("--model", default=None, choices=DETECTION + SEGMENTATION,
+                   help="time this whole detection or segmentation model instead, its ResNet "
+                        "backbone fused against unfused (--arch, --weights, --compile and "
+                        "--peers do not apply)")
     b.add_argument("--batch-sizes", type=_batches, default=None,
-                   help="comma-separated (default: 1,8 on CPU; 1,32,256 on CUDA)")
+                   help="comma-separated (default: 1,8 on CPU; 1,32,256 on CUDA; 1 with --model)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--size", type=_size, default=(224, 224))
     b.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision), default and with freezing")

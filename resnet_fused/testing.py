@@ -47,3 +47,53 @@ def realistic_(model, seed=0):
             uniform(m.weight, -bound, bound)
             uniform(m.bias, -bound, bound)
     return model
+
+
+def freeze_bn_(module):
+    """Every BatchNorm2d in `module` replaced, in place, by a FrozenBatchNorm2d with the
+    same statistics and eps, as torchvision's builders do for pretrained backbones."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_bn_(child)
+    return module
+
+
+DETECTION = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn",
+             "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+             "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn")
+SEGMENTATION = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
+
+
+def task_model(name, seed=0, **kwargs):
+    """torchvision's detection or segmentation model `name` (one of DETECTION or
+    SEGMENTATION) with seeded weights, realistic BN statistics in its ResNet
+    backbone, and that backbone's BNs frozen as in a pretrained one; in eval mode.
+    kwargs go to torchvision's builder (num_classes, min_size, ...)."""
+    import torchvision
+
+    if name in DETECTION:
+        builder = getattr(torchvision.models.detection, name)
+    elif name in SEGMENTATION:
+        builder = getattr(torchvision.models.segmentation, name)
+    else:
+        raise ValueError(f"unknown model {name!r}; expected one of "
+                         f"{', '.join(DETECTION + SEGMENTATION)}")
+    torch.manual_seed(seed)
+    model = builder(weights=None, weights_backbone=None, **kwargs)
+    body = backbone_body(model)
+    realistic_(body, seed=seed)
+    if name in DETECTION:
+        freeze_bn_(body)
+    return model.eval()
+
+
+def backbone_body(model):
+    """The ResNet body of a torchvision detection model (model.backbone.body, under
+    the FPN) or segmentation model (model.backbone)."""
+    backbone = model.backbone
+    return getattr(backbone, "body", backbone)

@@ -134,3 +134,28 @@ def test_no_grad_keeps_the_cached_fold():
     fused(x.requires_grad_())  # a gradient forward folds inline, leaves the cache alone
     assert len(cached) == 1
     assert all(fused._fold_cache[k] is v for k, v in cached.items())
+
+
+def test_compiled_eval_mode_training_step():
+    # A fine-tuning step with BN in eval mode: forward and loss compiled as one
+    # graph (AOTAutograd traces the ops' registered backward), then backward.
+    tv = tv_model("resnet18")
+    fused = fuse(tv).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([1, 7])
+
+    def loss_of(model):
+        return torch.nn.functional.cross_entropy(model(x), target)
+
+    step = torch.compile(loss_of, fullgraph=True)
+    step(fused)  # compiles
+    with torch.profiler.profile() as prof:
+        ours = step(fused)
+        ours.backward()
+    calls = {e.key for e in prof.key_averages()}
+    assert "resnet_fused::conv_bias_act" in calls, "the compiled step did not run our op"
+    theirs = loss_of(tv)
+    theirs.backward()
+    assert rel_err(ours, theirs) <= 1e-5
+    for (name, p), (_, q) in zip(fused.named_parameters(), tv.named_parameters()):
+        assert grad_err(p.grad, q.grad) <= 1e-5, name

@@ -4,47 +4,22 @@ step (losses and gradients)."""
 
 import pytest
 import torch
-import torchvision
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from resnet_fused import fuse
 from resnet_fused.backbone import FusedBody
-from resnet_fused.testing import realistic_
+from resnet_fused.testing import DETECTION, SEGMENTATION, task_model
 
 from common_utils import rel_err, requires_extension
 
 pytestmark = requires_extension
 
-DETECTION = ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn",
-             "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
-             "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"]
-SEGMENTATION = ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"]
-
-
-def freeze_bn_(module):
-    """BatchNorm2d -> FrozenBatchNorm2d with the same statistics, as torchvision's
-    builders do for pretrained backbones."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, key).copy_(getattr(child, key).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_bn_(child)
-    return module
-
 
 def detection_model(name):
-    torch.manual_seed(0)
-    kwargs = dict(weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=128)
+    kwargs = dict(num_classes=3, min_size=96, max_size=128)
     if name.startswith("keypoint"):
         kwargs["num_keypoints"] = 5
-    model = getattr(torchvision.models.detection, name)(**kwargs)
-    realistic_(model.backbone.body, seed=0)
-    freeze_bn_(model.backbone.body)
-    return model.eval()
+    return task_model(name, **kwargs)
 
 
 def images(n=2):
@@ -110,11 +85,7 @@ def test_detection_frozen_bn_training_step_matches(name):
 
 @pytest.mark.parametrize("name", SEGMENTATION)
 def test_segmentation_matches(name):
-    torch.manual_seed(0)
-    tv = getattr(torchvision.models.segmentation, name)(
-        weights=None, weights_backbone=None, num_classes=4, aux_loss=True)
-    realistic_(tv.backbone, seed=0)
-    tv.eval()
+    tv = task_model(name, num_classes=4, aux_loss=True)
     fused = fuse(tv)
     assert isinstance(fused.backbone, FusedBody)
     x = torch.randn(1, 3, 64, 72, generator=torch.Generator().manual_seed(0))

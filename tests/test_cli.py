@@ -30,6 +30,22 @@ def test_bench_prints_table_and_json(tmp_path, capsys):
     assert "vs eager NCHW" in capsys.readouterr().out
 
 
+def test_bench_model_times_whole_model_and_body(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--model", "deeplabv3_resnet50", "--size", "48", "--warmup", "0",
+                 "--repeats", "1", "--device", "cpu", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [r["part"] for r in rows] == ["whole model", "ResNet body"]
+    assert all(r["unfused_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
+    assert 0 < rows[0]["body_share_unfused"] < 1.5  # a share, up to timing noise
+    assert "body share" in capsys.readouterr().out
+
+
+def test_bench_model_refuses_options_that_do_not_apply(capsys):
+    assert main(["bench", "--model", "fcn_resnet50", "--peers"]) == 2
+    assert "--peers cannot be combined with --model" in capsys.readouterr().err
+
+
 def test_profile_writes_traces_and_chart(tmp_path):
     assert main(["profile", "--arch", "resnet18", "--batch", "1", "--size", "64", "--warmup", "1",
                  "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
