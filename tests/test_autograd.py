@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from resnet_fused import fuse, ops
+from resnet_fused import dispatch, fuse, ops
 
 from common_utils import ConvCase, rel_err, requires_extension, tv_model
 
@@ -88,13 +88,22 @@ def _grads(model, x):
     return out, x.grad, named
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_eval_mode_with_gradients_runs_fused_and_matches_torchvision(arch):
-    tv = tv_model(arch)
+# fp64 runs the same fold and ops (the CPU op's portable path) with rounding far
+# below any pre-activation's distance from the ReLU kink, so no element can flip:
+# a strict check of the whole backward. fp32 checks the production path on a model
+# small enough that flips have not been seen on AVX2 or AVX-512 CPUs; ResNet-50 in
+# fp32 has flipped elements on some CPUs (relative 2-norm 5e-4).
+@pytest.mark.parametrize("arch,dtype,tol", [("resnet18", torch.float32, 1e-5),
+                                            ("resnet18", torch.float64, 1e-10),
+                                            ("resnet50", torch.float64, 1e-10)])
+def test_eval_mode_with_gradients_runs_fused_and_matches_torchvision(arch, dtype, tol,
+                                                                     monkeypatch):
+    monkeypatch.setattr(dispatch, "CPU_DTYPES", dispatch.CPU_DTYPES + (torch.float64,))
+    tv = tv_model(arch).to(dtype)
     fused = fuse(tv).eval()
-    assert fused.fused_status(torch.randn(1, 3, 32, 32, requires_grad=True)) == (True, "")
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=dtype)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert fused.fused_status(x1) == (True, "")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "running unfused" warning
         with torch.profiler.profile() as prof:
@@ -102,11 +111,11 @@ def test_eval_mode_with_gradients_runs_fused_and_matches_torchvision(arch):
     calls = {e.key for e in prof.key_averages()}
     assert "resnet_fused::conv_bias_act" in calls
     theirs = _grads(tv, x2)
-    assert rel_err(ours[0], theirs[0]) <= 1e-5
-    assert grad_err(ours[1], theirs[1]) <= 1e-5
+    assert rel_err(ours[0], theirs[0]) <= tol
+    assert grad_err(ours[1], theirs[1]) <= tol
     assert ours[2].keys() == theirs[2].keys() and len(ours[2]) > 0
     for name in theirs[2]:
-        assert grad_err(ours[2][name], theirs[2][name]) <= 1e-5, name
+        assert grad_err(ours[2][name], theirs[2][name]) <= tol, name
     # Eval mode: running statistics untouched.
     for (n, b1), (_, b2) in zip(fused.named_buffers(), tv.named_buffers()):
         assert torch.equal(b1, b2), n
