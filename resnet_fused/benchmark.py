@@ -79,8 +79,9 @@ EAGER = "torchvision eager (NCHW)"
 
 
 def torch_variants(tv, fused, dtype, use_compile):
-    """name -> callable(x) for torchvision eager, torch.compile and resnet_fused."""
-    tv_d = tv.to(dtype)
+    """name -> callable(x) for torchvision eager, torch.compile and resnet_fused, on
+    copies of the models in `dtype` (the given ones are left as they are)."""
+    tv_d = copy.deepcopy(tv).to(dtype)
     cl = torch.channels_last
     tv_cl = copy.deepcopy(tv_d).to(memory_format=cl)
     variants = {EAGER: tv_d,
@@ -91,7 +92,7 @@ def torch_variants(tv, fused, dtype, use_compile):
         frozen = torch.compile(copy.deepcopy(tv_cl), options={"freezing": True})
         variants["torch.compile"] = lambda x: compiled(x.contiguous(memory_format=cl))
         variants["torch.compile + freezing"] = lambda x: frozen(x.contiguous(memory_format=cl))
-    variants["resnet_fused"] = fused.to(dtype)
+    variants["resnet_fused"] = copy.deepcopy(fused).to(dtype)
     return variants
 
 
@@ -121,7 +122,7 @@ def peer_variants(tv, example, dtype, threads):
         return variants, [f"peers: none for {dtype}"]
     onnx_path = None
     try:
-        onnx_path = export_onnx(tv.float(), example.float())
+        onnx_path = export_onnx(copy.deepcopy(tv).float(), example.float())
     except Exception as e:  # exporter missing or failing: a peer row, not the bench, is lost
         return variants, [f"peers: torch.onnx.export failed ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})"]

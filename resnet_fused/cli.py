@@ -53,8 +53,9 @@ def verify_arch(arch, weights, device, batch, size, seed=0):
     with torch.inference_mode():
         ref64 = tv.double()(x.double()).float()
     for dtype in dispatch.dtypes_for(device.type):
-        # Conversions outside inference_mode: params stay normal tensors.
-        tv_d, fused_d = tv.to(dtype), fused.to(dtype)
+        # Copies, so that each dtype starts from the original weights; converted
+        # outside inference_mode, so that params stay normal tensors.
+        tv_d, fused_d = copy.deepcopy(tv).to(dtype), copy.deepcopy(fused).to(dtype)
         with torch.inference_mode():
             ours = fused_d(x.to(dtype)).float()
             theirs = tv_d(x.to(dtype)).float()
