@@ -96,18 +96,25 @@ def torch_variants(tv, fused, dtype, use_compile):
     return variants
 
 
+TASK_LABELS = ("unfused", "unfused channels_last", "resnet_fused")
+
+
 def task_variants(tv, fused, x):
     """name -> callable() for a whole detection/segmentation model and its ResNet body
-    alone, unfused and fused, on the batch `x` (images in [0, 1] for detection). The
-    body runs on what the model would feed it (after a detection model's resize and
-    normalisation), so the body's share of the whole is measured, not guessed."""
+    alone, each unfused (NCHW and channels_last) and fused, on the batch `x` (images in
+    [0, 1] for detection). The body runs on what the model would feed it (after a
+    detection model's resize and normalisation), so the body's share of the whole is
+    measured, not guessed. The fused body returns channels_last feature maps, which
+    speed up the convs after it too: the channels_last rows show how much of that a
+    user gets without fusing."""
     from .testing import backbone_body
 
     detection = hasattr(tv, "transform")
     inputs = list(x) if detection else x
     body_x = tv.transform(inputs)[0].tensors if detection else x
+    tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
     variants = {}
-    for label, model in (("unfused", tv), ("resnet_fused", fused)):
+    for label, model in zip(TASK_LABELS, (tv, tv_cl, fused)):
         body = backbone_body(model)
         variants[f"whole model, {label}"] = lambda m=model: m(inputs)
         variants[f"ResNet body, {label}"] = lambda b=body: b(body_x)

@@ -191,17 +191,18 @@ def cmd_bench_task(args):
             print(f"  batch {b} ...", file=sys.stderr, flush=True)
             ms = benchmark.time_interleaved(variants, device, args.warmup, args.repeats)
             rows.append((b, ms))
-    print(f"\n{'batch':>5} {'':14} {'unfused ms':>11} {'fused ms':>10} {'speedup':>8} "
-          f"{'body share':>11}")
+    print(f"\n{'batch':>5} {'variant':36} {'ms':>9} {'vs unfused':>11} {'body share':>11}")
     results = []
     for b, ms in rows:
         for part in ("whole model", "ResNet body"):
-            u, f = ms[f"{part}, unfused"], ms[f"{part}, resnet_fused"]
-            share = ms["ResNet body, unfused"] / ms["whole model, unfused"]
-            print(f"{b:5d} {part:14} {u:11.1f} {f:10.1f} {u / f:7.2f}x "
-                  f"{share if part == 'whole model' else 1:10.0%}")
-            results.append(dict(batch=b, part=part, unfused_ms=u, fused_ms=f, speedup=u / f,
-                                body_share_unfused=share))
+            for label in benchmark.TASK_LABELS:
+                t = ms[f"{part}, {label}"]
+                share = ms[f"ResNet body, {label}"] / ms[f"whole model, {label}"]
+                speedup = ms[f"{part}, unfused"] / t
+                print(f"{b:5d} {part + ', ' + label:36} {t:9.1f} {speedup:10.2f}x "
+                      f"{share if part == 'whole model' else 1:10.0%}")
+                results.append(dict(batch=b, part=part, variant=label, ms=t, speedup=speedup,
+                                    body_share=share))
     report = dict(model=args.model, device=benchmark.device_name(device), dtype=args.dtype,
                   size=list(args.size), torch=torch.__version__, results=results)
     print(json.dumps(report))

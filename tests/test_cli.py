@@ -36,9 +36,11 @@ def test_bench_model_times_whole_model_and_body(tmp_path, capsys):
     assert main(["bench", "--model", "deeplabv3_resnet50", "--size", "48", "--warmup", "0",
                  "--repeats", "1", "--device", "cpu", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["results"]
-    assert [r["part"] for r in rows] == ["whole model", "ResNet body"]
-    assert all(r["unfused_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
-    assert 0 < rows[0]["body_share_unfused"] < 1.5  # a share, up to timing noise
+    assert [(r["part"], r["variant"]) for r in rows] == [
+        (part, label) for part in ("whole model", "ResNet body")
+        for label in ("unfused", "unfused channels_last", "resnet_fused")]
+    assert all(r["ms"] > 0 for r in rows)
+    assert 0 < rows[0]["body_share"] < 1.5  # a share, up to timing noise
     assert "body share" in capsys.readouterr().out
 
 
