@@ -100,7 +100,6 @@ constexpr int kDirectKPT = 8;  // output channels per thread of the direct kerne
 constexpr int kDirectThreads = 256;
 constexpr int64_t kMaxGridY = 65535;  // the GEMM kernels put the group on the grid's y
 
-
 // CTAs along the grid's x for kernel k: the tile raster (M tiles x N tiles) of
 // the GEMM kernels, or one thread per (pixel, group, channel block) of the direct one.
 inline int64_t grid_x(ConvKernel k, const ConvParams& p) {
