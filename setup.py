@@ -139,6 +139,8 @@ if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
 include_dirs = [os.path.join(HERE, "csrc")]
 
 if build_cuda:
+    # csrc/cuda: *.cu are the kernels (nvcc, no ATen: fast and parallel), *.cpp their host
+    # code (the host compiler, with ATen).
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     # The toolkit's own folder first: the wheel folders fill in only what it lacks.
     include_dirs += [os.path.join(cuda_home, "include")] + wheel_cuda_includes(cuda_home)

@@ -1,19 +1,43 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA kernels, run from the repository root on a machine with a
-# GPU: build in place, run the tests marked `cuda`, run compute-sanitizer's
-# memcheck and racecheck over scripts/sanitize_ops.py, print a summary table.
-# Logs go to ${OUT:-out}/. Each step has a time cap so the whole run stays under
-# ~9 minutes. Exit status: 0 only if every step passed.
+# GPU: build in place; run the CUDA tests once per conv kernel config
+# (RESNET_FUSED_CUDA_TILE); run compute-sanitizer's memcheck, racecheck and
+# initcheck over scripts/sanitize_ops.py; verify and bench ResNet-50 through
+# FusedResNet. Writes one summary table (summary.txt) and one archive of the logs
+# (logs.tar.gz) to ${OUT:-out}/. Without a GPU every GPU step reports
+# "skipped: no GPU", so the flow can be checked anywhere.
+# Exit status: 0 only if the build, every test run, the sanitizers and verify passed.
 set -uo pipefail
 
 LOG_DIR="${OUT:-out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$LOG_DIR"
 START=$(date +%s)
-
 now() { date +%s; }
-# Caps in seconds: build, pytest, memcheck, racecheck (sum ~8.5 min).
-CAP_BUILD=150 CAP_TEST=210 CAP_MEM=80 CAP_RACE=90
+
+# ---- time budget (seconds) --------------------------------------------------
+# One command on the GPU machine may run 600 s in all. Each step is killed at its
+# cap; the caps add up to at most BUDGET, which leaves the rest for the uncapped
+# glue (environment probe, summary, archive: a few seconds).
+BUDGET=570
+# build: a clean build took 170 s wall with MAX_JOBS=2 on 2 shared cores (137 s of
+# CPU in all); its longest translation units take ~19 s of CPU each (the .cpp
+# files with ATen; each CUDA kernel unit ~3.5 s), so 16 cores should need ~30 s.
+CAP_BUILD=100
+# tests: the CUDA suite once per kernel config, all configs side by side.
+CAP_TEST=150
+CAP_MEMCHECK=60 CAP_RACECHECK=90 CAP_INITCHECK=60
+CAP_VERIFY=50 CAP_BENCH=50
+if [ $((CAP_BUILD + CAP_TEST + CAP_MEMCHECK + CAP_RACECHECK + CAP_INITCHECK + CAP_VERIFY \
+        + CAP_BENCH)) -gt "$BUDGET" ]; then
+  echo "gpu_check: the step caps add up to more than BUDGET=$BUDGET s" >&2
+  exit 2
+fi
+
+# Kernel configs the tests run under: the size rule (auto) and each forced config.
+# auto runs every test marked cuda; the forced configs run the reference suites.
+CONFIGS="auto L M S X SIMT"
+FORCED_TESTS="tests/test_cuda_ops.py tests/test_ops.py"
 
 # compute-sanitizer ships in the toolkit's bin/, which need not be on PATH.
 SAN=$(command -v compute-sanitizer || true)
@@ -29,30 +53,39 @@ NO_GPU="skipped: no GPU"
   nvidia-smi -L 2>&1 || true
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
   echo "compute-sanitizer: ${SAN:-not found}"
+  echo "cores: $(nproc)"
 } > "$LOG_DIR/env.log"
+
+ROWS=()  # summary rows: step, seconds, result
+row() { ROWS+=("$(printf '%-13s %-6s %s' "$1" "$2" "$3")"); }
+timed_out() { [ "$1" -eq 124 ] && echo ", TIMED OUT"; }
 
 # ---- build ----------------------------------------------------------------
 t=$(now)
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
   echo "build skipped (GPU_CHECK_SKIP_BUILD=1)" > "$LOG_DIR/build.log"; BUILD_RC=0
 else
-  FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" timeout "$CAP_BUILD" "$PY" setup.py build_ext --inplace \
+  FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" timeout "$CAP_BUILD" "$PY" setup.py build_ext --inplace \
     > "$LOG_DIR/build.log" 2>&1
   BUILD_RC=$?
 fi
-BUILD_S=$(( $(now) - t ))
 BUILD_WARN=$(grep -ciE "csrc/cuda/.*warning" "$LOG_DIR/build.log" || true)
+if [ "$BUILD_RC" -eq 0 ]; then BUILD_RES="ok, $BUILD_WARN warnings in csrc/cuda"
+else BUILD_RES="FAILED rc=$BUILD_RC$(timed_out "$BUILD_RC")"; fi
+row build $(( $(now) - t )) "$BUILD_RES"
+# A GPU step runs only with a GPU and a build; else it says why not.
+gpu_ready() {
+  if [ "$HAVE_GPU" != 1 ]; then echo "$NO_GPU"
+  elif [ "$BUILD_RC" -ne 0 ]; then echo "skipped: build failed"
+  fi
+}
 
-# ---- tests ----------------------------------------------------------------
-TEST_RES="not run"; TEST_RC=1; TEST_S=0
-[ "$HAVE_GPU" = 1 ] || TEST_RES="$NO_GPU"
-if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_GPU" = 1 ]; then
-  t=$(now)
-  RESNET_FUSED_UNVERIFIED_CUDA=1 timeout "$CAP_TEST" "$PY" -m pytest -q tests -m cuda -p no:cacheprovider \
-    --continue-on-collection-errors --junitxml="$LOG_DIR/pytest.xml" > "$LOG_DIR/pytest.log" 2>&1
-  TEST_RC=$?
-  TEST_S=$(( $(now) - t ))
-  TEST_RES=$("$PY" - "$LOG_DIR/pytest.xml" <<'EOF' 2>/dev/null || echo "no junit report (rc=$TEST_RC)"
+# ---- tests, once per kernel config ------------------------------------------
+# Side by side on the one GPU, each process with its share of the cores (the fp64
+# references run on the CPU); tests that need most of the GPU memory take a lock
+# (tests/common_utils.py: exclusive_gpu_memory).
+junit_summary() {  # junit file, exit status -> one line
+  "$PY" - "$1" <<'EOF' 2>/dev/null || echo "no junit report (rc=$2$(timed_out "$2"))"
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root)
@@ -60,91 +93,96 @@ n = lambda k: sum(int(s.get(k, 0)) for s in suites)
 tests, fail, err, skip = n("tests"), n("failures"), n("errors"), n("skipped")
 print(f"{tests - fail - err - skip} passed, {fail} failed, {err} errors, {skip} skipped")
 EOF
-)
-  [ "$TEST_RC" -eq 124 ] && TEST_RES="$TEST_RES (TIMED OUT)"
+}
+TEST_OK=0
+why=$(gpu_ready)
+if [ -n "$why" ]; then
+  for cfg in $CONFIGS; do row "pytest $cfg" 0 "$why"; done
+else
+  TEST_OK=1
+  n_cfg=$(echo $CONFIGS | wc -w)
+  threads=$(( $(nproc) / n_cfg )); [ "$threads" -ge 1 ] || threads=1
+  declare -A PIDS
+  t=$(now)
+  for cfg in $CONFIGS; do
+    if [ "$cfg" = auto ]; then sel="tests"; marks="cuda"; else sel="$FORCED_TESTS"; marks="cuda and not slow"; fi
+    # shellcheck disable=SC2086
+    RESNET_FUSED_CUDA_TILE=$cfg RESNET_FUSED_UNVERIFIED_CUDA=1 OMP_NUM_THREADS=$threads \
+      timeout "$CAP_TEST" "$PY" -m pytest -q $sel -m "$marks" -p no:cacheprovider \
+      --continue-on-collection-errors --junitxml="$LOG_DIR/pytest-$cfg.xml" \
+      > "$LOG_DIR/pytest-$cfg.log" 2>&1 &
+    PIDS[$cfg]=$!
+  done
+  for cfg in $CONFIGS; do
+    wait "${PIDS[$cfg]}"; rc=$?
+    [ "$rc" -eq 0 ] || TEST_OK=0
+    row "pytest $cfg" $(( $(now) - t )) "$(junit_summary "$LOG_DIR/pytest-$cfg.xml" "$rc")$(timed_out "$rc")"
+  done
 fi
 
-# ---- sanitizers -----------------------------------------------------------
-MEM_RES="not run"; RACE_RES="not run"; MEM_S=0; RACE_S=0; MEM_OK=0; RACE_OK=0
-if [ "$HAVE_GPU" != 1 ]; then
-  MEM_RES="$NO_GPU"; RACE_RES="$NO_GPU"
-elif [ "$BUILD_RC" -eq 0 ] && [ -n "$SAN" ]; then
-  # Without the caching allocator every tensor is its own allocation, so memcheck
-  # sees reads past a tensor's end instead of into a neighbour inside one block.
+# ---- sanitizers ---------------------------------------------------------------
+# Our kernels only: sanitize_ops.py computes its references on the CPU.
+# Without the caching allocator every tensor is its own allocation, so memcheck
+# and initcheck see reads past a tensor's end instead of into a neighbour.
+SAN_OK=1
+sanitize() {  # tool, cap, extra options...
+  local tool=$1 cap=$2; shift 2
+  local why; why=$(gpu_ready)
+  [ -z "$why" ] && [ -z "$SAN" ] && why="compute-sanitizer not found"
+  if [ -n "$why" ]; then row "$tool" 0 "$why"; SAN_OK=0; return; fi
+  local t rc line errs envs=()
+  [ "$tool" = racecheck ] || envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   t=$(now)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$CAP_MEM" "$SAN" --tool memcheck \
-    --print-limit 20 "$PY" scripts/sanitize_ops.py > "$LOG_DIR/memcheck.log" 2>&1
-  MEM_RC=$?
-  MEM_S=$(( $(now) - t ))
-  n=$(grep -oE "ERROR SUMMARY: [0-9]+" "$LOG_DIR/memcheck.log" | tail -1 | grep -oE "[0-9]+")
-  if [ -n "$n" ]; then
-    MEM_RES="$n errors, script rc=$MEM_RC"
-    [ "$n" -eq 0 ] && [ "$MEM_RC" -eq 0 ] && MEM_OK=1
-  else
-    MEM_RES="no summary (rc=$MEM_RC$([ "$MEM_RC" -eq 124 ] && echo ', TIMED OUT'))"
-  fi
-
-  t=$(now)
-  timeout "$CAP_RACE" "$SAN" --tool racecheck --racecheck-report hazard \
-    --print-limit 20 "$PY" scripts/sanitize_ops.py > "$LOG_DIR/racecheck.log" 2>&1
-  RACE_RC=$?
-  RACE_S=$(( $(now) - t ))
-  line=$(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$LOG_DIR/racecheck.log" | tail -1)
+  env "${envs[@]}" timeout "$cap" "$SAN" --tool "$tool" "$@" --print-limit 20 \
+    "$PY" scripts/sanitize_ops.py > "$LOG_DIR/$tool.log" 2>&1
+  rc=$?
+  line=$(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$LOG_DIR/$tool.log" | tail -1)
   if [ -n "$line" ]; then
-    errs=$(echo "$line" | grep -oE "[0-9]+ error" | grep -oE "[0-9]+" || true)
+    errs=$(echo "$line" | grep -oE "[0-9]+ error" | head -1 | grep -oE "[0-9]+" || true)
     errs=${errs:-$(echo "$line" | grep -oE "[0-9]+" | head -1)}
-    RACE_RES="${line#*SUMMARY: }, script rc=$RACE_RC"
-    [ "${errs:-1}" -eq 0 ] && [ "$RACE_RC" -eq 0 ] && RACE_OK=1
+    row "$tool" $(( $(now) - t )) "${line#*SUMMARY: }, script rc=$rc"
+    [ "${errs:-1}" -eq 0 ] && [ "$rc" -eq 0 ] || SAN_OK=0
   else
-    RACE_RES="no summary (rc=$RACE_RC$([ "$RACE_RC" -eq 124 ] && echo ', TIMED OUT'))"
+    row "$tool" $(( $(now) - t )) "no summary (rc=$rc$(timed_out "$rc"))"
+    SAN_OK=0
   fi
-elif [ "$BUILD_RC" -eq 0 ]; then
-  MEM_RES="compute-sanitizer not found"; RACE_RES="$MEM_RES"
-fi
+}
+sanitize memcheck "$CAP_MEMCHECK"
+sanitize racecheck "$CAP_RACECHECK" --racecheck-report hazard
+sanitize initcheck "$CAP_INITCHECK"
 
-# initcheck (reads of never-written device memory), while time is left.
-INIT_RES="not run"; INIT_S=0
-[ "$HAVE_GPU" = 1 ] || INIT_RES="$NO_GPU"
-if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ] \
-   && [ $(( $(now) - START )) -lt 360 ]; then
-  t=$(now)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 80 "$SAN" --tool initcheck \
-    --print-limit 20 "$PY" scripts/sanitize_ops.py > "$LOG_DIR/initcheck.log" 2>&1
-  INIT_RC=$?
-  INIT_S=$(( $(now) - t ))
-  n=$(grep -oE "ERROR SUMMARY: [0-9]+" "$LOG_DIR/initcheck.log" | tail -1 | grep -oE "[0-9]+")
-  INIT_RES="${n:-no summary} errors, script rc=$INIT_RC"
-fi
-
-# ---- the model on the GPU (only while time is left under the cap) ----------
+# ---- the model ----------------------------------------------------------------
 # FusedResNet uses the CUDA conv kernels only when told to, until they pass here.
-MODEL_RES="not run"; MODEL_S=0
-[ "$HAVE_GPU" = 1 ] || MODEL_RES="$NO_GPU"
-if [ "$BUILD_RC" -eq 0 ] && [ "$HAVE_GPU" = 1 ] && [ $(( $(now) - START )) -lt 420 ]; then
+VERIFY_OK=0
+why=$(gpu_ready)
+if [ -n "$why" ]; then
+  row verify 0 "$why"; row bench 0 "$why"
+else
   t=$(now)
-  RESNET_FUSED_UNVERIFIED_CUDA=1 timeout 90 "$PY" -m resnet_fused verify --arch resnet50 --size 128 \
-    > "$LOG_DIR/verify.log" 2>&1
-  VERIFY_RC=$?
-  RESNET_FUSED_UNVERIFIED_CUDA=1 timeout 60 "$PY" -m resnet_fused bench --arch resnet50 \
+  RESNET_FUSED_UNVERIFIED_CUDA=1 timeout "$CAP_VERIFY" "$PY" -m resnet_fused verify --arch resnet50 \
+    --size 128 > "$LOG_DIR/verify.log" 2>&1
+  rc=$?
+  [ "$rc" -eq 0 ] && VERIFY_OK=1
+  row verify $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $(tail -1 "$LOG_DIR/verify.log")"
+  t=$(now)
+  RESNET_FUSED_UNVERIFIED_CUDA=1 timeout "$CAP_BENCH" "$PY" -m resnet_fused bench --arch resnet50 \
     --dtype float16 --batch-sizes 256 --repeats 10 > "$LOG_DIR/bench.log" 2>&1
-  MODEL_S=$(( $(now) - t ))
-  MODEL_RES="verify rc=$VERIFY_RC; bench: $(grep -E '^resnet_fused ' "$LOG_DIR/bench.log" | tr -s ' ' | head -1)"
+  rc=$?
+  row bench $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $(grep -E '^batch [0-9]+: ' "$LOG_DIR/bench.log" | head -1)"
 fi
 
 # ---- summary --------------------------------------------------------------
-tail -n 30 "$LOG_DIR/pytest.log" 2>/dev/null | grep -E "FAILED|ERROR|Error" | head -20 || true
-grep -E "^(ok |BAD)|sanitize_ops:" "$LOG_DIR/memcheck.log" 2>/dev/null | head -20 || true
-BUILD_RES="$([ "$BUILD_RC" -eq 0 ] && echo ok || echo "FAILED rc=$BUILD_RC"), $BUILD_WARN warnings in csrc/cuda"
 # One summary file and one archive of the logs: few files to bring back.
 {
-  printf '== gpu_check summary (%s s total) ==\n' "$(( $(now) - START ))"
-  printf '%-10s %-6s %s\n' step secs result
-  printf '%-10s %-6s %s\n' build "$BUILD_S" "$BUILD_RES"
-  printf '%-10s %-6s %s\n' pytest "$TEST_S" "$TEST_RES"
-  printf '%-10s %-6s %s\n' memcheck "$MEM_S" "$MEM_RES"
-  printf '%-10s %-6s %s\n' racecheck "$RACE_S" "$RACE_RES"
-  printf '%-10s %-6s %s\n' initcheck "$INIT_S" "$INIT_RES"
-  printf '%-10s %-6s %s\n' model "$MODEL_S" "$MODEL_RES"
+  printf '== gpu_check summary (%s s total, budget %s s) ==\n' "$(( $(now) - START ))" "$BUDGET"
+  printf '%-13s %-6s %s\n' step secs result
+  printf '%s\n' "${ROWS[@]}"
+  for f in "$LOG_DIR"/pytest-*.log; do
+    [ -e "$f" ] || continue
+    fails=$(grep -E "^(FAILED|ERROR) " "$f" | head -10)
+    [ -n "$fails" ] && printf '\n%s:\n%s\n' "$(basename "$f")" "$fails"
+  done
+  grep -hE "^BAD|sanitize_ops:" "$LOG_DIR"/memcheck.log 2>/dev/null | head -20
 } > "$LOG_DIR/summary.txt"
 echo
 cat "$LOG_DIR/summary.txt"
@@ -152,4 +190,4 @@ cat "$LOG_DIR/summary.txt"
   && find . -maxdepth 1 -type f ! -name logs.tar.gz ! -name summary.txt -delete)
 echo "logs: $LOG_DIR/logs.tar.gz, summary: $LOG_DIR/summary.txt"
 
-[ "$BUILD_RC" -eq 0 ] && [ "$TEST_RC" -eq 0 ] && [ "$MEM_OK" -eq 1 ] && [ "$RACE_OK" -eq 1 ]
+[ "$BUILD_RC" -eq 0 ] && [ "$TEST_OK" -eq 1 ] && [ "$SAN_OK" -eq 1 ] && [ "$VERIFY_OK" -eq 1 ]

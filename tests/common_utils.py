@@ -12,9 +12,15 @@ The first term bounds fp32 accumulation of n products in any summation order
 spread between kernels, Winograd's transforms included); the second is the one
 rounding of the result to a low-precision dtype. It holds on any CPU and for any
 kernel path: AVX2 or AVX-512, oneDNN's or ours. An indexing bug errs O(1).
+fp32 on CUDA with TF32 allowed for convs (PyTorch's default) rounds every
+operand to TF32 inside the kernel: eps_dtype is then TF32's, 2^-10 (10 mantissa
+bits; the expected error is about 0.4x that).
 """
 
+import contextlib
 import math
+import os
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -51,8 +57,19 @@ requires_extension = pytest.mark.skipif(not resnet_fused.available(),
 # ---- conv cases ------------------------------------------------------------------
 
 
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _fmt(v):
+    a, b = _pair(v)
+    return f"{a}" if a == b else f"{a}x{b}"
+
+
 @dataclass(frozen=True)
 class ConvCase:
+    """A conv: R x S kernel (S defaults to R); stride, padding and dilation an int
+    or an (h, w) pair."""
     C: int
     K: int
     H: int
@@ -63,39 +80,54 @@ class ConvCase:
     dilation: int = 1
     groups: int = 1
     N: int = 2
+    S: int = None
 
     def __str__(self):
-        return (f"N{self.N}C{self.C}K{self.K}_{self.H}x{self.W}_k{self.R}s{self.stride}"
-                f"p{self.padding}d{self.dilation}g{self.groups}")
+        kernel = f"{self.R}" if self.S in (None, self.R) else f"{self.R}x{self.S}"
+        return (f"N{self.N}C{self.C}K{self.K}_{self.H}x{self.W}_k{kernel}s{_fmt(self.stride)}"
+                f"p{_fmt(self.padding)}d{_fmt(self.dilation)}g{self.groups}")
+
+    @property
+    def kernel_size(self):
+        return self.R, self.R if self.S is None else self.S
 
     @property
     def out_hw(self):
-        span = self.dilation * (self.R - 1) + 1
-        return ((self.H + 2 * self.padding - span) // self.stride + 1,
-                (self.W + 2 * self.padding - span) // self.stride + 1)
+        return tuple((size + 2 * p - (d * (k - 1) + 1)) // s + 1 for size, k, s, p, d in zip(
+            (self.H, self.W), self.kernel_size, _pair(self.stride), _pair(self.padding),
+            _pair(self.dilation)))
 
     @property
     def reduction(self):
-        return self.C // self.groups * self.R * self.R
+        return self.C // self.groups * math.prod(self.kernel_size)
 
     def geometry(self):
         """(stride, padding, dilation, groups) as the ops take them."""
-        two = lambda v: (v, v)  # noqa: E731
-        return two(self.stride), two(self.padding), two(self.dilation), self.groups
+        return _pair(self.stride), _pair(self.padding), _pair(self.dilation), self.groups
 
-    def tensors(self, dtype=torch.float32, device="cpu", channels_last=False, seed=0):
+    def tensors(self, dtype=torch.float32, device="cpu", channels_last=False, seed=0,
+                draw_on="cpu"):
         """(x, w, b, residual): normal values, weights scaled by 1/sqrt(fan_in) so
-        outputs are O(1); drawn in fp32 on the CPU, then cast and moved."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.N, self.C, self.H, self.W, generator=g)
-        w = torch.randn(self.K, self.C // self.groups, self.R, self.R, generator=g)
-        w = w / math.sqrt(self.reduction)
-        b = torch.randn(self.K, generator=g)
-        r = torch.randn(self.N, self.K, *self.out_hw, generator=g)
+        outputs are O(1); drawn in fp32 on `draw_on` (a CUDA generator is much
+        faster for batch-256 tensors, with other values), then cast and moved."""
+        g = torch.Generator(draw_on).manual_seed(seed)
+        randn = lambda *shape: torch.randn(*shape, generator=g, device=draw_on)  # noqa: E731
+        x = randn(self.N, self.C, self.H, self.W)
+        w = randn(self.K, self.C // self.groups, *self.kernel_size) / math.sqrt(self.reduction)
+        b = randn(self.K)
+        r = randn(self.N, self.K, *self.out_hw)
         out = [t.to(device=device, dtype=dtype) for t in (x, w, b, r)]
         if channels_last:
             out[0] = out[0].contiguous(memory_format=torch.channels_last)
         return tuple(out)
+
+
+def exact_in_every_dtype(t):
+    """t rounded to bfloat16 values, those below float16's normal range set to 0:
+    float32, TF32, bfloat16 and float16 all hold the result exactly, so one fp64
+    reference serves every dtype. Returned in float32."""
+    t = t.to(torch.bfloat16).float()
+    return torch.where(t.abs() < torch.finfo(torch.float16).tiny, torch.zeros_like(t), t)
 
 
 def reference(x, w, b, residual, case, relu):
@@ -111,26 +143,54 @@ def reference(x, w, b, residual, case, relu):
 # ---- errors ------------------------------------------------------------------------
 
 
-def rel_err(out, ref):
-    """max|out - ref| / max|ref|, in fp64 on the CPU."""
-    out, ref = out.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
+def rel_err(out, ref, device="cpu"):
+    """max|out - ref| / max|ref|, in fp64 on `device` (the CPU unless told)."""
+    out, ref = (t.detach().to(device, torch.float64) for t in (out, ref))
     if ref.numel() == 0:
         return 0.0
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def tol(dtype, n):
-    """The tolerance of the module docstring for a reduction of length n."""
+def tf32_conv_enabled():
+    """Whether fp32 convs on CUDA may use TF32 (the flag our CUDA kernels read)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision == "tf32"
+    return torch.backends.cudnn.allow_tf32
+
+
+@contextlib.contextmanager
+def tf32_convs(enabled):
+    """Allows or forbids TF32 in fp32 convs on CUDA, then restores the setting."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    new_api = conv is not None and hasattr(conv, "fp32_precision")
+    old = conv.fp32_precision if new_api else torch.backends.cudnn.allow_tf32
+    if new_api:
+        conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        if new_api:
+            conv.fp32_precision = old
+        else:
+            torch.backends.cudnn.allow_tf32 = old
+
+
+def tol(dtype, n, device="cpu"):
+    """The tolerance of the module docstring for a reduction of length n, for a
+    result computed on `device` with the current TF32 setting."""
     eps32 = torch.finfo(torch.float32).eps
-    eps = torch.finfo(dtype).eps if dtype != torch.float32 else eps32
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        eps = 2.0 ** -11  # TF32 operands
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and tf32_conv_enabled():
+        eps = 2.0 ** -10  # TF32 operands
     return 2 * math.sqrt(n) * eps32 + eps
 
 
 def assert_matches(out, ref, dtype, n, what=""):
-    err = rel_err(out, ref)
-    assert err <= tol(dtype, n), f"{what}: relative error {err:.3g} > {tol(dtype, n):.3g}"
+    err, bound = rel_err(out, ref), tol(dtype, n, out.device)
+    assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
 
 
 # ---- opcheck -------------------------------------------------------------------------
@@ -162,13 +222,45 @@ def run_in_threads(work, n):
         t.join()
 
 
+# Where put_nonfinite can write. Weights are poisoned at the centre tap of a 3x3
+# 'same' conv, which every output reads in bounds: kernels that skip taps on the
+# padding and kernels that multiply them by its zeros then agree.
+NONFINITE_KINDS = ("input", "input_inf", "residual", "weight", "weight_inf", "bias", "bias_inf")
+
+
 def put_nonfinite(where, x, w, b, res):
-    """Writes NaN/Inf into the named operand of a conv (x, w, b, residual), in place."""
+    """Writes NaN/Inf into the named operand of a conv (x, w, b, residual), in place:
+    "input" NaN and +Inf, "input_inf" +Inf and -Inf, "residual" NaN and -Inf,
+    "weight" and "bias" NaN, "weight_inf" and "bias_inf" +Inf and -Inf."""
+    nan, inf = float("nan"), float("inf")
     if where == "input":
-        x[0, 3, 5, 5], x[1, 0, 2, 2] = float("nan"), float("inf")
+        x[0, 3, 5, 5], x[1, 0, 2, 2] = nan, inf
+    elif where == "input_inf":
+        x[0, 3, 5, 5], x[1, 0, 2, 2] = inf, -inf
     elif where == "residual":
-        res[0, 3, 5, 5], res[1, 0, 2, 2] = float("nan"), -float("inf")
+        res[0, 3, 5, 5], res[1, 0, 2, 2] = nan, -inf
     elif where == "weight":
-        w[7, 0, 1, 1] = float("nan")
+        w[7, 0, 1, 1] = nan
+    elif where == "weight_inf":
+        w[7, 0, 1, 1], w[9, 2, 1, 1] = inf, -inf
+    elif where == "bias":
+        b[9] = nan
+    elif where == "bias_inf":
+        b[9], b[3] = inf, -inf
     else:
-        b[9] = float("nan")
+        raise ValueError(f"put_nonfinite: expected where in {NONFINITE_KINDS}, got {where!r}")
+
+
+@contextlib.contextmanager
+def exclusive_gpu_memory():
+    """Runs a test that takes a large share of GPU memory alone among this
+    machine's test processes (scripts/gpu_check.sh runs one per tile config side
+    by side), and hands its memory back afterwards."""
+    import fcntl
+
+    with open(os.path.join(tempfile.gettempdir(), "resnet_fused_gpu_memory.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()

@@ -1,24 +1,24 @@
 """GPU tests of resnet_fused's CUDA kernels: conv_bias_act, conv_bias_add_relu_,
 pack_weight and add_relu. Every test is skipped without a CUDA GPU.
 
-References are float64 convolutions on the CPU (torch.nn.functional.conv2d).
-Inputs, weights, bias and residual are drawn as bfloat16 values (no subnormals),
-which float16, TF32 and float32 all represent exactly: one float64 reference then
-serves every dtype, and the only errors left are the fp32 accumulation order and
-the final rounding to the output dtype. Tolerances, relative to max|ref|:
-  float16   2e-3   one rounding to fp16 is <= 2^-11 |y| = 4.9e-4 |y|; 4x margin
-  bfloat16  1.6e-2 one rounding to bf16 is <= 2^-8 |y| = 3.9e-3 |y|; 4x margin
-  TF32      5e-3   exact inputs leave only fp32 accumulation here; test_tf32_random_inputs
-                   checks rounding of arbitrary fp32 inputs to TF32 (2^-11 per operand)
-                   at the same tolerance
-  float32   1e-5   fp32 accumulation of up to 4608 products, ~1e-6 relative
-An indexing or pipeline bug shows as O(1) errors or NaN, far above all of these.
+Conv cases, the fp64 CPU reference, the error measure and its tolerance are
+tests/common_utils.py's: max|out - ref| / max|ref| <= 2 sqrt(n) eps_fp32 +
+eps_dtype, n = C/groups * R * S, eps_dtype TF32's 2^-10 for fp32 with TF32
+allowed. Operands are drawn as values that float16, bfloat16, TF32 and float32
+all hold exactly (exact_in_every_dtype), so one fp64 reference serves every
+dtype and the error left is the fp32 accumulation and the final rounding;
+test_tf32_random_inputs checks TF32's own rounding of arbitrary fp32 inputs. An
+indexing or pipeline bug shows as O(1) errors or NaN, far above all of these.
+
+RESNET_FUSED_CUDA_TILE=L|M|S|X|SIMT forces one kernel config wherever it can
+run; scripts/gpu_check.sh runs this file once per value, so every config meets
+every shape.
 """
 
-import contextlib
 import functools
-import math
-from collections import namedtuple
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,150 +38,94 @@ if not resnet_fused.available():
 if not torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::conv_bias_act", "CUDA"):
     pytest.skip("resnet_fused was built without CUDA kernels", allow_module_level=True)
 
-from common_utils import opcheck  # noqa: E402
+from common_utils import (NONFINITE_KINDS, ConvCase, assert_matches, exact_in_every_dtype,  # noqa: E402
+                          exclusive_gpu_memory, opcheck, put_nonfinite, reference, rel_err,
+                          tf32_convs, tol)
 
 ops = torch.ops.resnet_fused
 DEV = "cuda"
 CL = torch.channels_last
+MODES = {  # name: (dtype, TF32 allowed)
+    "fp16": (torch.float16, False),
+    "bf16": (torch.bfloat16, False),
+    "tf32": (torch.float32, True),
+    "fp32": (torch.float32, False),
+}
 
 # ---------------------------------------------------------------------------
-# Conv shapes
-
-Conv = namedtuple("Conv", "N C K H W R S stride padding dilation groups")
+# Conv cases
 
 
-def conv(C, K, H, W=None, R=1, S=None, stride=1, padding=0, dilation=1, groups=1, N=2):
-    two = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    return Conv(N, C, K, H, H if W is None else W, R, R if S is None else S, two(stride),
-                two(padding), two(dilation), groups)
-
-
-def torchvision_resnet_convs(block, layers, groups=1, width_per_group=64):
+def torchvision_resnet_convs(block, layers, groups=1, width_per_group=64, N=2):
     """Every conv of a torchvision ResNet / ResNeXt at 224x224 input (same rules as
     torchvision.models.resnet, written out so the tests need no torchvision)."""
-    out = [conv(3, 64, 224, R=7, stride=2, padding=3)]
+    out = [ConvCase(3, 64, 224, 224, R=7, stride=2, padding=3, N=N)]
     inplanes, size = 64, 56
     for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
         for b in range(blocks):
             stride = 2 if (i > 0 and b == 0) else 1
+            out_size = size // stride
             if block == "basic":
                 expansion = 1
-                out.append(conv(inplanes, planes, size, R=3, stride=stride, padding=1))
-                out_size = size // stride
-                out.append(conv(planes, planes, out_size, R=3, padding=1))
+                out.append(ConvCase(inplanes, planes, size, size, R=3, stride=stride, padding=1, N=N))
+                out.append(ConvCase(planes, planes, out_size, out_size, R=3, padding=1, N=N))
             else:
                 expansion = 4
                 width = int(planes * (width_per_group / 64.0)) * groups
-                out.append(conv(inplanes, width, size))
-                out.append(conv(width, width, size, R=3, stride=stride, padding=1, groups=groups))
-                out_size = size // stride
-                out.append(conv(width, planes * expansion, out_size))
+                out.append(ConvCase(inplanes, width, size, size, N=N))
+                out.append(ConvCase(width, width, size, size, R=3, stride=stride, padding=1,
+                                    groups=groups, N=N))
+                out.append(ConvCase(width, planes * expansion, out_size, out_size, N=N))
             if stride != 1 or inplanes != planes * expansion:
-                out.append(conv(inplanes, planes * expansion, size, stride=stride))
+                out.append(ConvCase(inplanes, planes * expansion, size, size, stride=stride, N=N))
             inplanes, size = planes * expansion, out_size
     return out
 
 
-def _distinct(shapes):
-    seen, out = set(), []
-    for s in shapes:
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
+def distinct(cases):
+    return list(dict.fromkeys(cases))
 
 
-RESNET_SHAPES = _distinct(
+RESNET_SHAPES = distinct(
     torchvision_resnet_convs("basic", [2, 2, 2, 2])  # resnet18
     + torchvision_resnet_convs("bottleneck", [3, 4, 6, 3])  # resnet50
     + torchvision_resnet_convs("bottleneck", [3, 4, 6, 3], groups=32, width_per_group=4)  # resnext50_32x4d
 )
+RESNET50_BATCH_256 = distinct(torchvision_resnet_convs("bottleneck", [3, 4, 6, 3], N=256))
 
 ODD_SHAPES = [
-    conv(3, 64, 13, 17, R=3, padding=1),  # C=3: scalar loads
-    conv(3, 64, 64, R=7, stride=2, padding=3, N=1),  # small stem
-    conv(20, 24, 13, 17, R=3, padding=1),  # C=20, K=24
-    conv(16, 17, 15, R=3, stride=2, padding=1),  # odd K: no paired stores
-    conv(64, 24, 1, N=3),  # H=W=1
-    conv(32, 32, 13, 17, R=3, padding=2, dilation=2),  # dilation 2
-    conv(16, 32, 12, 11, R=3, S=1, stride=(1, 2), padding=(0, 1), dilation=(2, 1)),  # asymmetric
-    conv(16, 32, 9, 10, R=1, S=3, padding=(0, 1), N=1),
-    conv(32, 64, 14, R=3, padding=1, groups=2),  # grouped, tensor cores
-    conv(48, 48, 10, R=3, padding=1, groups=3),  # 16 channels per group
-    conv(24, 40, 9, R=3, padding=1, groups=2),  # 12 in / 20 out per group
-    conv(64, 66, 8, R=3, padding=1, groups=2),  # 33 out per group (odd)
-    conv(12, 36, 9, R=3, padding=1, groups=3),  # 4 in / 12 out per group: direct kernel
-    conv(64, 64, 10, R=3, padding=1, groups=64),  # depthwise
-    conv(2048, 64, 4, N=3),  # long GEMM-K
-    conv(64, 128, 5, R=3, padding=1, N=0),  # batch 0
-    conv(64, 64, 7, R=3, padding=1, N=1),  # batch 1
-    conv(64, 128, 56, N=7),  # enough tiles for the 128x128 config
-    conv(64, 64, 56, R=3, padding=1, N=7),  # enough tiles for the 128x64 config
+    ConvCase(3, 64, 13, 17, R=3, padding=1),  # C=3: scalar loads
+    ConvCase(3, 64, 64, 64, R=7, stride=2, padding=3, N=1),  # small stem
+    ConvCase(20, 24, 13, 17, R=3, padding=1),  # C=20, K=24
+    ConvCase(16, 17, 15, 15, R=3, stride=2, padding=1),  # odd K: no paired stores
+    ConvCase(64, 24, 1, 1, N=3),  # H=W=1
+    ConvCase(32, 32, 13, 17, R=3, padding=2, dilation=2),  # dilation 2
+    ConvCase(16, 32, 12, 11, R=3, S=1, stride=(1, 2), padding=(0, 1), dilation=(2, 1)),  # asymmetric
+    ConvCase(16, 32, 9, 10, R=1, S=3, padding=(0, 1), N=1),
+    ConvCase(32, 64, 14, 14, R=3, padding=1, groups=2),  # grouped, tensor cores
+    ConvCase(48, 48, 10, 10, R=3, padding=1, groups=3),  # 16 channels per group
+    ConvCase(24, 40, 9, 9, R=3, padding=1, groups=2),  # 12 in / 20 out per group
+    ConvCase(64, 66, 8, 8, R=3, padding=1, groups=2),  # 33 out per group (odd)
+    ConvCase(12, 36, 9, 9, R=3, padding=1, groups=3),  # 4 in / 12 out per group: direct kernel
+    ConvCase(64, 64, 10, 10, R=3, padding=1, groups=64),  # depthwise
+    ConvCase(65600, 65600, 2, 3, R=3, padding=1, groups=65600, N=1),  # groups > grid y limit
+    ConvCase(2048, 64, 4, 4, N=3),  # long GEMM-K
+    ConvCase(64, 128, 5, 5, R=3, padding=1, N=0),  # batch 0
+    ConvCase(64, 64, 7, 7, R=3, padding=1, N=1),  # batch 1
+    ConvCase(64, 128, 56, 56, N=7),  # enough tiles for the 128x128 config
+    ConvCase(64, 64, 56, 56, R=3, padding=1, N=7),  # enough tiles for the 128x64 config
 ]
-
-
-def shape_id(s):
-    parts = [f"n{s.N}c{s.C}k{s.K}", f"{s.H}x{s.W}", f"r{s.R}x{s.S}"]
-    if s.stride != (1, 1):
-        parts.append(f"s{s.stride[0]}" + ("" if s.stride[0] == s.stride[1] else f"{s.stride[1]}"))
-    if s.padding != (0, 0):
-        parts.append(f"p{s.padding[0]}{s.padding[1]}")
-    if s.dilation != (1, 1):
-        parts.append(f"d{s.dilation[0]}{s.dilation[1]}")
-    if s.groups != 1:
-        parts.append(f"g{s.groups}")
-    return "-".join(parts)
-
 
 # ---------------------------------------------------------------------------
 # Data and reference
 
 
-def bf16_exact(t):
-    """Rounds to bfloat16 values with no fp16 subnormals: exact in every tested dtype."""
-    t = t.to(torch.bfloat16).double()
-    return torch.where(t.abs() < 2.0**-12, torch.zeros_like(t), t)
-
-
 @functools.lru_cache(maxsize=4)
-def case(s):
-    """Inputs (float64, CPU) and the float64 conv + bias reference for one shape."""
-    g = torch.Generator().manual_seed(hash(s) % (2**31))
-    x = bf16_exact(torch.randn(s.N, s.C, s.H, s.W, generator=g, dtype=torch.float64))
-    fan_in = s.C // s.groups * s.R * s.S
-    w = bf16_exact(torch.randn(s.K, s.C // s.groups, s.R, s.S, generator=g, dtype=torch.float64)
-                   / math.sqrt(max(fan_in, 1)))
-    b = bf16_exact(0.5 * torch.randn(s.K, generator=g, dtype=torch.float64))
-    ref = F.conv2d(x, w, b, s.stride, s.padding, s.dilation, s.groups)
-    res = bf16_exact(torch.randn(ref.shape, generator=g, dtype=torch.float64))
-    return x, w, b, res, ref
-
-
-MODES = {  # name: (dtype, TF32 allowed, tolerance relative to max|ref|)
-    "fp16": (torch.float16, False, 2e-3),
-    "bf16": (torch.bfloat16, False, 1.6e-2),
-    "tf32": (torch.float32, True, 5e-3),
-    "fp32": (torch.float32, False, 1e-5),
-}
-
-
-@contextlib.contextmanager
-def tf32_convs(enabled):
-    """Sets what the kernels read through allowTF32CuDNN (conv), then restores it."""
-    new_api = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision")
-    if new_api:
-        old = torch.backends.cudnn.conv.fp32_precision
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        if new_api:
-            torch.backends.cudnn.conv.fp32_precision = old
-        else:
-            torch.backends.cudnn.allow_tf32 = old
+def operands(case):
+    """(x, w, b, res) as float32 on the CPU, exact in every dtype, and the fp64
+    reference conv (no bias) of x and w."""
+    x, w, b, res = (exact_in_every_dtype(t) for t in case.tensors())
+    return x, w, b, res, reference(x, w, None, None, case, relu=False)
 
 
 def poison_allocator(*nbytes):
@@ -191,31 +135,27 @@ def poison_allocator(*nbytes):
     del bufs
 
 
-def assert_close_ref(out, ref, tol, what=""):
-    out = out.detach().double().cpu()
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    nan_out, nan_ref = torch.isnan(out), torch.isnan(ref)
-    assert torch.equal(nan_out, nan_ref), (
-        f"{what}: NaN mismatch ({int(nan_out.sum())} NaN in output, {int(nan_ref.sum())} in reference)")
-    if ref.numel() == 0:
-        return
-    ok = ~nan_ref
-    scale = max(ref[ok].abs().max().item() if ok.any() else 0.0, 1e-3)
-    err = (out[ok] - ref[ok]).abs().max().item() if ok.any() else 0.0
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * max|ref| ({scale:.3g})"
+def misaligned_copy(t):
+    """A channels_last copy of t on the GPU whose data starts one element past an
+    aligned address: the vector loads and the paired (two-channel) stores of the
+    kernels are off for it."""
+    n, c, h, w = t.shape
+    flat = torch.empty(t.numel() + 1, device=DEV, dtype=t.dtype)
+    out = flat[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    out.copy_(t)
+    return out
 
 
-def run_conv(s, x, w, b, res, relu):
-    return ops.conv_bias_act(x, w, b, res, list(s.stride), list(s.padding), list(s.dilation),
-                             s.groups, relu=relu)
+def run_conv(case, x, w, b, res, relu):
+    return ops.conv_bias_act(x, w, b, res, *case.geometry(), relu=relu)
 
 
-def check_shape_mode(s, mode):
-    dtype, tf32, tol = MODES[mode]
-    x64, w64, b64, r64, conv_ref = case(s)
-    w_dev = w64.to(DEV, dtype)
-    packed = ops.pack_weight(w_dev, list(s.stride), list(s.padding), list(s.dilation), s.groups,
-                             list(x64.shape))
+def check_case_mode(case, mode):
+    dtype, tf32 = MODES[mode]
+    x32, w32, b32, r32, conv_ref = operands(case)
+    s, p, d, g = case.geometry()
+    w_dev = w32.to(DEV, dtype)
+    packed = ops.pack_weight(w_dev, s, p, d, g, list(x32.shape))
     # (residual, relu, layout of input and residual, bias, packed weight)
     variants = [
         (True, True, CL, True, True),
@@ -225,52 +165,74 @@ def check_shape_mode(s, mode):
     ]
     with tf32_convs(tf32):
         for use_res, relu, fmt, use_bias, use_packed in variants:
-            x = x64.to(DEV, dtype).contiguous(memory_format=fmt)
-            r = r64.to(DEV, dtype).contiguous(memory_format=fmt) if use_res else None
-            b = b64.to(DEV, dtype) if use_bias else None
-            ref = conv_ref if use_bias else conv_ref - b64.view(1, -1, 1, 1)
-            if use_res:
-                ref = ref + r64
-            if relu:
-                ref = torch.relu(ref)
+            x = x32.to(DEV, dtype).contiguous(memory_format=fmt)
+            r = r32.to(DEV, dtype).contiguous(memory_format=fmt) if use_res else None
+            b = b32.to(DEV, dtype) if use_bias else None
+            # reference()'s epilogue, on the shared fp64 conv
+            ref = conv_ref + b32.double().view(1, -1, 1, 1) if use_bias else conv_ref
+            ref = ref + r32.double() if use_res else ref
+            ref = torch.relu(ref) if relu else ref
             nbytes = ref.numel() * x.element_size()
             poison_allocator(nbytes, nbytes, x.numel() * x.element_size())
-            out = run_conv(s, x, packed if use_packed else w_dev, b, r, relu)
-            what = f"{shape_id(s)} {mode} residual={use_res} relu={relu} {fmt} bias={use_bias}"
-            assert out.dtype == dtype and out.device.type == "cuda", what
-            if s.N > 0 and fmt == CL and min(ref.shape[1:]) > 1:
+            out = run_conv(case, x, packed if use_packed else w_dev, b, r, relu)
+            what = f"{case} {mode} residual={use_res} relu={relu} {fmt} bias={use_bias}"
+            assert out.dtype == dtype and out.device.type == DEV, what
+            if case.N > 0 and fmt == CL and min(ref.shape[1:]) > 1:
                 assert out.is_contiguous(memory_format=CL), f"{what}: expected channels_last output"
             if fmt == torch.contiguous_format:
                 assert out.is_contiguous(), f"{what}: expected NCHW-contiguous output"
-            assert_close_ref(out, ref, tol, what)
+            assert_matches(out, ref, dtype, case.reduction, what)
 
 
-@pytest.mark.parametrize(
-    "s,mode", [(s, m) for s in RESNET_SHAPES for m in MODES],
-    ids=[f"{shape_id(s)}-{m}" for s in RESNET_SHAPES for m in MODES])
-def test_conv_resnet_shapes(s, mode):
-    check_shape_mode(s, mode)
+def mode_params(cases):
+    return [pytest.param(c, m, id=f"{c}-{m}") for c in cases for m in MODES]
 
 
-@pytest.mark.parametrize(
-    "s,mode", [(s, m) for s in ODD_SHAPES for m in MODES],
-    ids=[f"{shape_id(s)}-{m}" for s in ODD_SHAPES for m in MODES])
-def test_conv_odd_shapes(s, mode):
-    check_shape_mode(s, mode)
+@pytest.mark.parametrize("case,mode", mode_params(RESNET_SHAPES))
+def test_conv_resnet_shapes(case, mode):
+    check_case_mode(case, mode)
 
 
-@pytest.mark.parametrize("s", [conv(64, 64, 14, R=3, padding=1, N=4), conv(3, 64, 32, R=7, stride=2, padding=3),
-                               conv(256, 512, 7, N=3), conv(20, 32, 9, R=3, padding=1)], ids=shape_id)
-def test_tf32_random_inputs(s):
+@pytest.mark.parametrize("case,mode", mode_params(ODD_SHAPES))
+def test_conv_odd_shapes(case, mode):
+    check_case_mode(case, mode)
+
+
+# Images of the batch checked against the reference at batch 256: the first
+# and last two, and four between. The kernel computes all 256 (its tiles and
+# grid are batch 256's); an fp64 CPU reference of every image would take minutes.
+BATCH_256_IMAGES = [0, 1, 51, 102, 153, 204, 254, 255]
+
+
+@pytest.mark.parametrize("case", RESNET50_BATCH_256, ids=str)
+def test_resnet50_layers_at_batch_256(case):
+    """Every distinct conv of ResNet-50 at batch 256, where the size rule picks the
+    128x128 tile (config L) for nearly every layer with more than 64 output
+    channels, over many k-tiles. Identity activation, so no error hides under a
+    ReLU."""
+    x, w, b, res = (exact_in_every_dtype(t) for t in case.tensors(device=DEV, draw_on=DEV))
+    x = x.contiguous(memory_format=CL)
+    imgs = torch.tensor(BATCH_256_IMAGES, device=DEV)
+    ref = reference(x[imgs], w, b, res[imgs], case, relu=False).to(DEV)  # fp64 on the CPU
+    for mode, (dtype, tf32) in MODES.items():
+        with tf32_convs(tf32):
+            out = run_conv(case, x.to(dtype), w.to(dtype), b.to(dtype), res.to(dtype), False)
+            bound = tol(dtype, case.reduction, DEV)
+        err = rel_err(out[imgs], ref, device=DEV)
+        assert err <= bound, f"{case} {mode}: relative error {err:.3g} > {bound:.3g}"
+        del out
+
+
+@pytest.mark.parametrize("case", [ConvCase(64, 64, 14, 14, R=3, padding=1, N=4),
+                                  ConvCase(3, 64, 32, 32, R=7, stride=2, padding=3),
+                                  ConvCase(256, 512, 7, 7, N=3), ConvCase(20, 32, 9, 9, R=3, padding=1)],
+                         ids=str)
+def test_tf32_random_inputs(case):
     """Arbitrary fp32 inputs, so TF32 rounding itself is exercised."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(s.N, s.C, s.H, s.W, generator=g)
-    w = torch.randn(s.K, s.C // s.groups, s.R, s.S, generator=g) / math.sqrt(s.C * s.R * s.S)
-    b = torch.randn(s.K, generator=g)
-    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), s.stride, s.padding, s.dilation, s.groups))
+    x, w, b, _ = case.tensors(device=DEV, channels_last=True, seed=7)
     with tf32_convs(True):
-        out = run_conv(s, x.to(DEV).contiguous(memory_format=CL), w.to(DEV), b.to(DEV), None, True)
-    assert_close_ref(out, ref, 5e-3, f"tf32 {shape_id(s)}")
+        out = run_conv(case, x, w, b, None, True)
+        assert_matches(out, reference(x, w, b, None, case, True), torch.float32, case.reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -278,65 +240,80 @@ def test_tf32_random_inputs(s):
 
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided"])
-@pytest.mark.parametrize("s", [conv(64, 256, 14, N=2), conv(64, 64, 9, R=3, padding=1, N=3),
-                               conv(12, 36, 7, R=3, padding=1, groups=3)], ids=shape_id)
-def test_conv_bias_add_relu_inplace(s, layout, mode):
-    dtype, _, tol = MODES[mode]
-    x64, w64, b64, r64, conv_ref = case(s)
-    ref = torch.relu(conv_ref + r64)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided", "misaligned"])
+@pytest.mark.parametrize("case", [ConvCase(64, 256, 14, 14), ConvCase(64, 64, 9, 9, R=3, padding=1, N=3),
+                                  ConvCase(12, 36, 7, 7, R=3, padding=1, groups=3),
+                                  ConvCase(16, 17, 9, 9, R=3, padding=1)], ids=str)
+def test_conv_bias_add_relu_inplace(case, layout, mode):
+    """channels_last and misaligned residuals are updated in place by the kernel
+    (the misaligned one, like odd K, with the paired two-channel stores off:
+    every element is read and written on its own, after its own read); the
+    others go through a copy."""
+    dtype, _ = MODES[mode]
+    x64, w64, b64, r64, conv_ref = operands(case)
+    ref = torch.relu(conv_ref + b64.double().view(1, -1, 1, 1) + r64.double())
     x = x64.to(DEV, dtype).contiguous(memory_format=CL)
     if layout == "channels_last":
         res = r64.to(DEV, dtype).contiguous(memory_format=CL)
     elif layout == "nchw":
         res = r64.to(DEV, dtype).contiguous()
+    elif layout == "misaligned":
+        res = misaligned_copy(r64.to(DEV, dtype))
     else:  # a non-dense view: written back through copy_
-        big = torch.full((s.N, s.K, r64.shape[2], 2 * r64.shape[3]), 7.0, device=DEV, dtype=dtype)
+        big = torch.full((case.N, case.K, r64.shape[2], 2 * r64.shape[3]), 7.0, device=DEV, dtype=dtype)
         res = big[:, :, :, ::2]
         res.copy_(r64.to(DEV, dtype))
     ptr = res.data_ptr()
     with tf32_convs(False):
-        ops.conv_bias_add_relu_(res, x, w64.to(DEV, dtype), b64.to(DEV, dtype), list(s.stride),
-                                list(s.padding), list(s.dilation), s.groups)
-    assert res.data_ptr() == ptr
-    assert_close_ref(res, ref, tol, f"conv_bias_add_relu_ {shape_id(s)} {layout} {mode}")
+        ops.conv_bias_add_relu_(res, x, w64.to(DEV, dtype), b64.to(DEV, dtype), *case.geometry())
+        assert res.data_ptr() == ptr
+        assert_matches(res, ref, dtype, case.reduction, f"conv_bias_add_relu_ {case} {layout} {mode}")
     if layout == "strided":
         assert torch.all(big[:, :, :, 1::2] == 7.0), "wrote outside the residual view"
 
 
 def test_conv_bias_add_relu_residual_aliases_input():
     """residual is the input itself: must not overwrite pixels other CTAs still read."""
-    s = conv(64, 64, 12, R=3, padding=1, N=2)
-    x64, w64, b64, _, _ = case(s)
+    case = ConvCase(64, 64, 12, 12, R=3, padding=1, N=2)
+    x64, w64, b64, _, _ = operands(case)
     x = x64.to(DEV, torch.float16).contiguous(memory_format=CL)
-    ref = torch.relu(F.conv2d(x.double().cpu(), w64, b64, 1, 1) + x.double().cpu())
-    ops.conv_bias_add_relu_(x, x, w64.to(DEV, torch.float16), b64.to(DEV, torch.float16), [1, 1], [1, 1],
-                            [1, 1], 1)
-    assert_close_ref(x, ref, 2e-3, "aliased residual")
+    w, b = w64.to(DEV, torch.float16), b64.to(DEV, torch.float16)
+    ref = reference(x, w, b, x, case, relu=True)
+    ops.conv_bias_add_relu_(x, x, w, b, *case.geometry())
+    assert_matches(x, ref, torch.float16, case.reduction, "aliased residual")
 
 
 # ---------------------------------------------------------------------------
-# NaN, streams, graphs
+# NaN, Inf, streams, graphs
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("s", [conv(64, 64, 9, R=3, padding=1), conv(3, 64, 11, R=3, padding=1),
-                               conv(12, 36, 7, R=3, padding=1, groups=3)], ids=shape_id)
-def test_nan_propagates_through_relu(s, mode):
-    dtype, tf32, _ = MODES[mode]
-    x64, w64, b64, r64, _ = case(s)
-    x64 = x64.clone()
-    x64[0, 1, 2, 3] = float("nan")
-    x64[-1, -1, -1, -1] = float("nan")
-    r64 = r64.clone()
-    r64[0, 0, 0, 0] = float("nan")
-    # float64 CPU conv, then relu: torch's positions of NaN
-    ref = torch.relu(F.conv2d(x64, w64, b64, s.stride, s.padding, s.dilation, s.groups) + r64)
-    assert torch.isnan(ref).any()
-    with tf32_convs(tf32):
-        out = run_conv(s, x64.to(DEV, dtype).contiguous(memory_format=CL), w64.to(DEV, dtype),
-                       b64.to(DEV, dtype), r64.to(DEV, dtype), True)
-    torch.testing.assert_close(torch.isnan(out).cpu(), torch.isnan(ref))
+@pytest.mark.parametrize("where", NONFINITE_KINDS)
+@pytest.mark.parametrize("case", [ConvCase(64, 64, 9, 9, R=3, padding=1),
+                                  ConvCase(5, 64, 11, 11, R=3, padding=1),  # scalar loads
+                                  ConvCase(12, 36, 7, 7, R=3, padding=1, groups=3)],  # direct kernel
+                         ids=str)
+def test_nan_and_inf_propagate_like_torch(case, where, mode):
+    """NaN and +-Inf in the input, residual, weight or bias give NaN and Inf where
+    the fp64 reference has them (ReLU passes NaN, as torch.relu does); the finite
+    outputs stay within tolerance."""
+    dtype, tf32 = MODES[mode]
+    x, w, b, res = (exact_in_every_dtype(t) for t in case.tensors())
+    put_nonfinite(where, x, w, b, res)
+    x, w, b, res = (t.to(DEV, dtype) for t in (x, w, b, res))
+    x = x.contiguous(memory_format=CL)
+    for relu in (True, False):
+        with tf32_convs(tf32):
+            out = run_conv(case, x, w, b, res, relu).double().cpu()
+            bound = tol(dtype, case.reduction, DEV)
+        ref = reference(x, w, b, res, case, relu)
+        what = f"{where} relu={relu}"
+        assert ref.isnan().any() or ref.isinf().any(), what
+        assert torch.equal(out.isnan(), ref.isnan()), f"{what}: NaN positions differ"
+        assert torch.equal(out.isinf(), ref.isinf()), f"{what}: Inf positions differ"
+        assert torch.equal(out[ref.isinf()], ref[ref.isinf()]), f"{what}: Inf signs differ"
+        finite = ref.isfinite()
+        assert rel_err(out[finite], ref[finite]) <= bound, what
 
 
 def _graph_workload(dtype):
@@ -433,6 +410,21 @@ def test_errors_name_the_argument():
         ops.conv_bias_act(x, w, None, torch.randn(1, 16, 4, 4, device=DEV), *args)
 
 
+def test_unknown_tile_override_is_named():
+    """An unknown RESNET_FUSED_CUDA_TILE fails the conv with a message naming the
+    variable, the values it takes and the one it got."""
+    code = ("import torch, resnet_fused\n"
+            "x = torch.randn(1, 16, 4, 4, device='cuda')\n"
+            "w = torch.randn(32, 16, 1, 1, device='cuda')\n"
+            "torch.ops.resnet_fused.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, RESNET_FUSED_CUDA_TILE="XL"), timeout=300)
+    assert done.returncode != 0
+    assert ("RESNET_FUSED_CUDA_TILE: expected one of auto, L, M, S, X, SIMT (or unset), got 'XL'"
+            in done.stderr), done.stderr[-2000:]
+
+
 def test_pack_weight_layout_and_equivalence():
     w = torch.randn(64, 32, 3, 3, device=DEV, dtype=torch.float16)
     p = ops.pack_weight(w, [1, 1], [1, 1], [1, 1], 1, [2, 32, 10, 10])
@@ -445,16 +437,13 @@ def test_pack_weight_layout_and_equivalence():
 
 def test_misaligned_views():
     """Views whose data pointer is not 16-byte aligned take the scalar paths."""
-    s = conv(16, 32, 8, R=3, padding=1)
-    x64, w64, b64, r64, conv_ref = case(s)
-    flat = torch.empty(x64.numel() + 1, device=DEV, dtype=torch.float16)
-    x = flat[1:].view(s.N, s.H, s.W, s.C).permute(0, 3, 1, 2)  # channels_last, offset by 2 bytes
-    x.copy_(x64.to(DEV, torch.float16))
-    rflat = torch.empty(r64.numel() + 1, device=DEV, dtype=torch.float16)
-    r = rflat[1:].view(s.N, r64.shape[2], r64.shape[3], s.K).permute(0, 3, 1, 2)
-    r.copy_(r64.to(DEV, torch.float16))
-    out = run_conv(s, x, w64.to(DEV, torch.float16), b64.to(DEV, torch.float16), r, True)
-    assert_close_ref(out, torch.relu(conv_ref + r64), 2e-3, "misaligned views")
+    case = ConvCase(16, 32, 8, 8, R=3, padding=1)
+    x64, w64, b64, r64, _ = operands(case)
+    x, r = misaligned_copy(x64.half()), misaligned_copy(r64.half())
+    w, b = w64.to(DEV, torch.float16), b64.to(DEV, torch.float16)
+    out = run_conv(case, x, w, b, r, True)
+    assert_matches(out, reference(x, w, b, r, case, True), torch.float16, case.reduction,
+                   "misaligned views")
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
@@ -463,13 +452,14 @@ def test_more_than_2_31_elements():
     """Input and output over 2^31 elements: offsets must be 64-bit. Checked on the
     last rows (a 1x1 conv of those rows alone) against cuDNN in fp32."""
     N, C, K, H, W = 1, 64, 128, 5800, 5800  # input 2.15e9, output 4.3e9 elements
-    x = torch.empty(N, C, H, W, device=DEV, dtype=torch.float16, memory_format=CL).normal_()
-    w = (torch.randn(K, C, 1, 1, device=DEV) / 8).half()
-    b = torch.randn(K, device=DEV).half()
-    out = ops.conv_bias_act(x, w, b, None, [1, 1], [0, 0], [1, 1], 1, relu=False)
-    tail = out[:, :, -2:, :].float()
-    ref = F.conv2d(x[:, :, -2:, :].float(), w.float(), b.float())
-    del out, x
+    with exclusive_gpu_memory():
+        x = torch.empty(N, C, H, W, device=DEV, dtype=torch.float16, memory_format=CL).normal_()
+        w = (torch.randn(K, C, 1, 1, device=DEV) / 8).half()
+        b = torch.randn(K, device=DEV).half()
+        out = ops.conv_bias_act(x, w, b, None, [1, 1], [0, 0], [1, 1], 1, relu=False)
+        tail = out[:, :, -2:, :].float()
+        ref = F.conv2d(x[:, :, -2:, :].float(), w.float(), b.float())
+        del out, x
     torch.testing.assert_close(tail, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
 
 
@@ -479,13 +469,15 @@ def test_more_than_2_31_elements():
 @pytest.mark.parametrize("numel", [2**31 - 24, 2**31 + 24], ids=["below_2^31", "above_2^31"])
 def test_add_relu_around_2_31_elements(numel):
     """The vector loop and the scalar tail both past the 32-bit boundary."""
-    a = torch.empty(numel, device=DEV, dtype=torch.float16).normal_()
-    b = torch.empty(numel, device=DEV, dtype=torch.float16).normal_()
-    out = ops.add_relu(a, b)
-    for sl in (slice(0, 4096), slice(numel - 4099, numel)):   # head and tail, with the tail's odd end
-        torch.testing.assert_close(out[sl], torch.relu(a[sl].float() + b[sl].float()).half())
-    ops.add_relu_(a, b)
-    assert torch.equal(a[-3:], out[-3:])
+    with exclusive_gpu_memory():
+        a = torch.empty(numel, device=DEV, dtype=torch.float16).normal_()
+        b = torch.empty(numel, device=DEV, dtype=torch.float16).normal_()
+        out = ops.add_relu(a, b)
+        for sl in (slice(0, 4096), slice(numel - 4099, numel)):   # head and tail, with the tail's odd end
+            torch.testing.assert_close(out[sl], torch.relu(a[sl].float() + b[sl].float()).half())
+        ops.add_relu_(a, b)
+        assert torch.equal(a[-3:], out[-3:])
+        del a, b, out
 
 
 # ---------------------------------------------------------------------------

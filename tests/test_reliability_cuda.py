@@ -9,7 +9,7 @@ import torch
 import resnet_fused
 from resnet_fused import dispatch, fuse
 
-from common_utils import rel_err, run_in_threads, tv_model
+from common_utils import rel_err, run_in_threads, tf32_convs, tv_model
 
 pytestmark = [
     pytest.mark.cuda,
@@ -22,10 +22,8 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def exact_fp32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    with tf32_convs(False):
+        yield
 
 
 def test_threads_with_their_own_streams():

@@ -1,6 +1,7 @@
 // Device code of conv_bias_act: implicit-GEMM convolution kernels over NHWC
 // activations and KRSC weights, with the bias / residual / ReLU epilogue applied
-// to the accumulators in registers. Host-side dispatch is in conv_bias_act.cu.
+// to the accumulators in registers. Launchers: conv_launch.cuh; which kernel
+// runs: conv_bias_act.cpp; parameters and the kernel table: launch.h.
 //
 // GEMM view, per group g:  Y[m, n] = sum_k A[m, k] * B[n, k]
 //   m = (image, p, q) output pixel        M = N*P*Q
@@ -10,54 +11,12 @@
 // with zeros for padding and for rows/columns past the end of the GEMM.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
 #include <type_traits>
+
+#include "launch.h"
 
 namespace resnet_fused {
 namespace conv {
-
-// Division by a run-time invariant divisor with one multiply-high and a shift
-// (round-up method of Granlund & Montgomery). Exact for 0 <= n < 2^31 and
-// 1 <= d < 2^31, which the host guarantees; integer division would cost ~20
-// instructions per im2col coordinate.
-struct FastDiv {
-  uint32_t d = 1, mul = 1, shr = 0;
-  FastDiv() = default;
-  explicit FastDiv(uint32_t divisor) : d(divisor) {
-    uint32_t l = 0;
-    while ((uint64_t(1) << l) < d) ++l;
-    mul = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << l) - d)) / d + 1);
-    shr = l;
-  }
-  __host__ __device__ __forceinline__ int div(int n) const {
-#ifdef __CUDA_ARCH__
-    const uint32_t t = __umulhi(static_cast<uint32_t>(n), mul);
-#else
-    const uint32_t t = static_cast<uint32_t>((uint64_t(static_cast<uint32_t>(n)) * mul) >> 32);
-#endif
-    return static_cast<int>((t + static_cast<uint32_t>(n)) >> shr);
-  }
-};
-
-struct ConvParams {
-  const void* x;     // input, dense NHWC [N][H][W][C]
-  const void* w;     // weight, dense KRSC [K][R][S][Cg]
-  const void* bias;  // [K] in the input dtype, or null
-  const void* res;   // residual, dense NHWC [N][P][Q][K], or null; may equal y
-  void* y;           // output, dense NHWC [N][P][Q][K]
-  int N, H, W, C;
-  int P, Q, K;
-  int R, S, Cg, Kg, groups;
-  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int M, Kgemm;
-  int n_tiles;   // CTA tiles along n, for the tile raster
-  bool relu;
-  bool pair_ok;  // two adjacent output channels may be stored as one aligned word
-  FastDiv div_pq, div_q, div_cg, div_s;
-};
 
 // ---------------------------------------------------------------------------
 // Element types: fp32 math on both sides of a conversion, round to nearest.
@@ -209,7 +168,7 @@ struct TileCfg {
   static_assert((BM * 4) % THREADS == 0 && (BN * 4) % THREADS == 0, "chunks must split evenly");
 };
 
-// Tile table (chosen per shape in conv_bias_act.cu):
+// Tile table (chosen per shape in conv_bias_act.cpp):
 //   L 128x128, 8 warps of 64x32: big GEMMs with >64 output channels; 64 KB smem, 2 CTAs/SM.
 //   M 128x64,  4 warps of 64x32: the 64-channel layers, where a 128-wide tile would be half empty.
 //   S 64x64,   4 warps of 32x32: small GEMMs (few tiles: small batch, 7x7 maps). 4 stages everywhere: cp.async latency is ~3 k-tiles of MMA.
@@ -219,6 +178,14 @@ using CfgL = TileCfg<128, 128, 2, 4, 4, 2>;
 using CfgM = TileCfg<128, 64, 2, 2, 4, 3>;
 using CfgS = TileCfg<64, 64, 2, 2, 4, 4>;
 using CfgX = TileCfg<64, 64, 2, 2, 4, 3>;
+
+template <typename Cfg>
+constexpr bool same_tile(ConvKernel k) {
+  return Cfg::BM == tile_dims(k).bm && Cfg::BN == tile_dims(k).bn;
+}
+static_assert(same_tile<CfgL>(ConvKernel::kTcL) && same_tile<CfgM>(ConvKernel::kTcM) &&
+                  same_tile<CfgS>(ConvKernel::kTcS) && same_tile<CfgX>(ConvKernel::kTcX),
+              "launch.h's tile_dims must match the tile configs");
 
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4));
@@ -515,7 +482,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) tc_conv_kernel(
 // element, so any C, groups or alignment works.
 template <typename T>
 __global__ void __launch_bounds__(256) simt_conv_kernel(const ConvParams p) {
-  constexpr int BM = 64, BN = 64, BK = 16, PAD = 4;  // PAD keeps float4 rows aligned
+  constexpr int BM = tile_dims(ConvKernel::kSimt).bm, BN = tile_dims(ConvKernel::kSimt).bn;
+  static_assert(BM == 64 && BN == 64, "the thread mapping below assumes a 64x64 tile");
+  constexpr int BK = 16, PAD = 4;  // PAD keeps float4 rows aligned
   __shared__ __align__(16) float As[BK][BM + PAD];
   __shared__ __align__(16) float Bs[BK][BN + PAD];
 
@@ -627,13 +596,14 @@ __global__ void __launch_bounds__(256) simt_conv_kernel(const ConvParams p) {
 // ---------------------------------------------------------------------------
 // Direct convolution for groups with few output channels (Kg < 16, e.g. ResNeXt
 // with 4-8 channels per group), where a GEMM tile would be mostly empty and the
-// layer is memory bound anyway. A thread computes up to 8 output channels of one
-// (pixel, group); consecutive threads cover consecutive channels, so loads and
-// stores coalesce. fp32 accumulation.
-constexpr int kDirectKPT = 8;
-
+// layer is memory bound anyway; also for more groups than the GEMM kernels' grid
+// takes. A thread computes up to 8 output channels of one (pixel, group);
+// consecutive threads cover consecutive channels, so loads and stores coalesce.
+// fp32 accumulation. Taps that fall on padding are skipped, not multiplied by
+// zero: a NaN/Inf weight meets only the pixels it is applied to (the GEMM kernels
+// multiply it by the padding's zeros too, giving NaN at the border).
 template <typename T>
-__global__ void __launch_bounds__(256) direct_conv_kernel(const ConvParams p, int k_blocks, int64_t total) {
+__global__ void __launch_bounds__(kDirectThreads) direct_conv_kernel(const ConvParams p, int k_blocks, int64_t total) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int kb = static_cast<int>(idx % k_blocks);

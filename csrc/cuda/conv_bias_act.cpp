@@ -1,14 +1,16 @@
-// CUDA conv_bias_act / conv_bias_add_relu_ / pack_weight.
+// CUDA conv_bias_act / conv_bias_add_relu_ / pack_weight: argument checks, the
+// choice of kernel and the launch. Host code only (ATen, host compiler); the
+// kernels are in igemm.cuh, compiled per dtype in conv_kernels_*.cu.
 //
 // act(conv2d(x, w) + bias [+ residual]) as one implicit-GEMM kernel over NHWC
 // activations and KRSC weights; the epilogue adds bias and residual and applies
 // ReLU in registers, so the output is written once and nothing else touches
-// global memory. Kernels are in igemm.cuh. Paths:
+// global memory. Paths:
 //   fp16 / bf16          tensor cores, mma.sync m16n8k16, fp32 accumulation
 //   fp32, TF32 allowed   tensor cores, mma.sync m16n8k8 TF32 (inputs rounded to nearest)
 //   fp32, TF32 off       exact fp32 SIMT FMA kernel
 //   < 16 out channels per group (ResNeXt 4-8 per group, depthwise): direct SIMT kernel
-//   below sm_80          SIMT kernel for every dtype
+//   no sm_80+ code for this GPU: SIMT kernel for every dtype
 // Launches go on the current stream, allocate only through PyTorch's caching
 // allocator and never synchronize the host, so a model using them can be
 // captured in a CUDA graph.
@@ -18,25 +20,26 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include <atomic>
 #include <climits>
+#include <cstdlib>
+#include <optional>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 #include "checks.h"
-#include "igemm.cuh"
+#include "launch.h"
 
 namespace resnet_fused {
 namespace {
 
 using at::Tensor;
 using c10::optional;
+using conv::ConvKernel;
 using conv::ConvParams;
 using conv::FastDiv;
 
 constexpr auto kCL = at::MemoryFormat::ChannelsLast;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 bool tf32_allowed() {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
@@ -56,48 +59,53 @@ void check_cuda_conv(const char* op, const Tensor& input) {
 }
 
 // ---------------------------------------------------------------------------
-// Launchers.
+// Which kernel runs.
 
-template <typename T, typename Cfg, bool kVec>
-void launch_tc(ConvParams p, cudaStream_t stream) {
-  p.n_tiles = static_cast<int>(ceil_div(p.Kg, Cfg::BN));
-  const int64_t blocks = ceil_div(p.M, Cfg::BM) * p.n_tiles;
-  TORCH_CHECK(blocks <= INT_MAX, "conv_bias_act: too many output tiles (", blocks, ")");
-  const int smem = Cfg::SMEM_BYTES + (kVec ? 0 : Cfg::BM * 16);  // + per-row im2col table
-  auto kernel = conv::tc_conv_kernel<T, Cfg, kVec>;
-  if (smem > 48 * 1024) {
-    // Opting in to more than 48 KB of dynamic shared memory is per function and
-    // device; done once (it is not a stream operation, so capture is unaffected).
-    static std::atomic<uint64_t> configured{0};
-    const int dev = c10::cuda::current_device();
-    const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
-    if (bit == 0 || !(configured.load() & bit)) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      configured.fetch_or(bit);
-    }
+// RESNET_FUSED_CUDA_TILE forces one kernel config wherever it can run, so that
+// the reference tests can check each config on every shape (scripts/gpu_check.sh
+// runs them once per value):
+//   L, M, S  that tensor-core tile for every launch with vector loads (launches
+//            whose operands need scalar loads keep X, the only config for them)
+//   X        the scalar-load tensor-core kernel for every tensor-core launch
+//   SIMT     the SIMT kernel for every GEMM launch, tensor cores or not
+//   auto     (or unset) the size rule in choose_kernel
+// The direct kernel's cases are never overridden. Read once, at the first dispatch
+// (an unknown value is reported at every call until it is fixed).
+constexpr const char* kTileEnv = "RESNET_FUSED_CUDA_TILE";
+
+std::optional<ConvKernel> parse_tile_override() {
+  static const std::pair<const char*, ConvKernel> kNames[] = {
+      {"L", ConvKernel::kTcL}, {"M", ConvKernel::kTcM},    {"S", ConvKernel::kTcS},
+      {"X", ConvKernel::kTcX}, {"SIMT", ConvKernel::kSimt}};
+  const char* env = std::getenv(kTileEnv);
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto") return std::nullopt;
+  for (const auto& [name, kernel] : kNames) {
+    if (v == name) return kernel;
   }
-  kernel<<<dim3(static_cast<unsigned>(blocks), p.groups), Cfg::THREADS, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(false, kTileEnv, ": expected one of auto, L, M, S, X, SIMT (or unset), got '", v,
+              "'");
+  return std::nullopt;
 }
 
-template <typename T>
-void launch_simt(ConvParams p, cudaStream_t stream) {
-  p.n_tiles = static_cast<int>(ceil_div(p.Kg, 64));
-  const int64_t blocks = ceil_div(p.M, 64) * p.n_tiles;
-  TORCH_CHECK(blocks <= INT_MAX, "conv_bias_act: too many output tiles (", blocks, ")");
-  conv::simt_conv_kernel<T><<<dim3(static_cast<unsigned>(blocks), p.groups), 256, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+std::optional<ConvKernel> tile_override() {
+  static const std::optional<ConvKernel> forced = parse_tile_override();
+  return forced;
 }
 
+// Whether the current device runs the tensor-core kernels for T as compiled for
+// sm_80+. The device's compute capability is not enough: from a build whose only
+// code for this GPU is PTX older than sm_80, the driver compiles the kernel's
+// __trap() stub. Queried once per device.
 template <typename T>
-void launch_direct(ConvParams p, cudaStream_t stream) {
-  const int k_blocks = static_cast<int>(ceil_div(p.Kg, conv::kDirectKPT));
-  const int64_t total = static_cast<int64_t>(p.M) * p.groups * k_blocks;
-  const int64_t blocks = ceil_div(total, 256);
-  TORCH_CHECK(blocks <= INT_MAX, "conv_bias_act: output too large for the direct kernel (", total,
-              " threads)");
-  conv::direct_conv_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, k_blocks, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+bool tensor_core_code(int device) {
+  static PerDeviceFlag known, usable;
+  if (known.test(device)) return usable.test(device);
+  int ptx = 0;
+  C10_CUDA_CHECK(conv::tc_ptx_version<T>(&ptx));
+  if (ptx >= 80) usable.set(device);
+  known.set(device);
+  return ptx >= 80;
 }
 
 // Path and tile choice. Tile table (see igemm.cuh): 128x128 (L) when a group has
@@ -105,33 +113,35 @@ void launch_direct(ConvParams p, cudaStream_t stream) {
 // 128x64 (M) when that fills the SMs; else 64x64 (S), which keeps small GEMMs
 // (batch 1, 7x7 maps) spread over more SMs. Not autotuned: one rule, no state.
 template <typename T>
-void dispatch(const ConvParams& p, const Tensor& x, const Tensor& w, cudaStream_t stream) {
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  const bool tensor_cores = prop->major >= 8 && (!std::is_same<T, float>::value || tf32_allowed());
-  if (p.Kgemm == 0 || p.Kg < 16) {
-    launch_direct<T>(p, stream);
-    return;
-  }
-  if (!tensor_cores) {
-    launch_simt<T>(p, stream);
-    return;
-  }
+ConvKernel choose_kernel(const ConvParams& p, const Tensor& x, const Tensor& w, int device) {
+  // Direct: a GEMM tile would be mostly empty (< 16 output channels per group),
+  // or there are more groups than the GEMM kernels' grid has rows (y <= 65535).
+  if (p.Kgemm == 0 || p.Kg < 16 || p.groups > conv::kMaxGridY) return ConvKernel::kDirect;
+  const auto forced = tile_override();
+  const bool tensor_cores =
+      tensor_core_code<T>(device) && (!std::is_same<T, float>::value || tf32_allowed());
+  if (!tensor_cores || forced == ConvKernel::kSimt) return ConvKernel::kSimt;
   constexpr int VEC = 16 / sizeof(T);
   const bool vec = p.C % VEC == 0 && p.Cg % VEC == 0 && aligned(x.const_data_ptr(), 16) &&
                    aligned(w.const_data_ptr(), 16);
-  if (!vec) {
-    launch_tc<T, conv::CfgX, false>(p, stream);
-    return;
-  }
-  const int64_t sms = prop->multiProcessorCount;
-  auto tiles = [&](int bm, int bn) { return ceil_div(p.M, bm) * ceil_div(p.Kg, bn) * p.groups; };
-  if (p.Kg > 64 && tiles(128, 128) >= sms) {
-    launch_tc<T, conv::CfgL, true>(p, stream);
-  } else if (tiles(128, 64) >= sms) {
-    launch_tc<T, conv::CfgM, true>(p, stream);
-  } else {
-    launch_tc<T, conv::CfgS, true>(p, stream);
-  }
+  if (!vec || forced == ConvKernel::kTcX) return ConvKernel::kTcX;
+  if (forced.has_value()) return *forced;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto tiles = [&](ConvKernel k) { return conv::grid_x(k, p) * p.groups; };
+  if (p.Kg > 64 && tiles(ConvKernel::kTcL) >= sms) return ConvKernel::kTcL;
+  if (tiles(ConvKernel::kTcM) >= sms) return ConvKernel::kTcM;
+  return ConvKernel::kTcS;
+}
+
+template <typename T>
+void launch(const ConvParams& p, const Tensor& x, const Tensor& w) {
+  const int device = c10::cuda::current_device();
+  const ConvKernel k = choose_kernel<T>(p, x, w, device);
+  const int64_t blocks = conv::grid_x(k, p);
+  TORCH_CHECK(blocks <= INT_MAX, "conv_bias_act (CUDA kernel): output too large for one grid (",
+              blocks, " blocks for N*P*Q=", p.M, ", K=", p.K, ", groups=", p.groups, ")");
+  TORCH_INTERNAL_ASSERT(k == ConvKernel::kDirect || p.groups <= conv::kMaxGridY);
+  C10_CUDA_CHECK(conv::launch_conv<T>(k, p, device, at::cuda::getCurrentCUDAStream().stream()));
 }
 
 // out = act(conv(x, w) + bias [+ res]). x, out, res: dense channels_last; w: dense
@@ -148,7 +158,6 @@ void conv_into(const Tensor& out, const Tensor& x, const Tensor& w, const option
   TORCH_CHECK(M <= kMax && Kgemm <= kMax && C <= kMax && H <= kMax && W <= kMax && K <= kMax,
               "conv_bias_act (CUDA kernel): sizes too large for 32-bit coordinates: N*P*Q=", M,
               ", R*S*C/groups=", Kgemm, ", input ", x.sizes());
-  TORCH_CHECK(groups <= 65535, "conv_bias_act (CUDA kernel): expected groups <= 65535, got ", groups);
   const int64_t pad_extent = std::max(padding[0], padding[1]) +
                              std::max(dilation[0] * (R - 1), dilation[1] * (S - 1)) +
                              std::max(stride[0] * P, stride[1] * Q);
@@ -189,16 +198,15 @@ void conv_into(const Tensor& out, const Tensor& x, const Tensor& w, const option
   p.div_cg = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, Cg)));
   p.div_s = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, S)));
 
-  auto stream = at::cuda::getCurrentCUDAStream().stream();
   switch (x.scalar_type()) {
     case at::kHalf:
-      dispatch<__half>(p, x, w, stream);
+      launch<__half>(p, x, w);
       break;
     case at::kBFloat16:
-      dispatch<__nv_bfloat16>(p, x, w, stream);
+      launch<__nv_bfloat16>(p, x, w);
       break;
     case at::kFloat:
-      dispatch<float>(p, x, w, stream);
+      launch<float>(p, x, w);
       break;
     default:
       TORCH_CHECK(false, "conv_bias_act (CUDA kernel): unsupported dtype ", x.scalar_type());

@@ -1,0 +1,4 @@
+// conv_bias_act's bfloat16 kernels (one translation unit per dtype: see conv_launch.cuh).
+#include "conv_launch.cuh"
+
+RESNET_FUSED_CONV_KERNELS(__nv_bfloat16)
