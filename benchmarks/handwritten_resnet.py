@@ -81,8 +81,8 @@ def main():
     x = torch.randn(args.batch, 3, args.size, args.size,
                     generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ms = time_interleaved({"unfused": model, "fused": fused}, x.device, args.warmup,
-                              args.repeats)
+        variants = {"unfused": lambda: model(x), "fused": lambda: fused(x)}
+        ms = time_interleaved(variants, x.device, args.warmup, args.repeats)
         ref = copy.deepcopy(model).double()(x.double())
         errs = {"unfused": rel_err(model(x), ref), "fused": rel_err(fused(x), ref)}
     print(f"{cpu_model()} ({torch.get_num_threads()} threads), torch {torch.__version__}, "

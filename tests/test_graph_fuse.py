@@ -124,7 +124,8 @@ class ShortcutFirstBlock(nn.Module):
 
     def __init__(self, cin, cout, stride=1, drop_path=False):
         super().__init__()
-        self.conv_a, self.bn_a = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv_a = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(cout)
         self.conv_b, self.bn_b = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
         self.proj = None
         if stride != 1 or cin != cout:
@@ -144,7 +145,8 @@ class ShortcutFirstBlock(nn.Module):
 class ShortcutFirstNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv, self.bn, self.relu = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
         self.blocks = nn.Sequential(ShortcutFirstBlock(16, 32, 2),
                                     ShortcutFirstBlock(32, 32, drop_path=True),
                                     ShortcutFirstBlock(32, 32))
