@@ -466,9 +466,10 @@ def _restore(cls):
 
 def fuse_graph(model):
     """Rewrites `model` in place (see the module docstring). Returns how many
-    patterns were rewritten: 0 when there are none (the model is left as it was),
-    None when its forward cannot be traced (said in a warning; left as it was).
-    Submodules that cannot be traced run unfused, said in a warning."""
+    patterns were rewritten (or were by an earlier fuse() of a submodule): 0 when
+    there are none, None when its forward cannot be traced (said in a warning); in
+    both cases the model is left as it was. Submodules that cannot be traced run
+    unfused, said in a warning."""
     if isinstance(model, GraphFused):
         return sum(model.fused_patterns.values())
     name = type(model).__name__
@@ -491,4 +492,7 @@ def fuse_graph(model):
         model.__class__ = _fused_class(type(model))
         model._fold_cache = {}
         model._graph_rewrite = rewrite
-    return found
+        return found
+    # Nothing around them, but parts fused before (traced as calls) still count.
+    return sum(sum(m.fused_patterns.values()) for m in model.modules()
+               if isinstance(m, GraphFused))

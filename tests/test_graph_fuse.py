@@ -434,3 +434,18 @@ def test_no_pattern_is_an_error():
                                         "graph; nothing to fuse"):
         fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
                            nn.ReLU()))
+
+
+def test_a_model_around_fused_parts_is_not_an_error():
+    class Around(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    model, x = build("seed")
+    around = fused_quietly(Around(fuse(model)))
+    with torch.inference_mode():
+        assert rel_err(around(x), 2 * model(x)) <= 1e-5
