@@ -61,7 +61,9 @@ class FusedBody(_Folding, IntermediateLayerGetter):
 
 def fuse_any(model, inplace=False):
     """Replaces every torchvision ResNet and every IntermediateLayerGetter body over
-    one inside `model` by its fused equivalent; returns the model (same type)."""
+    one inside `model` by its fused equivalent; returns the model (same type). A model
+    with neither is rewritten by resnet_fused.graph_fuse (its class becomes a subclass
+    of its own)."""
     from torchvision.models.resnet import ResNet
 
     from .model import FusedResNet, fuse
@@ -77,7 +79,11 @@ def fuse_any(model, inplace=False):
         elif type(module) is IntermediateLayerGetter and FusedBody.convert(module) is not None:
             found += 1
     if not found:
-        raise TypeError(f"fuse: found no torchvision ResNet, nor an IntermediateLayerGetter body "
-                        f"over one, in {type(model).__name__}; nothing to fuse")
+        # No torchvision ResNet: the conv-BN-ReLU and residual patterns of its fx graph.
+        from .graph_fuse import fuse_graph
+        if fuse_graph(model) == 0:
+            raise TypeError(f"fuse: found no torchvision ResNet, nor an IntermediateLayerGetter "
+                            f"body over one, in {type(model).__name__}, and no conv-BatchNorm or "
+                            f"add-ReLU pattern in its torch.fx graph; nothing to fuse")
     return model
 

@@ -1,0 +1,451 @@
+"""fuse() on ResNets written without torchvision (resnet_fused.graph_fuse), against
+the same models unfused: a textbook BasicBlock ResNet, a CIFAR ResNet-20, ResNet-D
+bottlenecks, shortcut-first residuals with a standalone add-ReLU, convs with a
+bias; untraceable models."""
+
+import copy
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from resnet_fused import fuse
+from resnet_fused.graph_fuse import ADD_RELU, CONV_BN, CONV_BN_ADD_RELU, CONV_BN_RELU, GraphFused
+from resnet_fused.testing import realistic_
+
+from common_utils import rel_err, requires_extension
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from handwritten_resnet import SeedBlock, SeedResNet  # noqa: E402  (the benchmark's model)
+
+pytestmark = requires_extension
+BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# ---- the models ------------------------------------------------------------------------
+
+
+class CifarShortcut(nn.Module):
+    """ResNet-20's option A: subsample, zero-pad the new channels."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
+
+
+class CifarBlock(SeedBlock):
+    """The textbook block with ResNet-20's option A shortcut (no parameters)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__(cin, cout, stride)
+        if cin != cout:
+            self.res_connnection = CifarShortcut((cout - cin) // 2)
+
+
+class CifarResNet20(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for cout in (16, 32, 64):
+            for i in range(3):
+                blocks.append(CifarBlock(cin, cout, 2 if i == 0 and cout != 16 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+class BottleneckD(nn.Module):
+    """timm-style bottleneck; ResNet-D downsampling: average pool, then 1x1 conv-BN."""
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        cout = planes * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.act = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+                    if stride > 1 else nn.Identity())
+            self.downsample = nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.act(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act(x)
+
+
+class ResNetD(nn.Module):
+    """Deep stem (three 3x3 conv-BN-ReLU), two stages of BottleneckD."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.Conv2d(16, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1))
+        self.layers = nn.Sequential(BottleneckD(32, 16, 1), BottleneckD(64, 16, 1),
+                                    BottleneckD(64, 32, 2), BottleneckD(128, 32, 1))
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.head(x.mean((2, 3)))
+
+
+class ShortcutFirstBlock(nn.Module):
+    """relu(shortcut + out); with drop_path the branch ends in a Dropout, so the add
+    meets no conv-BN: a standalone add-ReLU."""
+
+    def __init__(self, cin, cout, stride=1, drop_path=False):
+        super().__init__()
+        self.conv_a = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(cout)
+        self.conv_b, self.bn_b = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.proj = None
+        if stride != 1 or cin != cout:
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+        self.drop_path = nn.Dropout(0.2) if drop_path else None
+
+    def forward(self, x):
+        shortcut = x if self.proj is None else self.proj(x)
+        out = torch.relu(self.bn_a(self.conv_a(x)))
+        out = self.bn_b(self.conv_b(out))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return (shortcut + out).relu()
+
+
+class ShortcutFirstNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.blocks = nn.Sequential(ShortcutFirstBlock(16, 32, 2),
+                                    ShortcutFirstBlock(32, 32, drop_path=True),
+                                    ShortcutFirstBlock(32, 32))
+
+    def forward(self, x):
+        return self.blocks(self.relu(self.bn(self.conv(x))))
+
+
+class BiasBlock(nn.Module):
+    """Convs with a bias, a FrozenBatchNorm2d, in-place ops. reassign=False leaves the
+    in-place add on the BN output unassigned: the ReLU then reads the BN output, so
+    only the conv-BN is fused and the add must still reach it."""
+
+    def __init__(self, c, reassign):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=True), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=True), FrozenBatchNorm2d(c)
+        self.reassign = reassign
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x)).relu_()
+        y = self.bn2(self.conv2(y))
+        if self.reassign:
+            y = y.add_(x)
+        else:
+            y.add_(x)
+        return F.relu(y, inplace=True)
+
+
+class BiasNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=True), nn.BatchNorm2d(16)
+        self.blocks = nn.Sequential(BiasBlock(16, reassign=True), BiasBlock(16, reassign=False))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.bn(self.conv(x))))
+
+
+def counts(conv_bn_relu=0, conv_bn=0, conv_bn_add_relu=0, add_relu=0):
+    return {CONV_BN_RELU: conv_bn_relu, CONV_BN: conv_bn, CONV_BN_ADD_RELU: conv_bn_add_relu,
+            ADD_RELU: add_relu}
+
+
+# name: (model class, kwargs, input shape, the patterns fuse() must find)
+MODELS = {
+    # stem + 5 blocks; 3 blocks downsample: their conv2 stays conv-BN, the shortcut's
+    # conv-BN (computed later) takes the add.
+    "seed": (SeedResNet, dict(layers=(2, 1, 1, 1), num_classes=10), (2, 3, 64, 64),
+             counts(conv_bn_relu=6, conv_bn=3, conv_bn_add_relu=5)),
+    "cifar_resnet20": (CifarResNet20, {}, (2, 3, 32, 32),
+                       counts(conv_bn_relu=10, conv_bn_add_relu=9)),
+    "resnet_d": (ResNetD, {}, (2, 3, 64, 64),
+                 counts(conv_bn_relu=11, conv_bn=2, conv_bn_add_relu=4)),
+    "shortcut_first": (ShortcutFirstNet, {}, (2, 3, 32, 32),
+                       counts(conv_bn_relu=4, conv_bn=2, conv_bn_add_relu=2, add_relu=1)),
+    "conv_bias": (BiasNet, {}, (2, 3, 24, 24),
+                  counts(conv_bn_relu=3, conv_bn=1, conv_bn_add_relu=1)),
+}
+
+
+def build(name, seed=0):
+    cls, kwargs, shape, _ = MODELS[name]
+    torch.manual_seed(seed)  # conv biases keep their default init
+    model = realistic_(cls(**kwargs), seed=seed).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return model, x
+
+
+def fused_quietly(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that fuses whole says nothing
+        return fuse(model)
+
+
+def kernel_calls(model, x):
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        model(x)
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+# ---- every model ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fp32_matches_and_every_pattern_runs_fused(name):
+    model, x = build(name)
+    fused = fused_quietly(model)
+    assert isinstance(fused, type(model)) and isinstance(fused, GraphFused) and fused is not model
+    expected = MODELS[name][3]
+    assert fused.fused_patterns == expected
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+    # The rewritten graph runs: one fused conv per conv-BN pair, no BatchNorm left.
+    calls = kernel_calls(fused, x)
+    convs = sum(calls.get(f"resnet_fused::{op}", 0)
+                for op in ("conv_bias_act", "winograd_conv3x3", "conv_bias_add_relu_"))
+    assert convs == expected[CONV_BN_RELU] + expected[CONV_BN] + expected[CONV_BN_ADD_RELU]
+    assert calls.get("resnet_fused::add_relu", 0) == expected[ADD_RELU]
+    assert not any("batch_norm" in k for k in calls), calls
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no bf16 kernels")
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_within_twice_the_original_error(name):
+    model, x = build(name)
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(x.double())
+        ours = fuse(model).to(torch.bfloat16)(x.bfloat16())
+        theirs = copy.deepcopy(model).to(torch.bfloat16)(x.bfloat16())
+    assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_round_trip(name):
+    model, x = build(name)
+    fused = fuse(build(name, seed=1)[0])
+    assert list(fused.state_dict()) == list(model.state_dict())
+    fused.load_state_dict(model.state_dict(), strict=True)   # the original's checkpoint
+    back = build(name, seed=1)[0]
+    back.load_state_dict(fused.state_dict(), strict=True)
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_train_mode_is_the_original(name):
+    model, x = build(name)
+    fused = fuse(model).train()
+    model.train()
+    outs = []
+    for m in (fused, model):
+        torch.manual_seed(0)  # dropout
+        outs.append(m(x))
+        outs[-1].square().mean().backward()
+    assert torch.equal(outs[0], outs[1])
+    for (n, p), (_, q) in zip(fused.named_parameters(), model.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    for (n, b), (_, c) in zip(fused.named_buffers(), model.named_buffers()):
+        assert torch.equal(b, c), n
+
+
+# ---- the fused model's contract ----------------------------------------------------------
+
+
+def test_eval_mode_gradients_run_fused_and_match():
+    # Eval mode with gradients folds inline, differentiably: the gradients reach the
+    # conv weights and BN affine parameters as in the original's eval mode.
+    model, x = build("seed")
+    fused = fuse(model)
+    grads = []
+    for m in (fused, model):
+        xg = x.clone().requires_grad_()
+        m(xg).square().sum().backward()
+        grads.append({"input": xg.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[1]:
+        assert rel_err(grads[0][n], grads[1][n]) <= 1e-5, n
+    x.requires_grad_()
+    with torch.profiler.profile() as prof:
+        fused(x)
+    assert any(e.key.startswith("resnet_fused::") for e in prof.key_averages())
+
+
+def test_refolds_when_parameters_change():
+    model, x = build("resnet_d")
+    fused = fuse(model)
+    with torch.inference_mode():
+        before = fused(x)
+    with torch.no_grad():
+        for m in (fused, model):
+            m.layers[2].bn2.running_var.mul_(3.0)      # in place, a buffer
+            m.layers[3].conv3.weight.mul_(0.5)         # in place, a parameter
+    with torch.inference_mode():
+        after = fused(x)
+        assert not torch.allclose(before, after)
+        assert rel_err(after, model(x)) <= 1e-5
+    other = build("resnet_d", seed=1)[0]
+    fused.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert rel_err(fused(x), other(x)) <= 1e-5
+    fused.train()
+    fused(x)                                       # train mode updates the running stats
+    fused.eval()
+    with torch.inference_mode():
+        assert rel_err(fused(x), fused.to_unfused()(x)) <= 1e-5
+    fused.double()
+    with pytest.warns(RuntimeWarning, match="float64"), torch.inference_mode():
+        assert rel_err(fused(x.double()), fused.to_unfused()(x.double())) == 0
+
+
+def test_pickle_copy_and_to_unfused():
+    model, x = build("cifar_resnet20")
+    fused = fuse(model)
+    unfused = fused.to_unfused()
+    assert type(unfused) is CifarResNet20 and not isinstance(unfused, GraphFused)
+    with torch.inference_mode():
+        ref = model(x)
+        for m in (pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused), unfused):
+            assert rel_err(m(x), ref) <= 1e-5
+    assert fuse(fused).fused_patterns == fused.fused_patterns
+
+
+def test_nan_propagates_through_unchecked_ops():
+    # A NaN made after the input check (here by a NaN parameter) must not be turned
+    # into 0 by a ReLU post-op that skipped its scan.
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+            # 1x1: oneDNN's kernel, whose ReLU post-op would turn NaN into 0
+            self.c2, self.b2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))) * self.scale)))
+
+    model = realistic_(Scaled()).eval()
+    with torch.no_grad():
+        model.scale[0, 3] = float("nan")
+    fused = fuse(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        out, ref = fused(x), model(x)
+        assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
+        x[0, 0, 3, 3] = float("nan")                # and through the input
+        out, ref = fused(x), model(x)
+        assert torch.equal(out.isnan(), ref.isnan())
+
+
+# ---- what cannot be fused ------------------------------------------------------------------
+
+
+class GatedBlock(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return F.relu(self.bn(self.conv(x)))
+        return x
+
+
+class GatedNet(nn.Module):
+    def __init__(self, gate_at_top):
+        super().__init__()
+        self.gate_at_top = gate_at_top
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(GatedBlock(8), CifarBlock(8, 8, 1))
+
+    def forward(self, x):
+        if self.gate_at_top and x.sum() < 0:
+            x = -x
+        return self.blocks(self.stem(x))
+
+
+def test_untraceable_model_is_returned_unchanged_with_a_message():
+    model = realistic_(GatedNet(gate_at_top=True)).eval()
+    with pytest.warns(RuntimeWarning, match=r"cannot trace GatedNet: tracing stopped in "
+                                            r"GatedNet.forward itself \(TraceError"):
+        fused = fuse(model)
+    assert type(fused) is GatedNet
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), model(x))
+
+
+def test_untraceable_submodule_runs_unfused_and_the_rest_fused():
+    model = realistic_(GatedNet(gate_at_top=False)).eval()
+    with pytest.warns(RuntimeWarning, match=r"cannot trace GatedNet.blocks.0 \(GatedBlock\): "
+                                            r"TraceError.*runs unfused"):
+        fused = fuse(model)
+    assert fused.fused_patterns == counts(conv_bn_relu=2, conv_bn_add_relu=1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def test_no_pattern_is_an_error():
+    with pytest.raises(TypeError, match="no conv-BatchNorm or add-ReLU pattern in its torch.fx "
+                                        "graph; nothing to fuse"):
+        fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                           nn.ReLU()))
+
+
+def test_a_model_around_fused_parts_is_not_an_error():
+    class Around(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    model, x = build("seed")
+    around = fused_quietly(Around(fuse(model)))
+    with torch.inference_mode():
+        assert rel_err(around(x), 2 * model(x)) <= 1e-5
