@@ -28,7 +28,7 @@ demo: build
 # The suite, then the op and model tests again as another CPU class would run
 # them: AVX2 only (ATen, oneDNN and our kernels capped; on an AVX2 machine this
 # is the same path), and with none of our vector kernels.
-EMULATED_TESTS := tests/test_ops.py tests/test_model.py tests/test_fuzz.py
+EMULATED_TESTS := tests/test_ops.py tests/test_model.py tests/test_fuzz.py tests/test_graph_fuse.py
 test: build
 	$(PY) -m pytest -q tests
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 RESNET_FUSED_CPU_ISA=avx2 \

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from . import _extension, dispatch
 from .model import _Folding, _stage_labeller
 
 _TRUNK = ("conv1", "bn1", "relu", "maxpool")
@@ -44,10 +43,7 @@ class FusedBody(_Folding, IntermediateLayerGetter):
         """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
         if self.training and not self._frozen():
             return False, "train mode with BatchNorm2d runs torchvision's math (batch statistics)"
-        if not _extension.available():
-            return False, _extension.load_error()
-        why = dispatch.unsupported(x.device, self._run_dtype(x))
-        return (False, why) if why else (True, "")
+        return self._kernel_status(x)
 
     def forward(self, x):
         prepared = None if torch.onnx.is_in_onnx_export() else self._prepare_fused(x)
@@ -61,7 +57,8 @@ class FusedBody(_Folding, IntermediateLayerGetter):
 
 def fuse_any(model, inplace=False):
     """Replaces every torchvision ResNet and every IntermediateLayerGetter body over
-    one inside `model` by its fused equivalent; returns the model (same type). A model
+    one inside `model` by its fused equivalent, and makes the model's conv weights
+    channels_last; returns the model (same type). A model
     with neither is rewritten by resnet_fused.graph_fuse (its class becomes a subclass
     of its own)."""
     from torchvision.models.resnet import ResNet
@@ -78,7 +75,12 @@ def fuse_any(model, inplace=False):
             found += 1
         elif type(module) is IntermediateLayerGetter and FusedBody.convert(module) is not None:
             found += 1
-    if not found:
+    if found:
+        # The fused trunk hands channels_last feature maps to the layers after it (FPN,
+        # heads), whose convs then run without layout conversions (DeepLabV3-ResNet-50
+        # on the CPU: 229 ms against 264 with those weights left NCHW).
+        model.to(memory_format=torch.channels_last)
+    else:
         # No torchvision ResNet: the conv-BN-ReLU and residual patterns of its fx graph.
         from .graph_fuse import fuse_graph
         if fuse_graph(model) == 0:

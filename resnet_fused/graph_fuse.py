@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import _extension, dispatch, ops
+from . import dispatch, ops
 from .fold import cast_folded, fold_conv_bn
 from .model import _Folding
 
@@ -398,11 +398,9 @@ class GraphFused(_Folding):
         """(True, "") if forward(x, ...) would run the fused graph, else (False, reason)."""
         if self.training:
             return False, "train mode runs the original forward (batch statistics)"
-        if not _extension.available():
-            return False, _extension.load_error()
-        why = dispatch.unsupported(x.device, self._run_dtype(x))
-        if why:
-            return False, why
+        ok, why = self._kernel_status(x)
+        if not ok:
+            return ok, why
         pairs = self._graph_rewrite.pairs
         for _, conv, _ in pairs[:1]:  # the model's own error is clearer than the kernels'
             w = self.get_submodule(conv).weight

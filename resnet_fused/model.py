@@ -62,9 +62,16 @@ class _Folding:
         ok, why = self.fused_status(x)
         if not ok:
             if not self.training:
-                _warn_once(why, f"{type(self).__name__}: running unfused torchvision math: {why}.")
+                _warn_once(why, f"{type(self).__name__}: running the unfused forward: {why}.")
             return None
         return self._fold_for(x)
+
+    def _kernel_status(self, x):
+        """(True, "") if the kernels can run x's device and dtype, else (False, reason)."""
+        if not _extension.available():
+            return False, _extension.load_error()
+        why = dispatch.unsupported(x.device, self._run_dtype(x))
+        return (False, why) if why else (True, "")
 
     def _fold_for(self, x):
         """(x in the run dtype, fold, finite) for a fused forward, or None when
@@ -241,12 +248,7 @@ class FusedResNet(_Folding, ResNet):
         """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
         if self.training:
             return False, "train mode runs torchvision's math (batch statistics)"
-        if not _extension.available():
-            return False, _extension.load_error()
-        why = dispatch.unsupported(x.device, self._run_dtype(x))
-        if why:
-            return False, why
-        return True, ""
+        return self._kernel_status(x)
 
     # ---- forward ----------------------------------------------------------
 

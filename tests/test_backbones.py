@@ -33,6 +33,9 @@ def test_detection_eval_matches(name):
     fused = fuse(tv)
     assert type(fused) is type(tv) and isinstance(fused.backbone.body, FusedBody)
     assert fused.state_dict().keys() == tv.state_dict().keys()
+    # The layers after the body take its channels_last features in their own layout.
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in fused.modules() if isinstance(m, nn.Conv2d))
     x = images()
     with torch.inference_mode():
         feats, feats_tv = fused.backbone.body(x[0][None]), tv.backbone.body(x[0][None])
