@@ -219,26 +219,28 @@ def batches(model, paths, settings, device, categories=()):
 
 
 def read_records(path):
-    """(records, end): the records of the complete lines of a JSON-lines file, and the byte
-    offset after the last complete line. A torn last line (a run killed mid-write) is not
-    a record; neither is a line that is not a JSON object with a path."""
-    records, end = [], 0
+    """The records of the complete lines of a JSON-lines file. A torn last line (a run
+    killed mid-write) is not a record; neither is a line that is not a JSON object with a
+    path."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return records, end
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        end += len(line)
+        return []
+    records = []
+    for line in data[:_complete_lines(data)].splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
         if isinstance(rec, dict) and "path" in rec:
             records.append(rec)
-    return records, end
+    return records
+
+
+def _complete_lines(data):
+    """The length of `data` up to and including its last newline."""
+    return data.rfind(b"\n") + 1
 
 
 def _fsync_dir(path):
@@ -282,7 +284,7 @@ class Store:
         unless retry_errors). Refuses results of other settings."""
         done = set()
         for src in self._sources():
-            for rec in read_records(src)[0]:
+            for rec in read_records(src):
                 if rec.get("config") != settings.config:
                     raise UsageError(
                         "--out", f"results of the same settings ({_describe(settings.config)})",
@@ -298,7 +300,7 @@ class Store:
         record, else the first), sorted by path; then removes the parts. Returns the records."""
         best = {}
         for src in self._sources():
-            for rec in read_records(src)[0]:
+            for rec in read_records(src):
                 old = best.get(rec["path"])
                 if old is None or ("error" in old and "error" not in rec):
                     best[rec["path"]] = rec
@@ -319,21 +321,25 @@ class Store:
 
 class PartWriter:
     """Appends records to one rank's part file: each batch in one write, flushed and
-    fsync'd. Holds an exclusive lock, so a second run on the same --out stops at once."""
+    fsync'd. Holds a lock, so that a second run on the same --out stops at once."""
 
     def __init__(self, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
-        self._f = open(path, "ab")
+        self._f = open(path, "a+b")
         if fcntl is not None:
+            # A POSIX lock, not flock(): forked DataLoader workers do not inherit it, so a
+            # killed run's orphaned workers do not block the rerun. It is released when this
+            # process closes any descriptor of the file, so the file is read through this one.
             try:
-                fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 self._f.close()
                 raise UsageError("--out", "an output no other run is writing to",
                                  f"{path}, locked by another run") from None
         # Drop a torn last line of a killed run before appending after it.
-        self._f.truncate(read_records(path)[1])
+        self._f.seek(0)
+        self._f.truncate(_complete_lines(self._f.read()))
 
     def write(self, records):
         if records:
