@@ -195,7 +195,8 @@ def batches(model, paths, settings, device, categories=()):
     with torch.inference_mode():
         for index, images, errors in loader:
             ok = [j for j, e in enumerate(errors) if not e]
-            out = model(normalize(images[ok], device)) if ok else None
+            x = normalize(images, device)  # all rows: indexing first would unpin the batch
+            out = model(x if len(ok) == len(x) else x[ok]) if ok else None
             records, rows = [], None
             if settings.features:
                 rows = out.float().cpu().numpy() if ok else np.zeros((0, 0), np.float32)
@@ -327,6 +328,7 @@ class PartWriter:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
         self._f = open(path, "a+b")
+        _fsync_dir(os.path.dirname(path))
         if fcntl is not None:
             # A POSIX lock, not flock(): forked DataLoader workers do not inherit it, so a
             # killed run's orphaned workers do not block the rerun. It is released when this
@@ -394,6 +396,7 @@ class FeatureWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(self.folder)
             row = 0
             rel = os.path.relpath(path, os.path.dirname(self.folder))
             for rec in self._pending:
@@ -548,8 +551,8 @@ def run_to_file(model, files, store, settings, ranks, categories=(), progress=Tr
     finally:
         writer.close()
         part.close()
-    if progress and ranks.rank == 0:
-        bar.close()
+        if progress and ranks.rank == 0:
+            bar.close()
     ranks.barrier()
     if ranks.rank != 0:
         return None, len(files) - len(remaining)
