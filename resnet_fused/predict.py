@@ -5,7 +5,6 @@ JSON-lines output with feature shards, and the final merge."""
 import contextlib
 import datetime
 import hashlib
-import io
 import json
 import os
 import sys
@@ -78,10 +77,7 @@ class DecodeError(Exception):
 
 try:
     from torchvision.io import ImageReadMode, decode_image
-    from torchvision.io.image import _has_image_ops
-    if not _has_image_ops():
-        decode_image = None
-except ImportError:  # a torchvision without image ops (or after their removal): PIL does all
+except ImportError:  # a torchvision after their removal: PIL decodes everything
     decode_image = None
 
 
@@ -118,7 +114,8 @@ def decode(path):
         try:
             return _decode_torchvision(data)
         except RuntimeError:
-            pass  # a format torchvision lacks (BMP, TIFF, ...) or a broken file: PIL decides
+            pass  # a format torchvision lacks (BMP, TIFF, ...), a broken file, or no image
+            # library in this torchvision build: PIL decides
     try:
         return _decode_pil(path)
     except Exception as e:  # any decoder failure of one file must not stop the run
@@ -172,11 +169,22 @@ class Settings:
     with other settings is refused instead of mixing results."""
 
     def __init__(self, arch, weights, resize=256, crop=224, topk=5, features=None,
-                 batch_size=32, workers=1, retry_errors=False):
+                 batch_size=32, workers=None, retry_errors=False):
         self.resize, self.crop, self.topk, self.features = resize, crop, topk, features
         self.batch_size, self.workers, self.retry_errors = batch_size, workers, retry_errors
         self.config = dict(arch=arch, weights=weights or "seeded random (seed 0)", resize=resize,
                            crop=crop, output="features" if features else f"top{topk}")
+
+
+def default_workers(device):
+    """DataLoader workers when --workers is not given. 0 on the CPU: there decoding and
+    resizing cost a few percent of the model's time (benchmarks/predict_pipeline.py), and
+    a worker process takes cores from the model's threads. On a GPU the CPU must keep up:
+    one worker per core, at most 8, shared among this machine's ranks."""
+    if device.type != "cuda":
+        return 0
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 2) // local_ranks - 1))
 
 
 def embedding_model(model):
@@ -189,7 +197,8 @@ def batches(model, paths, settings, device, categories=()):
     """Yields (records, features) per batch: records in the order of `paths`; features an
     array (rows, D) of the successful records' embeddings (features mode) or None."""
     data = ImageFiles(paths, settings.resize, settings.crop)
-    loader = DataLoader(data, batch_size=settings.batch_size, num_workers=settings.workers,
+    workers = default_workers(device) if settings.workers is None else settings.workers
+    loader = DataLoader(data, batch_size=settings.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     config = settings.config
     with torch.inference_mode():
