@@ -434,8 +434,8 @@ def build_parser():
     pd.add_argument("--batch-size", type=_positive, default=32)
     pd.add_argument("--workers", type=_non_negative, default=None,
                     help="DataLoader worker processes that decode (default: 0 on the CPU, where "
-                         "decoding costs a few %% of the model and a worker takes its cores; on "
-                         "a GPU one per CPU core, at most 8, shared among the machine's ranks)")
+                         "decoding costs a few %% of the model's time; on a GPU one per CPU "
+                         "core, at most 8, shared among the machine's ranks)")
     pd.add_argument("--resize", type=_positive, default=256,
                     help="shorter side before the crop (default 256; IMAGENET1K_V2 weights were "
                          "evaluated at 232)")

@@ -178,9 +178,9 @@ class Settings:
 
 def default_workers(device):
     """DataLoader workers when --workers is not given. 0 on the CPU: there decoding and
-    resizing cost a few percent of the model's time (benchmarks/predict_pipeline.py), and
-    a worker process takes cores from the model's threads. On a GPU the CPU must keep up:
-    one worker per core, at most 8, shared among this machine's ranks."""
+    resizing cost a few percent of the model's time, and 1 or 2 workers measured no faster
+    (benchmarks/predict_pipeline.py, README). On a GPU the CPU must keep up: one worker per
+    core, at most 8, shared among this machine's ranks."""
     if device.type != "cuda":
         return 0
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
