@@ -278,15 +278,17 @@ def cmd_predict(args):
                                 args.features, args.batch_size, args.workers, args.retry_errors)
     with predict.distributed(_device(args.device)) as ranks:
         if store is None and ranks.world > 1:
-            fail(f"argument --out: expected a file for the results of {ranks.world} ranks, got none")
+            fail(f"argument --out: expected a file for the results of {ranks.world} ranks, "
+                 "got none")
         _, model, desc = load_models(args.arch, args.weights, ranks.device)
         classes = model.fc.out_features
         if args.topk > classes:
-            fail(f"argument --topk: expected at most the model's {classes} classes, got {args.topk}")
-        weights = torchvision.models.get_model_weights(args.arch).DEFAULT
-        categories = weights.meta["categories"] if classes == len(weights.meta["categories"]) else ()
+            fail(f"argument --topk: expected at most the model's {classes} classes, "
+                 f"got {args.topk}")
+        categories = torchvision.models.get_model_weights(args.arch).DEFAULT.meta["categories"]
+        categories = categories if classes == len(categories) else ()
         if ranks.rank == 0:
-            where = f"{ranks.world} ranks ({ranks.device.type})" if ranks.world > 1 else ranks.device
+            where = ranks.device if ranks.world == 1 else f"{ranks.world} ranks ({ranks.device.type})"
             print(f"{args.arch} on {where}; {desc}; {len(files)} images", flush=True)
         try:
             if store is None:
@@ -298,8 +300,8 @@ def cmd_predict(args):
         except predict.UsageError as e:
             fail(str(e))
         except KeyboardInterrupt:
-            kept = f" are kept in {store.parts}; rerun the same command to continue" if store else ""
-            print(f"interrupted: the results so far{kept}", file=sys.stderr)
+            kept = f" are kept in {store.parts}; rerun the same command to continue"
+            print(f"interrupted: the results so far{kept if store else ''}", file=sys.stderr)
             return 130
     if records is None:  # a rank other than 0: rank 0 reports
         return 0

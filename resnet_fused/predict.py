@@ -54,7 +54,8 @@ def list_images(paths):
                 found.update(os.path.abspath(os.path.join(root, n)) for n in names
                              if n.lower().endswith(IMAGE_EXTENSIONS))
         else:
-            raise UsageError("PATH", "an existing image file or folder", f"{p!r}, which does not exist")
+            raise UsageError("PATH", "an existing image file or folder",
+                             f"{p!r}, which does not exist")
     if not found:
         raise UsageError("PATH", f"image files ({', '.join(IMAGE_EXTENSIONS)}) in "
                          f"{', '.join(map(repr, paths))}", "none")
@@ -113,9 +114,8 @@ def decode(path):
     if decode_image is not None and data:
         try:
             return _decode_torchvision(data)
-        except RuntimeError:
-            pass  # a format torchvision lacks (BMP, TIFF, ...), a broken file, or no image
-            # library in this torchvision build: PIL decides
+        except Exception:  # a format torchvision lacks (BMP, TIFF, ...), a broken file, or
+            pass  # no image library in this torchvision build: PIL decides
     try:
         return _decode_pil(path)
     except Exception as e:  # any decoder failure of one file must not stop the run
@@ -158,7 +158,10 @@ class ImageFiles(Dataset):
         try:
             return i, preprocess(decode(self.path(i)), self.resize, self.crop), ""
         except DecodeError as e:
-            return i, torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), str(e)
+            error = str(e)
+        except Exception as e:  # e.g. out of memory resizing an extreme aspect ratio
+            error = f"cannot preprocess: {type(e).__name__}: {e}"
+        return i, torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), error
 
 
 # ---------------------------------------------------------------- inference
@@ -217,9 +220,9 @@ def batches(model, paths, settings, device, categories=()):
                 if errors[j]:
                     rec["error"] = errors[j]
                 elif not settings.features:
+                    classes = zip(top.indices[k].tolist(), top.values[k].tolist())
                     rec["topk"] = [dict(index=c, name=categories[c] if c < len(categories) else None,
-                                        prob=float(f"{p:.7g}"))
-                                   for c, p in zip(top.indices[k].tolist(), top.values[k].tolist())]
+                                        prob=float(f"{p:.7g}")) for c, p in classes]
                     k += 1
                 records.append(rec)
             yield records, rows
@@ -277,7 +280,8 @@ class Store:
         if os.path.isdir(self.out):
             raise UsageError("--out", "a file path", f"{out!r}, which is a folder")
         if not os.path.isdir(folder):
-            raise UsageError("--out", "a file in an existing folder", f"{out!r} (no folder {folder})")
+            raise UsageError("--out", "a file in an existing folder",
+                             f"{out!r} (no folder {folder})")
         for p in (self.out, folder):
             if os.path.exists(p) and not os.access(p, os.W_OK):
                 raise UsageError("--out", "a writable file", f"{out!r} ({p} is not writable)")
@@ -475,7 +479,9 @@ def distributed(device):
         torch.cuda.set_device(device)
     # Ranks wait for each other only at the start and the end; the end may wait for the
     # slowest rank's last batches, so allow more than the default 30 minutes.
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    cuda = device.type == "cuda"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                         device_id=device if cuda else None,
                                          timeout=datetime.timedelta(hours=2))
     try:
         yield Ranks(rank, world, device)
@@ -543,7 +549,7 @@ def run_to_file(model, files, store, settings, ranks, categories=(), progress=Tr
     done = store.recorded(settings)
     remaining = [p for p in files if p not in done]
     # Also a barrier: no rank appends before every rank has read what is recorded.
-    ranks.check_same((_digest(files), _digest(remaining)), "the files to do")
+    ranks.check_same((_digest(files), _digest(remaining)), "files to do")
     mine = remaining[ranks.rank::ranks.world]
     if settings.features:
         model = embedding_model(model)
