@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # A known-good pair; the package itself works with torch >= 2.5.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-DEPS := ninja numpy setuptools wheel pillow matplotlib pytest hypothesis onnx onnxscript
+DEPS := ninja numpy setuptools wheel pillow matplotlib pytest hypothesis onnx onnxscript safetensors
 # ONNX Runtime and OpenVINO: the CPU peers `bench --peers` times side by side.
 PEERS := onnxruntime openvino
 

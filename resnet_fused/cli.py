@@ -9,7 +9,7 @@ import sys
 import torch
 import torchvision
 
-from . import _extension, benchmark, dispatch
+from . import _extension, benchmark, dispatch, predict
 from .builders import ARCHS, torchvision_model
 from .model import STAGES, fuse
 from .testing import DETECTION, SEGMENTATION, realistic_, task_model
@@ -266,31 +266,70 @@ def cmd_profile(args):
 
 
 def cmd_predict(args):
-    from PIL import Image, UnidentifiedImageError
-    from torchvision import transforms
-
-    device = _device(args.device)
-    tv, fused, desc = load_models(args.arch, args.weights, device)
-    categories = torchvision.models.get_model_weights(args.arch).DEFAULT.meta["categories"]
-    preprocess = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
-    print(f"{args.arch} on {device}; {desc}")
-    status = 0
-    for path in args.images:
+    fail = args.parser.error  # argparse's message and exit code 2
+    if args.features and args.out is None:
+        fail("argument --features: expected --out too (the shards go next to it), got no --out")
+    try:
+        files = predict.list_images(args.paths)
+        store = predict.Store(args.out) if args.out else None
+    except predict.UsageError as e:
+        fail(str(e))
+    settings = predict.Settings(args.arch, args.weights, args.resize, args.crop, args.topk,
+                                args.features, args.batch_size, args.workers, args.retry_errors)
+    with predict.distributed(_device(args.device)) as ranks:
+        if store is None and ranks.world > 1:
+            fail(f"argument --out: expected a file for the results of {ranks.world} ranks, "
+                 "got none")
+        _, model, desc = load_models(args.arch, args.weights, ranks.device)
+        classes = model.fc.out_features
+        if args.topk > classes:
+            fail(f"argument --topk: expected at most the model's {classes} classes, "
+                 f"got {args.topk}")
+        categories = torchvision.models.get_model_weights(args.arch).DEFAULT.meta["categories"]
+        categories = categories if classes == len(categories) else ()
+        if ranks.rank == 0:
+            where = ranks.device if ranks.world == 1 else f"{ranks.world} ranks ({ranks.device.type})"
+            print(f"{args.arch} on {where}; {desc}; {len(files)} images", flush=True)
         try:
-            img = Image.open(path).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            print(f"{path}: cannot read image ({e})", file=sys.stderr)
-            status = 1
-            continue
-        with torch.inference_mode():
-            probs = fused(preprocess(img).unsqueeze(0).to(device)).softmax(1)[0]
-        top = probs.topk(5)
-        print(path)
-        for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            print(f"  {p:7.2%}  {categories[i]}")
-    return status
+            if store is None:
+                records = _print_predictions(model, files, settings, ranks.device, categories)
+                before = 0
+            else:
+                records, before = predict.run_to_file(model, files, store, settings, ranks,
+                                                      categories, progress=not args.no_progress)
+        except predict.UsageError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            kept = f" are kept in {store.parts}; rerun the same command to continue"
+            print(f"interrupted: the results so far{kept if store else ''}", file=sys.stderr)
+            return 130
+    if records is None:  # a rank other than 0: rank 0 reports
+        return 0
+    failed = [r for r in records if "error" in r]
+    if store is not None:
+        for r in failed[:10]:
+            print(f"failed: {r['path']}: {r['error']}")
+        if len(failed) > 10:
+            print(f"... and {len(failed) - 10} more error records in {store.out}")
+    verb = "embedded" if args.features else "classified"
+    earlier = f" ({before} of them from an earlier run)" if before else ""
+    where = f"; results in {store.out}" if store else ""
+    print(f"{len(records)} images{earlier}: {len(records) - len(failed)} {verb}, "
+          f"{len(failed)} failed{where}")
+    return 1 if failed else 0
+
+
+def _print_predictions(model, files, settings, device, categories):
+    records = []
+    for batch, _ in predict.batches(model, files, settings, device, categories):
+        for r in batch:
+            print(r["path"])
+            if "error" in r:
+                print(f"  {r['error']}")
+            for t in r.get("topk", ()):
+                print(f"  {t['prob']:7.2%}  {t['name'] or t['index']}")
+        records += batch
+    return records
 
 
 # ---------------------------------------------------------------- main
@@ -313,6 +352,24 @@ def _batches(text):
     if min(vals) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
     return vals
+
+
+def _positive(text):
+    return _int_at_least(text, 1)
+
+
+def _non_negative(text):
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
 
 
 def build_parser():
@@ -361,10 +418,34 @@ def build_parser():
     pr.add_argument("--out", default="profile_out", help="folder for traces and the chart")
     pr.set_defaults(fn=cmd_profile)
 
-    pd = sub.add_parser("predict", help="top-5 ImageNet classes of image files")
+    pd = sub.add_parser(
+        "predict", help="top-k ImageNet classes or embeddings of image files and folders",
+        description="Classify (or embed, --features) image files and folders. With --out: "
+                    "resumable, and sharded across ranks under torchrun. Exit code 1 if any "
+                    "image failed (its error is recorded).")
     common(pd)
-    pd.add_argument("images", nargs="+")
-    pd.set_defaults(fn=cmd_predict)
+    pd.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders walked "
+                    f"recursively for {', '.join(predict.IMAGE_EXTENSIONS)}")
+    pd.add_argument("--out", default=None,
+                    help="JSON-lines file of the results (default: print them); a rerun skips "
+                         "the images already in it")
+    pd.add_argument("--topk", type=_positive, default=5, help="classes per image (default 5)")
+    pd.add_argument("--features", choices=["npy", "safetensors"], default=None,
+                    help="write the pooled embedding (fc's input) instead of classes, as shards "
+                         "in OUT.features/")
+    pd.add_argument("--batch-size", type=_positive, default=32)
+    pd.add_argument("--workers", type=_non_negative, default=None,
+                    help="DataLoader worker processes that decode (default: 0 on the CPU, where "
+                         "decoding costs a few %% of the model's time; on a GPU one per CPU "
+                         "core, at most 8, shared among the machine's ranks)")
+    pd.add_argument("--resize", type=_positive, default=256,
+                    help="shorter side before the crop (default 256; IMAGENET1K_V2 weights were "
+                         "evaluated at 232)")
+    pd.add_argument("--crop", type=_positive, default=224, help="center crop (default 224)")
+    pd.add_argument("--retry-errors", action="store_true",
+                    help="also redo the images recorded with an error")
+    pd.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    pd.set_defaults(fn=cmd_predict, parser=pd)
     return p
 
 
