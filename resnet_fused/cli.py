@@ -274,7 +274,8 @@ def cmd_predict(args):
         store = predict.Store(args.out) if args.out else None
     except predict.UsageError as e:
         fail(str(e))
-    settings = predict.Settings(args.arch, args.weights, args.resize, args.crop, args.topk,
+    resize, crop = _eval_sizes(args)
+    settings = predict.Settings(args.arch, args.weights, resize, crop, args.topk,
                                 args.features, args.batch_size, args.workers, args.retry_errors)
     with predict.distributed(_device(args.device)) as ranks:
         if store is None and ranks.world > 1:
@@ -317,6 +318,19 @@ def cmd_predict(args):
     print(f"{len(records)} images{earlier}: {len(records) - len(failed)} {verb}, "
           f"{len(failed)} failed{where}")
     return 1 if failed else 0
+
+
+def _eval_sizes(args):
+    """(resize, crop): as given, else those torchvision evaluated the named weights at
+    (IMAGENET1K_V2: 232, 224), else 256, 224."""
+    resize, crop = 256, 224
+    if args.weights is not None:
+        try:
+            meta = torchvision.models.get_model_weights(args.arch).verify(args.weights).transforms()
+            resize, crop = meta.resize_size[0], meta.crop_size[0]
+        except (ValueError, KeyError):
+            pass  # a state_dict file: no record of its evaluation sizes
+    return args.resize or resize, args.crop or crop
 
 
 def _print_predictions(model, files, settings, device, categories):
@@ -438,10 +452,11 @@ def build_parser():
                     help="DataLoader worker processes that decode (default: 0 on the CPU, where "
                          "decoding costs a few %% of the model's time; on a GPU one per CPU "
                          "core, at most 8, shared among the machine's ranks)")
-    pd.add_argument("--resize", type=_positive, default=256,
-                    help="shorter side before the crop (default 256; IMAGENET1K_V2 weights were "
-                         "evaluated at 232)")
-    pd.add_argument("--crop", type=_positive, default=224, help="center crop (default 224)")
+    pd.add_argument("--resize", type=_positive, default=None,
+                    help="shorter side before the crop (default: the size torchvision evaluated "
+                         "the --weights at, e.g. 232 for IMAGENET1K_V2; else 256)")
+    pd.add_argument("--crop", type=_positive, default=None,
+                    help="center crop (default: as for --resize; else 224)")
     pd.add_argument("--retry-errors", action="store_true",
                     help="also redo the images recorded with an error")
     pd.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

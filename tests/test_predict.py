@@ -323,3 +323,18 @@ def test_bad_arguments_name_the_argument(args, message, image_dir, tmp_path, cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message.format(**names) in err and len(err.strip().splitlines()[-1]) < 300
+
+
+def test_eval_sizes_follow_the_weights():
+    import argparse
+
+    from resnet_fused.cli import _eval_sizes
+
+    def sizes(weights, resize=None, crop=None):
+        return _eval_sizes(argparse.Namespace(arch="resnet50", weights=weights, resize=resize,
+                                              crop=crop))
+    # torchvision's own record of how each weights were evaluated.
+    assert sizes("IMAGENET1K_V2") == (232, 224)
+    assert sizes("IMAGENET1K_V1") == (256, 224)
+    assert sizes(None) == (256, 224)
+    assert sizes("IMAGENET1K_V2", resize=300, crop=256) == (300, 256)
