@@ -138,7 +138,7 @@ def _winograd_pays(x):
 
 # ---- running it ------------------------------------------------------------------
 
-def conv(x, c, relu, finite, residual=None):
+def conv(x, c, *, relu, finite, residual=None):
     """act(conv(x) + bias [+ residual]) with the kernel that suits x and c."""
     dt = x.dtype
     if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
@@ -153,13 +153,13 @@ def conv(x, c, relu, finite, residual=None):
     return y.to(dt)
 
 
-def conv_add_relu_(identity, x, c, finite):
+def conv_add_relu_(identity, x, c, *, finite):
     """relu(conv(x) + bias + identity), accumulated into `identity` where a kernel can
     (identity must be dead after this call); returns the result."""
     needs_grad = torch.is_grad_enabled() and (identity.requires_grad or x.requires_grad
                                               or c.weight.requires_grad)
     if c.dtype != x.dtype or (c.winograd is not None and _winograd_pays(x)) or needs_grad:
-        return conv(x, c, True, finite, residual=identity)
+        return conv(x, c, relu=True, finite=finite, residual=identity)
     ops.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias, c.stride, c.padding,
                             c.dilation, c.groups, assume_finite=finite)
     return identity

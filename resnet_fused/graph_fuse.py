@@ -339,7 +339,8 @@ def _conv_input(x, run):
 
 
 def _conv_bn(run, key, x, relu, scan_free=False):
-    return dispatch.conv(_conv_input(x, run), run.convs[key], relu, run.finite and scan_free)
+    return dispatch.conv(_conv_input(x, run), run.convs[key], relu=relu,
+                         finite=run.finite and scan_free)
 
 
 def _conv_bn_add_relu(run, key, x, residual, inplace=False, scan_free=False):
@@ -348,10 +349,10 @@ def _conv_bn_add_relu(run, key, x, residual, inplace=False, scan_free=False):
             and tuple(residual.shape) == ops._conv_out_shape(x, c.weight, c.stride, c.padding,
                                                               c.dilation)):
         # Broadcasting or type promotion: the original's add.
-        return torch.relu(dispatch.conv(x, c, False, finite) + residual)
+        return torch.relu(dispatch.conv(x, c, relu=False, finite=finite) + residual)
     if inplace:
-        return dispatch.conv_add_relu_(residual, x, c, finite)
-    return dispatch.conv(x, c, True, finite, residual=residual)
+        return dispatch.conv_add_relu_(residual, x, c, finite=finite)
+    return dispatch.conv(x, c, relu=True, finite=finite, residual=residual)
 
 
 def _add_relu(a, b):

@@ -103,7 +103,7 @@ class _Folding:
         """{name: output} of "maxpool" (after the stem) and of each layer."""
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
         with stage("stem"):
-            x = dispatch.conv(x, fold.stem, True, finite)
+            x = dispatch.conv(x, fold.stem, relu=True, finite=finite)
         with stage("maxpool"):
             x = self.maxpool(x)
         outputs = {"maxpool": x}
@@ -271,16 +271,17 @@ class FusedResNet(_Folding, ResNet):
 
 def _block(x, convs, finite):
     """One BasicBlock or Bottleneck, fused."""
-    out = dispatch.conv(x, convs["conv1"], True, finite)
+    out = dispatch.conv(x, convs["conv1"], relu=True, finite=finite)
     if "conv3" in convs:
-        out = dispatch.conv(out, convs["conv2"], True, finite)
+        out = dispatch.conv(out, convs["conv2"], relu=True, finite=finite)
         last = convs["conv3"]
     else:
         last = convs["conv2"]
-    identity = dispatch.conv(x, convs["downsample"], False, finite) if "downsample" in convs else x
+    identity = (dispatch.conv(x, convs["downsample"], relu=False, finite=finite)
+                if "downsample" in convs else x)
     # identity is an intermediate of this forward and dead after this op, so the
     # residual sum can accumulate into it in place.
-    return dispatch.conv_add_relu_(identity, out, last, finite)
+    return dispatch.conv_add_relu_(identity, out, last, finite=finite)
 
 
 class _stage_labeller:
