@@ -64,8 +64,8 @@ class _StateWatch:
                                                     self.model.named_buffers())]
 
     def _state(self):
-        return (tuple(t._version for t in self.versioned), tuple(t.data_ptr() for t in self.tensors),
-                tuple(m.eps for m in self.bns))
+        return (tuple(t._version for t in self.versioned),
+                tuple(t.data_ptr() for t in self.tensors), tuple(m.eps for m in self.bns))
 
     def changed(self):
         if self._state() != self.state:
