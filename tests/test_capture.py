@@ -42,6 +42,12 @@ def inputs(device, n=3, shape=SHAPE):
     return [torch.randn(shape, generator=g).to(device) for _ in range(n)]
 
 
+def captured(device):
+    """(torchvision reference, FusedResNet, its capture at SHAPE, an input)."""
+    tv, fused = models(device)
+    return tv, fused, fused.capture(SHAPE), inputs(device, 1)[0]
+
+
 def eager(model, x):
     with torch.inference_mode():
         return model(x)
@@ -133,9 +139,7 @@ def test_capture_refuses_bad_arguments():
 
 
 def test_call_refuses_other_inputs():
-    _, fused = models("cpu")
-    run = fused.capture(SHAPE)
-    x = inputs("cpu", 1)[0]
+    _, fused, run, x = captured("cpu")
     with pytest.raises(ValueError, match=r"captured shape \(2, 3, 64, 64\), got \(1, 3, 64, 64\)"):
         run(x[:1])
     with pytest.raises(ValueError, match=r"captured shape .*got \(2, 3, 64, 63\)"):
@@ -205,9 +209,7 @@ CHANGES = [_scale_conv, _scale_fc, _shift_running_mean, _load_other_weights, _as
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
 def test_parameter_change_refuses_until_recapture(device, change):
-    _, fused = models(device)
-    run = fused.capture(SHAPE)
-    x = inputs(device, 1)[0]
+    _, fused, run, x = captured(device)
     before = run(x, clone=True)
     output = run.output
     change(fused)
@@ -286,9 +288,7 @@ def test_cuda_replay_equals_eager(dtype):
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_graph_keeps_its_folded_weights():
-    tv, fused = models("cuda")
-    run = fused.capture(SHAPE)
-    x = inputs("cuda", 1)[0]
+    tv, fused, run, x = captured("cuda")
     with torch.inference_mode(), torch.autocast("cuda", torch.float16):
         fused(x)  # with the CUDA kernels, the model refolds in fp16 and drops its fp32 fold
     torch.cuda.empty_cache()
@@ -301,9 +301,7 @@ def test_cuda_graph_keeps_its_folded_weights():
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_replay_on_a_side_stream():
-    tv, fused = models("cuda")
-    run = fused.capture(SHAPE)
-    x = inputs("cuda", 1)[0]
+    tv, fused, run, x = captured("cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
