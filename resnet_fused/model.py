@@ -250,6 +250,14 @@ class FusedResNet(_Folding, ResNet):
             return False, "train mode runs torchvision's math (batch statistics)"
         return self._kernel_status(x)
 
+    def capture(self, batch_shape, dtype=None, device=None, warmup=3):
+        """A callable running the eval-mode forward on inputs of exactly batch_shape
+        (N, C, H, W), replayed from a CUDA graph on a GPU and run directly elsewhere,
+        with static input and output buffers: see resnet_fused.capture.CapturedForward.
+        dtype and device default to the model's (and must be the model's)."""
+        from .capture import CapturedForward
+        return CapturedForward(self, batch_shape, dtype, device, warmup)
+
     # ---- forward ----------------------------------------------------------
 
     def forward(self, x):
