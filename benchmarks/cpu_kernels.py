@@ -1,7 +1,7 @@
-"""Times the CPU Winograd kernel against what it replaces, per ResNet-50 layer shape:
-winograd_conv3x3 vs conv_bias_act (oneDNN, weight packed as the model packs it), with
-each one's error against fp64. fp32, channels_last, median of repeats after warm-up, on
-the threads torch uses.
+"""Times the CPU Winograd kernels against what they replace, per ResNet-50 layer shape:
+winograd_conv3x3 with F(2x2, 3x3) and with F(4x4, 3x3) vs conv_bias_act (oneDNN,
+weight packed as the model packs it), with each one's error against fp64 and the tests'
+tolerance. fp32, channels_last, median of repeats after warm-up, on the threads torch uses.
 
     python benchmarks/cpu_kernels.py [--batch-sizes 1,8] [--repeats 30]
 """
@@ -38,12 +38,16 @@ def winograd_rows(batch, repeats):
     for c, h in WINOGRAD_LAYERS:
         x = torch.randn(batch, c, h, h).contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5, torch.randn(c)
-        u, packed = ops.winograd_weight(w), ops.pack_weight(w, 1, 1, 1, 1, x.shape)
+        packed = ops.pack_weight(w, 1, 1, 1, 1, x.shape)
         ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
-        ours = lambda: ops.winograd_conv3x3(x, w, u, b, None, relu=True, assume_finite=True)  # noqa: E731
-        theirs = lambda: ops.conv_bias_act(x, packed, b, None, 1, 1, 1, 1, relu=True, assume_finite=True)  # noqa: E731
-        yield (f"3x3 {c}ch {h}x{h}", median_ms(theirs, repeats), median_ms(ours, repeats),
-               rel_err(theirs(), ref), rel_err(ours(), ref))
+        runs = [lambda: ops.conv_bias_act(x, packed, b, None, 1, 1, 1, 1, relu=True,
+                                          assume_finite=True)]
+        for tile in (2, 4):
+            u = ops.winograd_weight(w, tile)
+            runs.append(lambda u=u: ops.winograd_conv3x3(x, w, u, b, None, relu=True,
+                                                         assume_finite=True))
+        yield (f"3x3 {c}ch {h}x{h}", [median_ms(f, repeats) for f in runs],
+               [rel_err(f(), ref) for f in runs])
 
 
 def main():
@@ -56,13 +60,18 @@ def main():
         return 1
     print(f"cpu ({torch.get_num_threads()} threads), float32, channels_last, "
           f"median of {args.repeats}")
-    print(f"{'shape':18} {'batch':>5} {'oneDNN ms':>10} {'ours ms':>8} {'speedup':>8} "
-          f"{'err oneDNN':>11} {'err ours':>9}")
+    print(f"{'shape':18} {'batch':>5} {'oneDNN ms':>10} {'F2 ms':>7} {'F4 ms':>7} "
+          f"{'F2 speedup':>10} {'F4 speedup':>10} {'err oneDNN':>10} {'err F2':>8} {'err F4':>8} "
+          f"{'tol':>8}")
+    eps = torch.finfo(torch.float32).eps
     with torch.inference_mode():
         for batch in (int(v) for v in args.batch_sizes.split(",")):
-            for name, t_ref, t_ours, e_ref, e_ours in winograd_rows(batch, args.repeats):
-                print(f"{name:18} {batch:5d} {t_ref:10.2f} {t_ours:8.2f} {t_ref / t_ours:7.2f}x "
-                      f"{e_ref:11.1e} {e_ours:9.1e}")
+            for (c, _), (name, (t_ref, t2, t4), (e_ref, e2, e4)) in zip(
+                    WINOGRAD_LAYERS, winograd_rows(batch, args.repeats)):
+                tol = 2 * (9 * c) ** 0.5 * eps + eps  # tests/common_utils.py's rule
+                print(f"{name:18} {batch:5d} {t_ref:10.2f} {t2:7.2f} {t4:7.2f} "
+                      f"{t_ref / t2:9.2f}x {t_ref / t4:9.2f}x {e_ref:10.1e} {e2:8.1e} {e4:8.1e} "
+                      f"{tol:8.1e}")
     return 0
 
 

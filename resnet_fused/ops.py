@@ -57,26 +57,50 @@ def add_relu_(a, b):
     return a
 
 
-# G of Winograd's F(2x2, 3x3): a 3x3 filter g becomes the 4x4 tile G g G^T.
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+def _winograd_g(points):
+    """G of Winograd's F(m, 3) for the finite interpolation `points` and infinity:
+    the row of a point a is (1, a, a^2) / prod_{b != a} (a - b) (its Lagrange
+    denominator, so that the kernel's B^T and A^T stay integer), infinity's is
+    (0, 0, 1). F(2, 3) on 0, 1, -1 gives the familiar rows (1, 0, 0),
+    (1/2, 1/2, 1/2) up to sign, which B^T's signs absorb."""
+    rows = []
+    for a in points:
+        den = 1.0
+        for b in points:
+            if b != a:
+                den *= a - b
+        rows.append((1 / den, a / den, a * a / den))
+    return rows + [(0.0, 0.0, 1.0)]
 
 
-def winograd_weight(weight):
-    """A [K, C, 3, 3] weight in the F(2x2, 3x3) Winograd domain: [16, C, K] float32,
-    computed in float64 (once, at fold time) for winograd_conv3x3."""
+# F(2x2, 3x3) on 0, 1, -1 (in the signs the kernel's B^T expects), F(4x4, 3x3)
+# on 0, 1, -1, 2, -2 (winograd_kernel.h's bt6/at6); both with infinity.
+_WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+               4: tuple(_winograd_g((0, 1, -1, 2, -2)))}
+
+
+def winograd_weight(weight, tile=2):
+    """A [K, C, 3, 3] weight in the Winograd domain of F(tile x tile, 3x3) for
+    winograd_conv3x3, computed in float64 (once, at fold time): [16, C, K] float32
+    for tile=2, [36, C, K] for tile=4. The shape tells the op which to run."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    if tile not in _WINOGRAD_G:
+        raise ValueError(f"winograd_weight: expected tile 2 or 4, got {tile!r}")
+    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.to(torch.float64), g)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+    alpha = tile + 2
+    return u.reshape(alpha * alpha, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
 
 
 def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *, relu=True,
                      assume_finite=False):
     """conv_bias_act(input, weight, bias, residual, stride=1, padding=1, relu=relu) for a
     3x3 float32 weight, computed on CPU by Winograd's F(2x2, 3x3) (2.25x fewer
-    multiplies). `winograd_weight` must be winograd_weight(weight)."""
+    multiplies) or F(4x4, 3x3) (4x fewer). `winograd_weight` must be
+    winograd_weight(weight, tile=2) or winograd_weight(weight, tile=4); its shape
+    selects which."""
     _require()
     return torch.ops.resnet_fused.winograd_conv3x3(input, weight, winograd_weight, bias, residual,
                                                    relu=relu, assume_finite=assume_finite)

@@ -44,7 +44,8 @@ def test_add_relu_gradcheck():
     assert torch.autograd.gradcheck(ops.add_relu, (a, b))
 
 
-def test_winograd_conv3x3_grads_match_the_direct_conv():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_conv3x3_grads_match_the_direct_conv(tile):
     # fp32 only (the kernel's dtype): its gradients must equal conv_bias_act's, which
     # gradcheck verifies above; weight gets the gradient, winograd_weight none.
     case = ConvCase(16, 24, 9, 11, R=3, padding=1)
@@ -52,7 +53,7 @@ def test_winograd_conv3x3_grads_match_the_direct_conv():
     for wino in (True, False):
         x, w, b, r = (t.requires_grad_() for t in case.tensors())
         if wino:
-            out = ops.winograd_conv3x3(x, w, ops.winograd_weight(w.detach()), b, r)
+            out = ops.winograd_conv3x3(x, w, ops.winograd_weight(w.detach(), tile), b, r)
         else:
             out = ops.conv_bias_act(x, w, b, r, 1, 1)
         out.square().sum().backward()

@@ -1,7 +1,10 @@
 // CPU winograd_conv3x3: 3x3, stride-1, padding-1 convolutions (ResNet's 3x3 convs
-// outside the stage transitions) by Winograd's minimal filtering F(2x2, 3x3).
-// Each 2x2 output tile costs 16 multiply-adds per channel pair instead of 36, so
-// these convs do 2.25x less arithmetic than oneDNN's direct kernel.
+// outside the stage transitions) by Winograd's minimal filtering. F(2x2, 3x3)
+// spends 16 multiply-adds per channel pair on a 2x2 output tile instead of 36
+// (2.25x less arithmetic than oneDNN's direct kernel); F(4x4, 3x3) spends 36 on a
+// 4x4 tile instead of 144 (4x less), at the price of larger transforms and a
+// larger rounding error. The winograd_weight's shape, [16, C, K] or [36, C, K],
+// selects which.
 //
 // This file holds the op: checks, the per-thread split and the choice of ISA.
 // The kernel itself is winograd_kernel.h, compiled for AVX2 and for AVX-512.
@@ -51,9 +54,8 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, const float* b, f
 // Tiles per block: enough rows for the GEMM micro-kernel to run at full speed
 // (measured best at 64-128 on ResNet's shapes), and a multiple of the thread
 // count in blocks so no thread idles at the end.
-int64_t tiles_per_block(int64_t tiles, int64_t threads) {
-  constexpr int64_t kMaxTiles = 96;
-  const int64_t rounds = (tiles + threads * kMaxTiles - 1) / (threads * kMaxTiles);
+int64_t tiles_per_block(int64_t tiles, int64_t threads, int64_t max_tiles) {
+  const int64_t rounds = (tiles + threads * max_tiles - 1) / (threads * max_tiles);
   return std::max<int64_t>(1, (tiles + threads * rounds - 1) / (threads * rounds));
 }
 
@@ -72,11 +74,13 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   p.W = input.size(3);
   p.C = input.size(1);
   p.K = out.size(1);
-  p.tiles_h = (p.H + 1) / 2;
-  p.tiles_w = (p.W + 1) / 2;
+  p.tile = U.size(0) == 36 ? 4 : 2;
+  p.tiles_h = (p.H + p.tile - 1) / p.tile;
+  p.tiles_w = (p.W + p.tile - 1) / p.tile;
   p.tiles = input.size(0) * p.tiles_h * p.tiles_w;
-  p.block = tiles_per_block(p.tiles, at::get_num_threads());
-  // A padded stride keeps the 16 slabs of a tile off the same L1 sets (16 KiB
+  // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4).
+  p.block = tiles_per_block(p.tiles, at::get_num_threads(), p.tile == 4 ? 24 : 96);
+  // A padded stride keeps the 16 (36) slabs of a tile off the same L1 sets (16 KiB
   // apart they all collided: measured 3x slower transforms).
   auto padded = [](int64_t n) { return (n + 15) / 16 * 16 + 16; };
   p.v_stride = padded(p.block * p.C);
@@ -112,9 +116,12 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
   TORCH_CHECK(input.scalar_type() == at::kFloat,
               "winograd_conv3x3: expected float32 input, got ", input.scalar_type());
   const int64_t C = weight.size(1), K = weight.size(0);
-  TORCH_CHECK(U.dim() == 3 && U.size(0) == 16 && U.size(1) == C && U.size(2) == K,
+  TORCH_CHECK(U.dim() == 3 && (U.size(0) == 16 || U.size(0) == 36) && U.size(1) == C &&
+                  U.size(2) == K,
               "winograd_conv3x3: expected winograd_weight of shape [16, ", C, ", ", K,
-              "] (from resnet_fused.ops.winograd_weight(weight)), got ", U.sizes());
+              "] (F(2x2, 3x3)) or [36, ", C, ", ", K,
+              "] (F(4x4, 3x3)), from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
+              U.sizes());
   TORCH_CHECK(U.scalar_type() == at::kFloat && U.device().is_cpu(),
               "winograd_conv3x3: expected winograd_weight float32 on cpu, got ", U.scalar_type(),
               " on ", U.device());

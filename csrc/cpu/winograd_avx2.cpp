@@ -43,6 +43,9 @@ struct Avx2 {
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
+  static Reg set1(float v) { return _mm256_set1_ps(v); }
   // vmaxps returns its second operand when either is NaN: NaN propagates as in torch.relu.
   static Reg relu(Reg v) { return _mm256_max_ps(zero(), v); }
 };

@@ -38,6 +38,9 @@ struct Avx512 {
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+  static Reg set1(float v) { return _mm512_set1_ps(v); }
   // vmaxps returns its second operand when either is NaN: NaN propagates as in
   // torch.relu. (The maskz form: GCC 12 warns on the plain one's internals.)
   static Reg relu(Reg v) { return _mm512_maskz_max_ps(0xFFFF, zero(), v); }

@@ -1,16 +1,16 @@
-// The F(2x2, 3x3) Winograd kernel of winograd_conv3x3, written once and
-// templated on the vector type V (winograd_avx2.cpp, winograd_avx512.cpp
-// instantiate it, each compiled for its ISA). No ATen here: this header is
+// The Winograd kernels of winograd_conv3x3, F(2x2, 3x3) and F(4x4, 3x3), written
+// once and templated on the vector type V (winograd_avx2.cpp, winograd_avx512.cpp
+// instantiate them, each compiled for its ISA). No ATen here: this header is
 // included inside a `#pragma GCC target` region.
 //
-// Per block of output tiles, on one thread:
-//   1. the 4x4 input tiles are transformed (B^T d B) into 16 matrices V[xi] of
+// F(m x m, 3x3) works on alpha x alpha input tiles, alpha = m + 2. Per block of
+// output tiles, on one thread:
+//   1. the input tiles are transformed (B^T d B) into alpha^2 matrices V[xi] of
 //      tiles x C, vectorized over channels (channels_last makes them contiguous);
 //   2. M[xi] = V[xi] @ U[xi] with oneDNN's GEMM micro-kernel (ATen's cpublas::brgemm),
 //      U = the weight pre-transformed (G g G^T) by resnet_fused.ops.winograd_weight;
-//   3. M is transformed back (A^T m A) to 2x2 outputs, and bias, residual and
+//   3. M is transformed back (A^T m A) to m x m outputs, and bias, residual and
 //      ReLU are applied before the one store.
-// A block is sized so that V and M stay in L2.
 #pragma once
 
 #include "cpu/winograd_problem.h"
@@ -25,25 +25,46 @@ struct Tile {
 
 inline Tile tile_at(const Problem& p, int64_t t) {
   const int64_t tj = t % p.tiles_w, ti = (t / p.tiles_w) % p.tiles_h;
-  return {t / (p.tiles_w * p.tiles_h), 2 * ti, 2 * tj};
+  return {t / (p.tiles_w * p.tiles_h), p.tile * ti, p.tile * tj};
 }
 
-// V[xi][l][c] = (B^T d B)[xi] for the 4x4 input tile d of tile t0 + l, with
-// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]; pixels outside the image read
-// from `zeros` (C floats), so the inner loop has no branches.
+// px[i][j]: pixel (y - 1 + i, x - 1 + j) of the input tile of t, or `zeros` (C
+// floats) outside the image, so the inner loops have no branches.
+template <int kAlpha>
+void tile_pixels(const Problem& p, const Tile& t, const float* zeros,
+                 const float* (&px)[kAlpha][kAlpha]) {
+  for (int i = 0; i < kAlpha; ++i) {
+    for (int j = 0; j < kAlpha; ++j) {
+      const int64_t y = t.y - 1 + i, x = t.x - 1 + j;
+      const bool inside = y >= 0 && y < p.H && x >= 0 && x < p.W;
+      px[i][j] = inside ? p.input + ((t.n * p.H + y) * p.W + x) * p.C : zeros;
+    }
+  }
+}
+
+// Stores act(y + bias [+ residual]) at output pixel (y + a, x + e) of tile t, channels [k, k + n).
 template <class V>
-void transform_input(const Problem& p, const float* zeros, float* v, int64_t t0, int64_t count) {
+inline void store_output(const Problem& p, const Tile& t, int a, int e, int64_t k, int64_t n,
+                         typename V::Reg y, typename V::Reg b) {
+  const int64_t off = ((t.n * p.H + t.y + a) * p.W + t.x + e) * p.K + k;
+  typename V::Reg v = V::add(y, b);
+  if (p.residual) v = V::add(v, V::load(p.residual + off, n));
+  if (p.relu) v = V::relu(v);
+  V::store(p.out + off, v, n);
+}
+
+// ---- F(2x2, 3x3) --------------------------------------------------------------
+
+// V[xi][l][c] = (B^T d B)[xi] for the 4x4 input tile d of tile t0 + l, with
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+template <class V>
+void transform_input_f2(const Problem& p, const float* zeros, float* v, int64_t t0,
+                        int64_t count) {
   using Reg = typename V::Reg;
   for (int64_t l = 0; l < count; ++l) {
     const Tile t = tile_at(p, t0 + l);
     const float* px[4][4];
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) {
-        const int64_t y = t.y - 1 + i, x = t.x - 1 + j;
-        const bool inside = y >= 0 && y < p.H && x >= 0 && x < p.W;
-        px[i][j] = inside ? p.input + ((t.n * p.H + y) * p.W + x) * p.C : zeros;
-      }
-    }
+    tile_pixels<4>(p, t, zeros, px);
     float* dst = v + l * p.C;
     for (int64_t c = 0; c < p.C; c += V::kLanes) {
       const int64_t n = p.C - c;
@@ -71,7 +92,7 @@ void transform_input(const Problem& p, const float* zeros, float* v, int64_t t0,
 // out = act(A^T m A + bias [+ residual]) for each 2x2 output tile, with
 // A^T = [1 1 1 0; 0 1 -1 -1].
 template <class V>
-void transform_output(const Problem& p, const float* m, int64_t t0, int64_t count) {
+void transform_output_f2(const Problem& p, const float* m, int64_t t0, int64_t count) {
   using Reg = typename V::Reg;
   for (int64_t l = 0; l < count; ++l) {
     const Tile t = tile_at(p, t0 + l);
@@ -92,34 +113,152 @@ void transform_output(const Problem& p, const float* m, int64_t t0, int64_t coun
       for (int a = 0; a < rows; ++a) {
         const Reg y[2] = {V::add(V::add(q[a][0], q[a][1]), q[a][2]),   // (A^T m) A
                           V::sub(V::sub(q[a][1], q[a][2]), q[a][3])};
-        for (int e = 0; e < cols; ++e) {
-          const int64_t off = ((t.n * p.H + t.y + a) * p.W + t.x + e) * p.K + k;
-          Reg v = V::add(y[e], b);
-          if (p.residual) v = V::add(v, V::load(p.residual + off, n));
-          if (p.relu) v = V::relu(v);
-          V::store(p.out + off, v, n);
-        }
+        for (int e = 0; e < cols; ++e) store_output<V>(p, t, a, e, k, n, y[e], b);
       }
     }
   }
 }
 
-// Blocks [first, last) of p.block tiles; `scratch` holds scratch_floats(p) floats.
+// ---- F(4x4, 3x3) --------------------------------------------------------------
+// Interpolation points 0, 1, -1, 2, -2 and infinity. B^T and A^T hold small
+// integers (exact in fp32); the Lagrange denominators are all in G, applied to
+// the weight in float64 (ops.winograd_weight).
+
+// r = B^T d for one column d of 6, with
+// B^T = [4  0 -5  0 1 0;
+//        0 -4 -4  1 1 0;
+//        0  4 -4 -1 1 0;
+//        0 -2 -1  2 1 0;
+//        0  2 -1 -2 1 0;
+//        0  4  0 -5 0 1]
+// in 12 operations by sharing the terms of rows 1/2 and 3/4.
 template <class V>
-void run_blocks(const Problem& p, int64_t first, int64_t last, float* scratch) {
+inline void bt6(const typename V::Reg (&d)[6], typename V::Reg (&r)[6]) {
+  using Reg = typename V::Reg;
+  const Reg four = V::set1(4.0f), mfour = V::set1(-4.0f), mfive = V::set1(-5.0f),
+            two = V::set1(2.0f);
+  r[0] = V::fmadd(four, d[0], V::fmadd(mfive, d[2], d[4]));
+  const Reg a = V::fmadd(mfour, d[2], d[4]), b = V::fmadd(mfour, d[1], d[3]);
+  r[1] = V::add(a, b);
+  r[2] = V::sub(a, b);
+  const Reg c = V::sub(d[4], d[2]), e = V::mul(two, V::sub(d[3], d[1]));
+  r[3] = V::add(c, e);
+  r[4] = V::sub(c, e);
+  r[5] = V::fmadd(four, d[1], V::fmadd(mfive, d[3], d[5]));
+}
+
+// y = A^T m for one column m of 6, with
+// A^T = [1 1  1 1  1 0;
+//        0 1 -1 2 -2 0;
+//        0 1  1 4  4 0;
+//        0 1 -1 8 -8 1].
+template <class V>
+inline void at6(const typename V::Reg (&m)[6], typename V::Reg (&y)[4]) {
+  using Reg = typename V::Reg;
+  const Reg s = V::add(m[1], m[2]), d = V::sub(m[1], m[2]);
+  const Reg s2 = V::add(m[3], m[4]), d2 = V::sub(m[3], m[4]);
+  y[0] = V::add(V::add(m[0], s), s2);
+  y[1] = V::fmadd(V::set1(2.0f), d2, d);
+  y[2] = V::fmadd(V::set1(4.0f), s2, s);
+  y[3] = V::add(V::fmadd(V::set1(8.0f), d2, d), m[5]);
+}
+
+// V[xi][l][c] = (B^T d B)[xi] for the 6x6 input tile d of tile t0 + l: B^T on
+// the columns into a 6x6 block of registers (spilled to L1 where the ISA has
+// too few), then B^T on its rows.
+template <class V>
+void transform_input_f4(const Problem& p, const float* zeros, float* v, int64_t t0,
+                        int64_t count) {
+  using Reg = typename V::Reg;
+  for (int64_t l = 0; l < count; ++l) {
+    const Tile t = tile_at(p, t0 + l);
+    const float* px[6][6];
+    tile_pixels<6>(p, t, zeros, px);
+    float* dst = v + l * p.C;
+    for (int64_t c = 0; c < p.C; c += V::kLanes) {
+      const int64_t n = p.C - c;
+      Reg bd[6][6];  // bd[i][j] = (B^T d)[i][j]
+      for (int j = 0; j < 6; ++j) {
+        Reg col[6], r[6];
+        for (int i = 0; i < 6; ++i) col[i] = V::load(px[i][j] + c, n);
+        bt6<V>(col, r);
+        for (int i = 0; i < 6; ++i) bd[i][j] = r[i];
+      }
+      for (int i = 0; i < 6; ++i) {
+        Reg r[6];
+        bt6<V>(bd[i], r);
+        for (int j = 0; j < 6; ++j) V::store(dst + c + (6 * i + j) * p.v_stride, r[j], n);
+      }
+    }
+  }
+}
+
+// out = act(A^T m A + bias [+ residual]) for each 4x4 output tile (clipped at
+// the image's bottom and right edges).
+template <class V>
+void transform_output_f4(const Problem& p, const float* m, int64_t t0, int64_t count) {
+  using Reg = typename V::Reg;
+  for (int64_t l = 0; l < count; ++l) {
+    const Tile t = tile_at(p, t0 + l);
+    const int rows = p.H - t.y < 4 ? static_cast<int>(p.H - t.y) : 4;
+    const int cols = p.W - t.x < 4 ? static_cast<int>(p.W - t.x) : 4;
+    for (int64_t k = 0; k < p.K; k += V::kLanes) {
+      const int64_t n = p.K - k;
+      const float* src = m + l * p.K + k;
+      Reg q[6][4];  // q[j] = (A^T m)[:, j], column j of 6
+      for (int j = 0; j < 6; ++j) {
+        Reg col[6];
+        for (int i = 0; i < 6; ++i) col[i] = V::load(src + (6 * i + j) * p.m_stride, n);
+        at6<V>(col, q[j]);
+      }
+      const Reg b = p.bias ? V::load(p.bias + k, n) : V::zero();
+      for (int a = 0; a < rows; ++a) {
+        const Reg row[6] = {q[0][a], q[1][a], q[2][a], q[3][a], q[4][a], q[5][a]};
+        Reg y[4];  // (A^T m A)[a]
+        at6<V>(row, y);
+        for (int e = 0; e < cols; ++e) store_output<V>(p, t, a, e, k, n, y[e], b);
+      }
+    }
+  }
+}
+
+// ---- the driver -----------------------------------------------------------------
+
+// Blocks [first, last) of p.block tiles of kTile x kTile outputs; `scratch` holds
+// scratch_floats(p) floats.
+template <class V, int kTile>
+void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
+  constexpr int kXi = (kTile + 2) * (kTile + 2);
   float* v = scratch;
-  float* m = v + 16 * p.v_stride;
-  float* zeros = m + 16 * p.m_stride;
+  float* m = v + kXi * p.v_stride;
+  float* zeros = m + kXi * p.m_stride;
   for (int64_t c = 0; c < p.C; ++c) zeros[c] = 0.0f;
   for (int64_t blk = first; blk < last; ++blk) {
     const int64_t t0 = blk * p.block;
     const int64_t count = p.tiles - t0 < p.block ? p.tiles - t0 : p.block;
-    transform_input<V>(p, zeros, v, t0, count);
-    for (int xi = 0; xi < 16; ++xi) {
+    if (kTile == 4) {
+      transform_input_f4<V>(p, zeros, v, t0, count);
+    } else {
+      transform_input_f2<V>(p, zeros, v, t0, count);
+    }
+    for (int xi = 0; xi < kXi; ++xi) {
       // M[xi] (count x K) = V[xi] (count x C) @ U[xi] (C x K), all row-major.
       p.gemm(count, p.K, p.C, v + xi * p.v_stride, p.U + xi * p.C * p.K, m + xi * p.m_stride);
     }
-    transform_output<V>(p, m, t0, count);
+    if (kTile == 4) {
+      transform_output_f4<V>(p, m, t0, count);
+    } else {
+      transform_output_f2<V>(p, m, t0, count);
+    }
+  }
+}
+
+template <class V>
+void run_blocks(const Problem& p, int64_t first, int64_t last, float* scratch) {
+  if (p.tile == 4) {
+    run_tiles<V, 4>(p, first, last, scratch);
+  } else {
+    run_tiles<V, 2>(p, first, last, scratch);
   }
 }
 

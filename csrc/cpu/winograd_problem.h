@@ -13,13 +13,14 @@ using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, const float* a, const f
 struct Problem {
   // channels_last [N, C, H, W] input, [N, K, H, W] output/residual (stride 1, padding 1).
   const float* input;
-  const float* U;         // [16, C, K], from resnet_fused.ops.winograd_weight
+  const float* U;         // [alpha^2, C, K], from resnet_fused.ops.winograd_weight
   const float* bias;      // [K] or null
   const float* residual;  // or null
   float* out;
   bool relu;
   int64_t H, W, C, K;
-  int64_t tiles_h, tiles_w, tiles;  // 2x2 output tiles
+  int tile;                         // 2: F(2x2, 3x3), alpha = 4; 4: F(4x4, 3x3), alpha = 6
+  int64_t tiles_h, tiles_w, tiles;  // tile x tile output tiles
   int64_t block;                    // tiles per block
   int64_t v_stride, m_stride;       // floats between consecutive V[xi] / M[xi] in a block
   GemmFn gemm;
@@ -27,7 +28,8 @@ struct Problem {
 
 // Per-thread scratch of run_blocks: V, M and a zero row for the image border.
 inline int64_t scratch_floats(const Problem& p) {
-  return 16 * (p.v_stride + p.m_stride) + p.C;
+  const int64_t alpha = p.tile + 2;
+  return alpha * alpha * (p.v_stride + p.m_stride) + p.C;
 }
 
 void run_blocks_avx2(const Problem& p, int64_t first, int64_t last, float* scratch);
