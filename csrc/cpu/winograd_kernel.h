@@ -42,6 +42,18 @@ void tile_pixels(const Problem& p, const Tile& t, const float* zeros,
   }
 }
 
+// Calls body(px, dst, c, n) for input tile t0 + l (l < count) and its channels
+// [c, c + n): px as tile_pixels gives it, dst = V's row of that tile at channel c.
+template <class V, int kAlpha, class Body>
+inline void for_each_input_chunk(const Problem& p, const float* zeros, float* v, int64_t t0,
+                                 int64_t count, Body&& body) {
+  for (int64_t l = 0; l < count; ++l) {
+    const float* px[kAlpha][kAlpha];
+    tile_pixels<kAlpha>(p, tile_at(p, t0 + l), zeros, px);
+    for (int64_t c = 0; c < p.C; c += V::kLanes) body(px, v + l * p.C + c, c, p.C - c);
+  }
+}
+
 // Stores act(y + bias [+ residual]) at output pixel (y + a, x + e) of tile t, channels [k, k + n).
 template <class V>
 inline void store_output(const Problem& p, const Tile& t, int a, int e, int64_t k, int64_t n,
@@ -61,32 +73,26 @@ template <class V>
 void transform_input_f2(const Problem& p, const float* zeros, float* v, int64_t t0,
                         int64_t count) {
   using Reg = typename V::Reg;
-  for (int64_t l = 0; l < count; ++l) {
-    const Tile t = tile_at(p, t0 + l);
-    const float* px[4][4];
-    tile_pixels<4>(p, t, zeros, px);
-    float* dst = v + l * p.C;
-    for (int64_t c = 0; c < p.C; c += V::kLanes) {
-      const int64_t n = p.C - c;
-      // One row of B^T d at a time keeps 4 registers live instead of 16 (AVX2 has 16).
-      for (int i = 0; i < 4; ++i) {
-        Reg r[4];
-        for (int j = 0; j < 4; ++j) {
-          switch (i) {
-            case 0: r[j] = V::sub(V::load(px[0][j] + c, n), V::load(px[2][j] + c, n)); break;
-            case 1: r[j] = V::add(V::load(px[1][j] + c, n), V::load(px[2][j] + c, n)); break;
-            case 2: r[j] = V::sub(V::load(px[2][j] + c, n), V::load(px[1][j] + c, n)); break;
-            default: r[j] = V::sub(V::load(px[1][j] + c, n), V::load(px[3][j] + c, n)); break;
-          }
+  for_each_input_chunk<V, 4>(p, zeros, v, t0, count, [&](const float* (&px)[4][4], float* dst,
+                                                        int64_t c, int64_t n) {
+    // One row of B^T d at a time keeps 4 registers live instead of 16 (AVX2 has 16).
+    for (int i = 0; i < 4; ++i) {
+      Reg r[4];
+      for (int j = 0; j < 4; ++j) {
+        switch (i) {
+          case 0: r[j] = V::sub(V::load(px[0][j] + c, n), V::load(px[2][j] + c, n)); break;
+          case 1: r[j] = V::add(V::load(px[1][j] + c, n), V::load(px[2][j] + c, n)); break;
+          case 2: r[j] = V::sub(V::load(px[2][j] + c, n), V::load(px[1][j] + c, n)); break;
+          default: r[j] = V::sub(V::load(px[1][j] + c, n), V::load(px[3][j] + c, n)); break;
         }
-        float* out = dst + c + 4 * i * p.v_stride;
-        V::store(out, V::sub(r[0], r[2]), n);
-        V::store(out + p.v_stride, V::add(r[1], r[2]), n);
-        V::store(out + 2 * p.v_stride, V::sub(r[2], r[1]), n);
-        V::store(out + 3 * p.v_stride, V::sub(r[1], r[3]), n);
       }
+      float* out = dst + 4 * i * p.v_stride;
+      V::store(out, V::sub(r[0], r[2]), n);
+      V::store(out + p.v_stride, V::add(r[1], r[2]), n);
+      V::store(out + 2 * p.v_stride, V::sub(r[2], r[1]), n);
+      V::store(out + 3 * p.v_stride, V::sub(r[1], r[3]), n);
     }
-  }
+  });
 }
 
 // out = act(A^T m A + bias [+ residual]) for each 2x2 output tile, with
@@ -170,27 +176,21 @@ template <class V>
 void transform_input_f4(const Problem& p, const float* zeros, float* v, int64_t t0,
                         int64_t count) {
   using Reg = typename V::Reg;
-  for (int64_t l = 0; l < count; ++l) {
-    const Tile t = tile_at(p, t0 + l);
-    const float* px[6][6];
-    tile_pixels<6>(p, t, zeros, px);
-    float* dst = v + l * p.C;
-    for (int64_t c = 0; c < p.C; c += V::kLanes) {
-      const int64_t n = p.C - c;
-      Reg bd[6][6];  // bd[i][j] = (B^T d)[i][j]
-      for (int j = 0; j < 6; ++j) {
-        Reg col[6], r[6];
-        for (int i = 0; i < 6; ++i) col[i] = V::load(px[i][j] + c, n);
-        bt6<V>(col, r);
-        for (int i = 0; i < 6; ++i) bd[i][j] = r[i];
-      }
-      for (int i = 0; i < 6; ++i) {
-        Reg r[6];
-        bt6<V>(bd[i], r);
-        for (int j = 0; j < 6; ++j) V::store(dst + c + (6 * i + j) * p.v_stride, r[j], n);
-      }
+  for_each_input_chunk<V, 6>(p, zeros, v, t0, count, [&](const float* (&px)[6][6], float* dst,
+                                                        int64_t c, int64_t n) {
+    Reg bd[6][6];  // bd[i][j] = (B^T d)[i][j]
+    for (int j = 0; j < 6; ++j) {
+      Reg col[6], r[6];
+      for (int i = 0; i < 6; ++i) col[i] = V::load(px[i][j] + c, n);
+      bt6<V>(col, r);
+      for (int i = 0; i < 6; ++i) bd[i][j] = r[i];
     }
-  }
+    for (int i = 0; i < 6; ++i) {
+      Reg r[6];
+      bt6<V>(bd[i], r);
+      for (int j = 0; j < 6; ++j) V::store(dst + (6 * i + j) * p.v_stride, r[j], n);
+    }
+  });
 }
 
 // out = act(A^T m A + bias [+ residual]) for each 4x4 output tile (clipped at
