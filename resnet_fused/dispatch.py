@@ -2,8 +2,9 @@
 place that knows.
 
 `prepare(weight, bias, conv, dtype)` turns a folded conv into a `PreparedConv`
-(with the Winograd-domain weight where Winograd pays, and a per-shape cache of
-oneDNN-packed weights); `conv` and `conv_add_relu_` run it. The model, the CLI and
+(which makes its Winograd-domain weight on first use where Winograd pays, and
+keeps a per-shape cache of oneDNN-packed weights); `conv` and `conv_add_relu_`
+run it. The model, the CLI and
 the tests read the dtype tables here.
 """
 
@@ -74,8 +75,9 @@ class PreparedConv:
     dilation: tuple
     groups: int
     dtype: torch.dtype             # dtype this conv computes in (fp32 if fp16 would overflow)
-    winograd: torch.Tensor = None  # weight in the Winograd domain, for winograd_conv3x3
     cached: bool = True            # kept across forwards, so worth packing per input shape
+    winograd_fits: bool = False    # winograd_conv3x3 computes this conv
+    winograd: torch.Tensor = None  # F(4x4, 3x3) weight, made on the first input it pays for
     packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
 
     # oneDNN's packed layout is chosen for one input shape; used with another it is
@@ -97,6 +99,16 @@ class PreparedConv:
             self.packed[shape] = w
         return w
 
+    def winograd_for(self, x):
+        """The Winograd-domain weight if winograd_conv3x3 should compute x, else None.
+        Made on first use, so that a model never run where Winograd pays (for one,
+        at batch 1 with many threads) does not hold it: it is 4x the weight."""
+        if not self.winograd_fits or tracing() or not _winograd_pays(x, self.weight):
+            return None
+        if self.winograd is None:
+            self.winograd = ops.winograd_weight(self.weight, tile=4)
+        return self.winograd
+
 
 def prepare(weight, bias, conv, dtype, cached=True):
     """A PreparedConv of a folded (weight, bias) for `conv`'s geometry, computing in
@@ -106,34 +118,43 @@ def prepare(weight, bias, conv, dtype, cached=True):
     c = PreparedConv(weight.contiguous(memory_format=torch.channels_last), bias,
                      tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
                      dtype, cached=cached)
-    if cached and _winograd_fits(c):
-        c.winograd = ops.winograd_weight(c.weight)
+    c.winograd_fits = cached and _winograd_fits(c)
     return c
 
 
 # ---- Winograd rules ------------------------------------------------------------
 
 def _winograd_fits(c):
-    # 3x3 stride-1 convs: 2.25x fewer multiplies (measured 1.3-2.0x faster than
-    # oneDNN's direct kernel on ResNet-50's layers with AVX2 and AVX-512, and more
-    # accurate in fp32).
+    # 3x3 stride-1 convs, by F(4x4, 3x3): 4x fewer multiplies (measured 2.1-3.2x
+    # faster than oneDNN's direct kernel on ResNet-50's layers at batch 8, with
+    # AVX2 and AVX-512; benchmarks/cpu_kernels.py).
     return (c.weight.device.type == "cpu" and c.dtype == torch.float32
             and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)
             and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
             and _extension.winograd_kernel_available())
 
 
-# Winograd re-reads its 16 transformed weight matrices once per block of tiles;
-# with fewer than this many 2x2 output tiles per thread, that traffic outweighs
-# the multiplies it saves (measured, 512 channels at 7x7: 0.70x and 0.93x of
-# oneDNN's speed with 16 and 32 tiles per thread; 1.21x with 64).
-_WINOGRAD_MIN_TILES_PER_THREAD = 24
+# Each thread reads the 36 transformed weight matrices (36*C*K floats) once per
+# block of 4x4 output tiles, and spends 36*C*K multiply-adds per tile on them: with
+# too few tiles per thread the kernel waits on that read. Where the weight fits in
+# cache (up to 256x256 channels: 9.4 MB) 4 tiles per thread suffice; a 512x512
+# weight (38 MB) streams from memory and needs 16, and AVX2's narrower multiply
+# block re-reads it too often to win at all. Measured on AMD EPYC Zen 4 against
+# oneDNN, 1-2 threads (RESNET_FUSED_CPU_ISA=avx2 for AVX2): 256 channels at 7x7,
+# 4 tiles/thread: 0.27 vs 0.48 ms; 512 channels at 7x7, 12 tiles/thread: 5.65 vs
+# 5.33 ms, 16 tiles/thread: 6.00 vs 7.06 ms (AVX2: 11.2 vs 8.0 ms).
+_WINOGRAD_CACHED_WEIGHT = 256 * 256
+_WINOGRAD_MIN_TILES_PER_THREAD = 4
+_WINOGRAD_MIN_TILES_PER_THREAD_STREAMED = 16
 
 
-def _winograd_pays(x):
+def _winograd_pays(x, weight):
     n, _, h, w = x.shape
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    return tiles >= _WINOGRAD_MIN_TILES_PER_THREAD * torch.get_num_threads()
+    tiles_per_thread = n * ((h + 3) // 4) * ((w + 3) // 4) / torch.get_num_threads()
+    if weight.shape[0] * weight.shape[1] <= _WINOGRAD_CACHED_WEIGHT:
+        return tiles_per_thread >= _WINOGRAD_MIN_TILES_PER_THREAD
+    return (_extension.cpu_isa() == "avx512"
+            and tiles_per_thread >= _WINOGRAD_MIN_TILES_PER_THREAD_STREAMED)
 
 
 # ---- running it ------------------------------------------------------------------
@@ -144,8 +165,9 @@ def conv(x, c, *, relu, finite, residual=None):
     if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
         x = x.to(c.dtype)
         residual = None if residual is None else residual.to(c.dtype)
-    if c.winograd is not None and _winograd_pays(x):
-        y = ops.winograd_conv3x3(x, c.weight, c.winograd, c.bias, residual, relu=relu,
+    u = c.winograd_for(x)
+    if u is not None:
+        y = ops.winograd_conv3x3(x, c.weight, u, c.bias, residual, relu=relu,
                                  assume_finite=finite)
     else:
         y = ops.conv_bias_act(x, c.weight_for(x), c.bias, residual, c.stride, c.padding,
@@ -158,7 +180,7 @@ def conv_add_relu_(identity, x, c, *, finite):
     (identity must be dead after this call); returns the result."""
     needs_grad = torch.is_grad_enabled() and (identity.requires_grad or x.requires_grad
                                               or c.weight.requires_grad)
-    if c.dtype != x.dtype or (c.winograd is not None and _winograd_pays(x)) or needs_grad:
+    if c.dtype != x.dtype or needs_grad or c.winograd_for(x) is not None:
         return conv(x, c, relu=True, finite=finite, residual=identity)
     ops.conv_bias_add_relu_(identity, x, c.weight_for(x), c.bias, c.stride, c.padding,
                             c.dilation, c.groups, assume_finite=finite)

@@ -60,7 +60,7 @@ def add_relu_(a, b):
 def _winograd_g(points):
     """G of Winograd's F(m, 3) for the finite interpolation `points` and infinity:
     the row of a point a is (1, a, a^2) / prod_{b != a} (a - b) (its Lagrange
-    denominator, so that the kernel's B^T and A^T stay integer), infinity's is
+    denominator, so that the kernel's B^T and A^T stay dyadic), infinity's is
     (0, 0, 1). F(2, 3) on 0, 1, -1 gives the familiar rows (1, 0, 0),
     (1/2, 1/2, 1/2) up to sign, which B^T's signs absorb."""
     rows = []
@@ -74,9 +74,9 @@ def _winograd_g(points):
 
 
 # F(2x2, 3x3) on 0, 1, -1 (in the signs the kernel's B^T expects), F(4x4, 3x3)
-# on 0, 1, -1, 2, -2 (winograd_kernel.h's bt6/at6); both with infinity.
+# on 0, 1/2, -1/2, 2, -2 (winograd_kernel.h's bt6/at6); both with infinity.
 _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
-               4: tuple(_winograd_g((0, 1, -1, 2, -2)))}
+               4: tuple(_winograd_g((0, 0.5, -0.5, 2, -2)))}
 
 
 def winograd_weight(weight, tile=2):

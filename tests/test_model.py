@@ -186,8 +186,8 @@ def test_nan_in_bn_statistics_propagates_like_torchvision():
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
 
 
-# Stride-1 3x3 convs of layer1 and layer2 (input 2x3x64x64: 128 and 32 tiles); those
-# of layer3 and layer4 have too few tiles (8, 2) for Winograd to pay.
+# Stride-1 3x3 convs of layer1 and layer2 (input 2x3x64x64, one thread: 32 and 8
+# 4x4 output tiles); those of layer3 and layer4 have too few (2) for Winograd to pay.
 @pytest.mark.parametrize("arch, winograd", [("resnet18", 7), ("resnet50", 6),
                                              ("resnext50_32x4d", 0)])
 def test_cpu_fp32_runs_winograd_where_it_pays(arch, winograd):
