@@ -77,7 +77,7 @@ class PreparedConv:
     dtype: torch.dtype             # dtype this conv computes in (fp32 if fp16 would overflow)
     cached: bool = True            # kept across forwards, so worth packing per input shape
     winograd_fits: bool = False    # winograd_conv3x3 computes this conv
-    winograd: torch.Tensor = None  # F(4x4, 3x3) weight, made on the first input it pays for
+    winograd: dict = field(default_factory=dict)  # tile -> Winograd-domain weight
     packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
 
     # oneDNN's packed layout is chosen for one input shape; used with another it is
@@ -101,13 +101,17 @@ class PreparedConv:
 
     def winograd_for(self, x):
         """The Winograd-domain weight if winograd_conv3x3 should compute x, else None.
-        Made on first use, so that a model never run where Winograd pays (for one,
-        at batch 1 with many threads) does not hold it: it is 4x the weight."""
-        if not self.winograd_fits or tracing() or not _winograd_pays(x, self.weight):
+        Made on first use, per tile size, so that a model holds only the ones its
+        inputs need: they are 16/9 (F(2x2)) and 4x (F(4x4)) the weight's size."""
+        if not self.winograd_fits or tracing():
             return None
-        if self.winograd is None:
-            self.winograd = ops.winograd_weight(self.weight, tile=4)
-        return self.winograd
+        tile = _winograd_tile(x, self.weight)
+        if tile is None:
+            return None
+        u = self.winograd.get(tile)
+        if u is None:
+            u = self.winograd[tile] = ops.winograd_weight(self.weight, tile=tile)
+        return u
 
 
 def prepare(weight, bias, conv, dtype, cached=True):
@@ -125,36 +129,47 @@ def prepare(weight, bias, conv, dtype, cached=True):
 # ---- Winograd rules ------------------------------------------------------------
 
 def _winograd_fits(c):
-    # 3x3 stride-1 convs, by F(4x4, 3x3): 4x fewer multiplies (measured 2.1-3.2x
-    # faster than oneDNN's direct kernel on ResNet-50's layers at batch 8, with
-    # AVX2 and AVX-512; benchmarks/cpu_kernels.py).
+    # 3x3 stride-1 convs, by F(4x4, 3x3) (4x fewer multiplies; measured 2.1-3.2x
+    # faster than oneDNN's direct kernel on ResNet-50's layers at batch 8, with AVX2
+    # and AVX-512, benchmarks/cpu_kernels.py) or F(2x2, 3x3) (2.25x fewer).
     return (c.weight.device.type == "cpu" and c.dtype == torch.float32
             and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)
             and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
             and _extension.winograd_kernel_available())
 
 
-# Each thread reads the 36 transformed weight matrices (36*C*K floats) once per
-# block of 4x4 output tiles, and spends 36*C*K multiply-adds per tile on them: with
-# too few tiles per thread the kernel waits on that read. Where the weight fits in
-# cache (up to 256x256 channels: 9.4 MB) 4 tiles per thread suffice; a 512x512
-# weight (38 MB) streams from memory and needs 16, and AVX2's narrower multiply
-# block re-reads it too often to win at all. Measured on AMD EPYC Zen 4 against
-# oneDNN, 1-2 threads (RESNET_FUSED_CPU_ISA=avx2 for AVX2): 256 channels at 7x7,
-# 4 tiles/thread: 0.27 vs 0.48 ms; 512 channels at 7x7, 12 tiles/thread: 5.65 vs
-# 5.33 ms, 16 tiles/thread: 6.00 vs 7.06 ms (AVX2: 11.2 vs 8.0 ms).
-_WINOGRAD_CACHED_WEIGHT = 256 * 256
-_WINOGRAD_MIN_TILES_PER_THREAD = 4
-_WINOGRAD_MIN_TILES_PER_THREAD_STREAMED = 16
+# Each thread reads the alpha^2 transformed weight matrices (alpha = tile + 2) once
+# per block of output tiles and spends alpha^2 * C * K multiply-adds per tile on
+# them: with too few tiles per thread it waits on that read. In a model the weight
+# is not in cache when its layer starts (ResNet-50's weights are 100 MB). So F(4x4)
+# (36 matrices) needs 16 of its tiles per thread; below that F(2x2) (16 matrices)
+# pays from 24 of its tiles per thread, if its weight (64 * C * K bytes) is small
+# enough to come from L3 (up to 256x256 channels); below that oneDNN's direct
+# kernel is faster. With more channels only F(4x4) pays, and only on AVX-512: AVX2's
+# narrower multiply block re-reads the weight too often. Measured on AMD EPYC Zen 4,
+# 2 threads, in ResNet-50 and alone (benchmarks/cpu_kernels.py; AVX2 by
+# RESNET_FUSED_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2), ms:
+#                                    tiles/thread  F(4x4)  F(2x2)  oneDNN
+#   256 ch, 14x14, batch 1, in the model   8 / 24     0.91       -    1.02
+#     (ResNet-18 batch 1: 15.2 ms with F(2x2) there, 16.8 with F(4x4))
+#   512 ch, 7x7, batch 8, in the model    16 / 64      5.6       -     7.2
+#   512 ch, 7x7, batch 8, AVX2            16 / 64     11.2    10.3     8.0
+#   512 ch, 7x7, batch 4                   8 / 32     4.06    4.25    3.95
+_WINOGRAD_MIN_TILES_PER_THREAD = {4: 16, 2: 24}
+_WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2), and AVX2 at all, pay
 
 
-def _winograd_pays(x, weight):
+def _winograd_tile(x, weight):
+    """The Winograd tile size (4 or 2) that beats oneDNN on x, or None."""
     n, _, h, w = x.shape
-    tiles_per_thread = n * ((h + 3) // 4) * ((w + 3) // 4) / torch.get_num_threads()
-    if weight.shape[0] * weight.shape[1] <= _WINOGRAD_CACHED_WEIGHT:
-        return tiles_per_thread >= _WINOGRAD_MIN_TILES_PER_THREAD
-    return (_extension.cpu_isa() == "avx512"
-            and tiles_per_thread >= _WINOGRAD_MIN_TILES_PER_THREAD_STREAMED)
+    threads = torch.get_num_threads()
+    small = weight.shape[0] * weight.shape[1] <= _WINOGRAD_L3_WEIGHT
+    for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():
+        if not small and (tile == 2 or _extension.cpu_isa() != "avx512"):
+            continue
+        if n * -(-h // tile) * -(-w // tile) >= needed * threads:
+            return tile
+    return None
 
 
 # ---- running it ------------------------------------------------------------------

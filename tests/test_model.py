@@ -186,8 +186,9 @@ def test_nan_in_bn_statistics_propagates_like_torchvision():
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
 
 
-# Stride-1 3x3 convs of layer1 and layer2 (input 2x3x64x64, one thread: 32 and 8
-# 4x4 output tiles); those of layer3 and layer4 have too few (2) for Winograd to pay.
+# Stride-1 3x3 convs of layer1 (input 2x3x64x64, one thread: 32 4x4 output tiles,
+# F(4x4)) and layer2 (8 4x4 tiles, 32 2x2 tiles: F(2x2)); those of layer3 and
+# layer4 have too few tiles for Winograd to pay.
 @pytest.mark.parametrize("arch, winograd", [("resnet18", 7), ("resnet50", 6),
                                              ("resnext50_32x4d", 0)])
 def test_cpu_fp32_runs_winograd_where_it_pays(arch, winograd):
