@@ -35,6 +35,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from . import dispatch, ops
 from .fold import cast_folded, fold_conv_bn
 from .model import _Folding
+from .state_watch import StateWatch
 
 _BATCH_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
@@ -371,7 +372,7 @@ _GRAPH_FUNCTIONS = (_get_attr, _call_module, *_FUSED_FUNCTIONS)
 
 @dataclass
 class _GraphFold:
-    signature: tuple
+    watch: StateWatch  # what the fold was made from (None for an inline fold)
     convs: dict    # key -> dispatch.PreparedConv
     finite: bool   # every folded weight and bias is finite
 
@@ -431,7 +432,7 @@ class GraphFused(_Folding):
         for key, conv, bn in self._graph_rewrite.pairs:
             yield key, [(key, self.get_submodule(conv), self.get_submodule(bn))]
 
-    def _fold(self, dtype, signature, check_range, differentiable=False):
+    def _fold(self, dtype, watch, check_range, differentiable=False):
         convs = {}
         for key, [(_, conv, bn)] in self._pairs():
             w, b = fold_conv_bn(conv, bn, key, differentiable)
@@ -441,7 +442,7 @@ class GraphFused(_Folding):
         finite = check_range and all(bool(torch.isfinite(c.weight).all()
                                           and torch.isfinite(c.bias).all())
                                      for c in convs.values())
-        return _GraphFold(signature, convs, finite)
+        return _GraphFold(watch, convs, finite)
 
     def __reduce_ex__(self, protocol):
         # The fused class is made at run time: a pickle (or copy) names the model's own.

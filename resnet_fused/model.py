@@ -19,6 +19,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from . import _extension, dispatch
 from .dispatch import tracing as _tracing
 from .fold import cast_folded, fold_conv_bn
+from .state_watch import StateWatch
 
 # Refolds are rare; one lock for all models keeps them picklable and copyable.
 _FOLD_LOCK = threading.Lock()
@@ -33,7 +34,7 @@ def _warn_once(key, message):
 
 @dataclass
 class _Fold:
-    signature: tuple
+    watch: StateWatch  # what the fold was made from (None for an inline fold)
     stem: dispatch.PreparedConv
     layers: list   # (name, blocks); a block: dict of PreparedConv conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
@@ -138,23 +139,7 @@ class _Folding:
                     pairs.append(("downsample", ds[0], ds[1]))
                 yield name, pairs
 
-    def _signature(self):
-        # Version counters catch in-place writes, data pointers replaced tensors
-        # (load_state_dict copies in place; .to() and `param.data = ...` replace).
-        # Inference tensors (made under torch.inference_mode) have no counter.
-        sig = []
-        for _, pairs in self._pairs():
-            for _, conv, bn in pairs:
-                # BN's train-mode update of the running stats does not bump their
-                # counters, but it always bumps num_batches_tracked.
-                for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                          bn.running_var, getattr(bn, "num_batches_tracked", None)):
-                    sig.append(None if t is None else
-                               (-1 if t.is_inference() else t._version, t.data_ptr()))
-                sig.append(bn.eps)
-        return tuple(sig)
-
-    def _fold(self, dtype, signature, check_range, differentiable=False):
+    def _fold(self, dtype, watch, check_range, differentiable=False):
         stem, blocks = None, {n: [] for n in self._layer_names()}
         for name, pairs in self._pairs():
             convs = {}
@@ -173,18 +158,18 @@ class _Folding:
         finite = check_range and all(
             bool(torch.isfinite(c.weight).all() and torch.isfinite(c.bias).all())
             for c in [stem] + [c for b in blocks.values() for convs in b for c in convs.values()])
-        return _Fold(signature, stem, list(blocks.items()), finite)
+        return _Fold(watch, stem, list(blocks.items()), finite)
 
     def _cached_fold(self, device, dtype):
         key = (device, dtype)
-        signature = self._signature()
         fold = self._fold_cache.get(key)
-        if fold is not None and fold.signature == signature:
+        if fold is not None and not fold.watch.changed():
             return fold
         with _FOLD_LOCK:  # one refold at a time; readers see either old or new whole
             fold = self._fold_cache.get(key)
-            if fold is None or fold.signature != signature:
-                fold = self._fold(dtype, signature, check_range=True)
+            if fold is None or fold.watch.changed():
+                # Made before folding: a write during the fold shows up next call.
+                fold = self._fold(dtype, StateWatch(self), check_range=True)
                 # Stale entries for other dtypes/devices could be reused wrongly later.
                 self._fold_cache = {key: fold}
         return fold
@@ -192,7 +177,7 @@ class _Folding:
     def _inline_fold(self, dtype, differentiable):
         # Under torch.compile/export the fold is part of the traced graph; with
         # gradients, of the autograd graph.
-        return self._fold(dtype, (), check_range=False, differentiable=differentiable)
+        return self._fold(dtype, None, check_range=False, differentiable=differentiable)
 
     # ---- helpers ----------------------------------------------------------
 
