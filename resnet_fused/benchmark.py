@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .cudnn_fused import CudnnFusedResNet
 from .model import STAGES
 
 # ---- timing ------------------------------------------------------------------------
@@ -78,9 +79,13 @@ def time_interleaved(fns, device, warmup, repeats, block=5):
 EAGER = "torchvision eager (NCHW)"
 
 
+CUDNN_FUSED = "cuDNN fused ops (folded BN)"
+
+
 def torch_variants(tv, fused, dtype, use_compile):
-    """name -> callable(x) for torchvision eager, torch.compile and resnet_fused, on
-    copies of the models in `dtype` (the given ones are left as they are)."""
+    """name -> callable(x) for torchvision eager, torch.compile, cuDNN's fused ops (on
+    CUDA) and resnet_fused, on copies of the models in `dtype` (the given ones are
+    left as they are)."""
     tv_d = copy.deepcopy(tv).to(dtype)
     cl = torch.channels_last
     tv_cl = copy.deepcopy(tv_d).to(memory_format=cl)
@@ -92,6 +97,8 @@ def torch_variants(tv, fused, dtype, use_compile):
         frozen = torch.compile(copy.deepcopy(tv_cl), options={"freezing": True})
         variants["torch.compile"] = lambda x: compiled(x.contiguous(memory_format=cl))
         variants["torch.compile + freezing"] = lambda x: frozen(x.contiguous(memory_format=cl))
+    if next(tv.parameters()).device.type == "cuda":
+        variants[CUDNN_FUSED] = CudnnFusedResNet(tv_d, dtype).eval()
     variants["resnet_fused"] = copy.deepcopy(fused).to(dtype)
     return variants
 
