@@ -50,7 +50,7 @@ class FusedBody(_Folding, IntermediateLayerGetter):
         if prepared is None:
             return super().forward(x)
         x, fold, finite = prepared
-        outputs = self._run_fused(x, fold, finite, _stage_labeller())
+        outputs = self._run_fused(x, fold, finite, _stage_labeller(), keep=self.return_layers)
         return OrderedDict((self.return_layers[name], outputs[name])
                            for name in self.keys() if name in self.return_layers)
 

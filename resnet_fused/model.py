@@ -100,19 +100,21 @@ class _Folding:
         finite = x.device.type == "cpu" and bool(torch.isfinite(x.sum()))
         return x.to(dtype), fold, finite
 
-    def _run_fused(self, x, fold, finite, stage):
-        """{name: output} of "maxpool" (after the stem) and of each layer."""
+    def _run_fused(self, x, fold, finite, stage, keep=()):
+        """{name: output} of "maxpool" (after the stem) and of each layer; those named
+        in `keep` are returned as computed (the next block may not sum into them)."""
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
         with stage("stem"):
             x = dispatch.conv(x, fold.stem, relu=True, finite=finite)
         with stage("maxpool"):
             x = self.maxpool(x)
         outputs = {"maxpool": x}
+        previous = "maxpool"
         for name, blocks in fold.layers:
             with stage(name):
-                for convs in blocks:
-                    x = _block(x, convs, finite)
-            outputs[name] = x
+                for i, convs in enumerate(blocks):
+                    x = _block(x, convs, finite, input_kept=i == 0 and previous in keep)
+            outputs[name], previous = x, name
         return outputs
 
     def _layer_names(self):
@@ -262,8 +264,9 @@ class FusedResNet(_Folding, ResNet):
             return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _block(x, convs, finite):
-    """One BasicBlock or Bottleneck, fused."""
+def _block(x, convs, finite, input_kept=False):
+    """One BasicBlock or Bottleneck, fused. input_kept: x is returned to the caller,
+    so the residual sum must not overwrite it."""
     out = dispatch.conv(x, convs["conv1"], relu=True, finite=finite)
     if "conv3" in convs:
         out = dispatch.conv(out, convs["conv2"], relu=True, finite=finite)
@@ -272,6 +275,8 @@ def _block(x, convs, finite):
         last = convs["conv2"]
     identity = (dispatch.conv(x, convs["downsample"], relu=False, finite=finite)
                 if "downsample" in convs else x)
+    if identity is x and input_kept:
+        return dispatch.conv(out, last, relu=True, finite=finite, residual=identity)
     # identity is an intermediate of this forward and dead after this op, so the
     # residual sum can accumulate into it in place.
     return dispatch.conv_add_relu_(identity, out, last, finite=finite)

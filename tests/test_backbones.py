@@ -101,3 +101,26 @@ def test_segmentation_matches(name):
 def test_nothing_to_fuse_is_an_error():
     with pytest.raises(TypeError, match="found no torchvision ResNet.*in Sequential"):
         fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_body_returning_the_stem_keeps_it(arch):
+    # A body may return the max-pool's output next to the layers'. ResNet-18's first
+    # block has no downsample, so its residual is that very tensor: the fused block
+    # must not sum into it in place. (32x32: too few tiles for Winograd, whose output
+    # is a new tensor anyway.)
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from common_utils import tv_model
+    layers = {"maxpool": "stem", "layer1": "c2", "layer3": "c4"}
+    tv = IntermediateLayerGetter(tv_model(arch), return_layers=dict(layers)).eval()
+    fused = fuse(nn.Sequential(IntermediateLayerGetter(tv_model(arch),
+                                                       return_layers=dict(layers)))).eval()
+    assert isinstance(fused[0], FusedBody)
+    assert fused[0].fused_status(torch.randn(2, 3, 32, 32)) == (True, "")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out, ref = fused(x), tv(x)
+    assert list(out) == list(ref) == list(layers.values())
+    for key in ref:
+        assert rel_err(out[key], ref[key]) <= 1e-5, key
