@@ -1,0 +1,153 @@
+"""Every distinct conv shape of ResNet-50 and ResNet-18, timed four ways side by side:
+our conv_bias_act (bias + ReLU fused), conv2d with bias then ReLU (cuDNN alone on
+CUDA, oneDNN on a CPU), cuDNN's fused conv + bias + ReLU (torch.cudnn_convolution_relu, CUDA only) and the
+roofline of the shape (max of its multiply-adds at the peak rate and its minimum
+traffic at the peak bandwidth); each shape's count in the model weights the totals.
+Prints one table and writes JSON.
+
+    python benchmarks/conv_shapes.py [--device cuda] [--dtype float16] [--batch 256]
+        [--archs resnet50,resnet18] [--peak-tflops 989] [--peak-gbps 3350] [--json F]
+
+Peaks default to an H100 SXM's dense fp16 tensor-core rate and HBM3 bandwidth on CUDA
+(pass the GPU's own: an H200 has 4800 GB/s), and on a CPU to nothing (no roofline
+column), where cuDNN's fused column says "skipped: no GPU".
+"""
+
+import argparse
+import json
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from resnet_fused import ops
+from resnet_fused.benchmark import device_name, time_interleaved
+
+
+def conv_shapes(arch, batch, size):
+    """Counter of (C, K, R, S, stride, padding, dilation, groups, N, H, W) over `arch`'s
+    convs, recorded from one forward on the meta device."""
+    model = getattr(torchvision.models, arch)().to("meta")
+    shapes = Counter()
+
+    def record(conv, args, _):
+        n, c, h, w = args[0].shape
+        k, _, r, s = conv.weight.shape
+        shapes[(c, k, r, s, conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups,
+                n, h, w)] += 1
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.empty(batch, 3, size, size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def out_hw(h, w, r, s, stride, padding, dilation):
+    return ((h + 2 * padding - dilation * (r - 1) - 1) // stride + 1,
+            (w + 2 * padding - dilation * (s - 1) - 1) // stride + 1)
+
+
+def roofline_ms(shape, elem_bytes, peak_tflops, peak_gbps):
+    c, k, r, s, stride, padding, dilation, groups, n, h, w = shape
+    p, q = out_hw(h, w, r, s, stride, padding, dilation)
+    flops = 2 * n * p * q * k * (c // groups) * r * s
+    traffic = elem_bytes * (n * c * h * w + k * (c // groups) * r * s + n * k * p * q)
+    return max(flops / (peak_tflops * 1e12), traffic / (peak_gbps * 1e9)) * 1e3
+
+
+def variants(shape, device, dtype):
+    """name -> callable for one shape, or a reason it cannot run."""
+    c, k, r, s, stride, padding, dilation, groups, n, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
+    weight = (torch.randn(k, c // groups, r, s, generator=g) / (c // groups * r * s) ** 0.5).to(
+        device, dtype).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(k, generator=g).to(device, dtype)
+    geo = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    packed = ops.pack_weight(weight, *geo[:3], groups, list(x.shape))
+    fns = {
+        "ours": lambda: ops.conv_bias_act(x, packed, bias, None, *geo, relu=True,
+                                          assume_finite=True),
+        "conv2d, ReLU": lambda: F.relu_(F.conv2d(x, weight, bias, *geo)),
+    }
+    if device.type == "cuda":
+        fns["cuDNN fused"] = lambda: torch.cudnn_convolution_relu(x, weight, bias, *geo)
+    return fns
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 on the CPU")
+    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on the CPU")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--archs", default="resnet50,resnet18")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--peak-gbps", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    batch = args.batch or (256 if cuda else 8)
+    peak_tflops = args.peak_tflops or (989.0 if cuda else None)
+    peak_gbps = args.peak_gbps or (3350.0 if cuda else None)
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    per_arch = {a: conv_shapes(a, batch, args.size) for a in args.archs.split(",")}
+    shapes = sorted(set().union(*per_arch.values()), key=lambda sh: (sh[2], sh[8:], sh[:2]))
+    columns = ["ours", "conv2d, ReLU", "cuDNN fused"]
+    rows = []
+    with torch.inference_mode():
+        for shape in shapes:
+            fns = variants(shape, device, dtype)
+            times = time_interleaved(fns, device, args.warmup, args.repeats)
+            roof = (roofline_ms(shape, elem, peak_tflops, peak_gbps)
+                    if peak_tflops and peak_gbps else None)
+            rows.append(dict(shape=list(shape), ms=times, roofline_ms=roof,
+                             count={a: s[shape] for a, s in per_arch.items()}))
+
+    print(f"{device_name(device)}, {str(dtype).replace('torch.', '')}, batch {batch}, "
+          f"{args.size}x{args.size}, channels_last, median of {args.repeats} (ms)")
+    if not cuda:
+        print("cuDNN fused: skipped: no GPU")
+    head = f"{'C':>5} {'K':>5} {'RxS':>5} {'str':>3} {'HxW':>7}  " + "".join(
+        f"{c:>12}" for c in columns) + f"{'roofline':>10} {'ours/best':>9}  count"
+    print(head)
+    totals = {a: Counter() for a in per_arch}
+    for row in rows:
+        c, k, r, s, stride, _, _, groups, _, h, w = row["shape"]
+        t = row["ms"]
+        best_peer = min(v for name, v in t.items() if name != "ours")
+        cells = "".join(f"{t[col]:12.3f}" if col in t else f"{'-':>12}" for col in columns)
+        roof = f"{row['roofline_ms']:10.3f}" if row["roofline_ms"] is not None else f"{'-':>10}"
+        counts = ", ".join(f"{a} x{n}" for a, n in row["count"].items() if n)
+        g = f"/{groups}" if groups > 1 else ""
+        print(f"{c:5d} {k:5d}{g} {r}x{s:<3} {stride:3d} {h:3d}x{w:<3}  {cells}{roof} "
+              f"{t['ours'] / best_peer:8.2f}x  {counts}")
+        for a, n in row["count"].items():
+            for name, v in t.items():
+                totals[a][name] += n * v
+            if row["roofline_ms"] is not None:
+                totals[a]["roofline"] += n * row["roofline_ms"]
+    for a, tot in totals.items():
+        print(f"{a}, all convs (ms per batch): " + ", ".join(
+            f"{name} {v:.2f}" for name, v in tot.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device_name(device), dtype=str(dtype), batch=batch,
+                           size=args.size, rows=rows,
+                           totals={a: dict(t) for a, t in totals.items()}), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
