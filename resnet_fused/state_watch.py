@@ -6,6 +6,7 @@ import itertools
 
 import torch.nn.modules.module as _module
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 # Bumped whenever any module anywhere gets a parameter, buffer or submodule assigned
 # (setattr, load_state_dict(assign=True), Sequential item assignment). A watch
@@ -43,7 +44,8 @@ class StateWatch:
         # be seen; its storage still can).
         self.versioned = [t for t in tensors if not t.is_inference()]
         self.tensors = tensors
-        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bns = [m for m in model.modules()
+                    if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))]
         self.state = self._state()
         self.assignments = _assignments[0]
 

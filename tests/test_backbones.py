@@ -124,3 +124,25 @@ def test_body_returning_the_stem_keeps_it(arch):
     assert list(out) == list(ref) == list(layers.values())
     for key in ref:
         assert rel_err(out[key], ref[key]) <= 1e-5, key
+
+
+def test_body_refolds_when_a_frozen_bn_changes():
+    # FrozenBatchNorm2d is not a torch BatchNorm: its eps and statistics must still
+    # be watched for the fold to follow them.
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from common_utils import tv_model
+    from resnet_fused.testing import freeze_bn_
+
+    def body():
+        return IntermediateLayerGetter(freeze_bn_(tv_model("resnet18")), {"layer4": "out"}).eval()
+
+    tv, fused = body(), fuse(nn.Sequential(body()))[0]
+    x = torch.randn(1, 3, 64, 64)
+    for change in (lambda m: setattr(m.layer2[0].bn1, "eps", 0.5),
+                   lambda m: m.layer3[1].bn2.running_var.mul_(4)):
+        with torch.inference_mode():
+            fused(x)  # folded before the change
+        change(tv), change(fused)
+        with torch.inference_mode():
+            assert rel_err(fused(x)["out"], tv(x)["out"]) <= 1e-5
