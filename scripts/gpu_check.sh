@@ -9,12 +9,6 @@
 # Exit status: 0 only if the build, every test run, the sanitizers and verify passed.
 set -uo pipefail
 
-LOG_DIR="${OUT:-out}"
-PY="${PYTHON:-python3}"
-mkdir -p "$LOG_DIR"
-START=$(date +%s)
-now() { date +%s; }
-
 # ---- time budget (seconds) --------------------------------------------------
 # One command on the GPU machine may run 600 s in all. Each step is killed at its
 # cap; the caps add up to at most BUDGET, which leaves the rest for the uncapped
@@ -44,41 +38,11 @@ SAN=$(command -v compute-sanitizer || true)
 for d in "${CUDA_HOME:-}" "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")/.." /usr/local/cuda; do
   [ -z "$SAN" ] && [ -x "$d/bin/compute-sanitizer" ] && SAN="$d/bin/compute-sanitizer"
 done
-# Without a GPU (a dry run of this script) every GPU step says so and is skipped.
-HAVE_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
-NO_GPU="skipped: no GPU"
 
-{
-  echo "date: $(date -u +%FT%TZ)"
-  nvidia-smi -L 2>&1 || true
-  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
-  echo "compute-sanitizer: ${SAN:-not found}"
-  echo "cores: $(nproc)"
-} > "$LOG_DIR/env.log"
-
-ROWS=()  # summary rows: step, seconds, result
-row() { ROWS+=("$(printf '%-13s %-6s %s' "$1" "$2" "$3")"); }
-timed_out() { [ "$1" -eq 124 ] && echo ", TIMED OUT"; }
-
-# ---- build ----------------------------------------------------------------
-t=$(now)
-if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
-  echo "build skipped (GPU_CHECK_SKIP_BUILD=1)" > "$LOG_DIR/build.log"; BUILD_RC=0
-else
-  FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" timeout "$CAP_BUILD" "$PY" setup.py build_ext --inplace \
-    > "$LOG_DIR/build.log" 2>&1
-  BUILD_RC=$?
-fi
-BUILD_WARN=$(grep -ciE "csrc/cuda/.*warning" "$LOG_DIR/build.log" || true)
-if [ "$BUILD_RC" -eq 0 ]; then BUILD_RES="ok, $BUILD_WARN warnings in csrc/cuda"
-else BUILD_RES="FAILED rc=$BUILD_RC$(timed_out "$BUILD_RC")"; fi
-row build $(( $(now) - t )) "$BUILD_RES"
-# A GPU step runs only with a GPU and a build; else it says why not.
-gpu_ready() {
-  if [ "$HAVE_GPU" != 1 ]; then echo "$NO_GPU"
-  elif [ "$BUILD_RC" -ne 0 ]; then echo "skipped: build failed"
-  fi
-}
+# shellcheck source=scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
+echo "compute-sanitizer: ${SAN:-not found}" >> "$LOG_DIR/env.log"
+build_in_place "$CAP_BUILD"
 
 # ---- tests, once per kernel config ------------------------------------------
 # Side by side on the one GPU, each process with its share of the cores (the fp64
@@ -172,22 +136,13 @@ else
 fi
 
 # ---- summary --------------------------------------------------------------
-# One summary file and one archive of the logs: few files to bring back.
-{
-  printf '== gpu_check summary (%s s total, budget %s s) ==\n' "$(( $(now) - START ))" "$BUDGET"
-  printf '%-13s %-6s %s\n' step secs result
-  printf '%s\n' "${ROWS[@]}"
+write_summary gpu_check "$BUDGET" "$(
   for f in "$LOG_DIR"/pytest-*.log; do
     [ -e "$f" ] || continue
     fails=$(grep -E "^(FAILED|ERROR) " "$f" | head -10)
     [ -n "$fails" ] && printf '\n%s:\n%s\n' "$(basename "$f")" "$fails"
   done
   grep -hE "^BAD|sanitize_ops:" "$LOG_DIR"/memcheck.log 2>/dev/null | head -20
-} > "$LOG_DIR/summary.txt"
-echo
-cat "$LOG_DIR/summary.txt"
-(cd "$LOG_DIR" && tar czf logs.tar.gz --exclude=logs.tar.gz --exclude=summary.txt ./* 2>/dev/null \
-  && find . -maxdepth 1 -type f ! -name logs.tar.gz ! -name summary.txt -delete)
-echo "logs: $LOG_DIR/logs.tar.gz, summary: $LOG_DIR/summary.txt"
+)"
 
 [ "$BUILD_RC" -eq 0 ] && [ "$TEST_OK" -eq 1 ] && [ "$SAN_OK" -eq 1 ] && [ "$VERIFY_OK" -eq 1 ]
