@@ -1,12 +1,10 @@
-"""StateWatch: whether a model's parameters, buffers and BatchNorm eps changed since
+"""StateWatch: whether a model's parameters, buffers and normalization eps changed since
 a point in time, cheaply enough to ask on every forward. The folded weights of the
 fused models and the captured forwards both depend on it."""
 
-import itertools
+import weakref
 
 import torch.nn.modules.module as _module
-from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 # Bumped whenever any module anywhere gets a parameter, buffer or submodule assigned
 # (setattr, load_state_dict(assign=True), Sequential item assignment). A watch
@@ -25,45 +23,51 @@ for _register in (_module.register_module_parameter_registration_hook,
     _register(_count_assignment)
 
 
+def _slots(model):
+    """(dict, name, tensor) for every parameter and buffer of every module of model."""
+    return [(d, name, t) for m in model.modules() for d in (m._parameters, m._buffers)
+            for name, t in d.items() if t is not None]
+
+
 class StateWatch:
-    """Whether a model's parameters, buffers and BatchNorm eps are those it had when
-    the watch was made: in-place writes (version counters), replaced storage
-    (`.to()`, `param.data = ...`: data pointers) and assigned parameters, buffers or
-    submodules (the tree's tensors by identity). Writes through `param.data.<op>_()`
-    bypass the version counters and are not seen (as for the model's own refolding).
+    """Whether a model's parameters, buffers and normalization eps are those it had
+    when the watch was made: in-place writes (version counters), replaced storage
+    (`.to()`, `param.data = ...`: data pointers), and parameters, buffers or submodules
+    assigned, set to None or deleted (each slot's tensor by identity). Writes through
+    `param.data.<op>_()` bypass the version counters and are not seen.
 
     The tensors are held, so their addresses cannot be reused by others while the
     watch lives: an unchanged address then means an unchanged tensor, and a graph
-    that reads them by address never reads freed memory."""
+    that reads them by address never reads freed memory. The model is not held (the
+    model holds its folds, and they their watch)."""
 
     def __init__(self, model):
-        self.model = model
-        self.named = self._named()
-        tensors = [t for _, t in self.named]
+        self._model = weakref.ref(model)
+        self.slots = _slots(model)
+        tensors = [t for _, _, t in self.slots]
         # An inference tensor has no version counter (so in-place writes to it cannot
         # be seen; its storage still can).
         self.versioned = [t for t in tensors if not t.is_inference()]
         self.tensors = tensors
-        self.bns = [m for m in model.modules()
-                    if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))]
+        # BatchNorm, FrozenBatchNorm2d and any other norm layer a ResNet was built with.
+        self.norms = [m for m in model.modules() if isinstance(getattr(m, "eps", None), float)]
         self.state = self._state()
         self.assignments = _assignments[0]
 
-    def _named(self):
-        return [(n, t) for n, t in itertools.chain(self.model.named_parameters(),
-                                                    self.model.named_buffers())]
-
     def _state(self):
         return (tuple(t._version for t in self.versioned),
-                tuple(t.data_ptr() for t in self.tensors), tuple(m.eps for m in self.bns))
+                tuple(t.data_ptr() for t in self.tensors), tuple(m.eps for m in self.norms))
 
     def changed(self):
-        if self._state() != self.state:
+        # Setting a parameter to None or deleting it calls no registration hook.
+        if self._state() != self.state or any(d.get(k) is not t for d, k, t in self.slots):
             return True
         if _assignments[0] != self.assignments:
-            now = self._named()
-            if len(now) != len(self.named) or any(
-                    n != n0 or t is not t0 for (n, t), (n0, t0) in zip(now, self.named)):
+            model = self._model()
+            now = [] if model is None else _slots(model)
+            if len(now) != len(self.slots) or any(
+                    d is not d0 or k != k0 or t is not t0
+                    for (d, k, t), (d0, k0, t0) in zip(now, self.slots)):
                 return True
             self.assignments = _assignments[0]
         return False

@@ -125,6 +125,29 @@ def test_fold_is_refreshed_when_parameters_change():
             assert fused(x.double()).dtype == torch.float64
 
 
+@pytest.mark.parametrize("change", ["bn weight set to None", "bn bias deleted", "eps"])
+def test_fold_is_refreshed_when_a_parameter_is_removed(change):
+    # Setting a parameter to None (or deleting it) calls no module hook, and a BN's
+    # eps is a plain attribute: both must still refold.
+    def apply(m):
+        bn = m.layer2[1].bn2
+        if change == "bn weight set to None":
+            bn.weight = None
+        elif change == "bn bias deleted":
+            del bn.bias
+            bn.bias = None  # BatchNorm's forward reads the attribute
+        else:
+            bn.eps = 0.5
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fused(x)
+    apply(tv), apply(fused)
+    with torch.inference_mode():
+        assert rel_err(fused(x), tv(x)) <= 1e-5
+
+
 def test_compile_fullgraph():
     tv = tv_model("resnet18")
     fused = fuse(tv)
