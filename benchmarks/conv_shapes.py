@@ -6,11 +6,12 @@ traffic at the peak bandwidth); each shape's count in the model weights the tota
 Prints one table and writes JSON.
 
     python benchmarks/conv_shapes.py [--device cuda] [--dtype float16] [--batch 256]
-        [--archs resnet50,resnet18] [--peak-tflops 989] [--peak-gbps 3350] [--json F]
+        [--archs resnet50,resnet18] [--peak-tflops T] [--peak-gbps G] [--json F]
 
-Peaks default to an H100 SXM's dense fp16 tensor-core rate and HBM3 bandwidth on CUDA
-(pass the GPU's own: an H200 has 4800 GB/s), and on a CPU to nothing (no roofline
-column), where cuDNN's fused column says "skipped: no GPU".
+The roofline's peaks default, for fp16/bf16 on an H100 or H200 (by the device's
+name), to its dense tensor-core rate and its memory bandwidth (989 TFLOP/s; 3350 and
+4800 GB/s); elsewhere pass them, or the roofline column stays empty. On a CPU
+cuDNN's fused column says "skipped: no GPU".
 """
 
 import argparse
@@ -59,15 +60,26 @@ def roofline_ms(shape, elem_bytes, peak_tflops, peak_gbps):
     return max(flops / (peak_tflops * 1e12), traffic / (peak_gbps * 1e9)) * 1e3
 
 
+# Dense fp16/bf16 tensor-core TFLOP/s and memory GB/s, SXM parts.
+PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
+
+
+def default_peaks(device, dtype):
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAKS.items() if key in name), (None, None))
+
+
 def variants(shape, device, dtype):
-    """name -> callable for one shape, or a reason it cannot run."""
+    """name -> callable for one shape."""
     c, k, r, s, stride, padding, dilation, groups, n, h, w = shape
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, h, w, generator=g).to(device, dtype).contiguous(
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
-    weight = (torch.randn(k, c // groups, r, s, generator=g) / (c // groups * r * s) ** 0.5).to(
-        device, dtype).contiguous(memory_format=torch.channels_last)
-    bias = torch.randn(k, generator=g).to(device, dtype)
+    weight = (torch.randn(k, c // groups, r, s, generator=g, device=device, dtype=dtype)
+              / (c // groups * r * s) ** 0.5).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(k, generator=g, device=device, dtype=dtype)
     geo = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
     packed = ops.pack_weight(weight, *geo[:3], groups, list(x.shape))
     fns = {
@@ -98,8 +110,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
     batch = args.batch or (256 if cuda else 8)
-    peak_tflops = args.peak_tflops or (989.0 if cuda else None)
-    peak_gbps = args.peak_gbps or (3350.0 if cuda else None)
+    known_tflops, known_gbps = default_peaks(device, dtype)
+    peak_tflops, peak_gbps = args.peak_tflops or known_tflops, args.peak_gbps or known_gbps
     elem = torch.empty((), dtype=dtype).element_size()
 
     per_arch = {a: conv_shapes(a, batch, args.size) for a in args.archs.split(",")}

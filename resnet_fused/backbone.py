@@ -43,6 +43,10 @@ class FusedBody(_Folding, IntermediateLayerGetter):
         """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
         if self.training and not self._frozen():
             return False, "train mode with BatchNorm2d runs torchvision's math (batch statistics)"
+        inside_stem = [n for n in _TRUNK[:3] if n in self.return_layers]
+        if inside_stem:
+            return False, (f"return_layers names {', '.join(inside_stem)}, inside the stem that "
+                           "the fused forward computes in one op (conv, BN and ReLU)")
         return self._kernel_status(x)
 
     def forward(self, x):

@@ -83,9 +83,9 @@ CUDNN_FUSED = "cuDNN fused ops (folded BN)"
 
 
 def torch_variants(tv, fused, dtype, use_compile):
-    """name -> callable(x) for torchvision eager, torch.compile, cuDNN's fused ops (on
-    CUDA) and resnet_fused, on copies of the models in `dtype` (the given ones are
-    left as they are)."""
+    """(name -> callable(x), notes) for torchvision eager, torch.compile, cuDNN's fused
+    ops (on CUDA) and resnet_fused, on copies of the models in `dtype` (the given ones
+    are left as they are); notes say why a variant is missing."""
     tv_d = copy.deepcopy(tv).to(dtype)
     cl = torch.channels_last
     tv_cl = copy.deepcopy(tv_d).to(memory_format=cl)
@@ -97,10 +97,21 @@ def torch_variants(tv, fused, dtype, use_compile):
         frozen = torch.compile(copy.deepcopy(tv_cl), options={"freezing": True})
         variants["torch.compile"] = lambda x: compiled(x.contiguous(memory_format=cl))
         variants["torch.compile + freezing"] = lambda x: frozen(x.contiguous(memory_format=cl))
-    if next(tv.parameters()).device.type == "cuda":
-        variants[CUDNN_FUSED] = CudnnFusedResNet(tv_d, dtype).eval()
+    notes = []
+    device = next(tv.parameters()).device
+    if device.type == "cuda":
+        # Folded from the fp32 model, as ours is. cuDNN may refuse a shape or dtype
+        # (CUDNN_STATUS_NOT_SUPPORTED): one small forward finds out here, so that the
+        # other rows are still measured.
+        peer = CudnnFusedResNet(tv, dtype).eval()
+        try:
+            with torch.inference_mode():
+                peer(torch.zeros(1, 3, 64, 64, device=device, dtype=dtype))
+            variants[CUDNN_FUSED] = peer
+        except RuntimeError as e:
+            notes.append(f"{CUDNN_FUSED}: skipped, {str(e).splitlines()[0]}")
     variants["resnet_fused"] = copy.deepcopy(fused).to(dtype)
-    return variants
+    return variants, notes
 
 
 TASK_LABELS = ("unfused", "unfused channels_last", "resnet_fused")

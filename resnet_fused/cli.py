@@ -109,15 +109,16 @@ def cmd_bench(args):
     dtype = getattr(torch, args.dtype)
     batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1, 8])
     tv, fused, desc = load_models(args.arch, args.weights, device)
-    variants = benchmark.torch_variants(tv, fused, dtype, args.compile)
-    notes = []
+    variants, notes = benchmark.torch_variants(tv, fused, dtype, args.compile)
     if args.peers:
         if device.type != "cpu":
             notes.append("peers: ONNX Runtime and OpenVINO are timed on the CPU only")
         else:
             example = torch.randn(1, 3, *args.size)
-            peers, notes = benchmark.peer_variants(tv, example, dtype, torch.get_num_threads())
+            peers, peer_notes = benchmark.peer_variants(tv, example, dtype,
+                                                        torch.get_num_threads())
             variants.update(peers)
+            notes += peer_notes
     print(f"bench {args.arch} on {benchmark.device_name(device)}, {args.dtype}, input "
           f"{args.size}, median of {args.repeats} runs (blocks of 5, round-robin) after "
           f"{args.warmup} warm-up runs; {desc}")

@@ -8,6 +8,8 @@ residuals) can be tested on a CPU against torchvision with plain conv2d; the
 default ones need a CUDA tensor.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,9 +44,9 @@ class _Folded(nn.Module):
 
 
 class CudnnFusedResNet(nn.Module):
-    """Eval-mode forward of torchvision ResNet `tv` in `dtype`, channels_last, through
-    cuDNN's fused ops on folded BN (or through `conv_relu` / `conv_add_relu` with
-    their signatures, for tests)."""
+    """Eval-mode forward of torchvision ResNet `tv` (any dtype; folded in fp32) in
+    `dtype`, channels_last, through cuDNN's fused ops on folded BN (or through
+    `conv_relu` / `conv_add_relu` with their signatures, for tests)."""
 
     def __init__(self, tv, dtype, conv_relu=_cudnn_conv_relu, conv_add_relu=_cudnn_conv_add_relu):
         super().__init__()
@@ -66,7 +68,7 @@ class CudnnFusedResNet(nn.Module):
                     folded.append(_Folded(block.downsample[0], block.downsample[1], dtype))
                 self.blocks.append(folded)
                 self.depths.append(n)
-        self.avgpool, self.fc = tv.avgpool, tv.fc
+        self.avgpool, self.fc = tv.avgpool, copy.deepcopy(tv.fc).to(dtype)
 
     def forward(self, x):
         x = self.stem.run(self.conv_relu, x.contiguous(memory_format=torch.channels_last))

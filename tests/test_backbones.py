@@ -146,3 +146,24 @@ def test_body_refolds_when_a_frozen_bn_changes():
         change(tv), change(fused)
         with torch.inference_mode():
             assert rel_err(fused(x)["out"], tv(x)["out"]) <= 1e-5
+
+
+def test_body_returning_inside_the_stem_runs_unfused():
+    # conv1's, bn1's or relu's own output does not exist in the fused stem: such a
+    # body runs torchvision's forward, and says why.
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from common_utils import tv_model
+    layers = {"relu": "stem", "layer2": "c3"}
+    tv = IntermediateLayerGetter(tv_model("resnet18"), return_layers=dict(layers)).eval()
+    fused = fuse(nn.Sequential(IntermediateLayerGetter(tv_model("resnet18"),
+                                                       return_layers=dict(layers)))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ok, why = fused[0].fused_status(x)
+    assert not ok and "return_layers names relu" in why
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="return_layers names relu"):
+        out = fused(x)
+    ref = tv(x)
+    assert list(out) == list(ref)
+    for key in ref:  # fuse() made the weights channels_last: oneDNN's order differs
+        assert rel_err(out[key], ref[key]) <= 1e-5, key

@@ -22,12 +22,23 @@ def conv_add_relu(x, w, z, b, stride, padding, dilation, groups):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_wiring_matches_torchvision_in_fp64(arch):
     # fp64 on the CPU, so that any difference is a wiring error (a missed residual, a
-    # wrong conv order or fold), not rounding.
+    # wrong conv order or fold), not rounding (the fold is in fp64 for an fp64 model).
     tv = tv_model(arch).double()
     peer = CudnnFusedResNet(tv, torch.float64, conv_relu, conv_add_relu).eval()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.inference_mode():
         assert rel_err(peer(x), tv(x)) <= 1e-12
+
+
+def test_runs_in_a_dtype_other_than_the_models():
+    # bench builds it from the fp32 model for an fp16/bf16 run: the fold is in fp32,
+    # then every weight, the fc's included, in the run dtype.
+    peer = CudnnFusedResNet(tv_model("resnet18"), torch.float64, conv_relu, conv_add_relu).eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        out, ref = peer(x), tv_model("resnet18").double()(x)
+    assert out.dtype == torch.float64
+    assert rel_err(out, ref) <= 1e-6  # the fp32 fold's rounding, not a wiring error
 
 
 def test_rejects_other_blocks():
