@@ -134,8 +134,12 @@ def cmd_bench(args):
             fns = {name: (lambda f=f: f(x)) for name, f in variants.items()}
             errors = {name: benchmark.rel_err(f(x), ref) for name, f in variants.items()}
             print(f"  batch {b} ...", file=sys.stderr, flush=True)
-            for name, med in benchmark.time_interleaved(fns, device, args.warmup,
-                                                        args.repeats).items():
+            times = benchmark.time_interleaved(fns, device, args.warmup, args.repeats)
+            # As measured, so that a run stopped early still shows its finished batches.
+            print("  batch " + str(b) + ": " + ", ".join(f"{name} {med:.2f} ms"
+                                                        for name, med in times.items()),
+                  file=sys.stderr, flush=True)
+            for name, med in times.items():
                 results.append(dict(variant=name, batch=b, ms=med, images_per_s=b / med * 1e3,
                                     rel_err=errors[name]))
     base = {r["batch"]: r["ms"] for r in results if r["variant"] == benchmark.EAGER}
