@@ -158,13 +158,21 @@ _WINOGRAD_MIN_TILES_PER_THREAD = {4: 16, 2: 24}
 _WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2), and AVX2 at all, pay
 
 
+# winograd_conv3x3 computes an image smaller than one tile, and F(4x4) with fewer
+# input channels than this, directly (csrc/cpu/winograd.cpp says why); F(2x2) is
+# then still worth choosing.
+_WINOGRAD_F4_MIN_CHANNELS = 16
+
+
 def _winograd_tile(x, weight):
     """The Winograd tile size (4 or 2) that beats oneDNN on x, or None."""
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     threads = torch.get_num_threads()
     small = weight.shape[0] * weight.shape[1] <= _WINOGRAD_L3_WEIGHT
     for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():
         if not small and (tile == 2 or _extension.cpu_isa() != "avx512"):
+            continue
+        if h < tile or w < tile or (tile == 4 and c < _WINOGRAD_F4_MIN_CHANNELS):
             continue
         if n * -(-h // tile) * -(-w // tile) >= needed * threads:
             return tile

@@ -268,9 +268,9 @@ class TestWinogradConv3x3:
         if " avx2" in flags and " fma" in flags and _extension.cpu_isa() != "none":
             assert _extension.winograd_kernel_available()
 
-    # tile=4 (F(4x4, 3x3), off in dispatch: its error exceeds the rule at ResNet-50's
-    # channel counts) is held to the same rule on these small ones; 9x13 and 2x3
-    # leave partial 4x4 tiles.
+    # tile=4 (F(4x4, 3x3)) is held to the same rule; 9x13 leaves partial 4x4 tiles.
+    # Below 16 input channels and for images smaller than a tile the op computes
+    # directly (the 1x1, 2x3 and 1x6 cases take that path for F(4x4)).
     @pytest.mark.parametrize("tile", [2, 4], ids=["f2", "f4"])
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=ids)
