@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from . import _extension, dispatch
+from . import _extension, dispatch, heap
 from .dispatch import tracing as _tracing
 from .fold import cast_folded, fold_conv_bn
 from .state_watch import StateWatch
@@ -98,11 +98,19 @@ class _Folding:
         # Any non-finite element makes the sum non-finite (a sum that overflows
         # only costs the exact path); 20x cheaper than isfinite(x).all().
         finite = x.device.type == "cpu" and bool(torch.isfinite(x.sum()))
+        if x.device.type == "cpu":
+            heap.keep_freed_memory()
         return x.to(dtype), fold, finite
 
     def _run_fused(self, x, fold, finite, stage, keep=()):
         """{name: output} of "maxpool" (after the stem) and of each layer; those named
         in `keep` are returned as computed (the next block may not sum into them)."""
+        if fold.watch is not None:  # a cached fold: no graph to record
+            with dispatch.without_autograd():
+                return self._run_layers(x, fold, finite, stage, keep)
+        return self._run_layers(x, fold, finite, stage, keep)
+
+    def _run_layers(self, x, fold, finite, stage, keep):
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
         with stage("stem"):
             x = dispatch.conv(x, fold.stem, relu=True, finite=finite)
