@@ -122,8 +122,20 @@ def decode(path):
         raise DecodeError(f"cannot decode: {type(e).__name__}: {e}") from None
 
 
+# Resized images larger than this are refused (per image, with the reason): a 10000x1
+# image resized to a shorter side of 256 would take 2 GB before the crop.
+MAX_RESIZED_PIXELS = 1 << 26
+
+
 def preprocess(img, resize, crop):
     """torchvision's resize (shorter side, bilinear, antialiased) and center crop, on uint8."""
+    h, w = img.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    resized = resize * int(resize * long / short)  # torchvision's rounding
+    if resized > MAX_RESIZED_PIXELS:
+        raise ValueError(f"resizing {w}x{h} pixels to a shorter side of {resize} would give "
+                         f"{resized} pixels, over the limit of {MAX_RESIZED_PIXELS} (aspect "
+                         f"ratio {long / short:.0f}:1)")
     return F.center_crop(F.resize(img, [resize], antialias=True), [crop])
 
 

@@ -135,6 +135,18 @@ def test_preprocessing_matches_torchvision_transforms(image_dir):
                            IMAGENET(theirs.float() / 255))
 
 
+def test_extreme_aspect_ratio_is_refused_not_resized(tmp_path):
+    # 3000x1 resized to a shorter side of 256 would be 768000x256 pixels (590 MB).
+    Image.new("RGB", (3000, 1)).save(tmp_path / "line.png")
+    Image.new("RGB", (900, 4)).save(tmp_path / "wide.png")  # 57600x256: under the limit
+    data = predict.ImageFiles([str(tmp_path / "line.png"), str(tmp_path / "wide.png")])
+    _, img, err = data[0]
+    assert "3000x1 pixels to a shorter side of 256 would give 196608000 pixels" in err
+    assert img.shape == (3, 224, 224)
+    _, img, err = data[1]
+    assert err == "" and img.shape == (3, 224, 224)
+
+
 def test_decoding_errors_and_no_deprecation_spam(image_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torchvision 0.29's deprecation warning included
