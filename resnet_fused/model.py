@@ -52,6 +52,13 @@ class _Folding:
         state["_fold_cache"] = {}
         return state
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() and the like: the folds of the old tensors would
+        # otherwise stay in memory (folded, packed and Winograd weights: ~2-3x the
+        # parameters) until the next forward replaced them.
+        self._fold_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
     def refresh_fold(self):
         """Drops the folded weights. Needed only after writes through `.data`,
         which bypass the version counters that refolding watches."""

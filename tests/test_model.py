@@ -125,6 +125,19 @@ def test_fold_is_refreshed_when_parameters_change():
             assert fused(x.double()).dtype == torch.float64
 
 
+def test_conversion_drops_the_old_fold():
+    # After .to()/.half()/.cuda() the folded weights of the old tensors are dead weight.
+    import weakref
+    fused = fuse(tv_model("resnet18"))
+    with torch.inference_mode():
+        fused(torch.randn(1, 3, 64, 64))
+    (fold,) = fused._fold_cache.values()
+    old = weakref.ref(fold.stem.weight)
+    del fold
+    fused.to(torch.float64)
+    assert fused._fold_cache == {} and old() is None
+
+
 @pytest.mark.parametrize("change", ["bn weight set to None", "bn bias deleted", "eps"])
 def test_fold_is_refreshed_when_a_parameter_is_removed(change):
     # Setting a parameter to None (or deleting it) calls no module hook, and a BN's
