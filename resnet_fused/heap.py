@@ -1,7 +1,8 @@
 """Keeping freed activation memory in the process between CPU forwards (glibc).
 
 By default glibc hands large freed blocks back to the kernel: blocks above the
-mmap threshold at once, and the top of the heap once more than twice that is free.
+mmap threshold at once, and the top of the heap once more than twice that is free
+(the threshold adapts to the largest block freed so far, up to 32 MiB).
 The next forward then takes a page fault per 4 KiB it writes. ResNet-50 at
 batch 8 frees ~51 MB per forward this way, and in a process that also runs other
 work, its next forward took 11k-17k minor faults, ~12 ms of ~270 (AMD EPYC Zen 4,
