@@ -28,15 +28,15 @@ demo: build
 # The suite, then the op and model tests again as another CPU class would run
 # them: AVX2 only (ATen, oneDNN and our kernels capped; on an AVX2 machine this
 # is the same path), and with none of our vector kernels.
-# torch.compile under this emulation on an AVX-512 CPU: Inductor's AVX2 code with
-# ATen capped to AVX2 gives NaN for FusedResNet's graph (either one alone does not,
-# nor does a native AVX2 CPU, where the first pass runs this test); see README, Notes.
-EMULATED_DESELECT := --deselect tests/test_model.py::test_compile_fullgraph
+# Inductor's on-disk cache does not tell ATEN_CPU_CAPABILITY settings apart: code
+# compiled in the first pass, reused under the cap, computes garbage or corrupts the
+# heap (README, Known issues). So the emulated pass compiles into a cache of its own.
 EMULATED_TESTS := tests/test_ops.py tests/test_model.py tests/test_fuzz.py tests/test_graph_fuse.py
 test: build
 	$(PY) -m pytest -q tests
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 RESNET_FUSED_CPU_ISA=avx2 \
-		$(PY) -m pytest -q $(EMULATED_TESTS) $(EMULATED_DESELECT)
+	cache=$$(mktemp -d) && TORCHINDUCTOR_CACHE_DIR=$$cache \
+		ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 RESNET_FUSED_CPU_ISA=avx2 \
+		$(PY) -m pytest -q $(EMULATED_TESTS); status=$$?; rm -rf $$cache; exit $$status
 	RESNET_FUSED_CPU_ISA=none $(PY) -m pytest -q tests/test_ops.py
 
 clean:
