@@ -18,6 +18,7 @@ through its MALLOC_*_ variables, or when the C library is not glibc.
 
 import ctypes
 import os
+import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -44,9 +45,11 @@ def _apply():
     user = [v for v in _USER_TUNING if v in os.environ]
     if user:
         return f"the environment sets {user[0]}"
+    if not sys.platform.startswith("linux"):
+        return "the C library is not glibc"
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # raises AttributeError outside glibc
+        libc.gnu_get_libc_version  # raises AttributeError outside glibc (musl)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return "the C library is not glibc"
