@@ -142,20 +142,28 @@ def cmd_bench(args):
             for name, med in times.items():
                 results.append(dict(variant=name, batch=b, ms=med, images_per_s=b / med * 1e3,
                                     rel_err=errors[name]))
-    base = {r["batch"]: r["ms"] for r in results if r["variant"] == benchmark.EAGER}
+    base = {r["batch"]: r for r in results if r["variant"] == benchmark.EAGER}
     fastest_peer = {}
     for r in results:
-        r["speedup_vs_eager_nchw"] = base[r["batch"]] / r["ms"]
-        if r["variant"] not in (benchmark.EAGER, "resnet_fused"):
+        eager = base[r["batch"]]
+        r["speedup_vs_eager_nchw"] = eager["ms"] / r["ms"]
+        # verify's rule for reduced precision: at most 2x torchvision's own error (and
+        # fp32 noise). A wrong variant's time is shown but compared with nothing.
+        r["wrong"] = not r["rel_err"] <= max(2 * eager["rel_err"], 1e-5)
+        if r["variant"] not in (benchmark.EAGER, "resnet_fused") and not r["wrong"]:
             fastest_peer[r["batch"]] = min(fastest_peer.get(r["batch"], float("inf")), r["ms"])
     print(f"\n{'variant':34} {'batch':>5} {'ms/batch':>10} {'images/s':>10} "
           f"{'vs eager NCHW':>14} {'rel err vs fp64':>16}")
     for r in results:
         print(f"{r['variant']:34} {r['batch']:5d} {r['ms']:10.2f} {r['images_per_s']:10.1f} "
-              f"{r['speedup_vs_eager_nchw']:13.2f}x {r['rel_err']:16.2e}")
+              f"{r['speedup_vs_eager_nchw']:13.2f}x {r['rel_err']:16.2e}"
+              + ("  WRONG (over 2x torchvision's error)" if r["wrong"] else ""))
     for b, ms in sorted(fastest_peer.items()):
         ours = next(r["ms"] for r in results if r["batch"] == b and r["variant"] == "resnet_fused")
         print(f"batch {b}: resnet_fused is {ms / ours:.2f}x the fastest other variant")
+    ours_wrong = any(r["wrong"] for r in results if r["variant"] == "resnet_fused")
+    if ours_wrong:
+        print("resnet_fused computed a wrong result: see `resnet-fused verify`")
     report = dict(arch=args.arch, device=benchmark.device_name(device), dtype=args.dtype,
                   size=list(args.size), torch=torch.__version__, weights=desc, notes=notes,
                   results=results)
@@ -163,7 +171,7 @@ def cmd_bench(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    return 0
+    return 1 if ours_wrong else 0
 
 
 def cmd_bench_task(args):

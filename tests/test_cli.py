@@ -31,6 +31,34 @@ def test_bench_prints_table_and_json(tmp_path, capsys):
     assert "vs eager NCHW" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("who", ["a peer", "resnet_fused"])
+def test_bench_flags_wrong_results(who, monkeypatch, capsys):
+    # A variant whose output is garbage (and fast) is marked and compared with nothing;
+    # if it is ours, bench fails.
+    from resnet_fused import benchmark
+    real = benchmark.torch_variants
+
+    def with_garbage(*args, **kwargs):
+        variants, notes = real(*args, **kwargs)
+        name = "garbage" if who == "a peer" else "resnet_fused"
+        variants[name] = lambda x: torch.zeros(x.shape[0], 1000)
+        return variants, notes
+    monkeypatch.setattr(benchmark, "torch_variants", with_garbage)
+    code = main(["bench", "--arch", "resnet18", "--batch-sizes", "1", "--size", "64",
+                 "--warmup", "0", "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines()
+               if line.startswith("garbage" if who == "a peer" else "resnet_fused "))
+    assert "WRONG" in row
+    if who == "a peer":
+        assert code == 0
+        # the fastest correct other variant is eager channels_last: the ratio is not the
+        # garbage's (~0.00x)
+        assert "0.00x the fastest other" not in out
+    else:
+        assert code == 1 and "resnet_fused computed a wrong result" in out
+
+
 def test_bench_model_times_whole_model_and_body(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--model", "deeplabv3_resnet50", "--size", "48", "--warmup", "0",
