@@ -82,16 +82,26 @@ _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0
 def winograd_weight(weight, tile=2):
     """A [K, C, 3, 3] weight in the Winograd domain of F(tile x tile, 3x3) for
     winograd_conv3x3, computed in float64 (once, at fold time): [16, C, K] float32
-    for tile=2, [36, C, K] for tile=4. The shape tells the op which to run."""
+    for tile=2, [36, C, K] for tile=4. The shape tells the op which to run. A
+    bfloat16 weight (tile=2 only, even C) gives [16, C/2, K, 2] bfloat16: the rows of
+    each [C, K] matrix in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")
     if tile not in _WINOGRAD_G:
         raise ValueError(f"winograd_weight: expected tile 2 or 4, got {tile!r}")
+    bf16 = weight.dtype == torch.bfloat16
+    if bf16 and (tile != 2 or weight.shape[1] % 2):
+        raise ValueError(f"winograd_weight: a bfloat16 weight needs tile 2 and an even number "
+                         f"of input channels, got tile {tile} and {weight.shape[1]} channels")
     g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.to(torch.float64), g)
     alpha = tile + 2
-    return u.reshape(alpha * alpha, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+    u = u.reshape(alpha * alpha, weight.shape[1], weight.shape[0])
+    if bf16:
+        k, c = weight.shape[:2]
+        return u.to(torch.bfloat16).reshape(16, c // 2, 2, k).transpose(2, 3).contiguous()
+    return u.to(torch.float32).contiguous()
 
 
 def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *, relu=True,

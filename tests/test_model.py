@@ -10,6 +10,7 @@ import resnet_fused
 from resnet_fused import FusedResNet, fuse
 
 from common_utils import rel_err, tv_model
+from resnet_fused import _extension
 from resnet_fused._extension import winograd_kernel_available
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -245,3 +246,31 @@ def test_cpu_fp32_runs_winograd_where_it_pays(arch, f4, f2):
              if e.name == "resnet_fused::winograd_conv3x3"]  # winograd_weight: [alpha^2, C, K]
     assert (tiles.count(36), tiles.count(16), len(tiles)) == (f4, f2, f4 + f2)
     assert rel_err(fused(x), tv_model(arch)(x)) <= 1e-5
+
+
+# bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs.
+BF16_WINOGRAD = BF16 and _extension.cpu_isa() == "avx512" and any(
+    f in open("/proc/cpuinfo").read() for f in (" avx512_bf16", " amx_bf16")) \
+    if __import__("os").path.exists("/proc/cpuinfo") else False
+
+
+@pytest.mark.skipif(not BF16_WINOGRAD, reason="bfloat16 Winograd needs AVX-512 with bfloat16")
+@pytest.mark.parametrize("arch, f2", [("resnet18", 7), ("resnet50", 6)])
+def test_cpu_bf16_runs_winograd_where_it_pays(arch, f2):
+    # 64x64 input, batch 2, one thread: layer1's and layer2's stride-1 3x3 convs have
+    # enough 2x2 tiles (128 and 32 >= 24), layer3's (8) and layer4's do not.
+    fused = fuse(tv_model(arch)).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
+            ours = fused(x.bfloat16())
+    finally:
+        torch.set_num_threads(threads)
+    tiles = [e.input_shapes[2][0] for e in prof.events()
+             if e.name == "resnet_fused::winograd_conv3x3"]
+    assert (tiles.count(16), len(tiles)) == (f2, f2)
+    ref = tv_model(arch).double()(x.double())
+    theirs = tv_model(arch).to(torch.bfloat16)(x.bfloat16())
+    assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)

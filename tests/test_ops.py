@@ -340,8 +340,11 @@ class TestWinogradConv3x3:
          r"expected winograd_weight of shape \[16, 8, 16\] \(F\(2x2, 3x3\)\) or \[36, 8, 16\]"),
         (dict(u=torch.randn(25, 8, 16)), r"or \[36, 8, 16\] \(F\(4x4, 3x3\)\).*got \[25, 8, 16\]"),
         (dict(u=torch.randn(16, 8, 16).double()), "expected winograd_weight float32"),
+        (dict(x=torch.randn(2, 8, 5, 5).half(), w=torch.randn(16, 8, 3, 3).half(),
+              b=None, r=None), "expected float32 or bfloat16 input"),
         (dict(x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(16, 8, 3, 3).bfloat16(),
-              b=None, r=None), "expected float32 input"),
+              b=None, r=None), r"for bfloat16 input, expected winograd_weight of shape "
+                               r"\[16, 4, 16, 2\] bfloat16"),
         (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
         (dict(r=torch.randn(2, 16, 4, 5)), "expected residual of the output's shape"),
         (dict(b=torch.randn(15)), r"expected bias of shape \[16\]"),
@@ -353,6 +356,43 @@ class TestWinogradConv3x3:
         u = change.get("u", ops.winograd_weight(torch.randn(16, 8, 3, 3)))
         with pytest.raises(RuntimeError, match=message):
             ops.winograd_conv3x3(a["x"], a["w"], u, a["b"], a["r"])
+
+    # bfloat16: F(2x2) with V and U rounded to bfloat16, on AVX-512 (C and K multiples
+    # of 16; else, and on other CPUs, through conv_bias_act). Held to the models' rule
+    # for reduced precision: at most 2x the error of the direct bfloat16 kernel.
+    @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                        reason="no bfloat16 convolution on this CPU")
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", [ConvCase(c, k, h, w, R=3, padding=1, N=n) for n, c, k, h, w in [
+        (2, 64, 64, 14, 14), (1, 32, 48, 9, 13), (3, 16, 16, 2, 3), (2, 20, 37, 9, 13)]], ids=ids)
+    def test_bf16_within_twice_the_direct_error(self, case, channels_last):
+        x, w, b, res = case.tensors(channels_last=channels_last, seed=1)
+        x = x.relu()  # ResNet's inputs to a 3x3 conv are ReLU outputs
+        xb, wb, bb, rb = (t.bfloat16() for t in (x, w, b, res))
+        u = ops.winograd_weight(wb)
+        assert u.shape == (16, case.C // 2, case.K, 2) and u.dtype == torch.bfloat16
+        for bias, residual, relu in [(bb, None, True), (bb, rb, True), (None, rb, False)]:
+            out = ops.winograd_conv3x3(xb, wb, u, bias, residual, relu=relu)
+            assert out.dtype == torch.bfloat16
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            ref = reference(x, w, None if bias is None else b,
+                            None if residual is None else res, case, relu)
+            direct = ops.conv_bias_act(xb, wb, bias, residual, 1, 1, relu=relu)
+            assert rel_err(out, ref) <= 2 * rel_err(direct, ref), (rel_err(out, ref),
+                                                                   rel_err(direct, ref))
+
+    def test_bf16_winograd_weight_is_vnni_paired(self):
+        # Small integers: every Winograd-domain value is a multiple of 1/4 below 64, exact
+        # in bfloat16, so the two must agree bit for bit.
+        w = torch.randint(-4, 5, (16, 8, 3, 3), generator=torch.Generator().manual_seed(0))
+        w = w.bfloat16()
+        u, u32 = ops.winograd_weight(w), ops.winograd_weight(w.float())  # [16, 4, 16, 2], [16, 8, 16]
+        assert torch.equal(u[:, :, :, 0], u32[:, 0::2, :].bfloat16())
+        assert torch.equal(u[:, :, :, 1], u32[:, 1::2, :].bfloat16())
+        with pytest.raises(ValueError, match="bfloat16 weight needs tile 2 and an even number"):
+            ops.winograd_weight(w, tile=4)
+        with pytest.raises(ValueError, match="got tile 2 and 7 channels"):
+            ops.winograd_weight(torch.randn(16, 7, 3, 3).bfloat16())
 
     def test_winograd_weight_rejects_other_kernels(self):
         with pytest.raises(ValueError, match=r"expected a \[K, C, 3, 3\] weight, got \(4, 2, 5, 5\)"):

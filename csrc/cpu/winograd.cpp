@@ -44,12 +44,37 @@ bool winograd_kernel_available() {
 }
 
 namespace {
+bool bf16_kernel_available();
 
 #if RESNET_FUSED_WINOGRAD
-void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c) {
-  at::native::cpublas::brgemm(m, n, k, /*lda=*/k, /*ldb=*/n, /*ldc=*/n, /*add_C=*/false, a, b, c,
+void gemm_f32(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, /*lda=*/k, /*ldb=*/n, /*ldc=*/n, /*add_C=*/false,
+                              static_cast<const float*>(a), static_cast<const float*>(b), c,
                               /*is_vnni=*/false);
 }
+
+void gemm_bf16(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, /*lda=*/k, /*ldb=*/n, /*ldc=*/n, /*add_C=*/false,
+                              static_cast<const at::BFloat16*>(a),
+                              static_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+}
+
+// Whether this torch's bfloat16 brgemm runs on this CPU (asked once, on a tiny product).
+bool bf16_kernel_available() {
+  static const bool ok = [] {
+    try {
+      const at::BFloat16 a[2] = {1.0f, 1.0f}, b[32] = {};
+      float c[16];
+      gemm_bf16(1, 16, 2, a, b, c);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+#else
+bool bf16_kernel_available() { return false; }
 #endif
 
 // Tiles per block: enough rows for the GEMM micro-kernel to run at full speed
@@ -61,21 +86,22 @@ int64_t tiles_per_block(int64_t tiles, int64_t threads, int64_t max_tiles) {
 }
 
 // All channels_last-contiguous float32; residual may be null.
-void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const float* residual,
+void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const void* residual,
                   Tensor& out, bool relu) {
 #if RESNET_FUSED_WINOGRAD
   winograd::Problem p;
-  p.input = input.const_data_ptr<float>();
-  p.U = U.const_data_ptr<float>();
+  p.input = input.const_data_ptr();
+  p.U = U.const_data_ptr();
   p.bias = bias;
   p.residual = residual;
-  p.out = out.data_ptr<float>();
+  p.out = out.data_ptr();
   p.relu = relu;
+  p.bf16 = input.scalar_type() == at::kBFloat16;
   p.H = input.size(2);
   p.W = input.size(3);
   p.C = input.size(1);
   p.K = out.size(1);
-  p.tile = U.size(0) == 36 ? 4 : 2;
+  p.tile = U.size(0) == 36 ? 4 : 2;  // bfloat16: 16 only
   p.tiles_h = (p.H + p.tile - 1) / p.tile;
   p.tiles_w = (p.W + p.tile - 1) / p.tile;
   p.tiles = input.size(0) * p.tiles_h * p.tiles_w;
@@ -86,7 +112,7 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   auto padded = [](int64_t n) { return (n + 15) / 16 * 16 + 16; };
   p.v_stride = padded(p.block * p.C);
   p.m_stride = padded(p.block * p.K);
-  p.gemm = &gemm_f32;
+  p.gemm = p.bf16 ? &gemm_bf16 : &gemm_f32;
   const auto run = cpu_isa() == CpuIsa::kAvx512 ? &winograd::run_blocks_avx512
                                                   : &winograd::run_blocks_avx2;
   const int64_t scratch = winograd::scratch_floats(p);
@@ -114,9 +140,18 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
                            "winograd_conv3x3");
   TORCH_CHECK(input.device().is_cpu(), "winograd_conv3x3: expected input on cpu, got ",
               input.device());
-  TORCH_CHECK(input.scalar_type() == at::kFloat,
-              "winograd_conv3x3: expected float32 input, got ", input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16,
+              "winograd_conv3x3: expected float32 or bfloat16 input, got ", input.scalar_type());
   const int64_t C = weight.size(1), K = weight.size(0);
+  if (input.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(U.dim() == 4 && U.size(0) == 16 && 2 * U.size(1) == C && U.size(2) == K &&
+                    U.size(3) == 2 && U.scalar_type() == at::kBFloat16 && U.device().is_cpu(),
+                "winograd_conv3x3: for bfloat16 input, expected winograd_weight of shape [16, ",
+                C / 2, ", ", K, ", 2] bfloat16 (F(2x2, 3x3) in VNNI pairs, from "
+                "resnet_fused.ops.winograd_weight of a bfloat16 weight with an even C); got ",
+                U.sizes(), " ", U.scalar_type());
+    return;
+  }
   TORCH_CHECK(U.dim() == 3 && (U.size(0) == 16 || U.size(0) == 36) && U.size(1) == C &&
                   U.size(2) == K,
               "winograd_conv3x3: expected winograd_weight of shape [16, ", C, ", ", K,
@@ -151,19 +186,25 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
   const int64_t tile = U.size(0) == 36 ? 4 : 2;
   const bool sub_tile = input.size(2) < tile || input.size(3) < tile;
   const bool short_reduction = tile == 4 && input.size(1) < kMinChannelsF4;
-  if (!winograd_kernel_available() || !finite || sub_tile || short_reduction ||
+  // bfloat16: AVX-512 with the bfloat16 brgemm, whole 16-lane vectors of channels.
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const bool bf16_ok = !bf16 || (RESNET_FUSED_WINOGRAD && cpu_isa() == CpuIsa::kAvx512 &&
+                                 input.size(1) % 16 == 0 && weight.size(0) % 16 == 0 &&
+                                 bf16_kernel_available());
+  if (!winograd_kernel_available() || !bf16_ok || !finite || sub_tile || short_reduction ||
       input.numel() == 0 || weight.size(0) == 0) {
     return direct(input, weight, bias, residual, relu, assume_finite);
   }
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor u = U.contiguous();
-  const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
+  const optional<Tensor> b =
+      bias ? optional<Tensor>(bias->to(at::kFloat).contiguous()) : c10::nullopt;
   Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
                          input.options().memory_format(cl));
   const Tensor r = residual ? residual->contiguous(cl) : Tensor();
   winograd_run(x, u, b ? b->const_data_ptr<float>() : nullptr,
-               residual ? r.const_data_ptr<float>() : nullptr, out, relu);
+               residual ? r.const_data_ptr() : nullptr, out, relu);
   return out.contiguous(fmt);
 }
 

@@ -23,6 +23,7 @@ namespace {
 struct Avx2 {
   using Reg = __m256;
   static constexpr int64_t kLanes = 8;
+  static constexpr bool kBf16 = false;  // bfloat16 models need AVX-512
 
   // Lanes [0, n) of 8; masked forms only for channel tails (AMD runs the
   // masked store in microcode).

@@ -29,51 +29,52 @@ inline Tile tile_at(const Problem& p, int64_t t) {
 }
 
 // px[i][j]: pixel (y - 1 + i, x - 1 + j) of the input tile of t, or `zeros` (C
-// floats) outside the image, so the inner loops have no branches.
-template <int kAlpha>
-void tile_pixels(const Problem& p, const Tile& t, const float* zeros,
-                 const float* (&px)[kAlpha][kAlpha]) {
+// elements) outside the image, so the inner loops have no branches. T is the
+// element type of the input and output: float, or uint16_t holding bfloat16.
+template <int kAlpha, class T>
+void tile_pixels(const Problem& p, const Tile& t, const T* zeros,
+                 const T* (&px)[kAlpha][kAlpha]) {
+  const T* input = static_cast<const T*>(p.input);
   for (int i = 0; i < kAlpha; ++i) {
     for (int j = 0; j < kAlpha; ++j) {
       const int64_t y = t.y - 1 + i, x = t.x - 1 + j;
       const bool inside = y >= 0 && y < p.H && x >= 0 && x < p.W;
-      px[i][j] = inside ? p.input + ((t.n * p.H + y) * p.W + x) * p.C : zeros;
+      px[i][j] = inside ? input + ((t.n * p.H + y) * p.W + x) * p.C : zeros;
     }
   }
 }
 
 // Calls body(px, dst, c, n) for input tile t0 + l (l < count) and its channels
 // [c, c + n): px as tile_pixels gives it, dst = V's row of that tile at channel c.
-template <class V, int kAlpha, class Body>
-inline void for_each_input_chunk(const Problem& p, const float* zeros, float* v, int64_t t0,
+template <class V, int kAlpha, class T, class Body>
+inline void for_each_input_chunk(const Problem& p, const T* zeros, T* v, int64_t t0,
                                  int64_t count, Body&& body) {
   for (int64_t l = 0; l < count; ++l) {
-    const float* px[kAlpha][kAlpha];
-    tile_pixels<kAlpha>(p, tile_at(p, t0 + l), zeros, px);
+    const T* px[kAlpha][kAlpha];
+    tile_pixels<kAlpha, T>(p, tile_at(p, t0 + l), zeros, px);
     for (int64_t c = 0; c < p.C; c += V::kLanes) body(px, v + l * p.C + c, c, p.C - c);
   }
 }
 
 // Stores act(y + bias [+ residual]) at output pixel (y + a, x + e) of tile t, channels [k, k + n).
-template <class V>
+template <class V, class T>
 inline void store_output(const Problem& p, const Tile& t, int a, int e, int64_t k, int64_t n,
                          typename V::Reg y, typename V::Reg b) {
   const int64_t off = ((t.n * p.H + t.y + a) * p.W + t.x + e) * p.K + k;
   typename V::Reg v = V::add(y, b);
-  if (p.residual) v = V::add(v, V::load(p.residual + off, n));
+  if (p.residual) v = V::add(v, V::load(static_cast<const T*>(p.residual) + off, n));
   if (p.relu) v = V::relu(v);
-  V::store(p.out + off, v, n);
+  V::store(static_cast<T*>(p.out) + off, v, n);
 }
 
 // ---- F(2x2, 3x3) --------------------------------------------------------------
 
 // V[xi][l][c] = (B^T d B)[xi] for the 4x4 input tile d of tile t0 + l, with
 // B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
-template <class V>
-void transform_input_f2(const Problem& p, const float* zeros, float* v, int64_t t0,
-                        int64_t count) {
+template <class V, class T>
+void transform_input_f2(const Problem& p, const T* zeros, T* v, int64_t t0, int64_t count) {
   using Reg = typename V::Reg;
-  for_each_input_chunk<V, 4>(p, zeros, v, t0, count, [&](const float* (&px)[4][4], float* dst,
+  for_each_input_chunk<V, 4>(p, zeros, v, t0, count, [&](const T* (&px)[4][4], T* dst,
                                                         int64_t c, int64_t n) {
     // One row of B^T d at a time keeps 4 registers live instead of 16 (AVX2 has 16).
     for (int i = 0; i < 4; ++i) {
@@ -86,7 +87,7 @@ void transform_input_f2(const Problem& p, const float* zeros, float* v, int64_t 
           default: r[j] = V::sub(V::load(px[1][j] + c, n), V::load(px[3][j] + c, n)); break;
         }
       }
-      float* out = dst + 4 * i * p.v_stride;
+      T* out = dst + 4 * i * p.v_stride;
       V::store(out, V::sub(r[0], r[2]), n);
       V::store(out + p.v_stride, V::add(r[1], r[2]), n);
       V::store(out + 2 * p.v_stride, V::sub(r[2], r[1]), n);
@@ -97,7 +98,7 @@ void transform_input_f2(const Problem& p, const float* zeros, float* v, int64_t 
 
 // out = act(A^T m A + bias [+ residual]) for each 2x2 output tile, with
 // A^T = [1 1 1 0; 0 1 -1 -1].
-template <class V>
+template <class V, class T>
 void transform_output_f2(const Problem& p, const float* m, int64_t t0, int64_t count) {
   using Reg = typename V::Reg;
   for (int64_t l = 0; l < count; ++l) {
@@ -119,7 +120,7 @@ void transform_output_f2(const Problem& p, const float* m, int64_t t0, int64_t c
       for (int a = 0; a < rows; ++a) {
         const Reg y[2] = {V::add(V::add(q[a][0], q[a][1]), q[a][2]),   // (A^T m) A
                           V::sub(V::sub(q[a][1], q[a][2]), q[a][3])};
-        for (int e = 0; e < cols; ++e) store_output<V>(p, t, a, e, k, n, y[e], b);
+        for (int e = 0; e < cols; ++e) store_output<V, T>(p, t, a, e, k, n, y[e], b);
       }
     }
   }
@@ -180,7 +181,7 @@ template <class V>
 void transform_input_f4(const Problem& p, const float* zeros, float* v, int64_t t0,
                         int64_t count) {
   using Reg = typename V::Reg;
-  for_each_input_chunk<V, 6>(p, zeros, v, t0, count, [&](const float* (&px)[6][6], float* dst,
+  for_each_input_chunk<V, 6, float>(p, zeros, v, t0, count, [&](const float* (&px)[6][6], float* dst,
                                                         int64_t c, int64_t n) {
     Reg bd[6][6];  // bd[i][j] = (B^T d)[i][j]
     for (int j = 0; j < 6; ++j) {
@@ -220,7 +221,7 @@ void transform_output_f4(const Problem& p, const float* m, int64_t t0, int64_t c
         const Reg row[6] = {q[0][a], q[1][a], q[2][a], q[3][a], q[4][a], q[5][a]};
         Reg y[4];  // (A^T m A)[a]
         at6<V>(row, y);
-        for (int e = 0; e < cols; ++e) store_output<V>(p, t, a, e, k, n, y[e], b);
+        for (int e = 0; e < cols; ++e) store_output<V, float>(p, t, a, e, k, n, y[e], b);
       }
     }
   }
@@ -228,41 +229,45 @@ void transform_output_f4(const Problem& p, const float* m, int64_t t0, int64_t c
 
 // ---- the driver -----------------------------------------------------------------
 
-// Blocks [first, last) of p.block tiles of kTile x kTile outputs; `scratch` holds
-// scratch_floats(p) floats.
-template <class V, int kTile>
+// Blocks [first, last) of p.block tiles of kTile x kTile outputs with elements of
+// type T; `scratch` holds scratch_floats(p) floats.
+template <class V, int kTile, class T>
 void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
   constexpr int kXi = (kTile + 2) * (kTile + 2);
-  float* v = scratch;
-  float* m = v + kXi * p.v_stride;
-  float* zeros = m + kXi * p.m_stride;
-  for (int64_t c = 0; c < p.C; ++c) zeros[c] = 0.0f;
+  T* v = reinterpret_cast<T*>(scratch);
+  float* m = scratch + v_floats(p);
+  T* zeros = reinterpret_cast<T*>(m + kXi * p.m_stride);
+  for (int64_t c = 0; c < p.C; ++c) zeros[c] = T(0);  // +0.0 in float and in bfloat16
   for (int64_t blk = first; blk < last; ++blk) {
     const int64_t t0 = blk * p.block;
     const int64_t count = p.tiles - t0 < p.block ? p.tiles - t0 : p.block;
-    if (kTile == 4) {
+    if constexpr (kTile == 4) {
       transform_input_f4<V>(p, zeros, v, t0, count);
     } else {
-      transform_input_f2<V>(p, zeros, v, t0, count);
+      transform_input_f2<V, T>(p, zeros, v, t0, count);
     }
     for (int xi = 0; xi < kXi; ++xi) {
       // M[xi] (count x K) = V[xi] (count x C) @ U[xi] (C x K), all row-major.
-      p.gemm(count, p.K, p.C, v + xi * p.v_stride, p.U + xi * p.C * p.K, m + xi * p.m_stride);
+      p.gemm(count, p.K, p.C, v + xi * p.v_stride, static_cast<const T*>(p.U) + xi * p.C * p.K,
+             m + xi * p.m_stride);
     }
-    if (kTile == 4) {
+    if constexpr (kTile == 4) {
       transform_output_f4<V>(p, m, t0, count);
     } else {
-      transform_output_f2<V>(p, m, t0, count);
+      transform_output_f2<V, T>(p, m, t0, count);
     }
   }
 }
 
 template <class V>
 void run_blocks(const Problem& p, int64_t first, int64_t last, float* scratch) {
+  if constexpr (V::kBf16) {
+    if (p.bf16) return run_tiles<V, 2, uint16_t>(p, first, last, scratch);
+  }
   if (p.tile == 4) {
-    run_tiles<V, 4>(p, first, last, scratch);
+    run_tiles<V, 4, float>(p, first, last, scratch);
   } else {
-    run_tiles<V, 2>(p, first, last, scratch);
+    run_tiles<V, 2, float>(p, first, last, scratch);
   }
 }
 

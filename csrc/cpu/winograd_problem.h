@@ -7,17 +7,21 @@
 namespace resnet_fused {
 namespace winograd {
 
-// C (m x n) = A (m x k) @ B (k x n), row-major and dense (lda = k, ldb = ldc = n).
-using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c);
+// C (m x n, float) = A (m x k) @ B (k x n), row-major and dense (lda = k, ldb = ldc = n);
+// A and B float, or bfloat16 with B in VNNI pairs (rows 2i and 2i+1 interleaved).
+using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c);
 
 struct Problem {
-  // channels_last [N, C, H, W] input, [N, K, H, W] output/residual (stride 1, padding 1).
-  const float* input;
-  const float* U;         // [alpha^2, C, K], from resnet_fused.ops.winograd_weight
-  const float* bias;      // [K] or null
-  const float* residual;  // or null
-  float* out;
+  // channels_last [N, C, H, W] input, [N, K, H, W] output/residual (stride 1, padding 1),
+  // float, or bfloat16 (raw bits) when `bf16`: then V and U are bfloat16 too (F(2x2)
+  // on AVX-512 only, C and K multiples of 16).
+  const void* input;
+  const void* U;          // [alpha^2, C, K], from resnet_fused.ops.winograd_weight
+  const float* bias;      // [K] or null, float either way
+  const void* residual;   // or null
+  void* out;
   bool relu;
+  bool bf16;
   int64_t H, W, C, K;
   int tile;                         // 2: F(2x2, 3x3), alpha = 4; 4: F(4x4, 3x3), alpha = 6
   int64_t tiles_h, tiles_w, tiles;  // tile x tile output tiles
@@ -26,10 +30,16 @@ struct Problem {
   GemmFn gemm;
 };
 
+// Floats of V's part of the scratch (bfloat16 V takes half).
+inline int64_t v_floats(const Problem& p) {
+  const int64_t alpha = p.tile + 2;
+  return p.bf16 ? (alpha * alpha * p.v_stride + 1) / 2 : alpha * alpha * p.v_stride;
+}
+
 // Per-thread scratch of run_blocks: V, M and a zero row for the image border.
 inline int64_t scratch_floats(const Problem& p) {
   const int64_t alpha = p.tile + 2;
-  return alpha * alpha * (p.v_stride + p.m_stride) + p.C;
+  return v_floats(p) + alpha * alpha * p.m_stride + p.C;
 }
 
 void run_blocks_avx2(const Problem& p, int64_t first, int64_t last, float* scratch);
