@@ -159,3 +159,39 @@ def test_winograd_conv3x3_fuzz(tile, n, c, k, h, w, x_layout, residual, relu, bi
                       None if res is None else res.abs(), conv, False).abs().max().item()
     err = (out.double() - ref).abs().max().item() / scale
     assert err <= tol(torch.float32, conv.reduction), f"F({tile}x{tile}): error {err:.3g}"
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="no bfloat16 convolution on this CPU")
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
+@given(n=st.integers(1, 3), c=st.sampled_from([16, 32, 48, 24]), k=st.sampled_from([16, 32, 64, 8]),
+       h=st.integers(1, 19), w=st.integers(1, 19), x_layout=st.sampled_from(LAYOUTS),
+       residual=st.booleans(), relu=st.booleans(), bias=st.booleans(),
+       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+def test_winograd_conv3x3_bf16_fuzz(n, c, k, h, w, x_layout, residual, relu, bias, threads, seed):
+    # bfloat16 F(2x2) (whole 16-channel vectors; 24 and 8 channels take the direct
+    # path) against the direct bfloat16 kernel on the same operands: at most twice its
+    # error, plus one bfloat16 rounding of the scale for cases the direct kernel
+    # happens to get exactly. Errors as in the fp32 fuzz test.
+    g = torch.Generator().manual_seed(seed)
+    conv = ConvCase(c, k, h, w, R=3, padding=1, N=n)
+    x = torch.randn(n, c, h, w, generator=g).relu().bfloat16()
+    wt = (torch.randn(k, c, 3, 3, generator=g) / conv.reduction ** 0.5).bfloat16()
+    b = torch.randn(k, generator=g).bfloat16() if bias else None
+    res = torch.randn(n, k, h, w, generator=g).bfloat16() if residual else None
+    ref = reference(x, wt, b, res, conv, relu)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = ops.winograd_conv3x3(_layout(x, x_layout, None), wt, ops.winograd_weight(wt),
+                                   b, res, relu=relu)
+    finally:
+        torch.set_num_threads(before)
+    direct = ops.conv_bias_act(x, wt, b, res, 1, 1, relu=relu)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
+                      None if res is None else res.abs(), conv, False).abs().max().item()
+    err = (out.double() - ref).abs().max().item() / scale
+    direct_err = (direct.double() - ref).abs().max().item() / scale
+    assert err <= 2 * direct_err + 2 ** -8, f"bf16 F(2x2): error {err:.3g}, direct {direct_err:.3g}"
