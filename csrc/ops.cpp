@@ -30,8 +30,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   // mutating custom ops only without aliased outputs.
   m.def("add_relu_(Tensor(a!) a, Tensor b) -> ()");
   // conv_bias_act for a 3x3, stride-1, padding-1, ungrouped conv, computed by
-  // Winograd's F(2x2, 3x3) on CPU. winograd_weight is winograd_weight(weight)
-  // from resnet_fused.ops (the weight in the Winograd domain, [16, C, K]).
+  // Winograd's F(2x2, 3x3) or F(4x4, 3x3) on CPU. winograd_weight is
+  // resnet_fused.ops.winograd_weight(weight, tile): the weight in the Winograd domain,
+  // [16 or 36, C, K] float32, or [16, C/2, K, 2] bfloat16 (VNNI pairs).
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, *, bool relu=True, bool assume_finite=False) -> Tensor");

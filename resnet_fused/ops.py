@@ -107,8 +107,8 @@ def winograd_weight(weight, tile=2):
 def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *, relu=True,
                      assume_finite=False):
     """conv_bias_act(input, weight, bias, residual, stride=1, padding=1, relu=relu) for a
-    3x3 float32 weight, computed on CPU by Winograd's F(2x2, 3x3) (2.25x fewer
-    multiplies) or F(4x4, 3x3) (4x fewer). `winograd_weight` must be
+    3x3 float32 or bfloat16 weight, computed on CPU by Winograd's F(2x2, 3x3) (2.25x
+    fewer multiplies) or, in float32, F(4x4, 3x3) (4x fewer). `winograd_weight` must be
     winograd_weight(weight, tile=2) or winograd_weight(weight, tile=4); its shape
     selects which."""
     _require()
