@@ -122,6 +122,8 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
     thread_local std::vector<float> buffer;
     if (static_cast<int64_t>(buffer.size()) < scratch) buffer.resize(scratch);
     run(p, first, last, buffer.data());
+    // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
+    if (p.bf16) at::native::cpublas::brgemm_release();
   });
 #else
   TORCH_CHECK(false, "winograd_conv3x3: the Winograd kernel is not built on this platform");
