@@ -6,6 +6,9 @@
 // larger rounding error. The winograd_weight's shape, [16, C, K] or [36, C, K],
 // selects which.
 //
+// bfloat16 input runs F(2x2) with V and U in bfloat16 (ATen's bfloat16 brgemm, U in
+// VNNI row pairs), on AVX-512 and for channel counts that are multiples of 16.
+//
 // This file holds the op: checks, the per-thread split and the choice of ISA.
 // The kernel itself is winograd_kernel.h, compiled for AVX2 and for AVX-512.
 // Without either (or without an fp32 brgemm in this torch), for NaN/Inf operands
@@ -85,7 +88,7 @@ int64_t tiles_per_block(int64_t tiles, int64_t threads, int64_t max_tiles) {
   return std::max<int64_t>(1, (tiles + threads * rounds - 1) / (threads * rounds));
 }
 
-// All channels_last-contiguous float32; residual may be null.
+// All channels_last-contiguous, float32 or (with a bfloat16 U) bfloat16; residual may be null.
 void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const void* residual,
                   Tensor& out, bool relu) {
 #if RESNET_FUSED_WINOGRAD
