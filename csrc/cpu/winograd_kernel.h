@@ -6,8 +6,10 @@
 // F(m x m, 3x3) works on alpha x alpha input tiles, alpha = m + 2. Per block of
 // output tiles, on one thread:
 //   1. the input tiles are transformed (B^T d B) into alpha^2 matrices V[xi] of
-//      tiles x C, vectorized over channels (channels_last makes them contiguous);
-//   2. M[xi] = V[xi] @ U[xi] with oneDNN's GEMM micro-kernel (ATen's cpublas::brgemm),
+//      tiles x C, vectorized over channels (channels_last makes them contiguous),
+//      in fp32 and stored in the element type (bfloat16 input: rounded to bfloat16);
+//   2. M[xi] = V[xi] @ U[xi] with oneDNN's GEMM micro-kernel (ATen's cpublas::brgemm,
+//      summing in fp32),
 //      U = the weight pre-transformed (G g G^T) by resnet_fused.ops.winograd_weight;
 //   3. M is transformed back (A^T m A) to m x m outputs, and bias, residual and
 //      ReLU are applied before the one store.
