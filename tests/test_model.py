@@ -1,16 +1,17 @@
 """FusedResNet against torchvision."""
 
+import os
 import warnings
+import weakref
 
 import pytest
 import torch
 import torchvision
 
 import resnet_fused
-from resnet_fused import FusedResNet, fuse
+from resnet_fused import FusedResNet, _extension, fuse
 
 from common_utils import rel_err, tv_model
-from resnet_fused import _extension
 from resnet_fused._extension import winograd_kernel_available
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -128,7 +129,6 @@ def test_fold_is_refreshed_when_parameters_change():
 
 def test_conversion_drops_the_old_fold():
     # After .to()/.half()/.cuda() the folded weights of the old tensors are dead weight.
-    import weakref
     fused = fuse(tv_model("resnet18"))
     with torch.inference_mode():
         fused(torch.randn(1, 3, 64, 64))
@@ -249,9 +249,9 @@ def test_cpu_fp32_runs_winograd_where_it_pays(arch, f4, f2):
 
 
 # bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs.
-BF16_WINOGRAD = BF16 and _extension.cpu_isa() == "avx512" and any(
-    f in open("/proc/cpuinfo").read() for f in (" avx512_bf16", " amx_bf16")) \
-    if __import__("os").path.exists("/proc/cpuinfo") else False
+_FLAGS = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+BF16_WINOGRAD = (BF16 and _extension.cpu_isa() == "avx512"
+                 and bool(_FLAGS & {"avx512_bf16", "amx_bf16"}))
 
 
 @pytest.mark.skipif(not BF16_WINOGRAD, reason="bfloat16 Winograd needs AVX-512 with bfloat16")
