@@ -82,6 +82,21 @@ class TestConvBiasAct:
         ops.conv_bias_add_relu_(acc, x, w, None, s, p, d, g)
         assert_matches(acc, reference(x, w, None, res, case, True), dtype, case.reduction)
 
+    @pytest.mark.parametrize("cin", [3, 5])
+    def test_bf16_inf_stays_in_its_receptive_field(self, device, cin):
+        # torch 2.14's oneDNN (F.conv2d included) turns outputs that never see the Inf
+        # into NaN for bf16 NCHW input with 3 or 5 channels.
+        skip_unless_dtype(device, torch.bfloat16)
+        case = ConvCase(cin, 64, 33, 33, R=7, padding=3)
+        x, w, b, res = case.tensors(torch.bfloat16, device)
+        x[0, cin - 1, 16, 11] = float("inf")
+        s, p, d, g = case.geometry()
+        for residual, relu in [(None, False), (None, True), (res, True)]:
+            out = ops.conv_bias_act(x, w, b, residual, s, p, d, g, relu=relu).cpu()
+            ref = reference(x, w, b, residual, case, relu)
+            assert torch.equal(out.isnan(), ref.isnan()), f"relu={relu}"
+            assert torch.equal(out.isinf(), ref.isinf()), f"relu={relu}"
+
     def test_non_contiguous_operands(self, device):
         case = ConvCase(64, 64, 14, 14, R=3, padding=1, N=4)
         x, w, b, res = case.tensors(device=device)

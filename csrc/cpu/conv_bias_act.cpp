@@ -144,9 +144,18 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
                              stride, padding, dilation, groups, relu, assume_finite)
         .to(at::kBFloat16);
   }
-  const bool finite = !relu || assume_finite ||
+  // NaN/Inf matter to a ReLU (see above) and to bf16, whose oneDNN kernels spread an
+  // Inf to outputs that never see it (NCHW input with 3 or 5 channels); bf16 values
+  // are exact in fp32, where both are right.
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const bool finite = !(relu || bf16) || assume_finite ||
                       (all_finite(input) && (!residual || all_finite(*residual)) &&
                        (weight.is_mkldnn() || all_finite(weight)) && (!bias || all_finite(*bias)));
+  if (bf16 && !finite) {
+    return conv_bias_act_cpu(to_float(input), to_float(weight), to_float(bias), to_float(residual),
+                             stride, padding, dilation, groups, relu, assume_finite)
+        .to(at::kBFloat16);
+  }
   // The residual sum needs a channels_last input; the plain path takes either.
   const Tensor x = residual.has_value() ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
   const bool unsafe = onednn_fusion_unsafe(weight, out_size, padding, dilation);
