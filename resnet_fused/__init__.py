@@ -22,7 +22,8 @@ _LAZY = {
     "wide_resnet50_2": "builders", "wide_resnet101_2": "builders",
 }
 
-__all__ = sorted(["available", "load_error", "ops", *_LAZY])
+__all__ = ["available", "load_error", "ops"]
+__all__ += sorted(_LAZY)
 
 
 def __getattr__(name):

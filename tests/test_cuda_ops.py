@@ -16,6 +16,7 @@ every shape.
 """
 
 import functools
+import math
 import os
 import subprocess
 import sys
