@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <vector>
@@ -35,19 +36,25 @@ namespace resnet_fused {
 using at::Tensor;
 using c10::optional;
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    defined(CPUBLAS_BRGEMM_F32F32F32)
+// ATen declares its fp32 brgemm from torch 2.6; the macro that says so came later.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) &&        \
+    (defined(CPUBLAS_BRGEMM_F32F32F32) ||                                       \
+     TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6))
 #define RESNET_FUSED_WINOGRAD 1
 #else
 #define RESNET_FUSED_WINOGRAD 0
 #endif
 
+namespace {
+bool f32_kernel_available();
+bool bf16_kernel_available();
+}  // namespace
+
 bool winograd_kernel_available() {
-  return RESNET_FUSED_WINOGRAD && cpu_isa() != CpuIsa::kNone;
+  return RESNET_FUSED_WINOGRAD && cpu_isa() != CpuIsa::kNone && f32_kernel_available();
 }
 
 namespace {
-bool bf16_kernel_available();
 
 #if RESNET_FUSED_WINOGRAD
 void gemm_f32(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c) {
@@ -62,21 +69,35 @@ void gemm_bf16(int64_t m, int64_t n, int64_t k, const void* a, const void* b, fl
                               static_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
 }
 
-// Whether this torch's bfloat16 brgemm runs on this CPU (asked once, on a tiny product).
+// Whether this torch's brgemm runs on this CPU and sums right, asked once per element
+// type on a product of ones, 1x2 by 2x16 (the same 32 ones in VNNI pairs): the
+// micro-kernel is oneDNN's, and a torch or CPU without it throws.
+template <class T>
+bool product_of_ones_runs(void (*gemm)(int64_t, int64_t, int64_t, const void*, const void*,
+                                       float*)) {
+  try {
+    T a[2], b[32];
+    std::fill(a, a + 2, T(1.0f));
+    std::fill(b, b + 32, T(1.0f));
+    float c[16];
+    gemm(1, 16, 2, a, b, c);
+    return std::all_of(c, c + 16, [](float v) { return v == 2.0f; });
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+bool f32_kernel_available() {
+  static const bool ok = product_of_ones_runs<float>(&gemm_f32);
+  return ok;
+}
+
 bool bf16_kernel_available() {
-  static const bool ok = [] {
-    try {
-      const at::BFloat16 a[2] = {1.0f, 1.0f}, b[32] = {};
-      float c[16];
-      gemm_bf16(1, 16, 2, a, b, c);
-      return true;
-    } catch (const std::exception&) {
-      return false;
-    }
-  }();
+  static const bool ok = product_of_ones_runs<at::BFloat16>(&gemm_bf16);
   return ok;
 }
 #else
+bool f32_kernel_available() { return false; }
 bool bf16_kernel_available() { return false; }
 #endif
 
