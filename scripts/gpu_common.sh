@@ -6,6 +6,8 @@
 
 LOG_DIR="${OUT:-out}"
 PY="${PYTHON:-python3}"
+# Built in place, not installed: the scripts under benchmarks/ import the package from here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$LOG_DIR"
 START=$(date +%s)
 now() { date +%s; }

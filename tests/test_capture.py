@@ -2,6 +2,7 @@
 after parameter changes) on every device, against the model's own eager output and
 torchvision's; on CUDA also the graph itself (replay, held folds, latency)."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -248,9 +249,13 @@ def test_recapture_refuses_a_moved_or_converted_model():
 
 def run_benchmark(device, *args):
     """benchmarks/capture_latency.py's output (it must exit 0)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "capture_latency.py"
-    done = subprocess.run([sys.executable, str(script), "--device", device, *args],
-                          capture_output=True, text=True, timeout=600)
+    root = Path(__file__).resolve().parents[1]
+    # The package may be built in place rather than installed: import it from the root.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "capture_latency.py"),
+                           "--device", device, *args],
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
