@@ -7,6 +7,7 @@ them their rows are skipped with a sentence saying how to install them.
 """
 
 import copy
+import importlib.util
 import os
 import statistics
 import tempfile
@@ -142,25 +143,30 @@ def task_variants(tv, fused, x):
 def peer_variants(tv, example, dtype, threads):
     """name -> callable(x) for ONNX Runtime and OpenVINO on torchvision's graph, and
     the reasons for the peers that cannot run here."""
-    variants, skipped = {}, []
+    variants = {}
     if dtype not in (torch.float32, torch.bfloat16):
         return variants, [f"peers: none for {dtype}"]
-    onnx_path = None
+    # Both run torchvision's graph exported by torch.onnx, which needs the onnx package.
+    wanted = (["onnxruntime"] if dtype == torch.float32 else []) + ["openvino", "onnx"]
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    skipped = [f"{m}: not installed (pip install resnet_fused[peers])" for m in missing]
+    if "onnx" in missing or set(wanted) - set(missing) == {"onnx"}:
+        return variants, skipped
     try:
         onnx_path = export_onnx(copy.deepcopy(tv).float(), example.float())
     except Exception as e:  # exporter missing or failing: a peer row, not the bench, is lost
-        return variants, [f"peers: torch.onnx.export failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})"]
-    if dtype == torch.float32:
-        try:
-            variants["onnxruntime"] = onnxruntime_runner(onnx_path, threads)
-        except ImportError:
-            skipped.append("onnxruntime: not installed (pip install resnet_fused[peers])")
-    try:
-        precision = "f32" if dtype == torch.float32 else "bf16"
-        variants[f"openvino {precision}"] = openvino_runner(onnx_path, threads, precision)
-    except ImportError:
-        skipped.append("openvino: not installed (pip install resnet_fused[peers])")
+        return variants, skipped + [f"peers: torch.onnx.export failed ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''})"]
+    precision = "f32" if dtype == torch.float32 else "bf16"
+    runners = [("onnxruntime", "onnxruntime", lambda: onnxruntime_runner(onnx_path, threads)),
+               ("openvino", f"openvino {precision}",
+                lambda: openvino_runner(onnx_path, threads, precision))]
+    for module, name, make in runners:
+        if module in wanted and module not in missing:
+            try:
+                variants[name] = make()
+            except ImportError as e:  # installed but broken (a missing shared library, say)
+                skipped.append(f"{module}: cannot be imported ({e})")
     return variants, skipped
 
 

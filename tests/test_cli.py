@@ -1,5 +1,6 @@
 """The command line, end to end on small inputs."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -115,10 +116,10 @@ def test_bench_peers_rows_or_install_hint(dtype, capsys):
     peers = [("onnxruntime", "onnxruntime")] if dtype == "float32" else []
     peers.append((f"openvino {'f32' if dtype == 'float32' else 'bf16'}", "openvino"))
     for peer, module in peers:
-        try:
-            __import__(module)
-        except ImportError:
-            assert f"{module}: not installed (pip install resnet_fused[peers])" in out
+        missing = [m for m in (module, "onnx") if importlib.util.find_spec(m) is None]
+        if missing:
+            for m in missing:
+                assert f"{m}: not installed (pip install resnet_fused[peers])" in out
         else:
             row = next(line for line in out.splitlines() if line.startswith(peer))
             assert float(row.split()[-1]) < tol  # its error against the fp64 reference
