@@ -17,10 +17,12 @@ from . import _extension, ops
 
 
 def tracing():
-    """Under torch.compile or torch.export (which trace the fold and the ops)."""
+    """Under torch.compile, torch.export or torch.jit.trace (which record the fold and the
+    ops: a fold cached by an earlier call would be recorded differently from one made
+    in the call, and torch.jit.trace checks that two recordings agree)."""
     compiler = getattr(torch, "compiler", None)
-    return bool(compiler and (compiler.is_compiling()
-                              or getattr(compiler, "is_exporting", lambda: False)()))
+    return bool(torch.jit.is_tracing() or (compiler and (
+        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)())))
 
 
 def without_autograd():

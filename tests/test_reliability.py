@@ -60,6 +60,20 @@ def test_torch_export_runs_and_matches():
         assert rel_err(program.module()(x), tv(x)) <= 1e-5
 
 
+def test_torch_jit_trace_runs_saves_and_matches(tmp_path):
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused(x)  # a cached fold exists: the trace must not record it
+        traced = torch.jit.trace(fused, x)  # checks that two recordings agree
+        assert any("resnet_fused" in n.kind() for n in traced.inlined_graph.nodes())
+        torch.jit.save(traced, tmp_path / "model.pt")
+        loaded = torch.jit.load(tmp_path / "model.pt")
+        y = torch.randn(3, 3, 48, 80)  # another shape: nothing shape-specific was recorded
+        assert rel_err(loaded(y), tv(y)) <= 1e-5
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
 def test_repeated_forwards_do_not_grow_memory():
     fused = fuse(tv_model("resnet18"))
