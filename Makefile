@@ -25,7 +25,7 @@ demo: build
 	$(PY) -m resnet_fused verify --arch all --size 128
 	$(PY) -m resnet_fused bench --arch resnet50 --batch-sizes 1,8 --compile --peers
 
-# The suite, then the op and model tests again as another CPU class would run
+# The suite, then the op, model, fuzz and fx tests again as another CPU class would run
 # them: AVX2 only (ATen, oneDNN and our kernels capped; on an AVX2 machine this
 # is the same path), and with none of our vector kernels.
 # Inductor's on-disk cache does not tell ATEN_CPU_CAPABILITY settings apart: code

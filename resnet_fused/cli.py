@@ -463,8 +463,8 @@ def build_parser():
     pd.add_argument("--batch-size", type=_positive, default=32)
     pd.add_argument("--workers", type=_non_negative, default=None,
                     help="DataLoader worker processes that decode (default: 0 on the CPU, where "
-                         "decoding costs a few %% of the model's time; on a GPU one per CPU "
-                         "core, at most 8, shared among the machine's ranks)")
+                         "decoding costs a few %% of the model's time; on a GPU the CPU cores "
+                         "divided among the machine's ranks, less one, from 1 to 8)")
     pd.add_argument("--resize", type=_positive, default=None,
                     help="shorter side before the crop (default: the size torchvision evaluated "
                          "the --weights at, e.g. 232 for IMAGENET1K_V2; else 256)")

@@ -165,7 +165,7 @@ def _winograd_fits(c):
 #   256 ch, 14x14, batch 1, in the model   8 / 24     0.91       -    1.02
 #     (ResNet-18 batch 1: 15.2 ms with F(2x2) there, 16.8 with F(4x4))
 #   512 ch, 7x7, batch 8, in the model    16 / 64      5.6       -     7.2
-#   512 ch, 7x7, batch 8, AVX2            16 / 64     11.2    10.3     8.0
+#   512 ch, 7x7, batch 8, AVX2, alone     16 / 64     11.2    10.3     8.0
 #   512 ch, 7x7, batch 4                   8 / 32     4.06    4.25    3.95
 _WINOGRAD_MIN_TILES_PER_THREAD = {4: 16, 2: 24}
 _WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2), and AVX2 at all, pay

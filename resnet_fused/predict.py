@@ -194,8 +194,8 @@ class Settings:
 def default_workers(device):
     """DataLoader workers when --workers is not given. 0 on the CPU: there decoding and
     resizing cost a few percent of the model's time, and 1 or 2 workers measured no faster
-    (benchmarks/predict_pipeline.py, README). On a GPU the CPU must keep up: one worker per
-    core, at most 8, shared among this machine's ranks."""
+    (benchmarks/predict_pipeline.py, README). On a GPU the CPU must keep up: the cores divided
+    among this machine's ranks, less one for the rank itself, from 1 to 8."""
     if device.type != "cuda":
         return 0
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

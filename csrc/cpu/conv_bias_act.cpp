@@ -88,10 +88,12 @@ bool sum_fuses(const Tensor& x_channels_last, const Tensor& weight) {
 // - a single output channel with a 1x1 output: wrong values from the fused ops;
 // - bf16 with an output row or column of size 1 (3x3, stride 2 or 3): wrong
 //   values, in torch's own F.conv2d too.
-// ATen's plain fp32 convolution on NCHW input is right on all of them (on
-// channels_last input it too crashed on an over-padded grouped 1x1 conv), so such
-// calls take the portable path with NCHW input, bf16 ones in fp32 (bf16 values
-// are exact in fp32, and oneDNN accumulates bf16 in fp32 anyway).
+// bf16 calls of the last kind are recomputed in fp32 (bf16 values are exact in
+// fp32, and oneDNN accumulates bf16 in fp32 anyway), where that fault does not
+// occur. The first two kinds (onednn_fusion_unsafe) take the portable path:
+// ATen's plain convolution on NCHW input, which is right on them (on
+// channels_last input it too crashed on an over-padded grouped 1x1 conv); bf16
+// ones in fp32 as well.
 bool onednn_fusion_unsafe(const Tensor& weight, at::IntArrayRef out_size, at::IntArrayRef padding,
                           at::IntArrayRef dilation) {
   for (int d = 0; d < 2; ++d) {
