@@ -52,6 +52,17 @@ class _Folding:
         state["_fold_cache"] = {}
         return state
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling. The fused
+        # forward picks its kernels per input in Python, which TorchScript cannot
+        # compile; without this, its error points at an f-string in _check_input.
+        unfused = (" or script model.to_torchvision(), an unfused copy"
+                   if hasattr(self, "to_torchvision") else "")
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its forward chooses "
+            f"kernels per input in Python. Use torch.jit.trace(model, example_input), "
+            f"torch.export.export or torch.compile instead{unfused}.")
+
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() and the like: the folds of the old tensors would
         # otherwise stay in memory (folded, packed and Winograd weights: ~2-3x the

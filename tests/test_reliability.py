@@ -2,6 +2,7 @@
 
 import gc
 import threading
+import warnings
 
 import pytest
 import torch
@@ -72,6 +73,16 @@ def test_torch_jit_trace_runs_saves_and_matches(tmp_path):
         loaded = torch.jit.load(tmp_path / "model.pt")
         y = torch.randn(3, 3, 48, 80)  # another shape: nothing shape-specific was recorded
         assert rel_err(loaded(y), tv(y)) <= 1e-5
+
+
+def test_torch_jit_script_names_what_works_instead():
+    fused = fuse(tv_model("resnet18"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 deprecates script
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile FusedResNet"
+                                               r".*torch\.jit\.trace.*to_torchvision"):
+            torch.jit.script(fused)
+        torch.jit.script(fused.to_torchvision())  # the suggested way out works
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
