@@ -219,7 +219,16 @@ class _Folding:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FusedResNet: expected a Tensor input, got {type(x).__name__}")
         cin = self.conv1.in_channels
-        if x.dim() != 4 or x.shape[1] != cin:
+        if torch.jit.is_tracing():
+            # The size is a traced value there, and comparing it warns that the trace
+            # may not generalize; the check is for the example input, and the trace
+            # records none of it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                bad_shape = x.dim() != 4 or bool(x.shape[1] != cin)
+        else:
+            bad_shape = x.dim() != 4 or x.shape[1] != cin
+        if bad_shape:
             raise ValueError(f"FusedResNet: expected input of shape (N, {cin}, H, W), "
                              f"got {tuple(x.shape)}")
         w = self.conv1.weight
