@@ -137,13 +137,21 @@ def prepare(weight, bias, conv, dtype, cached=True):
 
 # ---- Winograd rules ------------------------------------------------------------
 
+# bfloat16 Winograd's thresholds were measured where oneDNN's bfloat16 convolutions run
+# on AVX512_BF16. With AMX, oneDNN's run on the tile unit at several times that rate,
+# and our kernel has not been measured there (nor its brgemm's AMX path run), so on
+# AMX CPUs oneDNN keeps them unless RESNET_FUSED_BF16_WINOGRAD_ON_AMX=1.
+_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+_BF16_WINOGRAD_ON_AMX = os.environ.get("RESNET_FUSED_BF16_WINOGRAD_ON_AMX", "") == "1"
+
+
 def _winograd_fits(c):
     # 3x3 stride-1 convs, by F(4x4, 3x3) (4x fewer multiplies) or F(2x2, 3x3) (2.25x
     # fewer); _winograd_tile says where each beats oneDNN's direct kernel. bfloat16:
-    # F(2x2) on AVX-512, with whole 16-channel vectors (winograd.cpp).
+    # F(2x2) on AVX-512, with whole 16-channel vectors (winograd.cpp), not on AMX.
     k, cin = c.weight.shape[:2]
     bf16 = (c.dtype == torch.bfloat16 and _extension.cpu_isa() == "avx512"
-            and k % 16 == 0 and cin % 16 == 0)
+            and (not _AMX or _BF16_WINOGRAD_ON_AMX) and k % 16 == 0 and cin % 16 == 0)
     return (c.weight.device.type == "cpu" and (c.dtype == torch.float32 or bf16)
             and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)
             and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1

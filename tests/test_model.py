@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import resnet_fused
-from resnet_fused import FusedResNet, _extension, fuse
+from resnet_fused import FusedResNet, _extension, dispatch, fuse
 
 from common_utils import rel_err, tv_model
 from resnet_fused._extension import winograd_kernel_available
@@ -248,13 +248,16 @@ def test_cpu_fp32_runs_winograd_where_it_pays(arch, f4, f2):
     assert rel_err(fused(x), tv_model(arch)(x)) <= 1e-5
 
 
-# bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs.
+# bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs,
+# except AMX ones (dispatch._AMX).
 _FLAGS = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
-BF16_WINOGRAD = (BF16 and _extension.cpu_isa() == "avx512"
-                 and bool(_FLAGS & {"avx512_bf16", "amx_bf16"}))
+BF16_WINOGRAD_KERNEL = (BF16 and _extension.cpu_isa() == "avx512"
+                        and bool(_FLAGS & {"avx512_bf16", "amx_bf16"}))
+BF16_WINOGRAD = BF16_WINOGRAD_KERNEL and (not dispatch._AMX or dispatch._BF16_WINOGRAD_ON_AMX)
 
 
-@pytest.mark.skipif(not BF16_WINOGRAD, reason="bfloat16 Winograd needs AVX-512 with bfloat16")
+@pytest.mark.skipif(not BF16_WINOGRAD, reason="bfloat16 Winograd needs AVX-512 with bfloat16, "
+                                               "and is off on AMX CPUs")
 @pytest.mark.parametrize("arch, f2", [("resnet18", 7), ("resnet50", 6)])
 def test_cpu_bf16_runs_winograd_where_it_pays(arch, f2):
     # 64x64 input, batch 2, one thread: layer1's and layer2's stride-1 3x3 convs have
@@ -273,4 +276,31 @@ def test_cpu_bf16_runs_winograd_where_it_pays(arch, f2):
     assert (tiles.count(16), len(tiles)) == (f2, f2)
     ref = tv_model(arch).double()(x.double())
     theirs = tv_model(arch).to(torch.bfloat16)(x.bfloat16())
+    assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
+
+
+@pytest.mark.skipif(not BF16, reason="no bfloat16 convolutions on this CPU")
+@pytest.mark.parametrize("on_amx", [False, True])
+def test_cpu_bf16_leaves_3x3_convs_to_onednn_on_amx(monkeypatch, on_amx):
+    # Where the CPU has AMX (here pretended), bfloat16 Winograd is not chosen: it was
+    # measured against oneDNN's AVX512_BF16 kernels only.
+    monkeypatch.setattr(dispatch, "_AMX", True)
+    monkeypatch.setattr(dispatch, "_BF16_WINOGRAD_ON_AMX", on_amx)
+    fused = fuse(tv_model("resnet18")).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # enough tiles per thread for layer1's F(2x2)
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            ours = fused(x.bfloat16())
+    finally:
+        torch.set_num_threads(threads)
+    names = [e.name for e in prof.events()]
+    expect_winograd = on_amx and BF16_WINOGRAD_KERNEL
+    assert ("resnet_fused::winograd_conv3x3" in names) == expect_winograd
+    assert names.count("resnet_fused::conv_bias_act") + names.count(
+        "resnet_fused::conv_bias_add_relu_") + names.count(
+        "resnet_fused::winograd_conv3x3") == 20  # every conv fused, whichever kernel
+    ref = tv_model("resnet18").double()(x.double())
+    theirs = tv_model("resnet18").to(torch.bfloat16)(x.bfloat16())
     assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
