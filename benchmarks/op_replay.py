@@ -1,8 +1,13 @@
-"""How much of a fused CPU forward is the ops themselves: times the model's forward
-against a replay of the same op calls (recorded from one forward, same tensors and
-arguments) back to back, without the Python model walk, the max-pool or the head.
-The difference is what a C++ model walk could save at most. Round-robin, median of
-repeats after warm-up, inference_mode, seeded weights with realistic BN statistics.
+"""Where a fused CPU forward's time goes besides the kernels. Three timings, round-robin,
+median of repeats after warm-up, inference_mode, seeded weights with realistic BN
+statistics:
+- the forward;
+- its op calls (recorded from one forward: same tensors and arguments) replayed back to
+  back, without the model walk, the max-pool or the head;
+- the forward with every op stubbed to return its recorded output: the Python walk,
+  max-pool, head and input checks alone, i.e. what a C++ model walk could save at most.
+The forward minus the other two is the ops running slower inside the model than back to
+back on recorded tensors (their outputs land in memory that is not in cache).
 
     python benchmarks/op_replay.py [--arch resnet50] [--batch 1] [--repeats 30]
 """
@@ -19,28 +24,49 @@ from resnet_fused.benchmark import cpu_model
 OPS = ("conv_bias_act", "conv_bias_add_relu_", "winograd_conv3x3")
 
 
-def record_calls(model, x):
-    """[(op, args, kwargs)] of the resnet_fused ops one forward of `model` makes.
-    resnet_fused.ops looks the ops up on torch.ops.resnet_fused at each call, so
-    wrapping them there sees every call."""
-    calls = []
+def _swap_ops(replacement):
+    """Replaces the ops on torch.ops.resnet_fused (where resnet_fused.ops looks them up
+    at each call) by replacement(name, op); returns a function that restores them."""
     namespace = torch.ops.resnet_fused
     originals = {name: getattr(namespace, name) for name in OPS}
+    for name, op in originals.items():
+        setattr(namespace, name, replacement(name, op))
 
-    def recorder(op):
-        def call(*args, **kwargs):
-            calls.append((op, args, kwargs))
-            return op(*args, **kwargs)
-        return call
-
-    try:
-        for name, op in originals.items():
-            setattr(namespace, name, recorder(op))
-        model(x)
-    finally:
+    def restore():
         for name, op in originals.items():
             setattr(namespace, name, op)
+    return restore
+
+
+def record_calls(model, x):
+    """[(op, args, kwargs, output)] of the resnet_fused op calls of one forward."""
+    calls = []
+
+    def recorder(name, op):
+        def call(*args, **kwargs):
+            out = op(*args, **kwargs)
+            calls.append((op, args, kwargs, out))
+            return out
+        return call
+
+    restore = _swap_ops(recorder)
+    try:
+        model(x)
+    finally:
+        restore()
     return calls
+
+
+def stubbed(model, calls):
+    """A forward of `model` whose ops return the recorded outputs, in call order."""
+    def forward(x):
+        outputs = iter(out for _, _, _, out in calls)
+        restore = _swap_ops(lambda name, op: lambda *args, **kwargs: next(outputs))
+        try:
+            return model(x)
+        finally:
+            restore()
+    return forward
 
 
 def main():
@@ -58,20 +84,22 @@ def main():
         calls = record_calls(model, x)
 
         def replay():
-            for op, a, kw in calls:
+            for op, a, kw, _ in calls:
                 op(*a, **kw)
 
-        forward, replayed = [], []
+        walk = stubbed(model, calls)
+        times = {"forward": [], "replay": [], "walk": []}
         for _ in range(args.repeats):
-            for fn, times in ((lambda: model(x), forward), (replay, replayed)):
+            for key, fn in (("forward", lambda: model(x)), ("replay", replay),
+                            ("walk", lambda: walk(x))):
                 t = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t)
-    f, r = statistics.median(forward) * 1e3, statistics.median(replayed) * 1e3
+                times[key].append(time.perf_counter() - t)
+    f, r, w = (statistics.median(times[k]) * 1e3 for k in ("forward", "replay", "walk"))
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {args.arch} batch {args.batch}")
-    print(f"forward {f:.2f} ms; its {len(calls)} op calls replayed {r:.2f} ms; "
-          f"the rest {f - r:.2f} ms ({(f - r) / f:.1%})")
-
+    print(f"forward {f:.2f} ms = its {len(calls)} op calls replayed back to back {r:.2f} ms"
+          f" + walk, max-pool, head and checks (ops stubbed) {w:.2f} ms"
+          f" + ops slower in the model than replayed {f - r - w:.2f} ms")
 
 if __name__ == "__main__":
     main()
