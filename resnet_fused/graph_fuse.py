@@ -248,11 +248,12 @@ def _rewrite(model, graph, untraced):
         model_node, run_node = graph.placeholder("model"), graph.placeholder("run")
     folded, counts = _replace(graph, pairs, plans, run_node)
     for node in graph.nodes:
-        # The residual may be overwritten when it is a conv-BN output used only here.
+        # The residual may be overwritten when it is a conv-BN output used only here,
+        # and not as this conv's input (relu(bn(conv(y)) + y)).
         if node.target is _conv_bn_add_relu:
             res = node.args[3]
             node.update_kwarg("inplace", isinstance(res, fx.Node) and res.target is _conv_bn
-                              and len(res.users) == 1)
+                              and len(res.users) == 1 and node.args[2] is not res)
     model_input = run_node.next if run_node.next.op == "placeholder" else None
     _mark_scan_free(graph, modules, model_input, run_node)
     _look_up_on(model_node, graph)

@@ -403,6 +403,30 @@ def test_nan_propagates_through_unchecked_ops():
 # ---- what cannot be fused ------------------------------------------------------------------
 
 
+class SelfResidualNet(nn.Module):
+    """relu(bn2(conv2(y)) + y): the residual is the fused conv's own input, so it
+    must not be summed into in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + y)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 3, 32, 32)])
+def test_residual_that_is_the_conv_input(shape):
+    model = realistic_(SelfResidualNet()).eval()
+    fused = fused_quietly(model)
+    assert fused.fused_patterns == counts(conv_bn_relu=1, conv_bn_add_relu=1)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
 class GatedBlock(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 

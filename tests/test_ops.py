@@ -176,15 +176,30 @@ class TestConvBiasAddRelu:
             ops.conv_bias_add_relu_(acc, x, w, b, *case.geometry())
             assert_matches(acc, ref, dtype, case.reduction)
 
-    def test_nan_propagates(self, device):
-        case = ConvCase(64, 64, 14, 14, R=3, padding=1)
+    # oneDNN's fused ReLU turns NaN into 0: the op must see it and take another path.
+    @pytest.mark.parametrize("case", [ConvCase(64, 64, 14, 14, R=3, padding=1),
+                                      ConvCase(16, 16, 9, 9, R=3, padding=1)], ids=ids)
+    def test_nan_propagates(self, device, case):
         for where in ("input", "residual", "weight", "bias"):
             x, w, b, res = case.tensors(channels_last=True)
             put_nonfinite(where, x, w, b, res)
             ref = reference(x, w, b, res, case, True)
-            x, w, b, acc = (t.to(device) for t in (x, w, b, res.clone()))
+            # A channels_last residual: the layout the fused in-place sum takes.
+            acc = res.contiguous(memory_format=CL).clone()
+            x, w, b, acc = (t.to(device) for t in (x, w, b, acc))
             ops.conv_bias_add_relu_(acc, x, w, b, *case.geometry())
             assert torch.equal(acc.cpu().isnan(), ref.isnan()), where
+
+    @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)
+    def test_residual_may_be_the_input(self, device, dtype):
+        # relu(conv(x) + b + x) into x itself: the conv must not read values the sum
+        # already overwrote.
+        skip_unless_dtype(device, dtype)
+        case = ConvCase(16, 16, 9, 9, R=3, padding=1)
+        x, w, b, _ = case.tensors(dtype, device, channels_last=True)
+        ref = reference(x, w, b, x, case, True)
+        ops.conv_bias_add_relu_(x, x, w, b, *case.geometry())
+        assert_matches(x, ref, dtype, case.reduction)
 
     def test_errors_name_this_op(self, device):
         x, w, b, res = ConvCase(8, 16, 5, 5, R=3, padding=1).tensors(device=device)

@@ -206,10 +206,18 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
     return;
   }
   const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const bool fusable = use_onednn(input) && sum_fuses(x, weight) &&
+  // oneDNN's sum post-op writes the output while the convolution still reads x, the
+  // weight and the bias: sharing memory with any of them, it would read overwritten
+  // values. Its ReLU turns NaN into 0, so every operand must be finite.
+  const bool aliased = residual.is_alias_of(x) || residual.is_alias_of(weight) ||
+                       (bias.has_value() && residual.is_alias_of(*bias));
+  const bool fusable = use_onednn(input) && sum_fuses(x, weight) && !aliased &&
                        !onednn_fusion_unsafe(weight, out_size, padding, dilation) &&
                        residual.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                       (assume_finite || (all_finite(input) && all_finite(residual)));
+                       (assume_finite ||
+                        (all_finite(input) && all_finite(residual) &&
+                         (weight.is_mkldnn() || all_finite(weight)) &&
+                         (!bias.has_value() || all_finite(*bias))));
   if (fusable) {
     onednn().sum_relu->call(residual, x, weight, bias, padding, stride, dilation, groups, "add",
                             c10::nullopt, c10::string_view("relu"), ScalarList(), c10::nullopt);
