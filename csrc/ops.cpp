@@ -54,6 +54,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   // Read once, at import (RESNET_FUSED_CPU_ISA caps it).
   PyModule_AddStringConstant(m, "cpu_isa", resnet_fused::cpu_isa_name(resnet_fused::cpu_isa()));
   PyModule_AddIntConstant(m, "winograd_kernel", resnet_fused::winograd_kernel_available() ? 1 : 0);
+  PyModule_AddIntConstant(m, "winograd_bf16_kernel",
+                          resnet_fused::winograd_bf16_kernel_available() ? 1 : 0);
 #ifdef RESNET_FUSED_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
   PyModule_AddStringConstant(m, "cuda_archs", RESNET_FUSED_CUDA_ARCHS);

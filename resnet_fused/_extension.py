@@ -82,6 +82,12 @@ def winograd_kernel_available():
     return available() and bool(_C.winograd_kernel)
 
 
+def winograd_bf16_kernel_available():
+    """Whether it also runs its bfloat16 kernel here (AVX-512 with a bfloat16 brgemm
+    that runs: AVX512_BF16 or AMX)."""
+    return available() and bool(getattr(_C, "winograd_bf16_kernel", 0))
+
+
 def built_with_cuda():
     return available() and bool(_C.with_cuda)
 

@@ -150,7 +150,7 @@ def _winograd_fits(c):
     # fewer); _winograd_tile says where each beats oneDNN's direct kernel. bfloat16:
     # F(2x2) on AVX-512, with whole 16-channel vectors (winograd.cpp), not on AMX.
     k, cin = c.weight.shape[:2]
-    bf16 = (c.dtype == torch.bfloat16 and _extension.cpu_isa() == "avx512"
+    bf16 = (c.dtype == torch.bfloat16 and _extension.winograd_bf16_kernel_available()
             and (not _AMX or _BF16_WINOGRAD_ON_AMX) and k % 16 == 0 and cin % 16 == 0)
     return (c.weight.device.type == "cpu" and (c.dtype == torch.float32 or bf16)
             and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)

@@ -209,7 +209,8 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
   // oneDNN's sum post-op writes the output while the convolution still reads x, the
   // weight and the bias: sharing memory with any of them, it would read overwritten
   // values. Its ReLU turns NaN into 0, so every operand must be finite.
-  const bool aliased = residual.is_alias_of(x) || residual.is_alias_of(weight) ||
+  const bool aliased = residual.is_alias_of(x) ||
+                       (!weight.is_mkldnn() && residual.is_alias_of(weight)) ||  // packed: opaque
                        (bias.has_value() && residual.is_alias_of(*bias));
   const bool fusable = use_onednn(input) && sum_fuses(x, weight) && !aliased &&
                        !onednn_fusion_unsafe(weight, out_size, padding, dilation) &&

@@ -22,6 +22,7 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -54,6 +55,10 @@ bool winograd_kernel_available() {
   return RESNET_FUSED_WINOGRAD && cpu_isa() != CpuIsa::kNone && f32_kernel_available();
 }
 
+bool winograd_bf16_kernel_available() {
+  return winograd_kernel_available() && cpu_isa() == CpuIsa::kAvx512 && bf16_kernel_available();
+}
+
 namespace {
 
 #if RESNET_FUSED_WINOGRAD
@@ -81,6 +86,8 @@ bool product_of_ones_runs(void (*gemm)(int64_t, int64_t, int64_t, const void*, c
     std::fill(b, b + 32, T(1.0f));
     float c[16];
     gemm(1, 16, 2, a, b, c);
+    // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
+    if (std::is_same<T, at::BFloat16>::value) at::native::cpublas::brgemm_release();
     return std::all_of(c, c + 16, [](float v) { return v == 2.0f; });
   } catch (const std::exception&) {
     return false;
@@ -214,9 +221,8 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
   const bool short_reduction = tile == 4 && input.size(1) < kMinChannelsF4;
   // bfloat16: AVX-512 with the bfloat16 brgemm, whole 16-lane vectors of channels.
   const bool bf16 = input.scalar_type() == at::kBFloat16;
-  const bool bf16_ok = !bf16 || (RESNET_FUSED_WINOGRAD && cpu_isa() == CpuIsa::kAvx512 &&
-                                 input.size(1) % 16 == 0 && weight.size(0) % 16 == 0 &&
-                                 bf16_kernel_available());
+  const bool bf16_ok = !bf16 || (winograd_bf16_kernel_available() && input.size(1) % 16 == 0 &&
+                                 weight.size(0) % 16 == 0);
   if (!winograd_kernel_available() || !bf16_ok || !finite || sub_tile || short_reduction ||
       input.numel() == 0 || weight.size(0) == 0) {
     return direct(input, weight, bias, residual, relu, assume_finite);

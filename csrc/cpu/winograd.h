@@ -6,4 +6,8 @@ namespace resnet_fused {
 
 bool winograd_kernel_available();
 
+// Whether it also runs its bfloat16 kernel here: AVX-512 and a bfloat16 brgemm that
+// runs on this CPU (AVX512_BF16 or AMX; plain AVX-512 has none).
+bool winograd_bf16_kernel_available();
+
 }  // namespace resnet_fused
