@@ -165,8 +165,10 @@ def peer_variants(tv, example, dtype, threads):
         if module in wanted and module not in missing:
             try:
                 variants[name] = make()
-            except ImportError as e:  # installed but broken (a missing shared library, say)
-                skipped.append(f"{module}: cannot be imported ({e})")
+            except Exception as e:  # installed but broken (a missing shared library, a
+                # plugin that fails to load): its row, not the bench, is lost
+                first = str(e).splitlines()[0] if str(e) else ""
+                skipped.append(f"{module}: cannot be used ({type(e).__name__}: {first})")
     return variants, skipped
 
 

@@ -16,13 +16,18 @@ import torch
 from . import _extension, ops
 
 
+def compiling():
+    """Under torch.compile or torch.export (Dynamo: Python it cannot trace is skipped)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler and (compiler.is_compiling()
+                              or getattr(compiler, "is_exporting", lambda: False)()))
+
+
 def tracing():
     """Under torch.compile, torch.export or torch.jit.trace (which record the fold and the
     ops: a fold cached by an earlier call would be recorded differently from one made
     in the call, and torch.jit.trace checks that two recordings agree)."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(torch.jit.is_tracing() or (compiler and (
-        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)())))
+    return torch.jit.is_tracing() or compiling()
 
 
 def without_autograd():
@@ -62,7 +67,7 @@ def unsupported(device, dtype):
             return ("the CUDA conv kernels are not yet verified on a GPU; set "
                     "RESNET_FUSED_UNVERIFIED_CUDA=1 to use them")
         return f"resnet_fused has no {dev} kernels in this build"
-    if dev == "cuda" and not tracing():
+    if dev == "cuda" and not compiling():
         arch_error = _extension.cuda_arch_error(device)
         if arch_error:
             return arch_error
