@@ -23,6 +23,8 @@ _TRUNK = ("conv1", "bn1", "relu", "maxpool")
 class FusedBody(_Folding, IntermediateLayerGetter):
     """An IntermediateLayerGetter over a torchvision ResNet whose forward runs fused."""
 
+    _TRACE_CALL = "torch.jit.trace(model, example_input, strict=False) (its output is a dict)"
+
     @classmethod
     def convert(cls, body):
         """`body` (an IntermediateLayerGetter over a ResNet's children) turned into a

@@ -60,8 +60,10 @@ class _Folding:
                    if hasattr(self, "to_torchvision") else "")
         raise RuntimeError(
             f"torch.jit.script cannot compile {type(self).__name__}: its forward chooses "
-            f"kernels per input in Python. Use torch.jit.trace(model, example_input), "
-            f"torch.export.export or torch.compile instead{unfused}.")
+            f"kernels per input in Python. Use {self._TRACE_CALL}, torch.export.export or "
+            f"torch.compile instead{unfused}.")
+
+    _TRACE_CALL = "torch.jit.trace(model, example_input)"
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() and the like: the folds of the old tensors would
