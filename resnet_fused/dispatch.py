@@ -145,8 +145,11 @@ def prepare(weight, bias, conv, dtype, cached=True):
 # bfloat16 Winograd's thresholds were measured where oneDNN's bfloat16 convolutions run
 # on AVX512_BF16. With AMX, oneDNN's run on the tile unit at several times that rate,
 # and our kernel has not been measured there (nor its brgemm's AMX path run), so on
-# AMX CPUs oneDNN keeps them unless RESNET_FUSED_BF16_WINOGRAD_ON_AMX=1.
-_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# AMX CPUs oneDNN keeps them unless RESNET_FUSED_BF16_WINOGRAD_ON_AMX=1 (or oneDNN is
+# capped below AMX by ONEDNN_MAX_CPU_ISA, as on the CPUs they were measured on).
+_ONEDNN_ISA = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+_AMX = (bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+        and (_ONEDNN_ISA in ("ALL", "DEFAULT") or "AMX" in _ONEDNN_ISA))
 _BF16_WINOGRAD_ON_AMX = os.environ.get("RESNET_FUSED_BF16_WINOGRAD_ON_AMX", "") == "1"
 
 
