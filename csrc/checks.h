@@ -88,7 +88,9 @@ inline void check_add_relu_args(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // add_relu_ writes a while reading b: b may be a itself (same elements, same
-// order), but any other overlap would read values already overwritten.
+// order), but any other overlap would read values already overwritten. Overlap
+// that get_overlap_status cannot decide (TooHard: a or b not dense) is the
+// backends' to make safe.
 inline void check_add_relu_inplace_args(const at::Tensor& a, const at::Tensor& b) {
   check_add_relu_args(a, b);
   TORCH_CHECK(at::has_internal_overlap(a) != at::MemOverlap::Yes,

@@ -108,6 +108,35 @@ class TestConvBiasAct:
             assert_matches(out, reference(xs, w, b, rs, case, True), torch.float32,
                            case.reduction)
 
+    def test_strided_and_expanded_bias(self, device):
+        case = ConvCase(8, 16, 5, 5, R=3, padding=1)
+        x, w, _, res = case.tensors(device=device, channels_last=True)
+        s, p, d, g = case.geometry()
+        for b in (torch.randn(32, device=device)[::2],
+                  torch.tensor([0.5], device=device).expand(16)):
+            for r in (None, res):
+                out = ops.conv_bias_act(x, w, b, r, s, p, d, g, relu=True)
+                assert_matches(out, reference(x, w, b, r, case, True), torch.float32,
+                               case.reduction)
+            acc = res.contiguous(memory_format=CL).clone()
+            ops.conv_bias_add_relu_(acc, x, w, b, s, p, d, g)
+            assert_matches(acc, reference(x, w, b, res, case, True), torch.float32,
+                           case.reduction)
+
+    def test_no_input_channels_sums_nothing(self, device):
+        # An empty sum: act(bias [+ residual]) wherever the output is not empty.
+        x = torch.randn(1, 0, 3, 3, device=device)
+        w = torch.randn(4, 0, 3, 3, device=device)
+        b = torch.full((4,), 0.5, device=device)
+        res = torch.full((1, 4, 3, 3), -2.0, device=device)
+        assert torch.equal(ops.conv_bias_act(x, w, b, None, 1, 1).cpu(),
+                           torch.full((1, 4, 3, 3), 0.5))
+        assert torch.equal(ops.conv_bias_act(x, w, b, res, 1, 1, relu=False).cpu(),
+                           torch.full((1, 4, 3, 3), -1.5))
+        acc = torch.ones(1, 4, 3, 3, device=device).contiguous(memory_format=CL)
+        ops.conv_bias_add_relu_(acc, x, w, b, 1, 1)
+        assert torch.equal(acc.cpu(), torch.full((1, 4, 3, 3), 1.5))
+
     @pytest.mark.parametrize("where", ["input", "residual", "weight", "bias"])
     def test_nan_and_inf_propagate_like_torch(self, device, where):
         case = ConvCase(64, 64, 14, 14, R=3, padding=1)
@@ -276,6 +305,14 @@ class TestAddRelu:
         with pytest.raises(RuntimeError, match="expected a without internal overlap"):
             ops.add_relu_(torch.randn(1, 4, device=device).expand(3, 4),
                           torch.randn(3, 4, device=device))
+
+    def test_in_place_overlap_it_cannot_rule_out(self, device):
+        # Views that are not dense (a slice, an expanded b): computed as if b were read
+        # before a is written.
+        t = torch.randn(4, 40, device=device)
+        for a, b in ((t[:, 1:33], t[:, 0:32]), (t[:, 1:33], t[:1, 0:32].expand(4, 32))):
+            ref = torch.relu(a + b)
+            assert torch.equal(ops.add_relu_(a, b), ref)
 
     def test_opcheck(self, device):
         r = torch.randn(2, 8, 5, 5, device=device)

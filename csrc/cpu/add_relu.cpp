@@ -67,6 +67,12 @@ Tensor add_relu_cpu(const Tensor& a, const Tensor& b) {
 
 void add_relu_cpu_(Tensor& a, const Tensor& b) {
   check_add_relu_inplace_args(a, b);
+  if (at::get_overlap_status(a, b) == at::MemOverlapStatus::TooHard) {
+    // a or b is not dense (a slice, an expanded b), so whether b reads elements that
+    // the pass already wrote cannot be ruled out: compute first, then write a once.
+    a.copy_(add_relu_cpu(a, b));
+    return;
+  }
   auto iter = make_iter(a, a, b);
   add_relu_kernel(iter);
 }

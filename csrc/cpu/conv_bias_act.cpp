@@ -138,8 +138,15 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   const auto fmt = output_memory_format(input);
   const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
   if (input.numel() == 0 || c10::multiply_integers(out_size) == 0) {
-    // oneDNN rejects empty tensors; an empty output needs no arithmetic.
-    return at::empty(out_size, input.options().memory_format(fmt));
+    // oneDNN rejects empty tensors. An empty output needs no arithmetic; an empty
+    // input with a non-empty output (no input channels, or an image that is all
+    // padding) sums nothing: act(bias [+ residual]).
+    Tensor out = at::zeros(out_size, input.options().memory_format(fmt));
+    if (out.numel() != 0) {
+      if (bias.has_value()) out.add_(bias->reshape({1, -1, 1, 1}));
+      residual_relu_inplace(out, residual, relu);
+    }
+    return out;
   }
   if (bf16_needs_fp32(input, weight, out_size, padding, dilation)) {
     return conv_bias_act_cpu(to_float(input), to_float(weight), to_float(bias), to_float(residual),
@@ -169,8 +176,10 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
     return out.contiguous(fmt);
   }
   const auto& o = onednn();
+  // ATen's oneDNN ops read the bias as dense.
+  const optional<Tensor> b = bias.has_value() ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
   if (!residual.has_value()) {
-    Tensor out = o.pointwise->call(input, weight, bias, padding, stride, dilation, groups,
+    Tensor out = o.pointwise->call(input, weight, b, padding, stride, dilation, groups,
                                    relu ? "relu" : "none", ScalarList(), c10::nullopt);
     return out.contiguous(fmt);
   }
@@ -180,10 +189,10 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   Tensor out = at::empty(out_size, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   out.copy_(*residual);
   if (relu) {
-    o.sum_relu->call(out, x, weight, bias, padding, stride, dilation, groups, "add", c10::nullopt,
+    o.sum_relu->call(out, x, weight, b, padding, stride, dilation, groups, "add", c10::nullopt,
                      c10::string_view("relu"), ScalarList(), c10::nullopt);
   } else {
-    o.sum_relu->call(out, x, weight, bias, padding, stride, dilation, groups, "add", c10::nullopt,
+    o.sum_relu->call(out, x, weight, b, padding, stride, dilation, groups, "add", c10::nullopt,
                      c10::nullopt, ScalarList(), c10::nullopt);
   }
   return out.contiguous(fmt);
@@ -220,7 +229,8 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
                          (weight.is_mkldnn() || all_finite(weight)) &&
                          (!bias.has_value() || all_finite(*bias))));
   if (fusable) {
-    onednn().sum_relu->call(residual, x, weight, bias, padding, stride, dilation, groups, "add",
+    const optional<Tensor> b = bias.has_value() ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
+    onednn().sum_relu->call(residual, x, weight, b, padding, stride, dilation, groups, "add",
                             c10::nullopt, c10::string_view("relu"), ScalarList(), c10::nullopt);
     return;
   }

@@ -229,6 +229,13 @@ Tensor conv_bias_act_cuda(const Tensor& input, const Tensor& weight, const optio
   if (c10::multiply_integers(out_size) == 0) {
     return at::empty(out_size, input.options().memory_format(fmt));
   }
+  if (input.numel() == 0) {
+    // No input channels, or an image that is all padding: an empty sum.
+    Tensor out = at::zeros(out_size, input.options().memory_format(fmt));
+    if (bias.has_value()) out.add_(bias->reshape({1, -1, 1, 1}));
+    if (residual.has_value()) out.add_(*residual);
+    return relu ? out.relu_() : out;
+  }
   // Layout conversions are no-ops for the expected inputs (channels_last
   // activations, weights from pack_weight).
   const Tensor x = input.contiguous(kCL);
@@ -250,6 +257,11 @@ void conv_bias_add_relu_cuda_(Tensor& residual, const Tensor& input, const Tenso
   check_cuda_conv("conv_bias_add_relu_", input);
   const c10::cuda::CUDAGuard guard(input.device());
   if (residual.numel() == 0) return;
+  if (input.numel() == 0) {
+    residual.copy_(conv_bias_act_cuda(input, weight, bias, residual, stride, padding, dilation,
+                                      groups, /*relu=*/true, assume_finite));
+    return;
+  }
   const Tensor x = input.contiguous(kCL);
   const Tensor w = weight.contiguous(kCL);
   const optional<Tensor> b = bias.has_value() ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
