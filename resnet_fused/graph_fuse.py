@@ -22,6 +22,7 @@ needed (the gradients then reach the conv weights and BN affine parameters).
 """
 
 import copy
+import inspect
 import math
 import operator
 import warnings
@@ -52,6 +53,33 @@ _FINITE_FUNCTIONS = {*_RELU_FUNCTIONS, *_ADD_FUNCTIONS, F.max_pool2d, F.avg_pool
                      F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.cat,
                      operator.getitem}
 _FINITE_METHODS = {"relu", "relu_", "add", "add_", "view", "reshape", "flatten", "contiguous"}
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul, operator.setitem}
+
+
+def _mutates(node, modules):
+    """Whether node may write into one of its operands (x.add_(y), relu(x, inplace=True),
+    nn.ReLU(inplace=True), x += y, x[i] = y, ...)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in _INPLACE_OPERATORS or getattr(target, "__name__", "").endswith("_"):
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return bound.arguments.get("inplace") is True
+
 
 CONV_BN_RELU, CONV_BN, CONV_BN_ADD_RELU, ADD_RELU = (
     "conv-BN-ReLU", "conv-BN", "conv-BN-add-ReLU", "add-ReLU")
@@ -148,6 +176,12 @@ def _add_operands(node):
     return None
 
 
+def _has_hooks(module):
+    # A hook may change the module's input, output or weight (pruning and the old
+    # weight_norm recompute the weight in a pre-hook): a fold would skip it.
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
 def _foldable_pairs(graph, modules):
     """{BN node: conv node} for each conv whose only use is a BatchNorm with running
     statistics. Conv subclasses (e.g. weight standardization) compute something
@@ -161,6 +195,7 @@ def _foldable_pairs(graph, modules):
         conv = (modules.get(conv_node.target) if isinstance(conv_node, fx.Node)
                 and conv_node.op == "call_module" else None)
         if (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+                and not _has_hooks(conv) and not _has_hooks(bn)
                 and not isinstance(conv.padding, str) and _only_user(conv_node) is node
                 and len(conv_node.args) == 1 and not conv_node.kwargs
                 and bn.running_mean.numel() == conv.out_channels):
@@ -204,7 +239,21 @@ def _plans(graph, modules):
         relu = _only_user(bn)
         plans.append(_Plan(CONV_BN_RELU, bn, relu=relu) if _is_relu_of(relu, bn, modules)
                      else _Plan(CONV_BN, bn))
-    return pairs, plans
+    # The fused op runs where the pattern's last node was and reads the operands of its
+    # first: a write into them in between (relu_(x) after conv(x), say) would be seen.
+    # Such patterns stay as they are.
+    writes = [order[n] for n in graph.nodes if _mutates(n, modules)]
+    kept = []
+    for plan in plans:
+        first = pairs[plan.bn] if plan.bn is not None else plan.add
+        own = {order[n] for n in (plan.bn, plan.add, plan.relu) if n is not None}
+        last = max(own)
+        if any(order[first] < w < last and w not in own for w in writes):
+            if plan.bn is not None:
+                del pairs[plan.bn]
+            continue
+        kept.append(plan)
+    return pairs, kept
 
 
 def _keeps_finite(node, modules):
@@ -220,15 +269,32 @@ def _keeps_finite(node, modules):
     return node.target in _FINITE_FUNCTIONS or node.target in _FUSED_FUNCTIONS
 
 
+def _finite_constants(node):
+    """Whether the operands of node that are not graph values are finite (x + nan is not)."""
+    consts = []
+    fx.node.map_aggregate((node.args, node.kwargs),
+                          lambda a: consts.append(a) if isinstance(a, float) else None)
+    return all(math.isfinite(c) for c in consts)
+
+
 def _mark_scan_free(graph, modules, model_input, run_node):
     """Sets scan_free on each fused conv whose operands come from `model_input`
-    through finite-preserving ops only."""
+    through finite-preserving ops only. A write that may put NaN/Inf into a value
+    already counted finite (x.log_(), x.div_(0), possibly through a view) turns it
+    off everywhere."""
     finite = {model_input, run_node}
+    unsafe_write = False
+    fused = []
     for node in graph.nodes:
-        if _keeps_finite(node, modules) and all(a in finite for a in node.all_input_nodes):
+        if (_keeps_finite(node, modules) and _finite_constants(node)
+                and all(a in finite for a in node.all_input_nodes)):
             finite.add(node)
+        elif _mutates(node, modules) and node.target not in _FUSED_FUNCTIONS:
+            unsafe_write = True  # (a fused in-place op writes only a dead conv-BN output)
         if node.target in (_conv_bn, _conv_bn_add_relu):
-            node.update_kwarg("scan_free", node in finite)
+            fused.append(node)
+    for node in fused:
+        node.update_kwarg("scan_free", node in finite and not unsafe_write)
 
 
 @dataclass

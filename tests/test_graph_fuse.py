@@ -495,3 +495,83 @@ def test_a_model_around_fused_parts_is_not_an_error():
     around = fused_quietly(Around(fuse(model)))
     with torch.inference_mode():
         assert rel_err(around(x), 2 * model(x)) <= 1e-5
+
+
+# ---- graphs whose rewrite could change what they compute ------------------------------
+
+
+class WritesBetween(nn.Module):
+    """A conv-BN-ReLU stem, then patterns with an in-place write into an operand
+    between their first and last node (mode "relu_": y is rectified after conv2
+    read it; "add": a is rectified between a + b and its ReLU)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x)).relu()
+        y = y - 0.5  # negative values, so that a ReLU in place changes y
+        if self.mode == "relu_":
+            out = self.bn2(self.conv2(y))
+            short = nn.functional.relu(y, inplace=True)
+            return torch.relu(out + short)
+        t = y + x.mean()
+        y.relu_()
+        return torch.relu(t), y
+
+
+@pytest.mark.parametrize("mode", ["relu_", "add"])
+def test_a_write_inside_a_pattern_keeps_it_unfused(mode):
+    model = realistic_(WritesBetween(mode)).eval()
+    fused = fused_quietly(model)
+    assert fused.fused_patterns == counts(conv_bn_relu=1, conv_bn=0)  # the stem only
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        ours, theirs = fused(x), model(x)
+    for a, b in zip(ours if mode == "add" else [ours], theirs if mode == "add" else [theirs]):
+        assert rel_err(a, b) <= 1e-5
+
+
+class NonFiniteInside(nn.Module):
+    """NaN/Inf made inside the forward, from a finite input, before a conv-BN-ReLU."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if self.mode == "constant":
+            x = x + float("nan")
+        elif self.mode == "log_":
+            x.log_()  # of negative values: NaN, written into the input itself
+        else:
+            x = nn.functional.max_pool2d(x, 1)
+            x.div_(0.0)
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("mode", ["constant", "log_", "div_"])
+def test_nan_made_inside_the_graph_propagates(mode):
+    model = realistic_(NonFiniteInside(mode)).eval()
+    fused = fused_quietly(model)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.inference_mode():
+        ours, theirs = fused(x.clone()), model(x.clone())
+    assert theirs.isnan().any() and torch.equal(ours.isnan(), theirs.isnan())
+
+
+def test_hooked_convs_and_bns_are_not_folded():
+    # A hook may change a module's input, output or weight (pruning, weight_norm):
+    # a folded pair would skip it.
+    model = realistic_(SelfResidualNet()).eval()
+    model.conv1.register_forward_pre_hook(lambda m, inp: (inp[0] * 2,))
+    model.bn2.register_forward_hook(lambda m, inp, out: out - 1)
+    fused = fuse(model)
+    assert fused.fused_patterns == counts(add_relu=1)  # neither pair, the add-ReLU only
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= 1e-5
