@@ -322,6 +322,8 @@ def _rewrite(model, graph, untraced):
                               and len(res.users) == 1 and node.args[2] is not res)
     model_input = run_node.next if run_node.next.op == "placeholder" else None
     _mark_scan_free(graph, modules, model_input, run_node)
+    if model_input is not None:
+        _restore_layout_where_seen(graph, model_input)
     _look_up_on(model_node, graph)
     graph.lint()
     return _Rewrite(fx.GraphModule(nn.Module(), graph, class_name="FusedGraph"), folded, counts,
@@ -364,6 +366,28 @@ def _replace(graph, pairs, plans, run_node):
     for node in sorted(dead, key=order.get, reverse=True):
         graph.erase_node(node)
     return list(folded.values()), counts
+
+
+def _restore_layout_where_seen(graph, model_input):
+    """The fused convs return channels_last, where eager convs follow their input's
+    layout. Values computed from them are given back in the original layout where
+    the layout shows: before `.view` (which needs it) and at the graph's outputs;
+    inside the graph they stay channels_last, the layout the next fused op wants."""
+    derived = set()
+    for node in list(graph.nodes):
+        if node.op == "output":
+            node.args = fx.node.map_arg(node.args, lambda a: _restored(graph, a, node, model_input)
+                                        if a in derived else a)
+        elif node.target in (_conv_bn, _conv_bn_add_relu) or any(
+                a in derived for a in node.all_input_nodes):
+            derived.add(node)
+            if node.op == "call_method" and node.target == "view" and node.args[0] in derived:
+                node.update_arg(0, _restored(graph, node.args[0], node, model_input))
+
+
+def _restored(graph, value, user, model_input):
+    with graph.inserting_before(user):
+        return graph.call_function(_original_layout, (value, model_input))
 
 
 def _look_up_on(model_node, graph):
@@ -423,6 +447,15 @@ def _conv_bn_add_relu(run, key, x, residual, inplace=False, scan_free=False):
     return dispatch.conv(x, c, relu=True, finite=finite, residual=residual)
 
 
+def _original_layout(t, like):
+    """t as the unfused model would lay it out: contiguous when the model's input is
+    (eager convs keep their input's layout; the fused ones return channels_last)."""
+    if (isinstance(t, torch.Tensor) and t.dim() == 4 and isinstance(like, torch.Tensor)
+            and like.dim() == 4 and like.is_contiguous()):
+        return t.contiguous()
+    return t
+
+
 def _add_relu(a, b):
     if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
             and a.dtype == b.dtype and a.device == b.device and a.is_floating_point()):
@@ -431,7 +464,7 @@ def _add_relu(a, b):
 
 
 _FUSED_FUNCTIONS = (_conv_bn, _conv_bn_add_relu, _add_relu)
-_GRAPH_FUNCTIONS = (_get_attr, _call_module, *_FUSED_FUNCTIONS)
+_GRAPH_FUNCTIONS = (_get_attr, _call_module, _original_layout, *_FUSED_FUNCTIONS)
 
 
 # ---- the fused model ----------------------------------------------------------------

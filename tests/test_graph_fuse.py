@@ -575,3 +575,27 @@ def test_hooked_convs_and_bns_are_not_folded():
     x = torch.randn(2, 3, 8, 8)
     with torch.inference_mode():
         assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+class ViewHead(nn.Module):
+    """conv-BN-ReLU, pool, then x.view(n, -1): a view needs the layout the unfused
+    model has there."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(y.view(y.size(0), -1)), y
+
+
+def test_values_keep_the_original_layout_where_it_shows():
+    model = realistic_(ViewHead()).eval()
+    fused = fused_quietly(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        (ours, ours_map), (theirs, theirs_map) = fused(x), model(x)
+    assert rel_err(ours, theirs) <= 1e-5 and rel_err(ours_map, theirs_map) <= 1e-5
+    assert ours_map.is_contiguous() and theirs_map.is_contiguous()  # a returned feature map
