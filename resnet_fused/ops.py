@@ -132,12 +132,21 @@ def _conv_out_shape(input, weight, stride, padding, dilation):
     return (n, k, p, q)
 
 
+def _same_device(op, first, **others):
+    # The fake kernels also run for a meta tensor beside real ones (the dispatcher
+    # picks them), where the real kernels' device checks never run.
+    for name, t in others.items():
+        torch._check(t is None or t.device == first.device,
+                     lambda: f"{op}: expected {name} on {first.device}, got {t.device}")
+
+
 def _register_fakes():
     lib = "resnet_fused::"
 
     @torch.library.register_fake(lib + "conv_bias_act")
     def _(input, weight, bias, residual, stride, padding, dilation, groups, *, relu=True,
           assume_finite=False):
+        _same_device("conv_bias_act", input, weight=weight, bias=bias, residual=residual)
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "conv_bias_act: input and weight must be 4-D")
         torch._check(input.shape[1] == weight.shape[1] * groups,
@@ -149,10 +158,13 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "conv_bias_add_relu_")
     def _(residual, input, weight, bias, stride, padding, dilation, groups, *, assume_finite=False):
+        _same_device("conv_bias_add_relu_", input, weight=weight, bias=bias, residual=residual)
         return None
 
     @torch.library.register_fake(lib + "winograd_conv3x3")
     def _(input, weight, winograd_weight, bias, residual, *, relu=True, assume_finite=False):
+        _same_device("winograd_conv3x3", input, weight=weight, winograd_weight=winograd_weight,
+                     bias=bias, residual=residual)
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "winograd_conv3x3: input and weight must be 4-D")
         shape = (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
@@ -160,10 +172,12 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "add_relu")
     def _(a, b):
+        _same_device("add_relu", a, b=b)
         return torch.empty_like(a)
 
     @torch.library.register_fake(lib + "add_relu_")
     def _(a, b):
+        _same_device("add_relu_", a, b=b)
         return None
 
     @torch.library.register_fake(lib + "pack_weight")

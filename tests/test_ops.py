@@ -187,6 +187,17 @@ class TestConvBiasAct:
         opcheck(op, (x, w, None, None, s, p, d, g), dict(relu=False))
 
 
+def test_meta_beside_cpu_is_named():
+    # The dispatcher sends a call holding a meta tensor to the fake kernels.
+    x, w, b, res = ConvCase(8, 16, 5, 5, R=3, padding=1).tensors()
+    with pytest.raises(RuntimeError, match="conv_bias_act: expected weight on cpu, got meta"):
+        ops.conv_bias_act(x, w.to("meta"), b, None, 1, 1)
+    with pytest.raises(RuntimeError, match="add_relu: expected b on cpu, got meta"):
+        ops.add_relu(res, res.to("meta"))
+    with pytest.raises(RuntimeError, match="add_relu_: expected b on cpu, got meta"):
+        ops.add_relu_(res, res.to("meta"))
+
+
 def test_cpu_rejects_half():
     x, w, b, _ = ConvCase(8, 16, 5, 5, R=3, padding=1).tensors(torch.float16)
     with pytest.raises(RuntimeError, match="supports float32, bfloat16 and float64"):
