@@ -43,6 +43,10 @@ class FusedBody(_Folding, IntermediateLayerGetter):
 
     def fused_status(self, x):
         """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        ok, why = self._status(x)
+        return self._structure_status() if ok else (ok, why)
+
+    def _status(self, x):
         if self.training and not self._frozen():
             return False, "train mode with BatchNorm2d runs torchvision's math (batch statistics)"
         inside_stem = [n for n in _TRUNK[:3] if n in self.return_layers]

@@ -17,12 +17,22 @@ from .testing import DETECTION, SEGMENTATION, realistic_, task_model
 # ---------------------------------------------------------------- models
 
 
+def _usage_error(message):
+    """A bad argument found after parsing: its message and argparse's exit status, 2
+    (1 means that some images failed)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        _usage_error(f"--device: {e}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but no CUDA GPU is available")
+        _usage_error("--device cuda was asked for but no CUDA GPU is available")
     return dev
 
 
@@ -35,7 +45,7 @@ def load_models(arch, weights, device):
         try:
             tv = torchvision_model(arch, weights)
         except (ValueError, RuntimeError, FileNotFoundError) as e:
-            raise SystemExit(f"error: --weights: {e}")
+            _usage_error(f"--weights: {e}")
         desc = f"weights {weights}"
     tv = tv.eval().to(device)
     return tv, fuse(tv).eval(), desc
@@ -314,8 +324,9 @@ def cmd_predict(args):
         except predict.UsageError as e:
             fail(str(e))
         except KeyboardInterrupt:
-            kept = f" are kept in {store.parts}; rerun the same command to continue"
-            print(f"interrupted: the results so far{kept if store else ''}", file=sys.stderr)
+            kept = (f" are kept in {store.parts}; rerun the same command to continue"
+                    if store else "")
+            print(f"interrupted: the results so far{kept}", file=sys.stderr)
             return 130
     if records is None:  # a rank other than 0: rank 0 reports
         return 0

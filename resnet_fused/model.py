@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import _extension, dispatch, heap
 from .dispatch import tracing as _tracing
@@ -38,6 +39,38 @@ class _Fold:
     stem: dispatch.PreparedConv
     layers: list   # (name, blocks); a block: dict of PreparedConv conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
+    unfusable: str = None  # why the model is not one the fused forward computes, if so
+
+
+class _NotFusable(Exception):
+    """The model's trunk holds something the fused forward would compute differently
+    (a norm or conv of another kind, a replaced ReLU, a hook): torchvision's math runs."""
+
+
+def _check_conv_bn(conv, bn, name):
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding,
+                                                                                  str):
+        raise _NotFusable(f"{name} is {type(conv).__name__} with padding {conv.padding!r} "
+                          f"({getattr(conv, 'padding_mode', '?')}), not a zero-padded Conv2d")
+    if type(bn) not in (nn.BatchNorm2d, FrozenBatchNorm2d):
+        raise _NotFusable(f"the norm after {name} is {type(bn).__name__}, not BatchNorm2d or "
+                          "FrozenBatchNorm2d")
+    if getattr(bn, "running_mean", None) is None:
+        raise _NotFusable(f"the BatchNorm after {name} has no running statistics "
+                          "(track_running_stats=False)")
+
+
+def _check_relu(relu, name):
+    if type(relu) is not nn.ReLU:
+        raise _NotFusable(f"{name} is {type(relu).__name__}, not ReLU")
+
+
+def _check_no_hooks(module, name):
+    # The fused forward calls none of the trunk's modules, so their hooks would not run.
+    for sub_name, sub in module.named_modules(prefix=name):
+        if sub._forward_pre_hooks or sub._forward_hooks:
+            raise _NotFusable(f"{sub_name} has a forward hook, which the fused forward "
+                              "would not run")
 
 
 class _Folding:
@@ -80,12 +113,28 @@ class _Folding:
     def _prepare_fused(self, x):
         """(x, fold, finite) for a fused forward, or None when torchvision's math must
         run (said once, in eval mode)."""
-        ok, why = self.fused_status(x)
+        ok, why = self._status(x)
         if not ok:
             if not self.training:
                 _warn_once(why, f"{type(self).__name__}: running the unfused forward: {why}.")
             return None
         return self._fold_for(x)
+
+    def _unfused(self, why):
+        _warn_once(why, f"{type(self).__name__}: running the unfused forward: {why}.")
+        return None
+
+    def _status(self, x):
+        """fused_status(x) without the model's structure, which the fold checks."""
+        return self.fused_status(x)
+
+    def _structure_status(self):
+        try:
+            for _ in self._pairs():
+                pass
+        except _NotFusable as e:
+            return False, str(e)
+        return True, ""
 
     def _kernel_status(self, x):
         """(True, "") if the kernels can run x's device and dtype, else (False, reason)."""
@@ -104,8 +153,14 @@ class _Folding:
             # Folded inline: part of the traced graph, or of the autograd graph (then
             # gradients reach the conv weights and BN affine parameters). The ops scan
             # their operands for NaN/Inf themselves.
-            return x.to(dtype), self._inline_fold(dtype, differentiable=grad), False
+            try:
+                fold = self._inline_fold(dtype, differentiable=grad)
+            except _NotFusable as e:
+                return self._unfused(str(e))
+            return x.to(dtype), fold, False
         fold = self._cached_fold(x.device, dtype)
+        if getattr(fold, "unfusable", None):
+            return self._unfused(fold.unfusable)
         if not fold.finite:
             # NaN/Inf in a parameter or BN statistic: torchvision's math is exact.
             _warn_once("nonfinite", f"{type(self).__name__}: a folded weight or bias is NaN/Inf "
@@ -149,24 +204,36 @@ class _Folding:
         return [n for n in ("layer1", "layer2", "layer3", "layer4") if n in self._modules]
 
     def _pairs(self):
-        """(name, [(key, conv, bn), ...]) per stem and block, in forward order."""
+        """(name, [(key, conv, bn), ...]) per stem and block, in forward order. Raises
+        _NotFusable where the trunk is not what the fused forward computes."""
+        _check_conv_bn(self.conv1, self.bn1, "conv1")
+        _check_relu(self.relu, "relu")
+        for name in ("conv1", "bn1", "relu"):
+            _check_no_hooks(getattr(self, name), name)
         yield "stem", [("stem", self.conv1, self.bn1)]
         for layer_name in self._layer_names():
-            for bi, block in enumerate(getattr(self, layer_name)):
+            layer = getattr(self, layer_name)
+            if not isinstance(layer, nn.Sequential):
+                raise _NotFusable(f"{layer_name} is {type(layer).__name__}, not a Sequential "
+                                  "of blocks")
+            _check_no_hooks(layer, layer_name)
+            for bi, block in enumerate(layer):
                 name = f"{layer_name}.{bi}"
-                if not isinstance(block, (BasicBlock, Bottleneck)):
-                    raise TypeError(f"{name}: expected a torchvision BasicBlock or Bottleneck, "
-                                    f"got {type(block).__name__}")
+                if type(block) not in (BasicBlock, Bottleneck):
+                    raise _NotFusable(f"{name} is {type(block).__name__}, not torchvision's "
+                                      "BasicBlock or Bottleneck")
+                _check_relu(block.relu, f"{name}.relu")
                 n = 3 if isinstance(block, Bottleneck) else 2
                 pairs = [(f"conv{i}", getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
                          for i in range(1, n + 1)]
                 if block.downsample is not None:
                     ds = block.downsample
-                    if not (isinstance(ds, nn.Sequential) and len(ds) == 2
-                            and isinstance(ds[0], nn.Conv2d)):
-                        raise TypeError(f"{name}.downsample: expected Sequential(Conv2d, "
-                                        f"BatchNorm2d), got {ds}")
+                    if not (type(ds) is nn.Sequential and len(ds) == 2):
+                        raise _NotFusable(f"{name}.downsample is not Sequential(Conv2d, "
+                                          "BatchNorm2d)")
                     pairs.append(("downsample", ds[0], ds[1]))
+                for key, conv, bn in pairs:
+                    _check_conv_bn(conv, bn, f"{name}.{key}")
                 yield name, pairs
 
     def _fold(self, dtype, watch, check_range, differentiable=False):
@@ -199,7 +266,11 @@ class _Folding:
             fold = self._fold_cache.get(key)
             if fold is None or fold.watch.changed():
                 # Made before folding: a write during the fold shows up next call.
-                fold = self._fold(dtype, StateWatch(self), check_range=True)
+                watch = StateWatch(self)
+                try:
+                    fold = self._fold(dtype, watch, check_range=True)
+                except _NotFusable as e:  # said once per forward that meets it, until changed
+                    fold = _Fold(watch, None, [], False, unfusable=str(e))
                 # Stale entries for other dtypes/devices could be reused wrongly later.
                 self._fold_cache = {key: fold}
         return fold
@@ -270,6 +341,10 @@ class FusedResNet(_Folding, ResNet):
 
     def fused_status(self, x):
         """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        ok, why = self._status(x)
+        return self._structure_status() if ok else (ok, why)
+
+    def _status(self, x):
         if self.training:
             return False, "train mode runs torchvision's math (batch statistics)"
         return self._kernel_status(x)
@@ -366,5 +441,7 @@ def fuse(model, inplace=False):
         model = copy.deepcopy(model)
     model.__class__ = FusedResNet
     model._fold_cache = {}
-    list(model._pairs())  # validates the structure now rather than at first forward
+    ok, why = model._structure_status()  # now rather than at the first forward
+    if not ok:
+        raise TypeError(f"fuse: this ResNet is not one the fused forward computes: {why}")
     return model

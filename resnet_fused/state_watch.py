@@ -30,8 +30,8 @@ def _slots(model):
 
 
 class StateWatch:
-    """Whether a model's parameters, buffers and normalization eps are those it had
-    when the watch was made: in-place writes (version counters), replaced storage
+    """Whether a model's parameters, buffers, normalization eps and forward hooks are
+    those it had when the watch was made: in-place writes (version counters), replaced storage
     (`.to()`, `param.data = ...`: data pointers), and parameters, buffers or submodules
     assigned, set to None or deleted (each slot's tensor by identity). Writes through
     `param.data.<op>_()` bypass the version counters and are not seen.
@@ -49,14 +49,21 @@ class StateWatch:
         # be seen; its storage still can).
         self.versioned = [t for t in tensors if not t.is_inference()]
         self.tensors = tensors
-        # BatchNorm, FrozenBatchNorm2d and any other norm layer a ResNet was built with.
-        self.norms = [m for m in model.modules() if isinstance(getattr(m, "eps", None), float)]
+        # BatchNorm, FrozenBatchNorm2d and any other norm layer a ResNet was built with
+        # (an int eps counts: BatchNorm2d(eps=1) is valid).
+        self.norms = [m for m in model.modules()
+                      if isinstance(getattr(m, "eps", None), (int, float))
+                      and not isinstance(m.eps, bool)]
+        # Forward hooks added or removed (a fused forward does not call the modules, so
+        # the model must decide again whether it may run fused).
+        self.modules = list(model.modules())
         self.state = self._state()
         self.assignments = _assignments[0]
 
     def _state(self):
         return (tuple(t._version for t in self.versioned),
-                tuple(t.data_ptr() for t in self.tensors), tuple(m.eps for m in self.norms))
+                tuple(t.data_ptr() for t in self.tensors), tuple(m.eps for m in self.norms),
+                tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules))
 
     def changed(self):
         # Setting a parameter to None or deleting it calls no registration hook.
@@ -68,6 +75,11 @@ class StateWatch:
             if len(now) != len(self.slots) or any(
                     d is not d0 or k != k0 or t is not t0
                     for (d, k, t), (d0, k0, t0) in zip(now, self.slots)):
+                return True
+            # A module without parameters replaced (model.relu = nn.GELU()).
+            modules = [] if model is None else list(model.modules())
+            if len(modules) != len(self.modules) or any(
+                    m is not m0 for m, m0 in zip(modules, self.modules)):
                 return True
             self.assignments = _assignments[0]
         return False

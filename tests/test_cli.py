@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import resnet_fused
-from resnet_fused import dispatch
+from resnet_fused import cli, dispatch
 from resnet_fused.cli import main
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -94,6 +94,18 @@ def test_predict_prints_top5(tmp_path, capsys):
     assert lines[1] == str(img) and len([l for l in lines if l.startswith("  ")]) == 5
 
 
+def test_predict_interrupted_without_out_exits_130(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    img = tmp_path / "img.png"
+    Image.fromarray((torch.rand(40, 30, 3) * 255).byte().numpy()).save(img)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_print_predictions", interrupted)
+    assert main(["predict", "--arch", "resnet18", "--device", "cpu", str(img)]) == 130
+    assert "interrupted: the results so far" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["verify", "--arch", "resnet9"], ["bench", "--batch-sizes", "x"],
                                   ["bench", "--size", "0"], ["nosuchcommand"], []])
 def test_bad_arguments_exit_2(argv):
@@ -101,9 +113,13 @@ def test_bad_arguments_exit_2(argv):
     assert r.returncode == 2 and "usage:" in r.stderr
 
 
-def test_bad_weights_name_is_clear():
-    with pytest.raises(SystemExit, match="neither a file nor a torchvision weights name"):
-        main(["verify", "--arch", "resnet18", "--weights", "NOPE", "--device", "cpu"])
+def test_bad_weights_or_device_is_clear(capsys):
+    for argv, message in ((["--weights", "NOPE", "--device", "cpu"],
+                           "neither a file nor a torchvision weights name"),
+                          (["--device", "nodevice"], "--device: ")):
+        with pytest.raises(SystemExit) as e:
+            main(["verify", "--arch", "resnet18", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err  # 1: images failed
 
 
 def _imports(module):

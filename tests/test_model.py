@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import resnet_fused
 from resnet_fused import FusedResNet, _extension, dispatch, fuse
@@ -185,8 +186,8 @@ def test_bad_input_and_unfoldable_bn():
         assert fused(torch.randn(0, 3, 64, 64)).shape == (0, 1000)
     tv = torchvision.models.resnet18(norm_layer=lambda c: torch.nn.BatchNorm2d(
         c, track_running_stats=False)).eval()
-    with torch.inference_mode(), pytest.raises(ValueError, match="stem: BatchNorm has no running"):
-        fuse(tv)(torch.randn(1, 3, 32, 32))
+    with pytest.raises(TypeError, match="BatchNorm after conv1 has no running statistics"):
+        fuse(tv)
     with pytest.raises(TypeError, match="found no torchvision ResNet"):
         fuse(torch.nn.Linear(2, 2))
 
@@ -312,3 +313,71 @@ def test_cpu_bf16_leaves_3x3_convs_to_onednn_on_amx(monkeypatch, on_amx):
     ref = tv_model("resnet18").double()(x.double())
     theirs = tv_model("resnet18").to(torch.bfloat16)(x.bfloat16())
     assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
+
+
+# ---- trunks the fused forward does not compute --------------------------------------
+
+
+class _ClampBN(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with a forward of its own: folding it as a BN would be wrong."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(-0.5, 0.5)
+
+
+def _reflect_padding(m):
+    m.layer2[0].conv2.padding_mode = "reflect"
+
+
+@pytest.mark.parametrize("build, change, why", [
+    (dict(norm_layer=lambda c: nn.GroupNorm(4, c)), None, "GroupNorm, not BatchNorm2d"),
+    (dict(norm_layer=_ClampBN), None, "_ClampBN, not BatchNorm2d"),
+    ({}, _reflect_padding, "not a zero-padded Conv2d"),
+])
+def test_fuse_names_what_it_does_not_compute(build, change, why):
+    tv = tv_model("resnet18", **build)
+    if change is not None:
+        change(tv)
+    with pytest.raises(TypeError, match=f"fuse: this ResNet is not one the fused forward "
+                                        f"computes: .*{why}"):
+        fuse(tv)
+
+
+def _relu_to_gelu(m):
+    m.relu = nn.GELU()
+
+
+def _block_relu_to_leaky(m):
+    m.layer1[0].relu = nn.LeakyReLU(0.1)
+
+
+def _layer4_identity(m):
+    torch.manual_seed(0)
+    m.layer4, m.fc = nn.Identity(), nn.Linear(256, 10)
+
+
+def _hook_on_layer2(m):
+    m.layer2.register_forward_hook(lambda mod, inp, out: out * 0.5)
+
+
+@pytest.mark.parametrize("change, why", [
+    (_relu_to_gelu, "relu is GELU, not ReLU"),
+    (_block_relu_to_leaky, "layer1.0.relu is LeakyReLU"),
+    (_layer4_identity, "layer4 is Identity"),
+    (_hook_on_layer2, "layer2 has a forward hook"),
+])
+def test_a_change_it_does_not_compute_runs_torchvision(change, why):
+    # Made after a fused forward, whose fold must then not be reused.
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        fused(x)
+        change(tv), change(fused)
+        ours = fused(x)
+        assert rel_err(ours, tv(x)) <= 1e-6
+    assert any("running the unfused forward" in str(w.message) and why in str(w.message)
+               for w in caught)
+    ok, reason = fused.fused_status(x)
+    assert not ok and why in reason
