@@ -57,13 +57,20 @@ class StateWatch:
         # Forward hooks added or removed (a fused forward does not call the modules, so
         # the model must decide again whether it may run fused).
         self.modules = list(model.modules())
+        self.hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
         self.state = self._state()
         self.assignments = _assignments[0]
 
     def _state(self):
         return (tuple(t._version for t in self.versioned),
                 tuple(t.data_ptr() for t in self.tensors), tuple(m.eps for m in self.norms),
-                tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules))
+                self._hooks())
+
+    def _hooks(self):
+        # Usually there are none, and asking whether any appeared is cheapest.
+        if self.hooked:
+            return tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules)
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
     def changed(self):
         # Setting a parameter to None or deleting it calls no registration hook.
