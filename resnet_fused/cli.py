@@ -423,7 +423,7 @@ def build_parser():
 
     v = sub.add_parser("verify", help="compare fused with torchvision in every supported dtype")
     common(v, ARCHS + ("all",))
-    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--batch", type=_positive, default=2)
     v.add_argument("--size", type=_size, default=(224, 224))
     v.set_defaults(fn=cmd_verify)
 
@@ -441,18 +441,18 @@ def build_parser():
     b.add_argument("--peers", action="store_true",
                    help="also time ONNX Runtime and OpenVINO on torchvision's graph (CPU; "
                         "pip install resnet_fused[peers])")
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--warmup", type=_non_negative, default=3)
+    b.add_argument("--repeats", type=_positive, default=10)
     b.add_argument("--json", default=None, help="also write the results to this file")
     b.set_defaults(fn=cmd_bench)
 
     pr = sub.add_parser("profile", help="per-stage time fused vs unfused, trace + bar chart")
     common(pr)
-    pr.add_argument("--batch", type=int, default=8)
+    pr.add_argument("--batch", type=_positive, default=8)
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     pr.add_argument("--size", type=_size, default=(224, 224))
-    pr.add_argument("--warmup", type=int, default=2)
-    pr.add_argument("--repeats", type=int, default=3)
+    pr.add_argument("--warmup", type=_non_negative, default=2)
+    pr.add_argument("--repeats", type=_positive, default=3)
     pr.add_argument("--out", default="profile_out", help="folder for traces and the chart")
     pr.set_defaults(fn=cmd_profile)
 

@@ -284,7 +284,8 @@ class _Folding:
 
     def _run_dtype(self, x):
         dev = x.device.type
-        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
+        # Autocast lowers float32 only (a float64 model stays float64 under it).
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
             return torch.get_autocast_dtype(dev)
         return x.dtype
 

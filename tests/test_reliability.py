@@ -51,6 +51,17 @@ def test_cpu_autocast_bf16_matches_an_explicit_cast():
     assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref) + 1e-3
 
 
+def test_cpu_autocast_leaves_a_float64_model_float64():
+    # Autocast lowers float32 only; the float64 model runs torchvision's math (a warning).
+    tv = tv_model("resnet18").double()
+    fused = fuse(tv)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings(), torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ours, theirs = fused(x), tv(x)
+    assert ours.dtype == theirs.dtype == torch.float64 and rel_err(ours, theirs) <= 1e-12
+
+
 def test_torch_export_runs_and_matches():
     tv = tv_model("resnet18")
     fused = fuse(tv)
