@@ -488,8 +488,19 @@ def build_parser():
     return p
 
 
+def _check_paths(parser, args):
+    """Output paths that cannot be written, refused before any work (exit 2)."""
+    json_path = getattr(args, "json", None)
+    if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
+        parser.error(f"argument --json: expected a file in an existing folder, got {json_path}")
+    if args.fn is cmd_profile and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"argument --out: expected a folder, got the file {args.out}")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_paths(parser, args)
     return args.fn(args)
 
 

@@ -109,7 +109,9 @@ def test_predict_interrupted_without_out_exits_130(tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("argv", [["verify", "--arch", "resnet9"], ["bench", "--batch-sizes", "x"],
                                   ["bench", "--size", "0"], ["nosuchcommand"], [],
                                   ["verify", "--batch", "0"], ["bench", "--repeats", "0"],
-                                  ["profile", "--warmup", "-1"]])
+                                  ["profile", "--warmup", "-1"],
+                                  ["bench", "--json", "/nonexistent-folder/x.json"],
+                                  ["profile", "--out", __file__]])
 def test_bad_arguments_exit_2(argv):
     r = subprocess.run([sys.executable, "-m", "resnet_fused", *argv], capture_output=True, text=True)
     assert r.returncode == 2 and "usage:" in r.stderr
