@@ -104,6 +104,36 @@ inline void check_add_relu_inplace_args(const at::Tensor& a, const at::Tensor& b
               b.strides(), ")");
 }
 
+// Output spatial size of max_pool2d (no dilation, floor rounding), after checking
+// its arguments. padding <= kernel / 2, as torch requires, so that no window lies
+// wholly in the padding.
+inline std::vector<int64_t> check_max_pool2d_args(const at::Tensor& input,
+                                                  at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef stride,
+                                                  at::IntArrayRef padding) {
+  const char* op = "max_pool2d";
+  TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ",
+              input.dim(), "-D with shape ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16, op,
+              ": expected float32 or bfloat16 input, got ", input.scalar_type());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
+              ": expected kernel_size, stride and padding of length 2, got ", kernel_size, ", ",
+              stride, ", ", padding);
+  std::vector<int64_t> out;
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(kernel_size[d] > 0, op, ": expected kernel_size > 0, got ", kernel_size);
+    TORCH_CHECK(stride[d] > 0, op, ": expected stride > 0, got ", stride);
+    TORCH_CHECK(padding[d] >= 0 && 2 * padding[d] <= kernel_size[d], op,
+                ": expected 0 <= padding <= kernel_size / 2, got padding ", padding,
+                " with kernel_size ", kernel_size);
+    const int64_t in = input.size(d + 2) + 2 * padding[d];
+    TORCH_CHECK(in >= kernel_size[d], op, ": input spatial size ", input.sizes().slice(2),
+                " with padding ", padding, " is smaller than the kernel ", kernel_size);
+    out.push_back((in - kernel_size[d]) / stride[d] + 1);
+  }
+  return out;
+}
+
 // The memory format an op returns: the input's (NCHW or channels_last).
 inline at::MemoryFormat output_memory_format(const at::Tensor& input) {
   return input.suggest_memory_format();

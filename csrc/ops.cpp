@@ -36,6 +36,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, *, bool relu=True, bool assume_finite=False) -> Tensor");
+  // max_pool2d(input, kernel_size, stride, padding) without the argmax indices
+  // (CPU, float32 and bfloat16; dilation 1, floor rounding).
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(

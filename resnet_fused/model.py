@@ -190,7 +190,7 @@ class _Folding:
         with stage("stem"):
             x = dispatch.conv(x, fold.stem, relu=True, finite=finite)
         with stage("maxpool"):
-            x = self.maxpool(x)
+            x = dispatch.max_pool(x, self.maxpool)
         outputs = {"maxpool": x}
         previous = "maxpool"
         for name, blocks in fold.layers:

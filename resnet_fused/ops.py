@@ -116,6 +116,15 @@ def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *
                                                    relu=relu, assume_finite=assume_finite)
 
 
+def max_pool2d(input, kernel_size, stride, padding=0):
+    """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16,
+    no dilation, floor rounding), without the argmax indices ATen computes alongside.
+    Returns the input's memory format; fastest on channels_last input."""
+    _require()
+    return torch.ops.resnet_fused.max_pool2d(input, _pair(kernel_size, "kernel_size"),
+                                             _pair(stride, "stride"), _pair(padding, "padding"))
+
+
 def pack_weight(weight, stride, padding, dilation, groups, input_size):
     """The weight re-laid out for the backend's kernel (done once, at fold time)."""
     _require()
@@ -179,6 +188,14 @@ def _register_fakes():
     def _(a, b):
         _same_device("add_relu_", a, b=b)
         return None
+
+    @torch.library.register_fake(lib + "max_pool2d")
+    def _(input, kernel_size, stride, padding):
+        torch._check(input.dim() == 4, lambda: "max_pool2d: input must be 4-D")
+        n, c, h, w = input.shape
+        shape = (n, c) + tuple((size + 2 * p - k) // s + 1 for size, k, s, p in
+                               zip((h, w), kernel_size, stride, padding))
+        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
     @torch.library.register_fake(lib + "pack_weight")
     def _(weight, stride, padding, dilation, groups, input_size):

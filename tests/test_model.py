@@ -381,3 +381,32 @@ def test_a_change_it_does_not_compute_runs_torchvision(change, why):
                for w in caught)
     ok, reason = fused.fused_status(x)
     assert not ok and why in reason
+
+
+def _maxpool_ceil(m):
+    m.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+
+
+def _maxpool_identity(m):
+    m.maxpool = nn.Identity()
+
+
+def _maxpool_hook(m):
+    m.maxpool.register_forward_hook(lambda mod, inp, out: out * 0.5)
+
+
+@pytest.mark.parametrize("change", [None, _maxpool_ceil, _maxpool_identity, _maxpool_hook],
+                         ids=["plain", "ceil_mode", "identity", "hook"])
+def test_the_max_pool_is_the_models(change):
+    # The plain 3x3/2 pool runs as ops.max_pool2d on CPU; any other module in its place,
+    # or a hook on it, runs as the module, as in torchvision.
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    if change is not None:
+        change(tv), change(fused)
+    x = torch.randn(2, 3, 64, 64)  # 32x32 after the stem: ceil_mode pools to 17x17, not 16x16
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ours = fused(x)
+    assert rel_err(ours, tv(x)) <= 1e-5
+    ran = any(e.name == "resnet_fused::max_pool2d" for e in prof.events())
+    assert ran == (change is None)

@@ -487,6 +487,69 @@ class TestWinogradConv3x3:
         opcheck(op, (x, w, u, None, None), dict(relu=False))
 
 
+# max_pool2d is a CPU op: the stem's 3x3/2 pool, odd sizes, kernels and strides.
+POOL_CASES = [((2, 64, 15, 17), 3, 2, 1), ((1, 20, 8, 8), 2, 2, 0), ((3, 5, 9, 6), 3, 1, 1),
+              ((1, 3, 7, 7), (3, 1), (2, 3), (1, 0)), ((2, 16, 4, 4), 4, 1, 2)]
+
+
+class TestMaxPool2d:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+    @pytest.mark.parametrize("case", POOL_CASES, ids=ids)
+    def test_matches_torch(self, case, layout, dtype):
+        # A max is one of its inputs: exact, NaN and -inf included.
+        shape, k, s, p = case
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(shape[0], shape[1], shape[2] + 1, shape[3], generator=g).to(dtype)
+        x[0, 0, 1, 0] = float("nan")  # in a window of every case, sliced or not
+        x[-1, -1, :2, :2] = float("-inf")
+        x = x.contiguous(memory_format=CL) if layout == "channels_last" else x
+        x = x[:, :, 1:] if layout == "sliced" else x[:, :, :-1]
+        ref = torch.nn.functional.max_pool2d(x, k, s, p)
+        out = ops.max_pool2d(x, k, s, p)
+        torch.testing.assert_close(out, ref, equal_nan=True, rtol=0, atol=0)
+        assert out.isnan().any() and out.isnan().equal(ref.isnan())
+        assert out.is_contiguous(memory_format=CL if layout == "channels_last"
+                                 else torch.contiguous_format)
+
+    def test_every_vector_path_matches_torch(self):
+        # Each vector path this CPU has (baseline, AVX2, AVX-512), in a process of its own.
+        import subprocess
+        import sys
+        script = ("import torch, torch.nn.functional as F; from resnet_fused import ops; "
+                  "x = torch.randn(2, 37, 11, 13).contiguous(memory_format=torch.channels_last); "
+                  "x[1, 5, 3, 3] = float('nan'); "
+                  "torch.testing.assert_close(ops.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1), "
+                  "equal_nan=True, rtol=0, atol=0)")
+        for isa in ("none", "avx2", "avx512"):
+            env = dict(__import__("os").environ, RESNET_FUSED_CPU_ISA=isa)
+            subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+    def test_empty(self):
+        assert ops.max_pool2d(torch.empty(0, 4, 9, 9), 3, 2, 1).shape == (0, 4, 5, 5)
+        assert ops.max_pool2d(torch.empty(2, 0, 9, 9), 3, 2, 1).shape == (2, 0, 5, 5)
+
+    def test_bad_input_is_named(self):
+        x = torch.randn(1, 4, 9, 9)
+        with pytest.raises(RuntimeError, match=r"expected 0 <= padding <= kernel_size / 2, got "
+                                               r"padding \[2, 2\] with kernel_size \[3, 3\]"):
+            ops.max_pool2d(x, 3, 2, 2)
+        with pytest.raises(RuntimeError, match="expected input to be 4-D"):
+            ops.max_pool2d(x[0], 3, 2, 1)
+        with pytest.raises(RuntimeError, match="expected float32 or bfloat16 input, got Half"):
+            ops.max_pool2d(x.half(), 3, 2, 1)
+        with pytest.raises(RuntimeError, match="expected stride > 0"):
+            ops.max_pool2d(x, 3, 0, 1)
+        with pytest.raises(RuntimeError, match="smaller than the kernel"):
+            ops.max_pool2d(torch.randn(1, 4, 2, 2), 5, 1, 1)
+        with pytest.raises(ValueError, match="kernel_size must be an int or a pair"):
+            ops.max_pool2d(x, (3, 3, 3), 2, 1)
+
+    def test_opcheck(self):
+        x = torch.randn(2, 8, 9, 7).contiguous(memory_format=CL)
+        opcheck(torch.ops.resnet_fused.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1]))
+
+
 def test_dtype_table_matches_the_kernels():
     assert torch.float32 in dtypes_for("cpu")
     assert (torch.bfloat16 in dtypes_for("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
