@@ -10,7 +10,7 @@ torchvision's own forward. In eval mode each conv + BatchNorm (+ residual add)
 import copy
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ class _Fold:
     layers: list   # (name, blocks); a block: dict of PreparedConv conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
     unfusable: str = None  # why the model is not one the fused forward computes, if so
+    fc_packs: dict = field(default_factory=dict)  # batch size -> fc weight packed for oneDNN
 
 
 class _NotFusable(Exception):
@@ -374,7 +375,9 @@ class FusedResNet(_Folding, ResNet):
         stage = _stage_labeller()
         x = self._run_fused(x, fold, finite, stage)["layer4"]
         with stage("head"):
-            return self.fc(torch.flatten(self.avgpool(x), 1))
+            x = torch.flatten(self.avgpool(x), 1)
+            # A cached fold lives only while the parameters (fc's too) are unchanged.
+            return dispatch.linear(x, self.fc, fold.fc_packs if fold.watch is not None else None)
 
 
 def _block(x, convs, finite, input_kept=False):

@@ -410,3 +410,36 @@ def test_the_max_pool_is_the_models(change):
     assert rel_err(ours, tv(x)) <= 1e-5
     ran = any(e.name == "resnet_fused::max_pool2d" for e in prof.events())
     assert ran == (change is None)
+
+
+def _fc_hook(m):
+    m.fc.register_forward_hook(lambda mod, inp, out: out * 0.5)
+
+
+def _fc_sequential(m):
+    torch.manual_seed(0)
+    m.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 10)).eval()
+
+
+def _fc_weight_scaled(m):
+    with torch.no_grad():
+        m.fc.weight.mul_(2)
+
+
+@pytest.mark.parametrize("change", [None, _fc_weight_scaled, _fc_hook, _fc_sequential],
+                         ids=["plain", "weight_scaled", "hook", "sequential"])
+def test_the_fc_is_the_models(change):
+    # A plain nn.Linear runs through oneDNN with its weight packed per batch size, repacked
+    # when it changes; any other head, or a hook on it, runs as the module.
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        fused(x)
+    if change is not None:
+        change(tv), change(fused)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ours = fused(x)
+    assert rel_err(ours, tv(x)) <= 1e-5
+    packed = any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+    assert packed == (change in (None, _fc_weight_scaled) and dispatch._LINEAR_PACKING)
