@@ -297,24 +297,23 @@ _LINEAR_PACKING = (torch.backends.mkldnn.is_available()
 
 
 def linear(x, fc, packs):
-    """fc(x). For a plain nn.Linear on a 2-D CPU tensor in its dtype (float32 or bfloat16,
-    outside autocast), through oneDNN's inner product with fc's weight packed once per
-    batch size into `packs`, a dict that must live no longer than fc's weight is
-    unchanged (the model's fold; None: no packing). ATen's addmm reads the plain
-    weight: ResNet-50's 2048x1000 fc took 0.47 ms at batch 1 and 0.72 at batch 8 that
-    way, 0.30 and 0.43 packed, its weight out of cache as after a forward (AMD EPYC
-    Zen 4, 2 threads)."""
+    """fc(x). For one row (batch 1) on CPU, a plain nn.Linear in x's dtype (float32 or
+    bfloat16, outside autocast) runs as oneDNN's inner product with fc's weight packed
+    once into `packs`, a dict that must live no longer than fc's weight is unchanged
+    (the model's fold; None: no packing). ResNet-50's 2048x1000 fc took 0.30 ms that
+    way against ATen's 0.47, its weight out of cache as after a forward (AMD EPYC Zen
+    4, 2 threads), at 0.4x ATen's error against fp64. With more rows oneDNN's error was
+    2.6-3.2x ATen's (a whole ResNet-50 at batch 8: 1.1e-6 against torchvision's 4e-7),
+    so those stay with ATen."""
     if (packs is None or not _LINEAR_PACKING or not _plain(fc, torch.nn.Linear)
-            or x.device.type != "cpu" or x.dim() != 2 or x.dtype != fc.weight.dtype
-            or x.dtype not in CPU_DTYPES or torch.is_autocast_enabled("cpu") or tracing()
+            or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] != 1
+            or x.dtype != fc.weight.dtype or x.dtype not in CPU_DTYPES
+            or torch.is_autocast_enabled("cpu") or tracing()
             or (torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad))):
         return fc(x)
-    n = x.shape[0]
-    w = packs.get(n)
+    w = packs.get("weight")
     if w is None:
-        if len(packs) >= PreparedConv.MAX_PACKED_SHAPES:
-            return fc(x)
-        w = packs[n] = torch.ops.mkldnn._reorder_linear_weight(fc.weight.detach(), n)
+        w = packs["weight"] = torch.ops.mkldnn._reorder_linear_weight(fc.weight.detach(), 1)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, fc.bias, "none", [], "")
 
 

@@ -40,7 +40,7 @@ class _Fold:
     layers: list   # (name, blocks); a block: dict of PreparedConv conv1, conv2, [conv3], [downsample]
     finite: bool   # every folded weight and bias is finite
     unfusable: str = None  # why the model is not one the fused forward computes, if so
-    fc_packs: dict = field(default_factory=dict)  # batch size -> fc weight packed for oneDNN
+    fc_packs: dict = field(default_factory=dict)  # fc's weight packed for oneDNN (dispatch.linear)
 
 
 class _NotFusable(Exception):
