@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/brgemm.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/winograd.h"
 
@@ -36,6 +37,16 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, *, bool relu=True, bool assume_finite=False) -> Tensor");
+  // conv_bias_act for a 1x1, stride-1, ungrouped conv, computed on CPU as one matrix
+  // product on oneDNN's brgemm micro-kernel. weight_panels is
+  // resnet_fused.ops.conv1x1_weight(weight): the weight as [K / 64, C, 64] panels.
+  m.def(
+      "conv1x1(Tensor input, Tensor weight, Tensor weight_panels, Tensor? bias, "
+      "Tensor? residual, *, bool relu=True) -> Tensor");
+  // residual = relu(residual + conv1x1(input) + bias), in place.
+  m.def(
+      "conv1x1_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, "
+      "Tensor weight_panels, Tensor? bias) -> ()");
   // max_pool2d(input, kernel_size, stride, padding) without the argmax indices
   // (CPU, float32 and bfloat16; dilation 1, floor rounding).
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
@@ -57,6 +68,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   // Read once, at import (RESNET_FUSED_CPU_ISA caps it).
   PyModule_AddStringConstant(m, "cpu_isa", resnet_fused::cpu_isa_name(resnet_fused::cpu_isa()));
   PyModule_AddIntConstant(m, "winograd_kernel", resnet_fused::winograd_kernel_available() ? 1 : 0);
+  PyModule_AddIntConstant(m, "conv1x1_kernel", resnet_fused::brgemm_f32_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "winograd_bf16_kernel",
                           resnet_fused::winograd_bf16_kernel_available() ? 1 : 0);
 #ifdef RESNET_FUSED_WITH_CUDA

@@ -82,6 +82,12 @@ def winograd_kernel_available():
     return available() and bool(_C.winograd_kernel)
 
 
+def conv1x1_kernel_available():
+    """Whether conv1x1 runs its own kernel here (this torch's fp32 brgemm runs on this
+    CPU); else it computes through conv_bias_act."""
+    return available() and bool(getattr(_C, "conv1x1_kernel", 0))
+
+
 def winograd_bf16_kernel_available():
     """Whether it also runs its bfloat16 kernel here (AVX-512 with a bfloat16 brgemm
     that runs: AVX512_BF16 or AMX)."""

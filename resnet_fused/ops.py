@@ -116,6 +116,37 @@ def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *
                                                    relu=relu, assume_finite=assume_finite)
 
 
+CONV1X1_PANEL = 64  # output channels per weight panel (csrc/cpu/conv1x1.cpp)
+
+
+def conv1x1_weight(weight):
+    """A [K, C, 1, 1] float32 weight as conv1x1's panels of 64 output channels,
+    [K / 64, C, 64] (K a multiple of 64); made once, at fold time."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"conv1x1_weight: expected a [K, C, 1, 1] weight, got {got}")
+    k, c = weight.shape[:2]
+    if k % CONV1X1_PANEL:
+        raise ValueError(f"conv1x1_weight: expected a multiple of {CONV1X1_PANEL} output "
+                         f"channels, got {k}")
+    return weight.reshape(k // CONV1X1_PANEL, CONV1X1_PANEL, c).transpose(1, 2).contiguous()
+
+
+def conv1x1(input, weight, weight_panels, bias=None, residual=None, *, relu=True):
+    """conv_bias_act(input, weight, bias, residual, relu=relu) for a 1x1 stride-1 conv,
+    computed on CPU as one matrix product on oneDNN's brgemm micro-kernel, the weight
+    read as `weight_panels` (conv1x1_weight(weight)). NaN and Inf propagate as in torch."""
+    _require()
+    return torch.ops.resnet_fused.conv1x1(input, weight, weight_panels, bias, residual, relu=relu)
+
+
+def conv1x1_add_relu_(residual, input, weight, weight_panels, bias=None):
+    """residual = relu(residual + conv1x1(input, weight) + bias), in place."""
+    _require()
+    torch.ops.resnet_fused.conv1x1_add_relu_(residual, input, weight, weight_panels, bias)
+    return residual
+
+
 def max_pool2d(input, kernel_size, stride, padding=0):
     """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16,
     no dilation, floor rounding), without the argmax indices ATen computes alongside.
@@ -189,6 +220,21 @@ def _register_fakes():
         _same_device("add_relu_", a, b=b)
         return None
 
+    @torch.library.register_fake(lib + "conv1x1")
+    def _(input, weight, weight_panels, bias, residual, *, relu=True):
+        _same_device("conv1x1", input, weight=weight, weight_panels=weight_panels, bias=bias,
+                     residual=residual)
+        torch._check(input.dim() == 4 and weight.dim() == 4,
+                     lambda: "conv1x1: input and weight must be 4-D")
+        shape = (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
+        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
+
+    @torch.library.register_fake(lib + "conv1x1_add_relu_")
+    def _(residual, input, weight, weight_panels, bias):
+        _same_device("conv1x1_add_relu_", input, weight=weight, weight_panels=weight_panels,
+                     bias=bias, residual=residual)
+        return None
+
     @torch.library.register_fake(lib + "max_pool2d")
     def _(input, kernel_size, stride, padding):
         torch._check(input.dim() == 4, lambda: "max_pool2d: input must be 4-D")
@@ -250,6 +296,14 @@ def _register_autograd():
         return gi, gw, None, gb, gr
 
     torch.library.register_autograd(lib + "winograd_conv3x3", winograd_backward,
+                                    setup_context=winograd_setup)
+
+    # Likewise conv1x1's weight_panels.
+    def conv1x1_backward(ctx, grad):
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ((1, 1), (0, 0), (1, 1), 1))
+        return gi, gw, None, gb, gr
+
+    torch.library.register_autograd(lib + "conv1x1", conv1x1_backward,
                                     setup_context=winograd_setup)
 
     def add_relu_setup(ctx, inputs, output):

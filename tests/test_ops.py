@@ -487,6 +487,115 @@ class TestWinogradConv3x3:
         opcheck(op, (x, w, u, None, None), dict(relu=False))
 
 
+# conv1x1 is a CPU op: ResNet's 1x1 shapes at small sizes, more rows than one
+# product block (128), channel counts off the vector width, one 64-channel panel.
+CONV1X1_CASES = [ConvCase(c, k, h, w, N=n) for n, c, k, h, w in [
+    (1, 256, 1024, 7, 7), (2, 128, 192, 9, 11), (1, 64, 64, 15, 15), (3, 20, 128, 5, 3),
+    (1, 512, 64, 1, 1)]]
+
+
+class TestConv1x1:
+    def test_kernel_runs_where_winograd_does(self):
+        # Both run on this torch's fp32 brgemm.
+        if _extension.cpu_isa() != "none":
+            assert _extension.conv1x1_kernel_available() == _extension.winograd_kernel_available()
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", CONV1X1_CASES, ids=ids)
+    def test_matches_fp64(self, case, channels_last):
+        x, w, b, res = case.tensors(channels_last=channels_last)
+        p = ops.conv1x1_weight(w)
+        assert p.shape == (case.K // 64, case.C, 64)
+        for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
+                                     (None, res, False), (None, None, True)]:
+            ref = reference(x, w, bias, residual, case, relu)
+            out = ops.conv1x1(x, w, p, bias, residual, relu=relu)
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            assert_matches(out, ref, torch.float32, case.reduction)
+        r = res.contiguous(memory_format=CL)
+        ref = reference(x, w, b, r, case, True)
+        assert ops.conv1x1_add_relu_(r, x, w, p, b) is r
+        assert_matches(r, ref, torch.float32, case.reduction)
+
+    def test_residual_in_place_that_the_product_reads(self):
+        # relu(conv(y) + y): the residual is the input, so the op cannot sum in place.
+        case = ConvCase(64, 64, 6, 6)
+        x, w, b, _ = case.tensors(channels_last=True)
+        ref = reference(x, w, b, x, case, True)
+        ops.conv1x1_add_relu_(x, x, w, ops.conv1x1_weight(w), b)
+        assert_matches(x, ref, torch.float32, case.reduction)
+
+    @pytest.mark.parametrize("where", ["input", "input_inf", "residual", "weight", "bias",
+                                       "bias_inf"])
+    def test_nan_and_inf_propagate_like_torch(self, where):
+        case = ConvCase(32, 64, 10, 10)
+        x, w, b, res = case.tensors()
+        if where == "weight":
+            w[7, 0, 0, 0] = float("nan")
+        else:
+            put_nonfinite(where, x, w, b, res)
+        p = ops.conv1x1_weight(w)
+        for relu in (True, False):
+            out = ops.conv1x1(x, w, p, b, res, relu=relu)
+            ref = reference(x, w, b, res, case, relu)
+            assert torch.equal(out.isnan(), ref.isnan())
+            assert torch.equal(out.isinf(), ref.isinf())
+
+    def test_thread_counts_give_the_same_result(self):
+        x, w, b, res = ConvCase(96, 128, 11, 13, N=3).tensors()
+        p = ops.conv1x1_weight(w)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = ops.conv1x1(x, w, p, b, res)
+            torch.set_num_threads(max(2, before))
+            many = ops.conv1x1(x, w, p, b, res)
+        finally:
+            torch.set_num_threads(before)
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+
+    def test_batch_zero_and_bfloat16_go_to_conv_bias_act(self):
+        x, w, b, res = ConvCase(16, 64, 5, 5, N=0).tensors()
+        assert ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res).shape == (0, 64, 5, 5)
+        case = ConvCase(16, 64, 5, 5)
+        x, w, b, res = (t.bfloat16() for t in case.tensors())
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            out = ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res)
+            torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, res), rtol=0, atol=0)
+
+    @pytest.mark.parametrize("change, message", [
+        (dict(w=torch.randn(64, 8, 3, 3)), r"expected a 1x1 weight \(K, C, 1, 1\)"),
+        (dict(p=torch.randn(1, 8, 32)), r"expected weight_panels of shape \[K / P, 8, P\] with "
+                                        r"P \* \(K / P\) = 64, Float on cpu"),
+        (dict(p=torch.randn(1, 8, 64).double()), r"got \[1, 8, 64\] Double"),
+        (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
+        (dict(r=torch.randn(2, 64, 4, 5)), "expected residual of the output's shape"),
+        (dict(b=torch.randn(63)), r"expected bias of shape \[64\]"),
+    ])
+    def test_bad_input_is_named(self, change, message):
+        a = dict(x=torch.randn(2, 8, 5, 5), w=torch.randn(64, 8, 1, 1), b=torch.randn(64),
+                 r=torch.randn(2, 64, 5, 5))
+        a.update(change)
+        p = change.get("p", ops.conv1x1_weight(torch.randn(64, 8, 1, 1)))
+        with pytest.raises(RuntimeError, match=message):
+            ops.conv1x1(a["x"], a["w"], p, a["b"], a["r"])
+
+    def test_conv1x1_weight_rejects_other_weights(self):
+        with pytest.raises(ValueError, match=r"expected a \[K, C, 1, 1\] weight, got \(64, 2, 3, 3\)"):
+            ops.conv1x1_weight(torch.randn(64, 2, 3, 3))
+        with pytest.raises(ValueError, match="expected a multiple of 64 output channels, got 48"):
+            ops.conv1x1_weight(torch.randn(48, 2, 1, 1))
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_opcheck(self, channels_last):
+        x, w, b, res = ConvCase(16, 64, 6, 7).tensors(channels_last=channels_last)
+        p = ops.conv1x1_weight(w)
+        opcheck(torch.ops.resnet_fused.conv1x1.default, (x, w, p, b, res), dict(relu=True))
+        opcheck(torch.ops.resnet_fused.conv1x1.default, (x, w, p, None, None), dict(relu=False))
+        opcheck(torch.ops.resnet_fused.conv1x1_add_relu_.default,
+                (res.contiguous(memory_format=CL), x, w, p, b))
+
+
 # max_pool2d is a CPU op: the stem's 3x3/2 pool, odd sizes, kernels and strides.
 POOL_CASES = [((2, 64, 15, 17), 3, 2, 1), ((1, 20, 8, 8), 2, 2, 0), ((3, 5, 9, 6), 3, 1, 1),
               ((1, 3, 7, 7), (3, 1), (2, 3), (1, 0)), ((2, 16, 4, 4), 4, 1, 2)]

@@ -11,21 +11,20 @@
 //
 // This file holds the op: checks, the per-thread split and the choice of ISA.
 // The kernel itself is winograd_kernel.h, compiled for AVX2 and for AVX-512.
-// Without either (or without an fp32 brgemm in this torch), for NaN/Inf operands
+// Without either (or without an fp32 brgemm in this torch, brgemm.h), for NaN/Inf operands
 // (whose transforms would turn an Inf into NaN where a direct convolution keeps
 // it), for images smaller than one output tile and for F(4x4) with fewer than 16
 // input channels, the call goes to conv_bias_act.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/brgemm.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/conv_bias_act.h"
 #include "cpu/finite.h"
@@ -37,76 +36,25 @@ namespace resnet_fused {
 using at::Tensor;
 using c10::optional;
 
-// ATen declares its fp32 brgemm from torch 2.6; the macro that says so came later.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) &&        \
-    (defined(CPUBLAS_BRGEMM_F32F32F32) ||                                       \
-     TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6))
-#define RESNET_FUSED_WINOGRAD 1
-#else
-#define RESNET_FUSED_WINOGRAD 0
-#endif
-
-namespace {
-bool f32_kernel_available();
-bool bf16_kernel_available();
-}  // namespace
-
 bool winograd_kernel_available() {
-  return RESNET_FUSED_WINOGRAD && cpu_isa() != CpuIsa::kNone && f32_kernel_available();
+  return cpu_isa() != CpuIsa::kNone && brgemm_f32_available();
 }
 
 bool winograd_bf16_kernel_available() {
-  return winograd_kernel_available() && cpu_isa() == CpuIsa::kAvx512 && bf16_kernel_available();
+  return winograd_kernel_available() && cpu_isa() == CpuIsa::kAvx512 && brgemm_bf16_available();
 }
 
 namespace {
 
-#if RESNET_FUSED_WINOGRAD
+// winograd::GemmFn: dense row-major operands.
 void gemm_f32(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c) {
-  at::native::cpublas::brgemm(m, n, k, /*lda=*/k, /*ldb=*/n, /*ldc=*/n, /*add_C=*/false,
-                              static_cast<const float*>(a), static_cast<const float*>(b), c,
-                              /*is_vnni=*/false);
+  brgemm_f32(m, n, k, k, n, n, static_cast<const float*>(a), static_cast<const float*>(b), c);
 }
 
 void gemm_bf16(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c) {
-  at::native::cpublas::brgemm(m, n, k, /*lda=*/k, /*ldb=*/n, /*ldc=*/n, /*add_C=*/false,
-                              static_cast<const at::BFloat16*>(a),
-                              static_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+  brgemm_bf16(m, n, k, k, n, n, static_cast<const c10::BFloat16*>(a),
+              static_cast<const c10::BFloat16*>(b), c);
 }
-
-// Whether this torch's brgemm runs on this CPU and sums right, asked once per element
-// type on a product of ones, 1x2 by 2x16 (the same 32 ones in VNNI pairs): the
-// micro-kernel is oneDNN's, and a torch or CPU without it throws.
-template <class T>
-bool product_of_ones_runs(void (*gemm)(int64_t, int64_t, int64_t, const void*, const void*,
-                                       float*)) {
-  try {
-    T a[2], b[32];
-    std::fill(a, a + 2, T(1.0f));
-    std::fill(b, b + 32, T(1.0f));
-    float c[16];
-    gemm(1, 16, 2, a, b, c);
-    // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
-    if (std::is_same<T, at::BFloat16>::value) at::native::cpublas::brgemm_release();
-    return std::all_of(c, c + 16, [](float v) { return v == 2.0f; });
-  } catch (const std::exception&) {
-    return false;
-  }
-}
-
-bool f32_kernel_available() {
-  static const bool ok = product_of_ones_runs<float>(&gemm_f32);
-  return ok;
-}
-
-bool bf16_kernel_available() {
-  static const bool ok = product_of_ones_runs<at::BFloat16>(&gemm_bf16);
-  return ok;
-}
-#else
-bool f32_kernel_available() { return false; }
-bool bf16_kernel_available() { return false; }
-#endif
 
 // Tiles per block: enough rows for the GEMM micro-kernel to run at full speed
 // (measured best at 64-128 on ResNet's shapes), and a multiple of the thread
@@ -119,7 +67,6 @@ int64_t tiles_per_block(int64_t tiles, int64_t threads, int64_t max_tiles) {
 // All channels_last-contiguous, float32 or (with a bfloat16 U) bfloat16; residual may be null.
 void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const void* residual,
                   Tensor& out, bool relu) {
-#if RESNET_FUSED_WINOGRAD
   winograd::Problem p;
   p.input = input.const_data_ptr();
   p.U = U.const_data_ptr();
@@ -154,11 +101,8 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
     if (static_cast<int64_t>(buffer.size()) < scratch) buffer.resize(scratch);
     run(p, first, last, buffer.data());
     // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
-    if (p.bf16) at::native::cpublas::brgemm_release();
+    if (p.bf16) brgemm_release();
   });
-#else
-  TORCH_CHECK(false, "winograd_conv3x3: the Winograd kernel is not built on this platform");
-#endif
 }
 
 }  // namespace

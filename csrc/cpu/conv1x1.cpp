@@ -1,0 +1,148 @@
+// CPU conv1x1: a 1x1, stride-1 convolution (ResNet's bottleneck and layer-1
+// downsample convs) as one matrix product of the channels_last input, [N*H*W, C],
+// with the weight, [C, K], on oneDNN's brgemm micro-kernel; bias, residual and ReLU
+// are applied to each block of the product while it is in L1, before its one store.
+//
+// The weight comes in panels of kPanel output channels (resnet_fused.ops.
+// conv1x1_weight: [K / kPanel, C, kPanel]). Each thread takes a contiguous range of
+// (panel, row block) pairs, panel-major, so at batch 1 each thread reads only its
+// share of the weight, where oneDNN's convolution splits the rows and every thread
+// reads all of it: with few rows per thread (ResNet's layer3/4 at batch 1) that costs
+// more than the product. dispatch.py says where the model uses it.
+//
+// NaN and Inf propagate as in torch (the ReLU keeps NaN), so no operand is scanned.
+// Without the fp32 brgemm, for bfloat16 and for a weight in other panels, the call goes
+// to conv_bias_act.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/brgemm.h"
+#include "cpu/conv_bias_act.h"
+
+namespace resnet_fused {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr int64_t kPanel = 64;      // output channels per weight panel
+constexpr int64_t kRowBlock = 128;  // output pixels per product (measured best of 32-256)
+
+// out[r, j] = act(c[r, j] + bias[j] (+ residual[r, j])) for one rows x kPanel block;
+// out and residual have row stride ld and may be the same memory. NaN < 0 is false,
+// so the ReLU keeps NaN as torch.relu does. Plain loops: the compiler vectorizes them,
+// and they are 1/C of the product's work.
+void epilogue(const float* c, const float* bias, const float* residual, float* out, int64_t rows,
+              int64_t ld, bool relu) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cr = c + r * kPanel;
+    const float* res = residual ? residual + r * ld : nullptr;
+    float* o = out + r * ld;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      float v = cr[j] + (bias ? bias[j] : 0.0f);
+      if (res) v += res[j];
+      o[j] = relu && v < 0.0f ? 0.0f : v;
+    }
+  }
+}
+
+// input and out (and residual) channels_last-contiguous float32; out may be residual.
+void run(const Tensor& input, const Tensor& panels, const float* bias, const float* residual,
+         Tensor& out, bool relu) {
+  const int64_t C = input.size(1), K = out.size(1);
+  const int64_t rows = input.numel() / C;
+  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t n_panels = K / kPanel;
+  const float* x = input.const_data_ptr<float>();
+  const float* w = panels.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n_panels * row_blocks, 1, [&](int64_t first, int64_t last) {
+    // Per-thread product block, kept between calls (32 KiB).
+    thread_local std::vector<float> block;
+    if (static_cast<int64_t>(block.size()) < kRowBlock * kPanel) block.resize(kRowBlock * kPanel);
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t p = item / row_blocks, r0 = (item % row_blocks) * kRowBlock;
+      const int64_t n = std::min(kRowBlock, rows - r0);
+      brgemm_f32(n, kPanel, C, /*lda=*/C, /*ldb=*/kPanel, /*ldc=*/kPanel, x + r0 * C,
+                 w + p * C * kPanel, block.data());
+      const int64_t at = r0 * K + p * kPanel;
+      epilogue(block.data(), bias ? bias + p * kPanel : nullptr,
+               residual ? residual + at : nullptr, o + at, n, K, relu);
+    }
+  });
+}
+
+void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor& panels,
+                        const optional<Tensor>& bias, const optional<Tensor>& residual,
+                        const char* op) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1, op,
+              ": expected a 1x1 weight (K, C, 1, 1), got shape ", weight.sizes());
+  check_conv_bias_act_args(input, weight, bias, residual, {1, 1}, {0, 0}, {1, 1}, 1, op);
+  TORCH_CHECK(input.device().is_cpu(), op, ": expected input on cpu, got ", input.device());
+  const int64_t K = weight.size(0), C = weight.size(1);
+  TORCH_CHECK(panels.dim() == 3 && panels.size(0) * panels.size(2) == K && panels.size(1) == C &&
+                  panels.scalar_type() == weight.scalar_type() && panels.device().is_cpu(),
+              op, ": expected weight_panels of shape [K / P, ", C, ", P] with P * (K / P) = ", K,
+              ", ", weight.scalar_type(), " on cpu (resnet_fused.ops.conv1x1_weight(weight)); got ",
+              panels.sizes(), " ", panels.scalar_type(), " on ", panels.device());
+}
+
+// Whether the kernel computes this call (else conv_bias_act does).
+bool kernel_runs(const Tensor& input, const Tensor& panels) {
+  return input.scalar_type() == at::kFloat && panels.size(2) == kPanel && input.numel() > 0 &&
+         brgemm_f32_available();
+}
+
+Tensor conv1x1_cpu(const Tensor& input, const Tensor& weight, const Tensor& panels,
+                   const optional<Tensor>& bias, const optional<Tensor>& residual, bool relu) {
+  constexpr const char* op = "conv1x1";
+  check_conv1x1_args(input, weight, panels, bias, residual, op);
+  if (!kernel_runs(input, panels) || weight.size(0) == 0) {
+    return conv_bias_act_cpu(input, weight, bias, residual, {1, 1}, {0, 0}, {1, 1}, 1, relu,
+                             /*assume_finite=*/false);
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const Tensor x = input.contiguous(cl);
+  const Tensor w = panels.contiguous();
+  const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
+  const Tensor r = residual ? residual->contiguous(cl) : Tensor();
+  Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
+                         input.options().memory_format(cl));
+  run(x, w, b ? b->const_data_ptr<float>() : nullptr, residual ? r.const_data_ptr<float>() : nullptr,
+      out, relu);
+  return out.contiguous(output_memory_format(input));
+}
+
+void conv1x1_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& weight,
+                           const Tensor& panels, const optional<Tensor>& bias) {
+  constexpr const char* op = "conv1x1_add_relu_";
+  check_conv1x1_args(input, weight, panels, bias, residual, op);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  // In place, each element is read once and then written by the same thread; the
+  // residual must not share memory with what the product reads.
+  const bool in_place = kernel_runs(input, panels) && weight.size(0) > 0 &&
+                        residual.is_contiguous(cl) && !residual.is_alias_of(input) &&
+                        !residual.is_alias_of(weight) && !residual.is_alias_of(panels) &&
+                        !(bias && residual.is_alias_of(*bias));
+  if (!in_place) {
+    residual.copy_(conv1x1_cpu(input, weight, panels, bias, residual, /*relu=*/true));
+    return;
+  }
+  const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
+  run(input.contiguous(cl), panels.contiguous(), b ? b->const_data_ptr<float>() : nullptr,
+      residual.const_data_ptr<float>(), residual, /*relu=*/true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("conv1x1", &conv1x1_cpu);
+  m.impl("conv1x1_add_relu_", &conv1x1_add_relu_cpu_);
+}
+
+}  // namespace resnet_fused
