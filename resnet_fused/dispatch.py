@@ -105,8 +105,8 @@ class PreparedConv:
     MAX_PACKED_SHAPES = 4
 
     def kernel_for(self, x):
-        """("winograd", its weight), ("conv1x1", its weight panels) or ("onednn", the
-        weight for conv_bias_act): the kernel that suits x. Remembered per input shape
+        """("winograd", its weight), ("conv1x1", its weight panels) or
+        ("conv_bias_act", its weight): the op that suits x. Remembered per input shape
         and thread count outside tracing: the choice is a few microseconds of Python
         per call, ~0.3 ms of a 53-conv forward."""
         if tracing():
@@ -115,7 +115,8 @@ class PreparedConv:
         route = self.routes.get(key)
         if route is None:
             route = self._choose(x)
-            if self.cached and x.device.type == "cpu" and len(self.routes) < 2 * self.MAX_PACKED_SHAPES:
+            cacheable = self.cached and x.device.type == "cpu"
+            if cacheable and len(self.routes) < 2 * self.MAX_PACKED_SHAPES:
                 self.routes[key] = route
         return route
 
@@ -127,7 +128,7 @@ class PreparedConv:
             if self.conv1x1_panels is None:
                 self.conv1x1_panels = ops.conv1x1_weight(self.weight)
             return "conv1x1", self.conv1x1_panels
-        return "onednn", self.weight_for(x)
+        return "conv_bias_act", self.weight_for(x)
 
     def weight_for(self, x):
         if not self.cached or tracing() or x.device.type != "cpu":

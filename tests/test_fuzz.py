@@ -195,3 +195,68 @@ def test_winograd_conv3x3_bf16_fuzz(n, c, k, h, w, x_layout, residual, relu, bia
     err = (out.double() - ref).abs().max().item() / scale
     direct_err = (direct.double() - ref).abs().max().item() / scale
     assert err <= 2 * direct_err + 2 ** -8, f"bf16 F(2x2): error {err:.3g}, direct {direct_err:.3g}"
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
+@given(n=st.integers(0, 3), c=st.integers(1, 300), panels=st.integers(1, 3),
+       h=st.integers(1, 17), w=st.integers(1, 17), x_layout=st.sampled_from(LAYOUTS),
+       residual=st.sampled_from([None, "out_of_place", "in_place"]), relu=st.booleans(),
+       bias=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, threads, seed):
+    # Row counts across the 128-row product blocks, any channel count, 1-3 weight
+    # panels split over other thread counts; errors as in the Winograd fuzz test.
+    g = torch.Generator().manual_seed(seed)
+    k = 64 * panels
+    conv = ConvCase(c, k, h, w, N=n)
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(k, c, 1, 1, generator=g) / c ** 0.5
+    b = torch.randn(k, generator=g) if bias else None
+    res = torch.randn(n, k, h, w, generator=g) if residual else None
+    relu = relu or residual == "in_place"
+    ref = reference(x, wt, b, res, conv, relu)
+    p = ops.conv1x1_weight(wt)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        if residual == "in_place":
+            out = ops.conv1x1_add_relu_(res.contiguous(memory_format=torch.channels_last),
+                                        _layout(x, x_layout, None), wt, p, b)
+        else:
+            out = ops.conv1x1(_layout(x, x_layout, None), wt, p, b, res, relu=relu)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == ref.shape
+    if out.numel() == 0:
+        return
+    scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
+                      None if res is None else res.abs(), conv, False).abs().max().item()
+    err = (out.double() - ref).abs().max().item() / max(scale, 1e-30)
+    assert err <= tol(torch.float32, conv.reduction), f"conv1x1: error {err:.3g}"
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
+@given(n=st.integers(0, 2), c=st.integers(1, 70), h=st.integers(1, 13), w=st.integers(1, 13),
+       kh=st.integers(1, 4), kw=st.integers(1, 4), stride=st.integers(1, 3),
+       x_layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_max_pool2d_fuzz(n, c, h, w, kh, kw, stride, x_layout, dtype, threads, seed, data):
+    # A maximum is one of its inputs: equal to torch's, NaN in place, for any geometry
+    # torch accepts.
+    ph, pw = data.draw(st.integers(0, kh // 2)), data.draw(st.integers(0, kw // 2))
+    if h + 2 * ph < kh or w + 2 * pw < kw:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    if x.numel():
+        x.view(-1)[seed % x.numel()] = float("nan")
+    x = _layout(x, x_layout, None)
+    ref = torch.nn.functional.max_pool2d(x, (kh, kw), stride, (ph, pw))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = ops.max_pool2d(x, (kh, kw), stride, (ph, pw))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=0, atol=0)
