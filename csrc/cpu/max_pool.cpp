@@ -31,12 +31,20 @@ inline float to_float(uint16_t v) {  // bfloat16 bits
   return f;
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define RESNET_FUSED_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RESNET_FUSED_ALWAYS_INLINE inline
+#endif
+
 // Output row (n, oy) of a channels_last [N, H, W, C] image; acc holds C floats.
 // The result is one of the inputs, so for bfloat16 the bits are copied back exact.
+// Inlined into each ISA's pool_rows below, so that it is compiled for that ISA.
 template <class T>
-inline __attribute__((always_inline)) void pool_row(const T* in, T* out, float* acc, int64_t H, int64_t W, int64_t C, int64_t OW,
-              int64_t oy, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-              int64_t pw) {
+RESNET_FUSED_ALWAYS_INLINE void pool_row(const T* in, T* out, float* acc, int64_t H, int64_t W,
+                                         int64_t C, int64_t OW, int64_t oy, int64_t kh,
+                                         int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                                         int64_t pw) {
   const int64_t y0 = std::max<int64_t>(oy * sh - ph, 0), y1 = std::min(oy * sh - ph + kh, H);
   for (int64_t ox = 0; ox < OW; ++ox) {
     const int64_t x0 = std::max<int64_t>(ox * sw - pw, 0), x1 = std::min(ox * sw - pw + kw, W);
