@@ -149,8 +149,9 @@ def conv1x1_add_relu_(residual, input, weight, weight_panels, bias=None):
 
 def max_pool2d(input, kernel_size, stride, padding=0):
     """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16,
-    no dilation, floor rounding), without the argmax indices ATen computes alongside.
-    Returns the input's memory format; fastest on channels_last input."""
+    no dilation, floor rounding), without the argmax indices ATen computes alongside, so
+    for inference only (it has no gradient). Returns the input's memory format; fastest
+    on channels_last input."""
     _require()
     return torch.ops.resnet_fused.max_pool2d(input, _pair(kernel_size, "kernel_size"),
                                              _pair(stride, "stride"), _pair(padding, "padding"))
