@@ -271,9 +271,9 @@ def _conv1x1_fits(c):
 # splits the rows (pixels), each thread reading all of the weight: with few rows per
 # thread that costs oneDNN more than the product. Measured on AMD EPYC Zen 4, 2
 # threads, ms:
-#   alone, cold caches, batch 1: 1.10-1.33x oneDNN's speed from 128 input channels at
-#     28x28 to 2048 at 7x7 (e.g. 2048 -> 512 at 7x7: 0.60 vs 0.80 ms); warm, 64 input
-#     channels at 56x56: 0.85-0.92x; batch 8: 0.93-1.05x;
+#   alone (benchmarks/cpu_conv1x1.py), batch 1, cold caches: 1.07-1.20x oneDNN's speed
+#     at 14x14 and 7x7 (2048 -> 512 at 7x7: 0.56 vs 0.67 ms), 1.08-1.16x at 28x28 and
+#     56x56 from 256 input channels, 0.99x with 64; batch 8: 0.88-1.04x;
 #   in ResNet-50 at batch 1 (profiled per shape), faster at 14x14 and 7x7 (1024 -> 256:
 #     2.53 vs 2.74 ms for its five calls), slower at 28x28 and 56x56 (128 -> 512 at 28x28:
 #     3.13 vs 2.37 ms for four): so up to 98 rows per thread and from 256 channels.
@@ -325,8 +325,8 @@ def max_pool(x, pool):
     """pool(x), by ops.max_pool2d where that computes the same: a plain nn.MaxPool2d
     (no dilation, ceil mode or indices), on a float32 or bfloat16 CPU tensor that
     records no graph. ATen's kernel also computes the argmax, which doubles the
-    memory it writes (measured 1.5 vs 0.9-1.1 ms after ResNet-50's stem at batch 8,
-    0.22 vs 0.12 ms at batch 1)."""
+    memory it writes (benchmarks/cpu_max_pool.py, the pool after ResNet's stem, AMD EPYC
+    Zen 4, 2 threads, three runs: fp32 1.2-1.9x ATen's speed at batch 1, 1.1-1.5x at 8)."""
     if (not _plain(pool, torch.nn.MaxPool2d) or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.bfloat16) or tracing()
             or (x.requires_grad and torch.is_grad_enabled())

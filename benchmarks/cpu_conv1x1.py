@@ -1,0 +1,78 @@
+"""Times the CPU conv1x1 kernel against oneDNN's convolution (weight packed as the model
+packs it) on ResNet-50's 1x1 stride-1 shapes, with warm caches and with cold ones (after
+64 MB of other memory traffic, as a layer meets its weight in a model), with each one's
+error against fp64 and whether the model picks conv1x1 there (dispatch._conv1x1_pays).
+fp32, channels_last, median of repeats after warm-up, on the threads torch uses.
+
+    python benchmarks/cpu_conv1x1.py [--batch-sizes 1,8] [--repeats 30]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from resnet_fused import _extension, dispatch, ops
+
+# (C, K, H = W) of ResNet-50's 1x1 stride-1 convs.
+SHAPES = [(64, 256, 56), (256, 64, 56), (256, 128, 56), (512, 128, 28), (128, 512, 28),
+          (512, 256, 28), (1024, 256, 14), (256, 1024, 14), (1024, 512, 14), (2048, 512, 7),
+          (512, 2048, 7)]
+
+
+def median_ms(fn, repeats, cold, warmup=3):
+    junk = torch.empty(16 << 20) if cold else None
+    times = []
+    for i in range(warmup + repeats):
+        if junk is not None:
+            junk.fill_(1.0)
+        t = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    if not _extension.conv1x1_kernel_available():
+        print("conv1x1's kernel does not run here (no fp32 brgemm); both would time oneDNN")
+        return 1
+    print(f"cpu ({torch.get_num_threads()} threads), float32, channels_last, "
+          f"median of {args.repeats}; ms")
+    print(f"{'shape':18} {'batch':>5} {'oneDNN':>7} {'conv1x1':>7} {'warm':>6} "
+          f"{'oneDNN':>7} {'conv1x1':>7} {'cold':>6} {'err oneDNN':>10} {'err 1x1':>8} "
+          f"{'model':>7}")
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for batch in (int(v) for v in args.batch_sizes.split(",")):
+            for c, k, h in SHAPES:
+                x = torch.randn(batch, c, h, h, generator=g).relu()
+                x = x.contiguous(memory_format=torch.channels_last)
+                w, b = torch.randn(k, c, 1, 1, generator=g) / c ** 0.5, torch.randn(k, generator=g)
+                ref = F.relu(F.conv2d(x.double(), w.double(), b.double()))
+                packed, panels = ops.pack_weight(w, 1, 0, 1, 1, x.shape), ops.conv1x1_weight(w)
+                runs = [lambda: ops.conv_bias_act(x, packed, b, None, relu=True,
+                                                  assume_finite=True),
+                        lambda: ops.conv1x1(x, w, panels, b, None, relu=True)]
+                warm = [median_ms(f, args.repeats, cold=False) for f in runs]
+                cold = [median_ms(f, args.repeats, cold=True) for f in runs]
+                errs = [rel_err(f(), ref) for f in runs]
+                picked = "conv1x1" if dispatch._conv1x1_pays(x, w) else "oneDNN"
+                print(f"{f'1x1 {c}->{k} {h}x{h}':18} {batch:5d} {warm[0]:7.3f} {warm[1]:7.3f} "
+                      f"{warm[0] / warm[1]:5.2f}x {cold[0]:7.3f} {cold[1]:7.3f} "
+                      f"{cold[0] / cold[1]:5.2f}x {errs[0]:10.1e} {errs[1]:8.1e} {picked:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
