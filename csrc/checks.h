@@ -114,6 +114,9 @@ inline std::vector<int64_t> check_max_pool2d_args(const at::Tensor& input,
   const char* op = "max_pool2d";
   TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ",
               input.dim(), "-D with shape ", input.sizes());
+  TORCH_CHECK(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
+              ": expected input with non-empty channel and spatial dimensions (only the batch "
+              "may be empty), got shape ", input.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16, op,
               ": expected float32 or bfloat16 input, got ", input.scalar_type());
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,

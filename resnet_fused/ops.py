@@ -147,12 +147,14 @@ def conv1x1_add_relu_(residual, input, weight, weight_panels, bias=None):
     return residual
 
 
-def max_pool2d(input, kernel_size, stride, padding=0):
+def max_pool2d(input, kernel_size, stride=None, padding=0):
     """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16,
-    no dilation, floor rounding), without the argmax indices ATen computes alongside, so
-    for inference only (it has no gradient). Returns the input's memory format; fastest
-    on channels_last input."""
+    no dilation, floor rounding; stride defaults to kernel_size), without the argmax
+    indices ATen computes alongside (its gradient recomputes them). Returns the input's
+    memory format; fastest on channels_last input."""
     _require()
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        stride = kernel_size
     return torch.ops.resnet_fused.max_pool2d(input, _pair(kernel_size, "kernel_size"),
                                              _pair(stride, "stride"), _pair(padding, "padding"))
 
@@ -238,8 +240,20 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "max_pool2d")
     def _(input, kernel_size, stride, padding):
+        # The kernel's checks (csrc/checks.h), so that a trace fails where a run would.
         torch._check(input.dim() == 4, lambda: "max_pool2d: input must be 4-D")
+        torch._check(input.dtype in (torch.float32, torch.bfloat16),
+                     lambda: f"max_pool2d: expected float32 or bfloat16 input, got {input.dtype}")
+        torch._check(all(len(v) == 2 for v in (kernel_size, stride, padding)),
+                     lambda: "max_pool2d: expected kernel_size, stride and padding of length 2")
+        torch._check(all(k > 0 and s > 0 and 0 <= 2 * p <= k
+                         for k, s, p in zip(kernel_size, stride, padding)),
+                     lambda: f"max_pool2d: expected kernel_size > 0, stride > 0 and 0 <= padding "
+                             f"<= kernel_size / 2, got {kernel_size}, {stride}, {padding}")
         n, c, h, w = input.shape
+        torch._check(c > 0 and h > 0 and w > 0,
+                     lambda: f"max_pool2d: expected input with non-empty channel and spatial "
+                             f"dimensions, got shape {tuple(input.shape)}")
         shape = (n, c) + tuple((size + 2 * p - k) // s + 1 for size, k, s, p in
                                zip((h, w), kernel_size, stride, padding))
         return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
@@ -306,6 +320,22 @@ def _register_autograd():
 
     torch.library.register_autograd(lib + "conv1x1", conv1x1_backward,
                                     setup_context=winograd_setup)
+
+    # The op skips the argmax; its gradient recomputes it with ATen's max-pool.
+    def max_pool_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.geometry = tuple(inputs[1:4])
+
+    def max_pool_backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        kernel_size, stride, padding = ctx.geometry
+        _, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, x, kernel_size, stride, padding, [1, 1], False, indices)
+        return gx, None, None, None
+
+    torch.library.register_autograd(lib + "max_pool2d", max_pool_backward,
+                                    setup_context=max_pool_setup)
 
     def add_relu_setup(ctx, inputs, output):
         ctx.save_for_backward(output)

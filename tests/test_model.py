@@ -457,3 +457,18 @@ def test_fp32_error_within_twice_torchvisions(batch):
     with torch.inference_mode():
         ref = copy.deepcopy(tv).double()(x.double())
         assert rel_err(fused(x), ref) <= 2 * rel_err(tv(x), ref)
+
+
+def test_refresh_fold_repacks_the_fc():
+    # Writes through .data are not seen by the watch; refresh_fold() drops the packed fc
+    # weight with the folded convs.
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        fused(x)
+    for m in (tv, fused):
+        m.fc.weight.data.mul_(-1.0)
+    fused.refresh_fold()
+    with torch.inference_mode():
+        assert rel_err(fused(x), tv(x)) <= 1e-5

@@ -634,9 +634,22 @@ class TestMaxPool2d:
             env = dict(__import__("os").environ, RESNET_FUSED_CPU_ISA=isa)
             subprocess.run([sys.executable, "-c", script], check=True, env=env)
 
-    def test_empty(self):
+    def test_empty_batch(self):
         assert ops.max_pool2d(torch.empty(0, 4, 9, 9), 3, 2, 1).shape == (0, 4, 5, 5)
-        assert ops.max_pool2d(torch.empty(2, 0, 9, 9), 3, 2, 1).shape == (2, 0, 5, 5)
+
+    def test_stride_defaults_to_the_kernel(self):
+        x = torch.randn(1, 3, 8, 9)
+        assert torch.equal(ops.max_pool2d(x, 2), torch.nn.functional.max_pool2d(x, 2))
+        assert torch.equal(ops.max_pool2d(x, 3, ()), torch.nn.functional.max_pool2d(x, 3, ()))
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_gradient_is_torchs(self, channels_last):
+        x = torch.randn(2, 8, 9, 7).contiguous(memory_format=fmt_of(channels_last))
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(2, 8, 5, 4)
+        ops.max_pool2d(ours, 3, 2, 1).backward(g)
+        torch.nn.functional.max_pool2d(theirs, 3, 2, 1).backward(g)
+        assert torch.equal(ours.grad, theirs.grad)
 
     def test_bad_input_is_named(self):
         x = torch.randn(1, 4, 9, 9)
@@ -645,6 +658,11 @@ class TestMaxPool2d:
             ops.max_pool2d(x, 3, 2, 2)
         with pytest.raises(RuntimeError, match="expected input to be 4-D"):
             ops.max_pool2d(x[0], 3, 2, 1)
+        for empty in (torch.empty(2, 0, 9, 9), torch.empty(2, 4, 0, 9)):
+            # torch rejects these too; an empty window would be read.
+            with pytest.raises(RuntimeError, match="expected input with non-empty channel and "
+                                                   "spatial dimensions"):
+                ops.max_pool2d(empty, 2, 1, 1)
         with pytest.raises(RuntimeError, match="expected float32 or bfloat16 input, got Half"):
             ops.max_pool2d(x.half(), 3, 2, 1)
         with pytest.raises(RuntimeError, match="expected stride > 0"):
@@ -657,6 +675,8 @@ class TestMaxPool2d:
     def test_opcheck(self):
         x = torch.randn(2, 8, 9, 7).contiguous(memory_format=CL)
         opcheck(torch.ops.resnet_fused.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1]))
+        opcheck(torch.ops.resnet_fused.max_pool2d.default,
+                (x.requires_grad_(), [3, 3], [2, 2], [1, 1]))
 
 
 def test_dtype_table_matches_the_kernels():

@@ -91,8 +91,15 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   p.v_stride = padded(p.block * p.C);
   p.m_stride = padded(p.block * p.K);
   p.gemm = p.bf16 ? &gemm_bf16 : &gemm_f32;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   const auto run = cpu_isa() == CpuIsa::kAvx512 ? &winograd::run_blocks_avx512
                                                   : &winograd::run_blocks_avx2;
+#else
+  // The ISA kernels are built for x86-64 with GCC or Clang only; elsewhere cpu_isa() is
+  // kNone, winograd_kernel_available() is false and the op never gets here.
+  TORCH_CHECK(false, "winograd_conv3x3: the Winograd kernel is not built on this platform");
+  void (*run)(const winograd::Problem&, int64_t, int64_t, float*) = nullptr;
+#endif
   const int64_t scratch = winograd::scratch_floats(p);
   const int64_t blocks = (p.tiles + p.block - 1) / p.block;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
