@@ -4,7 +4,8 @@ CUDA sources are compiled when a CUDA build of torch and a matching CUDA toolkit
 are both present; otherwise the build is CPU-only. Overrides:
   FORCE_CUDA=1              build the CUDA sources (fails with a reason if impossible)
   RESNET_FUSED_CPU_ONLY=1   never build them
-  TORCH_CUDA_ARCH_LIST      target archs (default: the visible GPU's, else 9.0)
+  TORCH_CUDA_ARCH_LIST      target archs (default: the visible GPU's, else 9.0; 9.0 is
+                            built as 9.0a, which Hopper's wgmma kernel needs)
 """
 
 import glob
@@ -113,8 +114,42 @@ def decide_cuda():
 def default_arch_list():
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        return f"{major}.{minor}"
-    return "9.0"
+        arch = f"{major}.{minor}"
+    else:
+        arch = "9.0"
+    return "9.0a" if arch == "9.0" else arch
+
+
+def torch_builds_arch(arch):
+    """Whether this torch's extension builder takes `arch` in TORCH_CUDA_ARCH_LIST
+    (older ones reject 9.0a)."""
+    from torch.utils import cpp_extension
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        return any("sm_90a" in f for f in cpp_extension._get_cuda_arch_flags())
+    except Exception:  # an unknown arch (ValueError), or the private helper gone
+        return False
+    finally:
+        os.environ.pop("TORCH_CUDA_ARCH_LIST")
+        if saved is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def settle_arch_list():
+    """TORCH_CUDA_ARCH_LIST as it will be built, and whether it has Hopper's 9.0a.
+    With 9.0a, plain 9.0 is left out: an H100 given both cubins could load the
+    plain one, whose wgmma kernel is a trap stub."""
+    archs = [a for a in re.split(r"[;, ]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
+    if "9.0a" in archs and not torch_builds_arch("9.0a"):
+        print(f"resnet_fused: torch {torch.__version__} cannot build 9.0a; building 9.0 "
+              "(no wgmma kernel)")
+        archs = ["9.0" if a == "9.0a" else a for a in archs]
+    if "9.0a" in archs and any(a in ("9.0", "9.0+PTX") for a in archs):
+        print("resnet_fused: 9.0a replaces 9.0 in TORCH_CUDA_ARCH_LIST")
+        archs = [a for a in archs if a not in ("9.0", "9.0+PTX")]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(dict.fromkeys(archs))
+    return "9.0a" in archs
 
 
 build_cuda, cuda_home, why = decide_cuda()
@@ -150,11 +185,13 @@ if build_cuda:
     if missing:
         fail(f"CUDA headers not found: {', '.join(missing)} (looked in {cuda_home}/include and "
              "the nvidia-* wheels); install the CUDA toolkit's dev headers")
+    sm90a = settle_arch_list()
     ext = CUDAExtension(
         "resnet_fused._C", sources, include_dirs=include_dirs,
         # Recorded so the package can say so when the GPU's arch is not among them.
         define_macros=[("RESNET_FUSED_WITH_CUDA", "1"),
-                       ("RESNET_FUSED_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"')],
+                       ("RESNET_FUSED_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"')]
+                      + ([("RESNET_FUSED_SM90A", "1")] if sm90a else []),
         extra_compile_args={"cxx": cxx_flags,
                             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=link_flags,

@@ -7,6 +7,10 @@ Prints one table and writes JSON.
 
     python benchmarks/conv_shapes.py [--device cuda] [--dtype float16] [--batch 256]
         [--archs resnet50,resnet18] [--peak-tflops T] [--peak-gbps G] [--json F]
+        [--tiles L,H]
+
+--tiles adds a column "ours <T>" per CUDA kernel config T (RESNET_FUSED_CUDA_TILE,
+set around each call), timed in the same round-robin as the others.
 
 The roofline's peaks default, for fp16/bf16 on an H100 or H200 (by the device's
 name), to its dense tensor-core rate and its memory bandwidth (989 TFLOP/s; 3350 and
@@ -16,6 +20,7 @@ cuDNN's fused column says "skipped: no GPU".
 
 import argparse
 import json
+import os
 from collections import Counter
 
 import torch
@@ -71,7 +76,35 @@ def default_peaks(device, dtype):
     return next((p for key, p in PEAKS.items() if key in name), (None, None))
 
 
-def variants(shape, device, dtype):
+def with_tile(tile, fn):
+    """fn run with RESNET_FUSED_CUDA_TILE=tile, which the CUDA op reads at each launch."""
+    def run():
+        saved = os.environ.get("RESNET_FUSED_CUDA_TILE")
+        os.environ["RESNET_FUSED_CUDA_TILE"] = tile
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ["RESNET_FUSED_CUDA_TILE"]
+            else:
+                os.environ["RESNET_FUSED_CUDA_TILE"] = saved
+    return run
+
+
+def tile_runs(tile, device, dtype):
+    """Whether kernel config `tile` runs here; if not, says why (e.g. H off Hopper)."""
+    x = torch.ones(1, 16, 4, 4, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.ones(16, 16, 1, 1, device=device, dtype=dtype)
+    try:
+        with_tile(tile, lambda: ops.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1))()
+        return True
+    except RuntimeError as e:
+        print(f"ours {tile}: skipped: {str(e).splitlines()[0]}")
+        return False
+
+
+def variants(shape, device, dtype, tiles=()):
     """name -> callable for one shape."""
     c, k, r, s, stride, padding, dilation, groups, n, h, w = shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -89,6 +122,8 @@ def variants(shape, device, dtype):
     }
     if device.type == "cuda":
         fns["cuDNN fused"] = lambda: torch.cudnn_convolution_relu(x, weight, bias, *geo)
+        for tile in tiles:
+            fns[f"ours {tile}"] = with_tile(tile, fns["ours"])
     return fns
 
 
@@ -105,7 +140,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", default=None)
+    p.add_argument("--tiles", default="",
+                   help="CUDA kernel configs to time as columns of their own, e.g. L,H")
     args = p.parse_args(argv)
+    tiles = [t for t in args.tiles.split(",") if t]
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
@@ -114,13 +152,16 @@ def main(argv=None):
     peak_tflops, peak_gbps = args.peak_tflops or known_tflops, args.peak_gbps or known_gbps
     elem = torch.empty((), dtype=dtype).element_size()
 
+    if cuda:
+        tiles = [t for t in tiles if tile_runs(t, device, dtype)]
     per_arch = {a: conv_shapes(a, batch, args.size) for a in args.archs.split(",")}
     shapes = sorted(set().union(*per_arch.values()), key=lambda sh: (sh[2], sh[8:], sh[:2]))
-    columns = ["ours", "conv2d, ReLU", "cuDNN fused"]
+    columns = ["ours", "conv2d, ReLU", "cuDNN fused"] + (
+        [f"ours {t}" for t in tiles] if cuda else [])
     rows = []
     with torch.inference_mode():
         for shape in shapes:
-            fns = variants(shape, device, dtype)
+            fns = variants(shape, device, dtype, tiles)
             times = time_interleaved(fns, device, args.warmup, args.repeats)
             roof = (roofline_ms(shape, elem, peak_tflops, peak_gbps)
                     if peak_tflops and peak_gbps else None)
@@ -138,7 +179,7 @@ def main(argv=None):
     for row in rows:
         c, k, r, s, stride, _, _, groups, _, h, w = row["shape"]
         t = row["ms"]
-        best_peer = min(v for name, v in t.items() if name != "ours")
+        best_peer = min(v for name, v in t.items() if not name.startswith("ours"))
         cells = "".join(f"{t[col]:12.3f}" if col in t else f"{'-':>12}" for col in columns)
         roof = f"{row['roofline_ms']:10.3f}" if row["roofline_ms"] is not None else f"{'-':>10}"
         counts = ", ".join(f"{a} x{n}" for a, n in row["count"].items() if n)

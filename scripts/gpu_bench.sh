@@ -3,7 +3,8 @@
 # scripts/gpu_check.sh has passed: `verify --arch all` (fp32 with TF32 and exact,
 # fp16, bf16), `bench` of ResNet-50 at batch 1, 32 and 256 (torch.compile at 256)
 # and of ResNet-18 at 256 (fp16, channels_last: torchvision eager, torch.compile,
-# cuDNN's fused ops, resnet_fused), the per-shape harness (benchmarks/conv_shapes.py) and the captured
+# cuDNN's fused ops, resnet_fused), the per-shape harness (benchmarks/conv_shapes.py, with
+# the Hopper wgmma kernel as a column of its own) and the captured
 # forward at batch 1 (benchmarks/capture_latency.py). Writes summary.txt (the rows,
 # then each bench's table) and logs.tar.gz to ${OUT:-out}/; without a GPU every
 # step reports "skipped: no GPU". GPU_SKIP_BUILD=1 keeps a build already in place.
@@ -59,7 +60,7 @@ step "bench r18" "$CAP_BENCH18" bench_resnet18.log "^batch 256: " \
   "$PY" -m resnet_fused bench --arch resnet18 --dtype float16 --batch-sizes 256 --repeats 20 \
   --json "$LOG_DIR/bench_resnet18.json"
 step "conv shapes" "$CAP_SHAPES" conv_shapes.log "^resnet50, all convs" \
-  "$PY" benchmarks/conv_shapes.py --json "$LOG_DIR/conv_shapes.json"
+  "$PY" benchmarks/conv_shapes.py --tiles H --repeats 10 --json "$LOG_DIR/conv_shapes.json"
 step capture "$CAP_CAPTURE" capture.log "speedup" \
   "$PY" benchmarks/capture_latency.py
 

@@ -30,7 +30,10 @@ fi
 
 # Kernel configs the tests run under: the size rule (auto) and each forced config.
 # auto runs every test marked cuda; the forced configs run the reference suites.
-CONFIGS="auto L M S X SIMT"
+# H, the Hopper wgmma kernel, is not yet used by default: its row is reported but
+# does not decide the exit status.
+CONFIGS="auto L M S X SIMT H"
+EXPERIMENTAL=" H "
 FORCED_TESTS="tests/test_cuda_ops.py tests/test_ops.py"
 
 # compute-sanitizer ships in the toolkit's bin/, which need not be on PATH.
@@ -79,7 +82,7 @@ else
   done
   for cfg in $CONFIGS; do
     wait "${PIDS[$cfg]}"; rc=$?
-    [ "$rc" -eq 0 ] || TEST_OK=0
+    [ "$rc" -eq 0 ] || [[ "$EXPERIMENTAL" == *" $cfg "* ]] || TEST_OK=0
     row "pytest $cfg" $(( $(now) - t )) "$(junit_summary "$LOG_DIR/pytest-$cfg.xml" "$rc")$(timed_out "$rc")"
   done
 fi

@@ -46,6 +46,19 @@ CASES = [
     ("tf32 scalar loads", torch.float32, True, 2, 3, 64, 20, 7, 2, 3, 1, False, False),
     ("fp32 exact (SIMT)", torch.float32, False, 2, 40, 72, 11, 3, 1, 1, 1, True, False),
 ]
+# The Hopper wgmma kernel (RESNET_FUSED_CUDA_TILE=H, 5 stages): more k-tiles than
+# stages, partial M and N tiles; run where it can run (an sm_90 GPU, a 9.0a build).
+WGMMA_CASES = [
+    ("fp16 wgmma, 8 k-tiles", torch.float16, False, 7, 256, 128, 56, 1, 1, 0, 1, True, False),
+    ("bf16 wgmma 3x3, partial tiles", torch.bfloat16, False, 2, 96, 200, 13, 3, 1, 1, 1, True,
+     False),
+]
+
+
+def wgmma_runs():
+    from resnet_fused import _extension
+    archs = _extension._C.cuda_archs.replace(",", ";").replace(" ", ";").split(";")
+    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs
 
 
 def main():
@@ -53,7 +66,22 @@ def main():
     ops = torch.ops.resnet_fused
     torch.manual_seed(0)
     bad = 0
-    for label, dtype, tf32, N, C, K, H, R, st, pad, groups, use_res, nchw in CASES:
+    saved_tile = os.environ.get("RESNET_FUSED_CUDA_TILE")
+
+    def restore_tile():
+        if saved_tile is None:
+            os.environ.pop("RESNET_FUSED_CUDA_TILE", None)
+        else:
+            os.environ["RESNET_FUSED_CUDA_TILE"] = saved_tile
+
+    cases = [(c, None) for c in CASES]
+    if wgmma_runs():
+        cases += [(c, "H") for c in WGMMA_CASES]
+    else:
+        print("skipped: the wgmma cases (not an sm_90 GPU, or no 9.0a in the build)")
+    for (label, dtype, tf32, N, C, K, H, R, st, pad, groups, use_res, nchw), tile in cases:
+        if tile is not None:
+            os.environ["RESNET_FUSED_CUDA_TILE"] = tile  # read by the op at each launch
         set_tf32(tf32)
         fmt = torch.contiguous_format if nchw else torch.channels_last
         x = torch.randn(N, C, H, H, device="cuda").to(dtype).contiguous(memory_format=fmt)
@@ -77,11 +105,13 @@ def main():
             err = max(err, ((cpu(inplace) - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item())
         ok = err < 2e-2
         bad += not ok
+        if tile is not None:
+            restore_tile()
         print(f"{'ok ' if ok else 'BAD'} {label:30s} rel err {err:.2e}")
     a = torch.randn(4097, device="cuda", dtype=torch.float16)[1:]
     ops.add_relu_(a, ops.add_relu(a, a))
     torch.cuda.synchronize()
-    print(f"sanitize_ops: {len(CASES)} cases, {bad} mismatches")
+    print(f"sanitize_ops: {len(cases)} cases, {bad} mismatches")
     return 1 if bad else 0
 
 

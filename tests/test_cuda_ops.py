@@ -10,16 +10,14 @@ dtype and the error left is the fp32 accumulation and the final rounding;
 test_tf32_random_inputs checks TF32's own rounding of arbitrary fp32 inputs. An
 indexing or pipeline bug shows as O(1) errors or NaN, far above all of these.
 
-RESNET_FUSED_CUDA_TILE=L|M|S|X|SIMT forces one kernel config wherever it can
+RESNET_FUSED_CUDA_TILE=L|M|S|X|H|SIMT forces one kernel config wherever it can
 run; scripts/gpu_check.sh runs this file once per value, so every config meets
-every shape.
+every shape (H, the Hopper wgmma kernel, takes the fp16/bf16 launches).
 """
 
 import functools
 import math
-import os
-import subprocess
-import sys
+import re
 
 import pytest
 import torch
@@ -411,19 +409,42 @@ def test_errors_name_the_argument():
         ops.conv_bias_act(x, w, None, torch.randn(1, 16, 4, 4, device=DEV), *args)
 
 
-def test_unknown_tile_override_is_named():
+def test_unknown_tile_override_is_named(monkeypatch):
     """An unknown RESNET_FUSED_CUDA_TILE fails the conv with a message naming the
-    variable, the values it takes and the one it got."""
-    code = ("import torch, resnet_fused\n"
-            "x = torch.randn(1, 16, 4, 4, device='cuda')\n"
-            "w = torch.randn(32, 16, 1, 1, device='cuda')\n"
-            "torch.ops.resnet_fused.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, RESNET_FUSED_CUDA_TILE="XL"), timeout=300)
-    assert done.returncode != 0
-    assert ("RESNET_FUSED_CUDA_TILE: expected one of auto, L, M, S, X, SIMT (or unset), got 'XL'"
-            in done.stderr), done.stderr[-2000:]
+    variable, the values it takes and the one it got (read at each launch)."""
+    monkeypatch.setenv("RESNET_FUSED_CUDA_TILE", "XL")
+    x = torch.randn(1, 16, 4, 4, device=DEV)
+    w = torch.randn(32, 16, 1, 1, device=DEV)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "RESNET_FUSED_CUDA_TILE: expected one of auto, L, M, S, X, H, SIMT (or unset), "
+            "got 'XL'")):
+        ops.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1)
+
+
+def test_wgmma_override_runs_or_says_why(monkeypatch):
+    """RESNET_FUSED_CUDA_TILE=H runs the wgmma kernel where it can (an sm_90 GPU, a
+    build for 9.0a), checked here against fp64 on a conv of several k-tiles and
+    partial M and N tiles; anywhere else the conv fails naming the GPU and the
+    build's archs, rather than running another kernel. Operands are exact in fp16
+    and their products sum exactly in fp32, so only the output's rounding is left."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (3, 96, 9, 11), generator=g) / 4
+    w = torch.randint(-4, 5, (200, 96, 3, 3), generator=g) / 8
+    b = torch.randint(-4, 5, (200,), generator=g) / 4
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
+    args = (x.half().to(DEV).contiguous(memory_format=torch.channels_last), w.half().to(DEV),
+            b.half().to(DEV), None, [1, 1], [1, 1], [1, 1], 1)
+    from resnet_fused import _extension
+    archs = _extension._C.cuda_archs.replace(",", ";").replace(" ", ";").split(";")
+    monkeypatch.setenv("RESNET_FUSED_CUDA_TILE", "H")
+    if torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs:
+        y = ops.conv_bias_act(*args)
+        err = ((y.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 2.0 ** -11, err
+    else:
+        with pytest.raises(RuntimeError, match="RESNET_FUSED_CUDA_TILE=H: the wgmma kernel "
+                                               "needs an sm_90 GPU"):
+            ops.conv_bias_act(*args)
 
 
 def test_pack_weight_layout_and_equivalence():

@@ -6,7 +6,8 @@
 // activations and KRSC weights; the epilogue adds bias and residual and applies
 // ReLU in registers, so the output is written once and nothing else touches
 // global memory. Paths:
-//   fp16 / bf16          tensor cores, mma.sync m16n8k16, fp32 accumulation
+//   fp16 / bf16          tensor cores, mma.sync m16n8k16, fp32 accumulation (Hopper
+//                        wgmma m64n128k16 when RESNET_FUSED_CUDA_TILE=H, sm_90a builds)
 //   fp32, TF32 allowed   tensor cores, mma.sync m16n8k8 TF32 (inputs rounded to nearest)
 //   fp32, TF32 off       exact fp32 SIMT FMA kernel
 //   < 16 out channels per group (ResNeXt 4-8 per group, depthwise): direct SIMT kernel
@@ -67,31 +68,32 @@ void check_cuda_conv(const char* op, const Tensor& input) {
 //   L, M, S  that tensor-core tile for every launch with vector loads (launches
 //            whose operands need scalar loads keep X, the only config for them)
 //   X        the scalar-load tensor-core kernel for every tensor-core launch
+//   H        the Hopper wgmma kernel for every fp16/bf16 launch with vector loads
+//            (an error where it cannot run: not an sm_90 GPU, or no 9.0a in the
+//            build's archs); fp32 and scalar-load launches keep the size rule / X.
+//            Not chosen otherwise until it has been checked on a GPU.
 //   SIMT     the SIMT kernel for every GEMM launch, tensor cores or not
 //   auto     (or unset) the size rule in choose_kernel
-// The direct kernel's cases are never overridden. Read once, at the first dispatch
-// (an unknown value is reported at every call until it is fixed).
+// The direct kernel's cases are never overridden. Read at every dispatch (a
+// getenv, well under a microsecond), so that one process can time configs side by
+// side (benchmarks/conv_shapes.py --tiles).
 constexpr const char* kTileEnv = "RESNET_FUSED_CUDA_TILE";
 
-std::optional<ConvKernel> parse_tile_override() {
+std::optional<ConvKernel> tile_override() {
   static const std::pair<const char*, ConvKernel> kNames[] = {
       {"L", ConvKernel::kTcL}, {"M", ConvKernel::kTcM},    {"S", ConvKernel::kTcS},
-      {"X", ConvKernel::kTcX}, {"SIMT", ConvKernel::kSimt}};
+      {"X", ConvKernel::kTcX}, {"H", ConvKernel::kTcH}, {"SIMT", ConvKernel::kSimt}};
   const char* env = std::getenv(kTileEnv);
   const std::string v = env == nullptr ? "" : env;
   if (v.empty() || v == "auto") return std::nullopt;
   for (const auto& [name, kernel] : kNames) {
     if (v == name) return kernel;
   }
-  TORCH_CHECK(false, kTileEnv, ": expected one of auto, L, M, S, X, SIMT (or unset), got '", v,
-              "'");
+  TORCH_CHECK(false, kTileEnv, ": expected one of auto, L, M, S, X, H, SIMT (or unset), got '",
+              v, "'");
   return std::nullopt;
 }
 
-std::optional<ConvKernel> tile_override() {
-  static const std::optional<ConvKernel> forced = parse_tile_override();
-  return forced;
-}
 
 // Whether the current device runs the tensor-core kernels for T as compiled for
 // sm_80+. The device's compute capability is not enough: from a build whose only
@@ -106,6 +108,22 @@ bool tensor_core_code(int device) {
   if (ptx >= 80) usable.set(device);
   known.set(device);
   return ptx >= 80;
+}
+
+// The wgmma kernel's code exists only in a build for 9.0a (setup.py defines
+// RESNET_FUSED_SM90A then, and keeps plain 9.0 out of that build so that an sm_90
+// GPU cannot load the kernel's trap stub instead), and runs only on sm_90 GPUs.
+void check_wgmma_runs(int device) {
+  const auto* prop = at::cuda::getDeviceProperties(device);
+#ifdef RESNET_FUSED_SM90A
+  constexpr bool built = true;
+#else
+  constexpr bool built = false;
+#endif
+  TORCH_CHECK(built && prop->major == 9 && prop->minor == 0, kTileEnv,
+              "=H: the wgmma kernel needs an sm_90 GPU (H100, H200) and a build for 9.0a; this "
+              "GPU is sm_", prop->major, prop->minor, " and this build's archs are '",
+              RESNET_FUSED_CUDA_ARCHS, "' (set TORCH_CUDA_ARCH_LIST=9.0a and rebuild)");
 }
 
 // Path and tile choice. Tile table (see igemm.cuh): 128x128 (L) when a group has
@@ -125,7 +143,14 @@ ConvKernel choose_kernel(const ConvParams& p, const Tensor& x, const Tensor& w, 
   const bool vec = p.C % VEC == 0 && p.Cg % VEC == 0 && aligned(x.const_data_ptr(), 16) &&
                    aligned(w.const_data_ptr(), 16);
   if (!vec || forced == ConvKernel::kTcX) return ConvKernel::kTcX;
-  if (forced.has_value()) return *forced;
+  if (forced == ConvKernel::kTcH) {
+    if (sizeof(T) == 2) {
+      check_wgmma_runs(device);
+      return ConvKernel::kTcH;
+    }
+  } else if (forced.has_value()) {
+    return *forced;
+  }
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto tiles = [&](ConvKernel k) { return conv::grid_x(k, p) * p.groups; };
   if (p.Kg > 64 && tiles(ConvKernel::kTcL) >= sms) return ConvKernel::kTcL;

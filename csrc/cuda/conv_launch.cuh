@@ -1,5 +1,5 @@
 // Launchers of conv_bias_act's kernels (igemm.cuh), instantiated once per dtype
-// by conv_kernels_{f16,bf16,f32}.cu: the 18 kernels compile as three
+// by conv_kernels_{f16,bf16,f32}.cu: the 20 kernels compile as three
 // translation units, in parallel. Which kernel runs is decided by the host
 // (conv_bias_act.cpp); these only launch it.
 #pragma once
@@ -43,6 +43,9 @@ cudaError_t launch_conv(ConvKernel k, ConvParams p, int device, cudaStream_t str
       return launch_tc<T, CfgS, true>(k, p, device, stream);
     case ConvKernel::kTcX:
       return launch_tc<T, CfgX, false>(k, p, device, stream);
+    case ConvKernel::kTcH:
+      if constexpr (sizeof(T) == 2) return launch_tc<T, CfgH, true>(k, p, device, stream);
+      return cudaErrorInvalidValue;  // no TF32 wgmma kernel: the host never picks H for fp32
     case ConvKernel::kSimt:
       p.n_tiles = static_cast<int>(ceil_div(p.Kg, tile_dims(k).bn));
       simt_conv_kernel<T><<<dim3(static_cast<unsigned>(grid_x(k, p)), p.groups), 256, 0, stream>>>(p);

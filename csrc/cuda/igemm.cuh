@@ -147,6 +147,113 @@ struct Mma<float> {
 };
 
 // ---------------------------------------------------------------------------
+// Hopper warpgroup MMA (wgmma, sm_90a only: elsewhere these compile to nothing
+// and the kernel that uses them to a trap the host never reaches).
+//
+// A and B come straight from shared memory through 64-bit matrix descriptors.
+// The tiles above are already in wgmma's K-major 64-byte-swizzle layout: rows of
+// 64 bytes, 16-byte chunk c of row r at chunk c ^ ((r >> 1) & 3), which is the
+// hardware's Swizzle<2,4,3> when the tile starts on a 512-byte boundary. So a
+// descriptor needs: the start address, the stride between 8-row groups (8 rows x
+// 64 bytes = 512), the leading offset (unused by swizzled K-major layouts,
+// encoded as 1) and the swizzle mode (2 = 64 bytes). The second k-step of a stage
+// starts 32 bytes into each row; the swizzle applies to the absolute address, so
+// moving the start address is enough (the pattern's base stays 512-aligned).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define RESNET_FUSED_WGMMA 1
+#endif
+
+__device__ __forceinline__ uint64_t wgmma_desc_sw64(uint32_t smem_addr) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{512 >> 4} << 32) | (uint64_t{2} << 62);
+}
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef RESNET_FUSED_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef RESNET_FUSED_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef RESNET_FUSED_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Shared memory written by ordinary (generic-proxy) stores, cp.async included,
+// must be fenced by each writing thread before wgmma (the async proxy) reads it.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef RESNET_FUSED_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Pins the accumulators in order around the asynchronous MMAs: the compiler sees
+// each register read and written here, so it can neither read one early (before
+// wgmma.wait_group) nor move it between an MMA's issue and its wait.
+template <int NI>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[NI][4]) {
+#pragma unroll
+  for (int i = 0; i < NI; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// D[64 x 128] += A[64 x 16] * B[128 x 16]^T, fp32 accumulators, per warpgroup.
+// d[j][e] follows mma.sync's m16n8 accumulator layout within each warp's 16 rows:
+// j is the 8-column block, e = 0,1 row lane/4 and e = 2,3 row lane/4 + 8, columns
+// 2*(lane%4) + e%2.
+#define RESNET_FUSED_WGMMA_M64N128K16(TYPE)                                             \
+  asm volatile(                                                                        \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                     \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"         \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"\
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"\
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"\
+      " %64, %65, p, 1, 1, 0, 0;\n}\n"                                                 \
+      :                                                                                \
+        "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                   \
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                   \
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                   \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                   \
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                   \
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                   \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                   \
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),                   \
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),                   \
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),                   \
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),               \
+        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),               \
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),               \
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),               \
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),               \
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                \
+      : "l"(desc_a), "l"(desc_b), "r"(1))
+
+template <typename T>
+struct Wgmma;
+template <>
+struct Wgmma<__half> {
+  static __device__ __forceinline__ void run(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {
+#ifdef RESNET_FUSED_WGMMA
+    RESNET_FUSED_WGMMA_M64N128K16("f16");
+#endif
+  }
+};
+template <>
+struct Wgmma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {
+#ifdef RESNET_FUSED_WGMMA
+    RESNET_FUSED_WGMMA_M64N128K16("bf16");
+#endif
+  }
+};
+#undef RESNET_FUSED_WGMMA_M64N128K16
+
+// ---------------------------------------------------------------------------
 // Tensor-core kernel.
 //
 // Shared memory per stage: A tile BM rows x 64 bytes, B tile BN rows x 64 bytes,
@@ -155,10 +262,12 @@ struct Mma<float> {
 // of row r is stored at chunk c ^ ((r >> 1) & 3): the 8 rows one ldmatrix phase
 // reads (and the rows one cp.async instruction writes) then fall in 8 distinct
 // 16-byte bank groups, with no padding.
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_,
+          bool WGMMA_ = false>
 struct TileCfg {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
   static constexpr int STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr bool WGMMA = WGMMA_;
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
   static constexpr int MI = WM / 16, NI = WN / 8;              // MMA tiles per warp
@@ -166,6 +275,9 @@ struct TileCfg {
   static constexpr int SMEM_BYTES = STAGES * (BM + BN) * ROW_BYTES;
   static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile must be a multiple of 16x16");
   static_assert((BM * 4) % THREADS == 0 && (BN * 4) % THREADS == 0, "chunks must split evenly");
+  // wgmma: each warpgroup (4 warps) one m64n128 MMA; warp w of it owns 16 rows.
+  static_assert(!WGMMA || (WARPS_N == 1 && WM == 16 && BN == 128 && STAGES >= 3),
+                "wgmma tiles: warpgroups stacked along M, 64 x 128 each");
 };
 
 // Tile table (chosen per shape in conv_bias_act.cpp):
@@ -174,17 +286,22 @@ struct TileCfg {
 //   S 64x64,   4 warps of 32x32: small GEMMs (few tiles: small batch, 7x7 maps). 4 stages everywhere: cp.async latency is ~3 k-tiles of MMA.
 //   X 64x64 for the scalar-load path: its 2x16 in-flight elements per thread need a
 //              looser register cap than S (which would spill).
+//   H 128x128 on Hopper (sm_90a, fp16/bf16): two warpgroups of wgmma m64n128k16 on the
+//              same shared-memory tiles and loads as L; 5 stages, 3 k-tiles in flight
+//              (a stage is refilled only once the MMAs that read it have retired).
 using CfgL = TileCfg<128, 128, 2, 4, 4, 2>;
 using CfgM = TileCfg<128, 64, 2, 2, 4, 3>;
 using CfgS = TileCfg<64, 64, 2, 2, 4, 4>;
 using CfgX = TileCfg<64, 64, 2, 2, 4, 3>;
+using CfgH = TileCfg<128, 128, 8, 1, 5, 1, true>;
 
 template <typename Cfg>
 constexpr bool same_tile(ConvKernel k) {
   return Cfg::BM == tile_dims(k).bm && Cfg::BN == tile_dims(k).bn;
 }
 static_assert(same_tile<CfgL>(ConvKernel::kTcL) && same_tile<CfgM>(ConvKernel::kTcM) &&
-                  same_tile<CfgS>(ConvKernel::kTcS) && same_tile<CfgX>(ConvKernel::kTcX),
+                  same_tile<CfgS>(ConvKernel::kTcS) && same_tile<CfgX>(ConvKernel::kTcX) &&
+                  same_tile<CfgH>(ConvKernel::kTcH),
               "launch.h's tile_dims must match the tile configs");
 
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
@@ -198,6 +315,13 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
 template <typename T, typename Cfg, bool kVec>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) tc_conv_kernel(const ConvParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#ifndef RESNET_FUSED_WGMMA
+  if constexpr (Cfg::WGMMA) {
+    __trap();  // wgmma code exists only for sm_90a; the host launches it only there
+  } else
+#endif
+  {
+  static_assert(!Cfg::WGMMA || (kVec && sizeof(T) == 2), "wgmma: fp16/bf16 with vector loads");
   constexpr int BM = Cfg::BM, BN = Cfg::BN, STAGES = Cfg::STAGES, THREADS = Cfg::THREADS;
   constexpr int MI = Cfg::MI, NI = Cfg::NI;
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per chunk
@@ -386,6 +510,39 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) tc_conv_kernel(
   };
 
   // ---- pipeline -----------------------------------------------------------
+  if constexpr (Cfg::WGMMA) {
+    // The MMAs of k-tile kt are still running when iteration kt+1 starts, so the
+    // slot refilled in iteration kt is that of k-tile kt-2, retired by the
+    // wgmma.wait_group(1) every warpgroup passed in iteration kt-1, before the
+    // barrier: AHEAD = STAGES - 2 k-tiles of loads in flight.
+    constexpr int AHEAD = STAGES - 2;
+    if (sA % 512 != 0) __trap();  // the descriptors assume 512-byte aligned tiles
+    const uint32_t a_rows = static_cast<uint32_t>(warp / 4) * 64 * 64;  // this warpgroup's 64 rows
+#pragma unroll
+    for (int s = 0; s < AHEAD; ++s) {
+      if (s < KT) load_vec(s, s);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+      cp_async_wait<AHEAD - 1>();
+      fence_proxy_async_shared();
+      __syncthreads();
+      const int pf = kt + AHEAD;
+      if (pf < KT) load_vec(pf % STAGES, pf);
+      cp_async_commit();
+      const uint32_t a = sA + (kt % STAGES) * A_STAGE + a_rows;
+      const uint32_t b = sB + (kt % STAGES) * B_STAGE;
+      wgmma_fence_operands(acc[0]);
+      wgmma_fence();
+      Wgmma<T>::run(acc[0], wgmma_desc_sw64(a), wgmma_desc_sw64(b));
+      Wgmma<T>::run(acc[0], wgmma_desc_sw64(a + 32), wgmma_desc_sw64(b + 32));
+      wgmma_commit();
+      wgmma_wait<1>();
+      wgmma_fence_operands(acc[0]);
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc[0]);
+  } else {
   // One barrier per k-tile: the slot refilled in iteration kt is the one every
   // thread finished reading in iteration kt-1, before that barrier.
 #pragma unroll
@@ -415,6 +572,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) tc_conv_kernel(
       compute(kt % STAGES);
       if (pf < KT) put_scalar(pf % STAGES);
     }
+  }
   }
   cp_async_wait<0>();
 
@@ -470,6 +628,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) tc_conv_kernel(
         }
       }
     }
+  }
   }
 #else
   __trap();  // the host never launches this below sm_80
