@@ -4,8 +4,8 @@ CUDA sources are compiled when a CUDA build of torch and a matching CUDA toolkit
 are both present; otherwise the build is CPU-only. Overrides:
   FORCE_CUDA=1              build the CUDA sources (fails with a reason if impossible)
   RESNET_FUSED_CPU_ONLY=1   never build them
-  TORCH_CUDA_ARCH_LIST      target archs (default: the visible GPU's, else 9.0; 9.0 is
-                            built as 9.0a, which Hopper's wgmma kernel needs)
+  TORCH_CUDA_ARCH_LIST      target archs (default: the visible GPU's, else 9.0; the
+                            default 9.0 is 9.0a, which Hopper's wgmma kernel needs)
 """
 
 import glob
@@ -111,13 +111,16 @@ def decide_cuda():
     return True, cuda_home, f"CUDA {'.'.join(map(str, have))} at {cuda_home}"
 
 
-def default_arch_list():
+def default_arch_list(nvcc):
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         arch = f"{major}.{minor}"
     else:
         arch = "9.0"
-    return "9.0a" if arch == "9.0" else arch
+    # sm_90a exists from CUDA 12.0 on, and in torch's extension builder from some release on.
+    if arch == "9.0" and nvcc is not None and nvcc >= (12, 0) and torch_builds_arch("9.0a"):
+        return "9.0a"
+    return arch
 
 
 def torch_builds_arch(arch):
@@ -136,27 +139,28 @@ def torch_builds_arch(arch):
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
-def settle_arch_list():
-    """TORCH_CUDA_ARCH_LIST as it will be built, and whether it has Hopper's 9.0a.
-    With 9.0a, plain 9.0 is left out: an H100 given both cubins could load the
-    plain one, whose wgmma kernel is a trap stub."""
-    archs = [a for a in re.split(r"[;, ]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
-    if "9.0a" in archs and not torch_builds_arch("9.0a"):
-        print(f"resnet_fused: torch {torch.__version__} cannot build 9.0a; building 9.0 "
-              "(no wgmma kernel)")
-        archs = ["9.0" if a == "9.0a" else a for a in archs]
-    if "9.0a" in archs and any(a in ("9.0", "9.0+PTX") for a in archs):
-        print("resnet_fused: 9.0a replaces 9.0 in TORCH_CUDA_ARCH_LIST")
-        archs = [a for a in archs if a not in ("9.0", "9.0+PTX")]
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(dict.fromkeys(archs))
-    return "9.0a" in archs
+def wgmma_in_build():
+    """Whether the wgmma kernel is built: TORCH_CUDA_ARCH_LIST has 9.0a and no
+    other code an sm_90 GPU could load instead (plain 9.0, whose wgmma kernel is a
+    trap stub, or a name torch expands to it). PTX of older archs is fine: a GPU
+    prefers machine code built for it."""
+    archs = [a.removesuffix("+PTX") for a in
+             re.split(r"[;, ]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
+    if "9.0a" not in archs:
+        return False
+    if any(a == "9.0" or not a[:1].isdigit() for a in archs):
+        print("resnet_fused: TORCH_CUDA_ARCH_LIST has 9.0a and plain 9.0 (or a named arch); "
+              "the wgmma kernel is left out, as an sm_90 GPU may load the plain code")
+        return False
+    return True
 
 
 build_cuda, cuda_home, why = decide_cuda()
 if build_cuda:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc_version(cuda_home))
 
 if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
     fail("no C++ compiler found (install g++, or set CXX)")
@@ -185,7 +189,7 @@ if build_cuda:
     if missing:
         fail(f"CUDA headers not found: {', '.join(missing)} (looked in {cuda_home}/include and "
              "the nvidia-* wheels); install the CUDA toolkit's dev headers")
-    sm90a = settle_arch_list()
+    sm90a = wgmma_in_build()
     ext = CUDAExtension(
         "resnet_fused._C", sources, include_dirs=include_dirs,
         # Recorded so the package can say so when the GPU's arch is not among them.

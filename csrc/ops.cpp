@@ -78,5 +78,11 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddIntConstant(m, "with_cuda", 0);
   PyModule_AddStringConstant(m, "cuda_archs", "");
 #endif
+  // Whether the Hopper wgmma conv kernel was built (setup.py: 9.0a without plain 9.0).
+#ifdef RESNET_FUSED_SM90A
+  PyModule_AddIntConstant(m, "cuda_wgmma", 1);
+#else
+  PyModule_AddIntConstant(m, "cuda_wgmma", 0);
+#endif
   return m;
 }

@@ -4,7 +4,10 @@ loosely against an fp64 CPU reference too (so the sanitizer instruments only our
 kernels, not cuDNN), and a silent wrong answer is also reported. Exit status 1 on
 a mismatch.
 
-  compute-sanitizer --tool memcheck python3 scripts/sanitize_ops.py
+  compute-sanitizer --tool memcheck python3 scripts/sanitize_ops.py [--wgmma]
+
+--wgmma runs the Hopper wgmma kernel's cases instead (RESNET_FUSED_CUDA_TILE=H; an
+sm_90 GPU and a 9.0a build): apart, as that kernel is not yet verified.
 """
 
 import os
@@ -47,7 +50,7 @@ CASES = [
     ("fp32 exact (SIMT)", torch.float32, False, 2, 40, 72, 11, 3, 1, 1, 1, True, False),
 ]
 # The Hopper wgmma kernel (RESNET_FUSED_CUDA_TILE=H, 5 stages): more k-tiles than
-# stages, partial M and N tiles; run where it can run (an sm_90 GPU, a 9.0a build).
+# stages, partial M and N tiles.
 WGMMA_CASES = [
     ("fp16 wgmma, 8 k-tiles", torch.float16, False, 7, 256, 128, 56, 1, 1, 0, 1, True, False),
     ("bf16 wgmma 3x3, partial tiles", torch.bfloat16, False, 2, 96, 200, 13, 3, 1, 1, 1, True,
@@ -57,8 +60,7 @@ WGMMA_CASES = [
 
 def wgmma_runs():
     from resnet_fused import _extension
-    archs = _extension._C.cuda_archs.replace(",", ";").replace(" ", ";").split(";")
-    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs
+    return torch.cuda.get_device_capability() == (9, 0) and bool(_extension._C.cuda_wgmma)
 
 
 def main():
@@ -74,11 +76,13 @@ def main():
         else:
             os.environ["RESNET_FUSED_CUDA_TILE"] = saved_tile
 
-    cases = [(c, None) for c in CASES]
-    if wgmma_runs():
-        cases += [(c, "H") for c in WGMMA_CASES]
+    if "--wgmma" not in sys.argv[1:]:
+        cases = [(c, None) for c in CASES]
+    elif wgmma_runs():
+        cases = [(c, "H") for c in WGMMA_CASES]
     else:
-        print("skipped: the wgmma cases (not an sm_90 GPU, or no 9.0a in the build)")
+        print("sanitize_ops: skipped: the wgmma cases need an sm_90 GPU and a 9.0a build")
+        return 0
     for (label, dtype, tf32, N, C, K, H, R, st, pad, groups, use_res, nchw), tile in cases:
         if tile is not None:
             os.environ["RESNET_FUSED_CUDA_TILE"] = tile  # read by the op at each launch

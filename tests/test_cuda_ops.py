@@ -17,6 +17,7 @@ every shape (H, the Hopper wgmma kernel, takes the fp16/bf16 launches).
 
 import functools
 import math
+import os
 import re
 
 import pytest
@@ -421,26 +422,31 @@ def test_unknown_tile_override_is_named(monkeypatch):
         ops.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1)
 
 
-def test_wgmma_override_runs_or_says_why(monkeypatch):
+# Only in the H run of gpu_check.sh, which does not decide its exit status: a
+# fault in the (not yet verified) wgmma kernel would end this process's CUDA context.
+@pytest.mark.skipif(os.environ.get("RESNET_FUSED_CUDA_TILE") != "H",
+                    reason="runs with RESNET_FUSED_CUDA_TILE=H (gpu_check.sh's H row)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wgmma_override_runs_or_says_why(monkeypatch, dtype):
     """RESNET_FUSED_CUDA_TILE=H runs the wgmma kernel where it can (an sm_90 GPU, a
     build for 9.0a), checked here against fp64 on a conv of several k-tiles and
     partial M and N tiles; anywhere else the conv fails naming the GPU and the
     build's archs, rather than running another kernel. Operands are exact in fp16
-    and their products sum exactly in fp32, so only the output's rounding is left."""
+    and bf16 and their products sum exactly in fp32, so only the output's rounding is
+    left: half an ulp, 2^-11 (fp16) or 2^-8 (bf16) of max|ref| at most."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-4, 5, (3, 96, 9, 11), generator=g) / 4
     w = torch.randint(-4, 5, (200, 96, 3, 3), generator=g) / 8
     b = torch.randint(-4, 5, (200,), generator=g) / 4
     ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
-    args = (x.half().to(DEV).contiguous(memory_format=torch.channels_last), w.half().to(DEV),
-            b.half().to(DEV), None, [1, 1], [1, 1], [1, 1], 1)
+    args = (x.to(DEV, dtype).contiguous(memory_format=torch.channels_last), w.to(DEV, dtype),
+            b.to(DEV, dtype), None, [1, 1], [1, 1], [1, 1], 1)
     from resnet_fused import _extension
-    archs = _extension._C.cuda_archs.replace(",", ";").replace(" ", ";").split(";")
     monkeypatch.setenv("RESNET_FUSED_CUDA_TILE", "H")
-    if torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs:
+    if torch.cuda.get_device_capability() == (9, 0) and _extension._C.cuda_wgmma:
         y = ops.conv_bias_act(*args)
         err = ((y.double().cpu() - ref).abs().max() / ref.abs().max()).item()
-        assert err <= 2.0 ** -11, err
+        assert err <= (2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8), err
     else:
         with pytest.raises(RuntimeError, match="RESNET_FUSED_CUDA_TILE=H: the wgmma kernel "
                                                "needs an sm_90 GPU"):

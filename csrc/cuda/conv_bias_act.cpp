@@ -76,7 +76,9 @@ void check_cuda_conv(const char* op, const Tensor& input) {
 //   auto     (or unset) the size rule in choose_kernel
 // The direct kernel's cases are never overridden. Read at every dispatch (a
 // getenv, well under a microsecond), so that one process can time configs side by
-// side (benchmarks/conv_shapes.py --tiles).
+// side (benchmarks/conv_shapes.py --tiles); change it only from the thread that
+// launches (setenv may move the environment under a concurrent getenv). A CUDA
+// graph keeps the kernels chosen when it was captured.
 constexpr const char* kTileEnv = "RESNET_FUSED_CUDA_TILE";
 
 std::optional<ConvKernel> tile_override() {
@@ -111,8 +113,9 @@ bool tensor_core_code(int device) {
 }
 
 // The wgmma kernel's code exists only in a build for 9.0a (setup.py defines
-// RESNET_FUSED_SM90A then, and keeps plain 9.0 out of that build so that an sm_90
-// GPU cannot load the kernel's trap stub instead), and runs only on sm_90 GPUs.
+// RESNET_FUSED_SM90A then, and not when the build also has plain 9.0 code, which
+// an sm_90 GPU could load instead: there the kernel is a trap stub), and runs only
+// on sm_90 GPUs.
 void check_wgmma_runs(int device) {
   const auto* prop = at::cuda::getDeviceProperties(device);
 #ifdef RESNET_FUSED_SM90A
@@ -123,7 +126,8 @@ void check_wgmma_runs(int device) {
   TORCH_CHECK(built && prop->major == 9 && prop->minor == 0, kTileEnv,
               "=H: the wgmma kernel needs an sm_90 GPU (H100, H200) and a build for 9.0a; this "
               "GPU is sm_", prop->major, prop->minor, " and this build's archs are '",
-              RESNET_FUSED_CUDA_ARCHS, "' (set TORCH_CUDA_ARCH_LIST=9.0a and rebuild)");
+              RESNET_FUSED_CUDA_ARCHS, "' (build with TORCH_CUDA_ARCH_LIST=9.0a, without plain "
+              "9.0)");
 }
 
 // Path and tile choice. Tile table (see igemm.cuh): 128x128 (L) when a group has
@@ -136,6 +140,8 @@ ConvKernel choose_kernel(const ConvParams& p, const Tensor& x, const Tensor& w, 
   // or there are more groups than the GEMM kernels' grid has rows (y <= 65535).
   if (p.Kgemm == 0 || p.Kg < 16 || p.groups > conv::kMaxGridY) return ConvKernel::kDirect;
   const auto forced = tile_override();
+  // Forced H where the wgmma kernel cannot run is an error, not a silent other kernel.
+  if (forced == ConvKernel::kTcH && sizeof(T) == 2) check_wgmma_runs(device);
   const bool tensor_cores =
       tensor_core_code<T>(device) && (!std::is_same<T, float>::value || tf32_allowed());
   if (!tensor_cores || forced == ConvKernel::kSimt) return ConvKernel::kSimt;
@@ -144,10 +150,7 @@ ConvKernel choose_kernel(const ConvParams& p, const Tensor& x, const Tensor& w, 
                    aligned(w.const_data_ptr(), 16);
   if (!vec || forced == ConvKernel::kTcX) return ConvKernel::kTcX;
   if (forced == ConvKernel::kTcH) {
-    if (sizeof(T) == 2) {
-      check_wgmma_runs(device);
-      return ConvKernel::kTcH;
-    }
+    if (sizeof(T) == 2) return ConvKernel::kTcH;  // fp32 (TF32): the size rule
   } else if (forced.has_value()) {
     return *forced;
   }
