@@ -197,23 +197,21 @@ def _winograd_fits(c):
             and _extension.winograd_kernel_available())
 
 
-# Each thread reads the alpha^2 transformed weight matrices (alpha = tile + 2) once
-# per block of output tiles and spends alpha^2 * C * K multiply-adds per tile on
-# them: with too few tiles per thread it waits on that read. In a model the weight
-# is not in cache when its layer starts (ResNet-50's weights are 100 MB). So F(4x4)
-# (36 matrices) needs 16 of its tiles per thread; below that F(2x2) (16 matrices)
-# pays from 24 of its tiles per thread, if its weight (64 * C * K bytes) is small
-# enough to come from L3 (up to 256x256 channels); below that oneDNN's direct
-# kernel is faster. With more channels only F(4x4) pays, and only on AVX-512: AVX2's
-# narrower multiply block re-reads the weight too often. Measured on AMD EPYC Zen 4,
-# 2 threads, in ResNet-50 and alone (benchmarks/cpu_kernels.py; AVX2 by
-# RESNET_FUSED_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2), ms:
+# Where the weight is not split across threads (_winograd_splits), each thread reads
+# the alpha^2 transformed weight matrices (alpha = tile + 2) once per block of output
+# tiles and spends alpha^2 * C * K multiply-adds per tile on them: with too few tiles
+# per thread it waits on that read. In a model the weight is not in cache when its
+# layer starts (ResNet-50's weights are 100 MB). So F(4x4) (36 matrices) needs 16 of
+# its tiles per thread; below that F(2x2) (16 matrices) pays from 24 of its tiles per
+# thread, if its weight (64 * C * K bytes) is small enough to come from L3 (up to
+# 256x256 channels); below that oneDNN's direct kernel is faster. With more channels
+# only F(4x4) pays, and only on AVX-512. Measured on AMD EPYC Zen 4, 2 threads, in
+# ResNet-50 and alone (benchmarks/cpu_kernels.py), before the split existed, ms:
 #                                    tiles/thread  F(4x4)  F(2x2)  oneDNN
 #   256 ch, 14x14, batch 1, in the model   8 / 24     0.91       -    1.02
 #     (ResNet-18 batch 1: 15.2 ms with F(2x2) there, 16.8 with F(4x4))
 #   512 ch, 7x7, batch 8, in the model    16 / 64      5.6       -     7.2
-#   512 ch, 7x7, batch 8, AVX2, alone     16 / 64     11.2    10.3     8.0
-#   512 ch, 7x7, batch 4                   8 / 32     4.06    4.25    3.95
+# Those weight-bound shapes now split, and the cost model below picks for them.
 _WINOGRAD_MIN_TILES_PER_THREAD = {4: 16, 2: 24}
 _WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2), and AVX2 at all, pay
 
@@ -237,21 +235,55 @@ _WINOGRAD_F4_MIN_CHANNELS = 16
 #   64 ch, 56x56, batch 8        4.26        3.13
 
 
+def _winograd_splits(c, k, tiles, threads):
+    """Whether winograd_conv3x3 splits this call's output channels across threads
+    (csrc/cpu/winograd.cpp decides the same way): its weight comes in more than one
+    panel and is larger than the transformed input and output of all its tiles, so the
+    threads share each tile and read the weight once between them."""
+    return threads > 1 and k % ops.WINOGRAD_PANEL == 0 and k > ops.WINOGRAD_PANEL \
+        and c * k > tiles * (c + k)
+
+
+# Where the weight is split, each variant reads its weight once and spends its
+# multiply-adds: per input-output channel pair, F(m x m) reads alpha^2 floats and spends
+# alpha^2 per tile, the direct kernel 9 and 9 per pixel. Time ~ bytes * R + multiply-adds,
+# R = multiply-adds per byte of memory traffic, ~1.9 per thread on AMD EPYC Zen 4 (~48 G
+# fp32 multiply-adds/s per thread, ~25 GB/s). Fitted to these times (2 threads, cold
+# weights, alternating, ms; AVX2 by RESNET_FUSED_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2):
+#                             oneDNN  F(2x2)  F(4x4)   model's pick
+#   512 ch, 7x7, batch 1        1.33    1.11    1.57   F(2x2)
+#   512 ch, 7x7, batch 2        2.13    1.77    1.80   F(2x2)
+#   512 ch, 7x7, batch 4        3.89    3.06    2.38   F(4x4)
+#   512 ch, 7x7, batch 8, AVX2  8.14    6.77    4.97   F(4x4)
+#   256 ch, 14x14, batch 1      1.16    0.67    0.69   F(2x2)  (AVX2: 1.18, 0.73, 0.81)
+_BYTES_TO_MACS_PER_THREAD = 1.9
+
+
+def _split_cost(c, k, alpha2, uses, threads):
+    return c * k * (4 * alpha2 * _BYTES_TO_MACS_PER_THREAD * threads + alpha2 * uses)
+
+
 def _winograd_tile(x, weight):
     """The Winograd tile size (4 or 2) that beats oneDNN on x, or None."""
     n, c, h, w = x.shape
+    k = weight.shape[0]
     threads = torch.get_num_threads()
-    small = weight.shape[0] * weight.shape[1] <= _WINOGRAD_L3_WEIGHT
+    small = k * c <= _WINOGRAD_L3_WEIGHT
     if x.dtype == torch.bfloat16:
         needed = _WINOGRAD_MIN_TILES_PER_THREAD[2] * (1 if small else 2)
         fits = h >= 2 and w >= 2 and n * -(-h // 2) * -(-w // 2) >= needed * threads
         return 2 if fits else None
+    tiles = {t: n * -(-h // t) * -(-w // t) for t in (4, 2)
+             if h >= t and w >= t and (t == 2 or c >= _WINOGRAD_F4_MIN_CHANNELS)}
+    if any(_winograd_splits(c, k, count, threads) for count in tiles.values()):
+        costs = {None: _split_cost(c, k, 9, n * h * w, threads)}
+        costs.update({t: _split_cost(c, k, (t + 2) ** 2, count, threads)
+                      for t, count in tiles.items()})
+        return min(costs, key=costs.get)
     for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():
-        if not small and (tile == 2 or _extension.cpu_isa() != "avx512"):
+        if tile not in tiles or (not small and (tile == 2 or _extension.cpu_isa() != "avx512")):
             continue
-        if h < tile or w < tile or (tile == 4 and c < _WINOGRAD_F4_MIN_CHANNELS):
-            continue
-        if n * -(-h // tile) * -(-w // tile) >= needed * threads:
+        if tiles[tile] >= needed * threads:
             return tile
     return None
 

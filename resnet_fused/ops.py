@@ -79,12 +79,18 @@ _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0
                4: tuple(_winograd_g((0, 0.5, -0.5, 2, -2)))}
 
 
+WINOGRAD_PANEL = 64  # output channels per panel of winograd_weight (csrc/cpu/winograd.cpp)
+
+
 def winograd_weight(weight, tile=2):
     """A [K, C, 3, 3] weight in the Winograd domain of F(tile x tile, 3x3) for
-    winograd_conv3x3, computed in float64 (once, at fold time): [16, C, K] float32
-    for tile=2, [36, C, K] for tile=4. The shape tells the op which to run. A
-    bfloat16 weight (tile=2 only, even C) gives [16, C/2, K, 2] bfloat16: the rows of
-    each [C, K] matrix in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
+    winograd_conv3x3, computed in float64 (once, at fold time). float32: [16, K / P, C,
+    P] for tile=2, [36, K / P, C, P] for tile=4, the [C, K] matrix of each of the 16
+    (36) points cut into panels of P = 64 output channels (P = K where 64 does not
+    divide K), so that a thread computing some of the output channels reads a
+    contiguous part of it. The shape tells the op which tile to run. A bfloat16 weight
+    (tile=2 only, even C) gives [16, C/2, K, 2] bfloat16: the rows of each [C, K]
+    matrix in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")
@@ -97,11 +103,12 @@ def winograd_weight(weight, tile=2):
     g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.to(torch.float64), g)
     alpha = tile + 2
-    u = u.reshape(alpha * alpha, weight.shape[1], weight.shape[0])
+    k, c = weight.shape[:2]
+    u = u.reshape(alpha * alpha, c, k)
     if bf16:
-        k, c = weight.shape[:2]
         return u.to(torch.bfloat16).reshape(16, c // 2, 2, k).transpose(2, 3).contiguous()
-    return u.to(torch.float32).contiguous()
+    p = WINOGRAD_PANEL if k % WINOGRAD_PANEL == 0 else k
+    return u.to(torch.float32).reshape(alpha * alpha, c, k // p, p).transpose(1, 2).contiguous()
 
 
 def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *, relu=True,

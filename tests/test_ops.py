@@ -335,7 +335,13 @@ class TestAddRelu:
 # sizes (partial 2x2 tiles), channel counts off the vector width, sub-tile images.
 WINOGRAD_CASES = [ConvCase(c, k, h, w, R=3, padding=1, N=n) for n, c, k, h, w in [
     (2, 64, 64, 14, 14), (3, 128, 128, 7, 7), (1, 512, 512, 3, 3), (2, 20, 37, 9, 13),
-    (2, 17, 5, 2, 3), (1, 3, 1, 1, 1), (5, 32, 48, 1, 6)]]
+    (2, 17, 5, 2, 3), (1, 3, 1, 1, 1), (5, 32, 48, 1, 6), (1, 32, 192, 6, 6), (1, 20, 128, 5, 7)]]
+
+
+def winograd_weight_shape(case, tile):
+    # [alpha^2, K / P, C, P]: panels of 64 output channels where 64 divides K.
+    p = ops.WINOGRAD_PANEL if case.K % ops.WINOGRAD_PANEL == 0 else case.K
+    return ((tile + 2) ** 2, case.K // p, case.C, p)
 
 
 class TestWinogradConv3x3:
@@ -348,14 +354,17 @@ class TestWinogradConv3x3:
 
     # tile=4 (F(4x4, 3x3)) is held to the same rule; 9x13 leaves partial 4x4 tiles.
     # Below 16 input channels and for images smaller than a tile the op computes
-    # directly (the 1x1, 2x3 and 1x6 cases take that path for F(4x4)).
+    # directly (the 1x1, 2x3 and 1x6 cases take that path for F(4x4)). With few tiles
+    # and a weight in several panels the threads split the output channels (the
+    # 7x7, 3x3 and the last two cases, on 2 or more threads; 192 channels in
+    # slices of 128 and 64).
     @pytest.mark.parametrize("tile", [2, 4], ids=["f2", "f4"])
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=ids)
     def test_matches_fp64(self, case, channels_last, tile):
         x, w, b, res = case.tensors(channels_last=channels_last)
         u = ops.winograd_weight(w, tile)
-        assert u.shape == ((tile + 2) ** 2, case.C, case.K) and u.dtype == torch.float32
+        assert u.shape == winograd_weight_shape(case, tile) and u.dtype == torch.float32
         for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
                                      (None, res, False), (None, None, True)]:
             out = ops.winograd_conv3x3(x, w, u, bias, residual, relu=relu)
@@ -398,9 +407,12 @@ class TestWinogradConv3x3:
         x, w, _, _ = ConvCase(8, 0, 5, 5, R=3, padding=1).tensors()
         assert ops.winograd_conv3x3(x, w, ops.winograd_weight(w)).shape == (2, 0, 5, 5)
 
+    # The second shape splits its output channels across threads (few tiles, two panels).
+    @pytest.mark.parametrize("shape", [(32, 48, 11, 9, 3), (32, 128, 6, 5, 1)], ids=str)
     @pytest.mark.parametrize("tile", [2, 4])
-    def test_thread_counts_give_the_same_result(self, tile):
-        x, w, b, res = ConvCase(32, 48, 11, 9, R=3, padding=1, N=3).tensors()
+    def test_thread_counts_give_the_same_result(self, tile, shape):
+        c, k, height, width, n = shape
+        x, w, b, res = ConvCase(c, k, height, width, R=3, padding=1, N=n).tensors()
         u = ops.winograd_weight(w, tile)
         before = torch.get_num_threads()
         try:
@@ -414,10 +426,12 @@ class TestWinogradConv3x3:
 
     @pytest.mark.parametrize("change, message", [
         (dict(w=torch.randn(16, 8, 1, 1)), "expected a 3x3 weight"),
-        (dict(u=torch.randn(16, 16, 8)),
-         r"expected winograd_weight of shape \[16, 8, 16\] \(F\(2x2, 3x3\)\) or \[36, 8, 16\]"),
-        (dict(u=torch.randn(25, 8, 16)), r"or \[36, 8, 16\] \(F\(4x4, 3x3\)\).*got \[25, 8, 16\]"),
-        (dict(u=torch.randn(16, 8, 16).double()), "expected winograd_weight float32"),
+        (dict(u=torch.randn(16, 1, 16, 8)),
+         r"expected winograd_weight of shape \[16, 1, 8, 16\] \(F\(2x2, 3x3\)\) or "
+         r"\[36, 1, 8, 16\] \(F\(4x4, 3x3\)\): \[alpha\^2, K / P, C, P\].*got \[16, 1, 16, 8\]"),
+        (dict(u=torch.randn(25, 1, 8, 16)), r"or \[36, 1, 8, 16\].*got \[25, 1, 8, 16\]"),
+        (dict(u=torch.randn(16, 8, 16)), r"got \[16, 8, 16\]"),
+        (dict(u=torch.randn(16, 1, 8, 16).double()), "expected winograd_weight float32"),
         (dict(x=torch.randn(2, 8, 5, 5).half(), w=torch.randn(16, 8, 3, 3).half(),
               b=None, r=None), "expected float32 or bfloat16 input"),
         (dict(x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(16, 8, 3, 3).bfloat16(),
@@ -464,7 +478,8 @@ class TestWinogradConv3x3:
         # in bfloat16, so the two must agree bit for bit.
         w = torch.randint(-4, 5, (16, 8, 3, 3), generator=torch.Generator().manual_seed(0))
         w = w.bfloat16()
-        u, u32 = ops.winograd_weight(w), ops.winograd_weight(w.float())  # [16, 4, 16, 2], [16, 8, 16]
+        u, u32 = ops.winograd_weight(w), ops.winograd_weight(w.float())  # [16, 4, 16, 2], [16, 1, 8, 16]
+        u32 = u32[:, 0]
         assert torch.equal(u[:, :, :, 0], u32[:, 0::2, :].bfloat16())
         assert torch.equal(u[:, :, :, 1], u32[:, 1::2, :].bfloat16())
         with pytest.raises(ValueError, match="bfloat16 weight needs tile 2 and an even number"):

@@ -3,8 +3,8 @@
 // spends 16 multiply-adds per channel pair on a 2x2 output tile instead of 36
 // (2.25x less arithmetic than oneDNN's direct kernel); F(4x4, 3x3) spends 36 on a
 // 4x4 tile instead of 144 (4x less), at the price of larger transforms and a
-// larger rounding error. The winograd_weight's shape, [16, C, K] or [36, C, K],
-// selects which.
+// larger rounding error. The winograd_weight's shape, [16, K / P, C, P] or
+// [36, K / P, C, P] (panels of P output channels), selects which.
 //
 // bfloat16 input runs F(2x2) with V and U in bfloat16 (ATen's bfloat16 brgemm, U in
 // VNNI row pairs), on AVX-512 and for channel counts that are multiples of 16.
@@ -46,13 +46,15 @@ bool winograd_bf16_kernel_available() {
 
 namespace {
 
-// winograd::GemmFn: dense row-major operands.
-void gemm_f32(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c) {
-  brgemm_f32(m, n, k, k, n, n, static_cast<const float*>(a), static_cast<const float*>(b), c);
+// winograd::GemmFn: row-major operands, A dense.
+void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t ldb, int64_t ldc, const void* a,
+              const void* b, float* c) {
+  brgemm_f32(m, n, k, k, ldb, ldc, static_cast<const float*>(a), static_cast<const float*>(b), c);
 }
 
-void gemm_bf16(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c) {
-  brgemm_bf16(m, n, k, k, n, n, static_cast<const c10::BFloat16*>(a),
+void gemm_bf16(int64_t m, int64_t n, int64_t k, int64_t ldb, int64_t ldc, const void* a,
+               const void* b, float* c) {
+  brgemm_bf16(m, n, k, k, ldb, ldc, static_cast<const c10::BFloat16*>(a),
               static_cast<const c10::BFloat16*>(b), c);
 }
 
@@ -84,12 +86,33 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   p.tiles_w = (p.W + p.tile - 1) / p.tile;
   p.tiles = input.size(0) * p.tiles_h * p.tiles_w;
   // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4).
-  p.block = tiles_per_block(p.tiles, at::get_num_threads(), p.tile == 4 ? 24 : 96);
+  const int64_t threads = at::get_num_threads();
+  p.block = tiles_per_block(p.tiles, threads, p.tile == 4 ? 24 : 96);
+  p.u_panel = p.bf16 ? p.K : U.size(3);
+  p.k_slices = 1;
+  p.k_slice = p.K;
+  // Each block reads all of U, alpha^2 * C * K, and its V and M, alpha^2 * tiles *
+  // (C + K). Where U is the larger and comes in panels, the threads share one block of
+  // all the tiles (or one per group of threads) and split its output channels, so U is
+  // read once per call instead of once per block (resnet_fused/dispatch.py's
+  // _winograd_splits decides the same way). Measured on AMD EPYC Zen 4, 2 threads,
+  // cold weights, alternating, split vs one block per thread, ms: 512 channels at
+  // 7x7, F(2x2), batch 1: 1.04 vs 1.50; F(4x4), batch 4: 2.39 vs 3.17, and with AVX2,
+  // batch 8: 4.97 vs 7.55; 256 channels at 14x14, F(4x4), batch 2: 1.00 vs 1.17.
+  const int64_t panels = p.K / p.u_panel;
+  const bool weight_bound = p.C * p.K > p.tiles * (p.C + p.K);
+  if (threads > 1 && panels > 1 && weight_bound) {
+    p.k_slices = std::min(threads, panels);
+    const int64_t groups = (threads + p.k_slices - 1) / p.k_slices;
+    p.block = (p.tiles + groups - 1) / groups;
+    p.k_slice = (panels + p.k_slices - 1) / p.k_slices * p.u_panel;
+  }
+  p.m_cols = p.k_slice;
   // A padded stride keeps the 16 (36) slabs of a tile off the same L1 sets (16 KiB
   // apart they all collided: measured 3x slower transforms).
   auto padded = [](int64_t n) { return (n + 15) / 16 * 16 + 16; };
   p.v_stride = padded(p.block * p.C);
-  p.m_stride = padded(p.block * p.K);
+  p.m_stride = padded(p.block * p.m_cols);
   p.gemm = p.bf16 ? &gemm_bf16 : &gemm_f32;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   const auto run = cpu_isa() == CpuIsa::kAvx512 ? &winograd::run_blocks_avx512
@@ -102,8 +125,9 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
 #endif
   const int64_t scratch = winograd::scratch_floats(p);
   const int64_t blocks = (p.tiles + p.block - 1) / p.block;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    // Per-thread scratch, kept between calls: a few MB at most for ResNet's shapes.
+  at::parallel_for(0, blocks * p.k_slices, 1, [&](int64_t first, int64_t last) {
+    // Per-thread scratch, kept between calls: a few MB at most for ResNet's shapes
+    // (split calls: less than U).
     thread_local std::vector<float> buffer;
     if (static_cast<int64_t>(buffer.size()) < scratch) buffer.resize(scratch);
     run(p, first, last, buffer.data());
@@ -115,6 +139,11 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
 }  // namespace
 
 namespace {
+
+// Output channels per panel of the float32 winograd_weight, as resnet_fused.ops.
+// winograd_weight cuts it: 64 where that divides K, else one panel of all K.
+constexpr int64_t kPanel = 64;
+int64_t winograd_panel(int64_t K) { return K % kPanel == 0 ? kPanel : K; }
 
 void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor& U,
                          const optional<Tensor>& bias, const optional<Tensor>& residual) {
@@ -136,11 +165,13 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
                 U.sizes(), " ", U.scalar_type());
     return;
   }
-  TORCH_CHECK(U.dim() == 3 && (U.size(0) == 16 || U.size(0) == 36) && U.size(1) == C &&
-                  U.size(2) == K,
-              "winograd_conv3x3: expected winograd_weight of shape [16, ", C, ", ", K,
-              "] (F(2x2, 3x3)) or [36, ", C, ", ", K,
-              "] (F(4x4, 3x3)), from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
+  const int64_t P = winograd_panel(K);
+  TORCH_CHECK(U.dim() == 4 && (U.size(0) == 16 || U.size(0) == 36) && U.size(2) == C &&
+                  U.size(3) > 0 && U.size(1) * U.size(3) == K,
+              "winograd_conv3x3: expected winograd_weight of shape [16, ", K / P, ", ", C, ", ",
+              P, "] (F(2x2, 3x3)) or [36, ", K / P, ", ", C, ", ", P,
+              "] (F(4x4, 3x3)): [alpha^2, K / P, C, P], the transformed weight in panels of P "
+              "output channels, from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
               U.sizes());
   TORCH_CHECK(U.scalar_type() == at::kFloat && U.device().is_cpu(),
               "winograd_conv3x3: expected winograd_weight float32 on cpu, got ", U.scalar_type(),

@@ -9,8 +9,10 @@
 //      tiles x C, vectorized over channels (channels_last makes them contiguous),
 //      in fp32 and stored in the element type (bfloat16 input: rounded to bfloat16);
 //   2. M[xi] = V[xi] @ U[xi] with oneDNN's GEMM micro-kernel (ATen's cpublas::brgemm,
-//      summing in fp32),
-//      U = the weight pre-transformed (G g G^T) by resnet_fused.ops.winograd_weight;
+//      summing in fp32), U = the weight pre-transformed (G g G^T) by
+//      resnet_fused.ops.winograd_weight, in panels of output channels; where U is
+//      larger than the block's V and M, the block's output channels are cut into
+//      slices for several threads (winograd.cpp);
 //   3. M is transformed back (A^T m A) to m x m outputs, and bias, residual and
 //      ReLU are applied before the one store.
 #pragma once
@@ -98,17 +100,19 @@ void transform_input_f2(const Problem& p, const T* zeros, T* v, int64_t t0, int6
   });
 }
 
-// out = act(A^T m A + bias [+ residual]) for each 2x2 output tile, with
+// out = act(A^T m A + bias [+ residual]) for each 2x2 output tile and output
+// channels [k0, k1) (m holds those columns, rows m_cols apart), with
 // A^T = [1 1 1 0; 0 1 -1 -1].
 template <class V, class T>
-void transform_output_f2(const Problem& p, const float* m, int64_t t0, int64_t count) {
+void transform_output_f2(const Problem& p, const float* m, int64_t t0, int64_t count,
+                         int64_t k0, int64_t k1) {
   using Reg = typename V::Reg;
   for (int64_t l = 0; l < count; ++l) {
     const Tile t = tile_at(p, t0 + l);
     const int rows = t.y + 1 < p.H ? 2 : 1, cols = t.x + 1 < p.W ? 2 : 1;
-    for (int64_t k = 0; k < p.K; k += V::kLanes) {
-      const int64_t n = p.K - k;
-      const float* src = m + l * p.K + k;
+    for (int64_t k = k0; k < k1; k += V::kLanes) {
+      const int64_t n = k1 - k;
+      const float* src = m + l * p.m_cols + (k - k0);
       Reg q[2][4];  // A^T m
       for (int j = 0; j < 4; ++j) {
         const Reg m0 = V::load(src + j * p.m_stride, n);
@@ -201,17 +205,18 @@ void transform_input_f4(const Problem& p, const float* zeros, float* v, int64_t 
 }
 
 // out = act(A^T m A + bias [+ residual]) for each 4x4 output tile (clipped at
-// the image's bottom and right edges).
+// the image's bottom and right edges) and output channels [k0, k1).
 template <class V>
-void transform_output_f4(const Problem& p, const float* m, int64_t t0, int64_t count) {
+void transform_output_f4(const Problem& p, const float* m, int64_t t0, int64_t count, int64_t k0,
+                         int64_t k1) {
   using Reg = typename V::Reg;
   for (int64_t l = 0; l < count; ++l) {
     const Tile t = tile_at(p, t0 + l);
     const int rows = p.H - t.y < 4 ? static_cast<int>(p.H - t.y) : 4;
     const int cols = p.W - t.x < 4 ? static_cast<int>(p.W - t.x) : 4;
-    for (int64_t k = 0; k < p.K; k += V::kLanes) {
-      const int64_t n = p.K - k;
-      const float* src = m + l * p.K + k;
+    for (int64_t k = k0; k < k1; k += V::kLanes) {
+      const int64_t n = k1 - k;
+      const float* src = m + l * p.m_cols + (k - k0);
       Reg q[6][4];  // q[j] = (A^T m)[:, j], column j of 6
       for (int j = 0; j < 6; ++j) {
         Reg col[6];
@@ -231,8 +236,9 @@ void transform_output_f4(const Problem& p, const float* m, int64_t t0, int64_t c
 
 // ---- the driver -----------------------------------------------------------------
 
-// Blocks [first, last) of p.block tiles of kTile x kTile outputs with elements of
-// type T; `scratch` holds scratch_floats(p) floats.
+// Items [first, last) (run_blocks_avx512 says which) of p.block tiles of kTile x kTile
+// outputs with elements of type T; `scratch` holds scratch_floats(p) floats. A thread
+// with several slices of one block transforms its input once.
 template <class V, int kTile, class T>
 void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
   constexpr int kXi = (kTile + 2) * (kTile + 2);
@@ -240,23 +246,35 @@ void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
   float* m = scratch + v_floats(p);
   T* zeros = reinterpret_cast<T*>(m + kXi * p.m_stride);
   for (int64_t c = 0; c < p.C; ++c) zeros[c] = T(0);  // +0.0 in float and in bfloat16
-  for (int64_t blk = first; blk < last; ++blk) {
+  int64_t transformed = -1;  // the block whose input V holds
+  for (int64_t item = first; item < last; ++item) {
+    const int64_t blk = item / p.k_slices;
+    const int64_t k0 = (item % p.k_slices) * p.k_slice;
+    const int64_t k1 = k0 + p.k_slice < p.K ? k0 + p.k_slice : p.K;
+    if (k0 >= k1) continue;
     const int64_t t0 = blk * p.block;
     const int64_t count = p.tiles - t0 < p.block ? p.tiles - t0 : p.block;
-    if constexpr (kTile == 4) {
-      transform_input_f4<V>(p, zeros, v, t0, count);
-    } else {
-      transform_input_f2<V, T>(p, zeros, v, t0, count);
+    if (blk != transformed) {
+      if constexpr (kTile == 4) {
+        transform_input_f4<V>(p, zeros, v, t0, count);
+      } else {
+        transform_input_f2<V, T>(p, zeros, v, t0, count);
+      }
+      transformed = blk;
     }
+    // M[xi] (count x (k1 - k0), rows m_cols apart) = V[xi] (count x C) @ U[xi][:, k0:k1],
+    // one product per weight panel (the panel at k: C x u_panel, k * C into U[xi]).
     for (int xi = 0; xi < kXi; ++xi) {
-      // M[xi] (count x K) = V[xi] (count x C) @ U[xi] (C x K), all row-major.
-      p.gemm(count, p.K, p.C, v + xi * p.v_stride, static_cast<const T*>(p.U) + xi * p.C * p.K,
-             m + xi * p.m_stride);
+      const T* u = static_cast<const T*>(p.U) + xi * p.C * p.K;
+      for (int64_t k = k0; k < k1; k += p.u_panel) {
+        p.gemm(count, p.u_panel, p.C, p.u_panel, p.m_cols, v + xi * p.v_stride, u + k * p.C,
+               m + xi * p.m_stride + (k - k0));
+      }
     }
     if constexpr (kTile == 4) {
-      transform_output_f4<V>(p, m, t0, count);
+      transform_output_f4<V>(p, m, t0, count, k0, k1);
     } else {
-      transform_output_f2<V, T>(p, m, t0, count);
+      transform_output_f2<V, T>(p, m, t0, count, k0, k1);
     }
   }
 }

@@ -7,16 +7,18 @@
 namespace resnet_fused {
 namespace winograd {
 
-// C (m x n, float) = A (m x k) @ B (k x n), row-major and dense (lda = k, ldb = ldc = n);
-// A and B float, or bfloat16 with B in VNNI pairs (rows 2i and 2i+1 interleaved).
-using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, const void* a, const void* b, float* c);
+// C (m x n, float) = A (m x k) @ B (k x n), row-major, lda = k; B's rows ldb apart and
+// C's ldc apart (a slice of columns of a wider matrix). A and B float, or bfloat16 with
+// B in VNNI pairs (rows 2i and 2i+1 interleaved).
+using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, int64_t ldb, int64_t ldc, const void* a,
+                        const void* b, float* c);
 
 struct Problem {
   // channels_last [N, C, H, W] input, [N, K, H, W] output/residual (stride 1, padding 1),
   // float, or bfloat16 (raw bits) when `bf16`: then V and U are bfloat16 too (F(2x2)
   // on AVX-512 only, C and K multiples of 16).
   const void* input;
-  const void* U;          // [alpha^2, C, K], from resnet_fused.ops.winograd_weight
+  const void* U;          // [alpha^2, K / u_panel, C, u_panel], resnet_fused.ops.winograd_weight
   const float* bias;      // [K] or null, float either way
   const void* residual;   // or null
   void* out;
@@ -26,6 +28,10 @@ struct Problem {
   int tile;                         // 2: F(2x2, 3x3), alpha = 4; 4: F(4x4, 3x3), alpha = 6
   int64_t tiles_h, tiles_w, tiles;  // tile x tile output tiles
   int64_t block;                    // tiles per block
+  int64_t u_panel;                  // output channels per panel of U (K for bfloat16)
+  int64_t k_slices;                 // a block's output channels cut into this many slices,
+  int64_t k_slice;                  // each of k_slice channels, a multiple of u_panel
+  int64_t m_cols;                   // columns of M: k_slice, or K with one slice
   int64_t v_stride, m_stride;       // floats between consecutive V[xi] / M[xi] in a block
   GemmFn gemm;
 };
@@ -42,6 +48,8 @@ inline int64_t scratch_floats(const Problem& p) {
   return v_floats(p) + alpha * alpha * p.m_stride + p.C;
 }
 
+// Items [first, last) of blocks x k_slices, block-major: block i / k_slices, output
+// channels of slice i % k_slices.
 void run_blocks_avx2(const Problem& p, int64_t first, int64_t last, float* scratch);
 void run_blocks_avx512(const Problem& p, int64_t first, int64_t last, float* scratch);
 
