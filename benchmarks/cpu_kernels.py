@@ -1,6 +1,6 @@
 """Times the CPU Winograd kernels against what they replace, per ResNet-50 layer shape:
-winograd_conv3x3 with F(2x2, 3x3) and with F(4x4, 3x3) vs conv_bias_act (oneDNN,
-weight packed as the model packs it), with each one's error against fp64, the tests'
+winograd_conv3x3 with F(2x2, 3x3) and with F(4x4, 3x3), and F(2x2, 3x3) at stride 2 for
+the stage transitions, vs conv_bias_act (oneDNN, weight packed as the model packs it), with each one's error against fp64, the tests'
 tolerance and the model's pick (dispatch._winograd_tile). fp32 (or bfloat16: F(2x2) only,
 its error held to 2x oneDNN's), channels_last, on the threads torch uses; the variants
 alternate, median of repeats after warm-up. --cold: before each call 64 MB of other memory
@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 from resnet_fused import _extension, dispatch, ops
 
-# (C = K, H = W) of ResNet-50's stride-1 3x3 convs, layer1-4.
-WINOGRAD_LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
+# (C = K, input H = W, stride) of ResNet-50's 3x3 convs: stride 1 in layer1-4, stride 2
+# at the start of layer2-4.
+WINOGRAD_LAYERS = [(64, 56, 1), (128, 28, 1), (256, 14, 1), (512, 7, 1), (128, 56, 2),
+                   (256, 28, 2), (512, 14, 2)]
 
 
 def median_ms(fns, repeats, cold, warmup=3):
@@ -42,21 +44,24 @@ def rel_err(out, ref):
 
 
 def winograd_rows(batch, repeats, dtype, cold):
-    for c, h in WINOGRAD_LAYERS:
+    for c, h, stride in WINOGRAD_LAYERS:
+        if stride == 2 and dtype != torch.float32:
+            continue
         x = torch.randn(batch, c, h, h).relu().contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5, torch.randn(c)
-        ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
+        ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=1))
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
-        packed = ops.pack_weight(w, 1, 1, 1, 1, x.shape)
-        runs = [lambda: ops.conv_bias_act(x, packed, b, None, 1, 1, 1, 1, relu=True,
+        packed = ops.pack_weight(w, stride, 1, 1, 1, x.shape)
+        runs = [lambda: ops.conv_bias_act(x, packed, b, None, stride, 1, 1, 1, relu=True,
                                           assume_finite=True)]
-        for tile in (2, 4) if dtype == torch.float32 else (2,):
-            u = ops.winograd_weight(w, tile)
-            runs.append(lambda u=u: ops.winograd_conv3x3(x, w, u, b, None, relu=True,
-                                                         assume_finite=True))
-        pick = dispatch._winograd_tile(x, w)
-        yield (f"3x3 {c}ch {h}x{h}", median_ms(runs, repeats, cold),
-               [rel_err(f(), ref) for f in runs], "oneDNN" if pick is None else f"F{pick}")
+        for tile in (2, 4) if dtype == torch.float32 and stride == 1 else (2,):
+            u = ops.winograd_weight(w, tile, stride=stride)
+            runs.append(lambda u=u: ops.winograd_conv3x3(x, w, u, b, None, stride=stride,
+                                                         relu=True, assume_finite=True))
+        pick = dispatch._winograd_tile(x, w, stride)
+        name = f"3x3{'/2' if stride == 2 else ''} {c}ch {h}x{h}"
+        yield (c, name, median_ms(runs, repeats, cold), [rel_err(f(), ref) for f in runs],
+               "oneDNN" if pick is None else f"F{pick}")
 
 
 def main():
@@ -78,8 +83,7 @@ def main():
     eps = torch.finfo(torch.float32).eps
     with torch.inference_mode():
         for batch in (int(v) for v in args.batch_sizes.split(",")):
-            for (c, _), (name, times, errs, pick) in zip(
-                    WINOGRAD_LAYERS, winograd_rows(batch, args.repeats, dtype, args.cold)):
+            for c, name, times, errs, pick in winograd_rows(batch, args.repeats, dtype, args.cold):
                 t_ref, t2, t4 = times + [float("nan")] * (3 - len(times))
                 e_ref, e2, e4 = errs + [float("nan")] * (3 - len(errs))
                 # tests/common_utils.py's rule for fp32; in bfloat16, 2x oneDNN's error.

@@ -30,13 +30,15 @@ TORCH_LIBRARY(resnet_fused, m) {
   // In-place ops return nothing: functionalization (torch.compile) supports
   // mutating custom ops only without aliased outputs.
   m.def("add_relu_(Tensor(a!) a, Tensor b) -> ()");
-  // conv_bias_act for a 3x3, stride-1, padding-1, ungrouped conv, computed by
-  // Winograd's F(2x2, 3x3) or F(4x4, 3x3) on CPU. winograd_weight is
-  // resnet_fused.ops.winograd_weight(weight, tile): the weight in the Winograd domain,
-  // [16 or 36, C, K] float32, or [16, C/2, K, 2] bfloat16 (VNNI pairs).
+  // conv_bias_act for a 3x3, padding-1, ungrouped conv, computed by Winograd's
+  // F(2x2, 3x3) or F(4x4, 3x3) at stride 1, F(2x2, 3x3) at stride 2, on CPU.
+  // winograd_weight is resnet_fused.ops.winograd_weight(weight, tile, stride): the
+  // weight in the Winograd domain, float32 [16 or 36, K / P, C, P] (stride 1) or
+  // [4, 4, K / P, C, P] (stride 2) in panels of P output channels, or [16, C/2, K, 2]
+  // bfloat16 (VNNI pairs, stride 1).
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
-      "Tensor? residual, *, bool relu=True, bool assume_finite=False) -> Tensor");
+      "Tensor? residual, *, int stride=1, bool relu=True, bool assume_finite=False) -> Tensor");
   // conv_bias_act for a 1x1, stride-1, ungrouped conv, computed on CPU as one matrix
   // product on oneDNN's brgemm micro-kernel. weight_panels is
   // resnet_fused.ops.conv1x1_weight(weight): the weight as [K / 64, C, 64] panels.

@@ -149,12 +149,13 @@ class PreparedConv:
         inputs need: they are 16/9 (F(2x2)) and 4x (F(4x4)) the weight's size."""
         if not self.winograd_fits or tracing():
             return None
-        tile = _winograd_tile(x, self.weight)
+        tile = _winograd_tile(x, self.weight, self.stride[0])
         if tile is None:
             return None
         u = self.winograd.get(tile)
         if u is None:
-            u = self.winograd[tile] = ops.winograd_weight(self.weight, tile=tile)
+            u = self.winograd[tile] = ops.winograd_weight(self.weight, tile=tile,
+                                                          stride=self.stride[0])
         return u
 
 
@@ -186,13 +187,15 @@ _BF16_WINOGRAD_ON_AMX = os.environ.get("RESNET_FUSED_BF16_WINOGRAD_ON_AMX", "") 
 
 def _winograd_fits(c):
     # 3x3 stride-1 convs, by F(4x4, 3x3) (4x fewer multiplies) or F(2x2, 3x3) (2.25x
-    # fewer); _winograd_tile says where each beats oneDNN's direct kernel. bfloat16:
-    # F(2x2) on AVX-512, with whole 16-channel vectors (winograd.cpp), not on AMX.
+    # fewer), and fp32 stride-2 ones by F(2x2, 3x3) at stride 2 (1.44x fewer);
+    # _winograd_tile says where each beats oneDNN's direct kernel. bfloat16: F(2x2) at
+    # stride 1 on AVX-512, with whole 16-channel vectors (winograd.cpp), not on AMX.
     k, cin = c.weight.shape[:2]
     bf16 = (c.dtype == torch.bfloat16 and _extension.winograd_bf16_kernel_available()
             and (not _AMX or _BF16_WINOGRAD_ON_AMX) and k % 16 == 0 and cin % 16 == 0)
+    strides = ((1, 1), (2, 2)) if c.dtype == torch.float32 else ((1, 1),)
     return (c.weight.device.type == "cpu" and (c.dtype == torch.float32 or bf16)
-            and tuple(c.weight.shape[2:]) == (3, 3) and c.stride == (1, 1)
+            and tuple(c.weight.shape[2:]) == (3, 3) and c.stride in strides
             and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1
             and _extension.winograd_kernel_available())
 
@@ -259,16 +262,33 @@ def _winograd_splits(c, k, tiles, threads):
 _BYTES_TO_MACS_PER_THREAD = 1.9
 
 
-def _split_cost(c, k, alpha2, uses, threads):
-    return c * k * (4 * alpha2 * _BYTES_TO_MACS_PER_THREAD * threads + alpha2 * uses)
+def _cost(c, k, weight_floats, macs, threads):
+    """The time model above, per call: weight_floats and macs per channel pair."""
+    return c * k * (4 * weight_floats * _BYTES_TO_MACS_PER_THREAD * threads + macs)
 
 
-def _winograd_tile(x, weight):
+# Stride 2, F(2x2): 25 multiply-adds per 2x2 output tile for the direct kernel's 36, on
+# 16 distinct weight matrices; its 25 small products run ~1.2x slower per multiply-add
+# than oneDNN's direct kernel (measured 1.15-1.21x its speed where the tiles cover the
+# output exactly, 0.86-0.91x at a 7x7 output, where 16 tiles hold 64 outputs for 49:
+# AMD EPYC Zen 4, 2 threads, cold weights, alternating; ResNet's stride-2 shapes at
+# batch 1 and 8). The cost model with that factor picks it from 14x14 outputs.
+_STRIDE2_MAC_COST = 1.2
+
+
+def _winograd_tile(x, weight, stride=1):
     """The Winograd tile size (4 or 2) that beats oneDNN on x, or None."""
     n, c, h, w = x.shape
     k = weight.shape[0]
     threads = torch.get_num_threads()
     small = k * c <= _WINOGRAD_L3_WEIGHT
+    if stride == 2:
+        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        if x.dtype != torch.float32 or ho < 2 or wo < 2:
+            return None
+        tiles = n * -(-ho // 2) * -(-wo // 2)
+        direct = _cost(c, k, 9, 9 * n * ho * wo, threads)
+        return 2 if _cost(c, k, 16, 25 * _STRIDE2_MAC_COST * tiles, threads) < direct else None
     if x.dtype == torch.bfloat16:
         needed = _WINOGRAD_MIN_TILES_PER_THREAD[2] * (1 if small else 2)
         fits = h >= 2 and w >= 2 and n * -(-h // 2) * -(-w // 2) >= needed * threads
@@ -276,8 +296,8 @@ def _winograd_tile(x, weight):
     tiles = {t: n * -(-h // t) * -(-w // t) for t in (4, 2)
              if h >= t and w >= t and (t == 2 or c >= _WINOGRAD_F4_MIN_CHANNELS)}
     if any(_winograd_splits(c, k, count, threads) for count in tiles.values()):
-        costs = {None: _split_cost(c, k, 9, n * h * w, threads)}
-        costs.update({t: _split_cost(c, k, (t + 2) ** 2, count, threads)
+        costs = {None: _cost(c, k, 9, 9 * n * h * w, threads)}
+        costs.update({t: _cost(c, k, (t + 2) ** 2, (t + 2) ** 2 * count, threads)
                       for t, count in tiles.items()})
         return min(costs, key=costs.get)
     for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():
@@ -336,8 +356,8 @@ def conv(x, c, *, relu, finite, residual=None):
         residual = None if residual is None else residual.to(c.dtype)
     kind, w = c.kernel_for(x)
     if kind == "winograd":
-        y = _OPS.winograd_conv3x3(x, c.weight, w, c.bias, residual, relu=relu,
-                                  assume_finite=finite)
+        y = _OPS.winograd_conv3x3(x, c.weight, w, c.bias, residual, stride=c.stride[0],
+                                  relu=relu, assume_finite=finite)
     elif kind == "conv1x1":
         y = _OPS.conv1x1(x, c.weight, w, c.bias, residual, relu=relu)
     else:

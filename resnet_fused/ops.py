@@ -82,45 +82,59 @@ _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0
 WINOGRAD_PANEL = 64  # output channels per panel of winograd_weight (csrc/cpu/winograd.cpp)
 
 
-def winograd_weight(weight, tile=2):
+# F(2x2, 3x3) at stride 2 (csrc/cpu/winograd_kernel.h): the distinct rows of its G,
+# g1 (which the odd input samples meet), g0, g0 + g2 and g2 (the even ones, F(2, 2)).
+_WINOGRAD_G_STRIDE2 = ((0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight, tile=2, stride=1):
     """A [K, C, 3, 3] weight in the Winograd domain of F(tile x tile, 3x3) for
-    winograd_conv3x3, computed in float64 (once, at fold time). float32: [16, K / P, C,
-    P] for tile=2, [36, K / P, C, P] for tile=4, the [C, K] matrix of each of the 16
-    (36) points cut into panels of P = 64 output channels (P = K where 64 does not
-    divide K), so that a thread computing some of the output channels reads a
-    contiguous part of it. The shape tells the op which tile to run. A bfloat16 weight
-    (tile=2 only, even C) gives [16, C/2, K, 2] bfloat16: the rows of each [C, K]
-    matrix in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
+    winograd_conv3x3, computed in float64 (once, at fold time). float32 at stride 1:
+    [16, K / P, C, P] for tile=2, [36, K / P, C, P] for tile=4, the [C, K] matrix of each
+    of the 16 (36) points cut into panels of P = 64 output channels (P = K where 64
+    does not divide K), so that a thread computing some of the output channels reads a
+    contiguous part of it. The shape tells the op which tile to run. At stride 2
+    (tile=2 only): [4, 4, K / P, C, P], the 4 x 4 distinct matrices of its 25 points. A
+    bfloat16 weight (tile=2, stride 1, even C) gives [16, C/2, K, 2] bfloat16: the rows
+    of each [C, K] matrix in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")
     if tile not in _WINOGRAD_G:
         raise ValueError(f"winograd_weight: expected tile 2 or 4, got {tile!r}")
+    if stride not in (1, 2) or (stride == 2 and tile != 2):
+        raise ValueError(f"winograd_weight: expected stride 1, or 2 with tile 2, got stride "
+                         f"{stride!r} with tile {tile}")
     bf16 = weight.dtype == torch.bfloat16
-    if bf16 and (tile != 2 or weight.shape[1] % 2):
-        raise ValueError(f"winograd_weight: a bfloat16 weight needs tile 2 and an even number "
-                         f"of input channels, got tile {tile} and {weight.shape[1]} channels")
-    g = torch.tensor(_WINOGRAD_G[tile], dtype=torch.float64, device=weight.device)
+    if bf16 and (tile != 2 or stride != 1 or weight.shape[1] % 2):
+        raise ValueError(f"winograd_weight: a bfloat16 weight needs tile 2, stride 1 and an even "
+                         f"number of input channels, got tile {tile}, stride {stride} and "
+                         f"{weight.shape[1]} channels")
+    rows = _WINOGRAD_G_STRIDE2 if stride == 2 else _WINOGRAD_G[tile]
+    g = torch.tensor(rows, dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.to(torch.float64), g)
-    alpha = tile + 2
+    points = len(rows) ** 2
     k, c = weight.shape[:2]
-    u = u.reshape(alpha * alpha, c, k)
+    u = u.reshape(points, c, k)
     if bf16:
         return u.to(torch.bfloat16).reshape(16, c // 2, 2, k).transpose(2, 3).contiguous()
     p = WINOGRAD_PANEL if k % WINOGRAD_PANEL == 0 else k
-    return u.to(torch.float32).reshape(alpha * alpha, c, k // p, p).transpose(1, 2).contiguous()
+    u = u.to(torch.float32).reshape(points, c, k // p, p).transpose(1, 2).contiguous()
+    return u.reshape(4, 4, *u.shape[1:]) if stride == 2 else u
 
 
-def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *, relu=True,
-                     assume_finite=False):
-    """conv_bias_act(input, weight, bias, residual, stride=1, padding=1, relu=relu) for a
-    3x3 float32 or bfloat16 weight, computed on CPU by Winograd's F(2x2, 3x3) (2.25x
-    fewer multiplies) or, in float32, F(4x4, 3x3) (4x fewer). `winograd_weight` must be
-    winograd_weight(weight, tile=2) or winograd_weight(weight, tile=4); its shape
-    selects which."""
+def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *, stride=1,
+                     relu=True, assume_finite=False):
+    """conv_bias_act(input, weight, bias, residual, stride=stride, padding=1, relu=relu) for
+    a 3x3 float32 or bfloat16 weight, computed on CPU by Winograd's minimal filtering. At
+    stride 1: F(2x2, 3x3) (2.25x fewer multiplies) or, in float32, F(4x4, 3x3) (4x
+    fewer); `winograd_weight` must be winograd_weight(weight, tile=2) or
+    winograd_weight(weight, tile=4), its shape selects which. At stride 2 (float32):
+    F(2x2, 3x3) (1.44x fewer), with winograd_weight(weight, tile=2, stride=2)."""
     _require()
     return torch.ops.resnet_fused.winograd_conv3x3(input, weight, winograd_weight, bias, residual,
-                                                   relu=relu, assume_finite=assume_finite)
+                                                   stride=stride, relu=relu,
+                                                   assume_finite=assume_finite)
 
 
 CONV1X1_PANEL = 64  # output channels per weight panel (csrc/cpu/conv1x1.cpp)
@@ -212,12 +226,16 @@ def _register_fakes():
         return None
 
     @torch.library.register_fake(lib + "winograd_conv3x3")
-    def _(input, weight, winograd_weight, bias, residual, *, relu=True, assume_finite=False):
+    def _(input, weight, winograd_weight, bias, residual, *, stride=1, relu=True,
+          assume_finite=False):
         _same_device("winograd_conv3x3", input, weight=weight, winograd_weight=winograd_weight,
                      bias=bias, residual=residual)
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "winograd_conv3x3: input and weight must be 4-D")
-        shape = (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
+        torch._check(stride in (1, 2),
+                     lambda: f"winograd_conv3x3: expected stride 1 or 2, got {stride}")
+        shape = (input.shape[0], weight.shape[0], (input.shape[2] - 1) // stride + 1,
+                 (input.shape[3] - 1) // stride + 1)
         return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
     @torch.library.register_fake(lib + "add_relu")
@@ -312,9 +330,11 @@ def _register_autograd():
     # it (ops.winograd_weight) and gets none.
     def winograd_setup(ctx, inputs, keyword_only_inputs, output):
         save(ctx, inputs, output, keyword_only_inputs.get("relu", True), inputs[3], inputs[4])
+        ctx.stride = keyword_only_inputs.get("stride", 1)
 
     def winograd_backward(ctx, grad):
-        gi, gw, gb, gr = _conv_backward(ctx, grad, ((1, 1), (1, 1), (1, 1), 1))
+        s = ctx.stride
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ((s, s), (1, 1), (1, 1), 1))
         return gi, gw, None, gb, gr
 
     torch.library.register_autograd(lib + "winograd_conv3x3", winograd_backward,

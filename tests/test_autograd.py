@@ -44,18 +44,19 @@ def test_add_relu_gradcheck():
     assert torch.autograd.gradcheck(ops.add_relu, (a, b))
 
 
-@pytest.mark.parametrize("tile", [2, 4])
-def test_winograd_conv3x3_grads_match_the_direct_conv(tile):
+@pytest.mark.parametrize("tile, stride", [(2, 1), (4, 1), (2, 2)])
+def test_winograd_conv3x3_grads_match_the_direct_conv(tile, stride):
     # fp32 only (the kernel's dtype): its gradients must equal conv_bias_act's, which
     # gradcheck verifies above; weight gets the gradient, winograd_weight none.
-    case = ConvCase(16, 24, 9, 11, R=3, padding=1)
+    case = ConvCase(16, 24, 9, 11, R=3, stride=stride, padding=1)
     grads = []
     for wino in (True, False):
         x, w, b, r = (t.requires_grad_() for t in case.tensors())
         if wino:
-            out = ops.winograd_conv3x3(x, w, ops.winograd_weight(w.detach(), tile), b, r)
+            u = ops.winograd_weight(w.detach(), tile, stride=stride)
+            out = ops.winograd_conv3x3(x, w, u, b, r, stride=stride)
         else:
-            out = ops.conv_bias_act(x, w, b, r, 1, 1)
+            out = ops.conv_bias_act(x, w, b, r, stride, 1)
         out.square().sum().backward()
         grads.append([t.grad for t in (x, w, b, r)])
     for ours, ref in zip(*grads):

@@ -128,27 +128,31 @@ def test_add_relu_fuzz(shape, layout, device, inplace, seed):
                     reason="no AVX2 or AVX-512: winograd_conv3x3 computes through conv_bias_act")
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
           suppress_health_check=list(HealthCheck))
-@given(tile=st.sampled_from([2, 4]), n=st.integers(1, 3), c=st.integers(1, 40),
-       k=st.integers(1, 40), h=st.integers(1, 19), w=st.integers(1, 19),
+@given(variant=st.sampled_from([(2, 1), (4, 1), (2, 2)]), n=st.integers(1, 3),
+       c=st.integers(1, 40), k=st.one_of(st.integers(1, 40), st.sampled_from([64, 128, 192])),
+       h=st.integers(1, 19), w=st.integers(1, 19),
        x_layout=st.sampled_from(LAYOUTS), residual=st.booleans(), relu=st.booleans(),
        bias=st.booleans(), threads=st.sampled_from([1, 2, 3]),
        seed=st.integers(0, 2**31 - 1))
-def test_winograd_conv3x3_fuzz(tile, n, c, k, h, w, x_layout, residual, relu, bias, threads,
+def test_winograd_conv3x3_fuzz(variant, n, c, k, h, w, x_layout, residual, relu, bias, threads,
                                seed):
-    # Partial output tiles at every edge, channel counts off the vector width, any
-    # input layout, and blocks of tiles split over other thread counts.
+    # Partial output tiles at every edge, channel counts off the vector width, weights
+    # in several panels (split across threads when the tiles are few), any input
+    # layout, and blocks of tiles split over other thread counts; stride 1 and 2.
+    tile, stride = variant
     g = torch.Generator().manual_seed(seed)
-    conv = ConvCase(c, k, h, w, R=3, padding=1, N=n)
+    conv = ConvCase(c, k, h, w, R=3, stride=stride, padding=1, N=n)
     x = torch.randn(n, c, h, w, generator=g)
     wt = torch.randn(k, c, 3, 3, generator=g) / conv.reduction ** 0.5
     b = torch.randn(k, generator=g) if bias else None
-    res = torch.randn(n, k, h, w, generator=g) if residual else None
+    res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
     ref = reference(x, wt, b, res, conv, relu)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        out = ops.winograd_conv3x3(_layout(x, x_layout, None), wt, ops.winograd_weight(wt, tile),
-                                   b, res, relu=relu)
+        out = ops.winograd_conv3x3(_layout(x, x_layout, None), wt,
+                                   ops.winograd_weight(wt, tile, stride=stride), b, res,
+                                   stride=stride, relu=relu)
     finally:
         torch.set_num_threads(before)
     assert out.shape == ref.shape
@@ -158,7 +162,8 @@ def test_winograd_conv3x3_fuzz(tile, n, c, k, h, w, x_layout, residual, relu, bi
     scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
                       None if res is None else res.abs(), conv, False).abs().max().item()
     err = (out.double() - ref).abs().max().item() / scale
-    assert err <= tol(torch.float32, conv.reduction), f"F({tile}x{tile}): error {err:.3g}"
+    assert err <= tol(torch.float32, conv.reduction), \
+        f"F({tile}x{tile}), stride {stride}: error {err:.3g}"
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),

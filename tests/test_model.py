@@ -226,8 +226,8 @@ def test_nan_in_bn_statistics_propagates_like_torchvision():
 
 
 def winograd_tile_counts(arch, threads):
-    """(F(4x4) calls, F(2x2) calls) of a fused `arch` on a 2x3x64x64 input with
-    `threads` threads; its output checked against torchvision's."""
+    """(F(4x4) calls, F(2x2) calls, stride-2 F(2x2) calls) of a fused `arch` on a
+    2x3x64x64 input with `threads` threads; its output checked against torchvision's."""
     if not winograd_kernel_available():
         pytest.skip("no AVX2 or AVX-512 on this CPU: the Winograd kernel does not run here")
     fused = fuse(tv_model(arch))
@@ -240,29 +240,32 @@ def winograd_tile_counts(arch, threads):
     finally:
         torch.set_num_threads(before)
     assert rel_err(out, tv_model(arch)(x)) <= 1e-5
+    # winograd_weight: [alpha^2, K / P, C, P], or [4, 4, K / P, C, P] at stride 2
     tiles = [e.input_shapes[2][0] for e in prof.events()
-             if e.name == "resnet_fused::winograd_conv3x3"]  # winograd_weight: [alpha^2, K / P, C, P]
-    assert len(tiles) == tiles.count(36) + tiles.count(16)
-    return tiles.count(36), tiles.count(16)
+             if e.name == "resnet_fused::winograd_conv3x3"]
+    assert len(tiles) == tiles.count(36) + tiles.count(16) + tiles.count(4)
+    return tiles.count(36), tiles.count(16), tiles.count(4)
 
 
 # Stride-1 3x3 convs of layer1 (input 2x3x64x64, one thread: 32 4x4 output tiles,
 # F(4x4)) and layer2 (8 4x4 tiles, 32 2x2 tiles: F(2x2)); those of layer3 and
-# layer4 have too few tiles for Winograd to pay. Counted per tile size, so that losing
-# a fast path (or taking Winograd where it does not pay, or for a grouped conv) fails.
-@pytest.mark.parametrize("arch, f4, f2", [("resnet18", 4, 3), ("resnet50", 3, 3),
-                                        ("resnext50_32x4d", 0, 0)])
-def test_cpu_fp32_runs_winograd_where_it_pays(arch, f4, f2):
-    assert winograd_tile_counts(arch, threads=1) == (f4, f2)
+# layer4 have too few tiles for Winograd to pay. Of the stride-2 ones, layer2's (8x8
+# outputs) takes F(2x2) at stride 2, the smaller ones not. Counted per tile size, so
+# that losing a fast path (or taking Winograd where it does not pay, or for a grouped
+# conv) fails.
+@pytest.mark.parametrize("arch, counts", [("resnet18", (4, 3, 1)), ("resnet50", (3, 3, 1)),
+                                          ("resnext50_32x4d", (0, 0, 0))])
+def test_cpu_fp32_runs_winograd_where_it_pays(arch, counts):
+    assert winograd_tile_counts(arch, threads=1) == counts
 
 
 # On 2 threads the weight-bound convs split their output channels across the threads
 # and dispatch.py's cost model picks for them: layer2 (128 channels at 8x8) and
 # layer3 (256 at 4x4) take F(2x2), layer4 (512 at 2x2) stays direct; layer1 (one
 # 64-channel panel, no split) keeps F(4x4).
-@pytest.mark.parametrize("arch, f4, f2", [("resnet18", 4, 6), ("resnet50", 3, 8)])
-def test_cpu_fp32_weight_bound_winograd_on_two_threads(arch, f4, f2):
-    assert winograd_tile_counts(arch, threads=2) == (f4, f2)
+@pytest.mark.parametrize("arch, counts", [("resnet18", (4, 6, 1)), ("resnet50", (3, 8, 1))])
+def test_cpu_fp32_weight_bound_winograd_on_two_threads(arch, counts):
+    assert winograd_tile_counts(arch, threads=2) == counts
 
 
 # bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs,

@@ -424,6 +424,40 @@ class TestWinogradConv3x3:
             torch.set_num_threads(before)
         torch.testing.assert_close(one, many, rtol=0, atol=0)
 
+    # Stride 2, F(2x2): ResNet's stage transitions at small sizes, odd sizes (a clipped
+    # last tile), channels off the vector width, outputs of 2 (one tile) and 1 (computed
+    # directly), few tiles with the weight in several panels (split across threads).
+    STRIDE2_CASES = [ConvCase(c, k, h, w, R=3, stride=2, padding=1, N=n) for n, c, k, h, w in [
+        (2, 64, 128, 16, 16), (1, 128, 128, 14, 14), (3, 20, 37, 9, 13), (2, 16, 16, 3, 4),
+        (1, 8, 16, 2, 7), (1, 256, 256, 7, 7), (1, 32, 192, 6, 5)]]
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", STRIDE2_CASES, ids=ids)
+    def test_stride2_matches_fp64(self, case, channels_last):
+        x, w, b, res = case.tensors(channels_last=channels_last)
+        u = ops.winograd_weight(w, 2, stride=2)
+        assert u.shape == (4, 4) + winograd_weight_shape(case, 2)[1:]
+        for bias, residual, relu in [(b, None, True), (b, res, True), (None, res, False),
+                                     (None, None, True)]:
+            out = ops.winograd_conv3x3(x, w, u, bias, residual, stride=2, relu=relu)
+            assert out.shape == (case.N, case.K) + case.out_hw
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            assert_matches(out, reference(x, w, bias, residual, case, relu), torch.float32,
+                           case.reduction)
+
+    def test_stride2_thread_counts_give_the_same_result(self):
+        x, w, b, res = ConvCase(32, 128, 13, 10, R=3, stride=2, padding=1, N=2).tensors()
+        u = ops.winograd_weight(w, stride=2)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = ops.winograd_conv3x3(x, w, u, b, res, stride=2)
+            torch.set_num_threads(max(2, before))
+            many = ops.winograd_conv3x3(x, w, u, b, res, stride=2)
+        finally:
+            torch.set_num_threads(before)
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+
     @pytest.mark.parametrize("change, message", [
         (dict(w=torch.randn(16, 8, 1, 1)), "expected a 3x3 weight"),
         (dict(u=torch.randn(16, 1, 16, 8)),
@@ -438,6 +472,13 @@ class TestWinogradConv3x3:
               b=None, r=None), r"for bfloat16 input, expected winograd_weight of shape "
                                r"\[16, 4, 16, 2\] bfloat16"),
         (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
+        (dict(stride=3), "expected stride 1 or 2, got 3"),
+        (dict(stride=2, r=None), r"at stride 2, expected winograd_weight of shape \[4, 4, 1, 8, 16\].*"
+                         r"got \[16, 1, 8, 16\]"),
+        (dict(stride=2, x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(16, 8, 3, 3).bfloat16(),
+              b=None, r=None), "bfloat16 input runs at stride 1 only, got stride 2"),
+        (dict(stride=2, u=ops.winograd_weight(torch.randn(16, 8, 3, 3), stride=2)),
+         r"expected residual of the output's shape"),
         (dict(r=torch.randn(2, 16, 4, 5)), "expected residual of the output's shape"),
         (dict(b=torch.randn(15)), r"expected bias of shape \[16\]"),
     ])
@@ -447,7 +488,7 @@ class TestWinogradConv3x3:
         a.update(change)
         u = change.get("u", ops.winograd_weight(torch.randn(16, 8, 3, 3)))
         with pytest.raises(RuntimeError, match=message):
-            ops.winograd_conv3x3(a["x"], a["w"], u, a["b"], a["r"])
+            ops.winograd_conv3x3(a["x"], a["w"], u, a["b"], a["r"], stride=change.get("stride", 1))
 
     # bfloat16: F(2x2) with V and U rounded to bfloat16, on AVX-512 (C and K multiples
     # of 16; else, and on other CPUs, through conv_bias_act). Held to the models' rule
@@ -482,16 +523,23 @@ class TestWinogradConv3x3:
         u32 = u32[:, 0]
         assert torch.equal(u[:, :, :, 0], u32[:, 0::2, :].bfloat16())
         assert torch.equal(u[:, :, :, 1], u32[:, 1::2, :].bfloat16())
-        with pytest.raises(ValueError, match="bfloat16 weight needs tile 2 and an even number"):
+        with pytest.raises(ValueError, match="bfloat16 weight needs tile 2, stride 1 and an even"):
             ops.winograd_weight(w, tile=4)
-        with pytest.raises(ValueError, match="got tile 2 and 7 channels"):
+        with pytest.raises(ValueError, match="got tile 2, stride 1 and 7 channels"):
             ops.winograd_weight(torch.randn(16, 7, 3, 3).bfloat16())
+        with pytest.raises(ValueError, match="got tile 2, stride 2 and 8 channels"):
+            ops.winograd_weight(w, stride=2)
 
     def test_winograd_weight_rejects_other_kernels(self):
         with pytest.raises(ValueError, match=r"expected a \[K, C, 3, 3\] weight, got \(4, 2, 5, 5\)"):
             ops.winograd_weight(torch.randn(4, 2, 5, 5))
         with pytest.raises(ValueError, match="expected tile 2 or 4, got 3"):
             ops.winograd_weight(torch.randn(4, 2, 3, 3), tile=3)
+        with pytest.raises(ValueError, match="expected stride 1, or 2 with tile 2, got stride 2 "
+                                             "with tile 4"):
+            ops.winograd_weight(torch.randn(4, 2, 3, 3), tile=4, stride=2)
+        with pytest.raises(ValueError, match="got stride 3 with tile 2"):
+            ops.winograd_weight(torch.randn(4, 2, 3, 3), stride=3)
 
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     def test_opcheck(self, channels_last):
@@ -500,6 +548,8 @@ class TestWinogradConv3x3:
         op = torch.ops.resnet_fused.winograd_conv3x3.default
         opcheck(op, (x, w, u, b, res), dict(relu=True))
         opcheck(op, (x, w, u, None, None), dict(relu=False))
+        u2 = ops.winograd_weight(w, stride=2)
+        opcheck(op, (x, w, u2, b, res[:, :, ::2, ::2].contiguous()), dict(stride=2, relu=True))
 
 
 # conv1x1 is a CPU op: ResNet's 1x1 shapes at small sizes, more rows than one

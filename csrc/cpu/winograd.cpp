@@ -1,10 +1,12 @@
-// CPU winograd_conv3x3: 3x3, stride-1, padding-1 convolutions (ResNet's 3x3 convs
-// outside the stage transitions) by Winograd's minimal filtering. F(2x2, 3x3)
-// spends 16 multiply-adds per channel pair on a 2x2 output tile instead of 36
-// (2.25x less arithmetic than oneDNN's direct kernel); F(4x4, 3x3) spends 36 on a
-// 4x4 tile instead of 144 (4x less), at the price of larger transforms and a
-// larger rounding error. The winograd_weight's shape, [16, K / P, C, P] or
-// [36, K / P, C, P] (panels of P output channels), selects which.
+// CPU winograd_conv3x3: 3x3, padding-1 convolutions (ResNet's 3x3 convs) by
+// Winograd's minimal filtering. At stride 1, F(2x2, 3x3) spends 16 multiply-adds per
+// channel pair on a 2x2 output tile instead of 36 (2.25x less arithmetic than
+// oneDNN's direct kernel); F(4x4, 3x3) spends 36 on a 4x4 tile instead of 144 (4x
+// less), at the price of larger transforms and a larger rounding error. The
+// winograd_weight's shape, [16, K / P, C, P] or [36, K / P, C, P] (panels of P output
+// channels), selects which. At stride 2 (the stage transitions), F(2x2, 3x3) spends 25
+// on a 2x2 tile instead of 36 (1.44x less), with exact transforms (winograd_kernel.h);
+// its winograd_weight is [4, 4, K / P, C, P].
 //
 // bfloat16 input runs F(2x2) with V and U in bfloat16 (ATen's bfloat16 brgemm, U in
 // VNNI row pairs), on AVX-512 and for channel counts that are multiples of 16.
@@ -68,7 +70,7 @@ int64_t tiles_per_block(int64_t tiles, int64_t threads, int64_t max_tiles) {
 
 // All channels_last-contiguous, float32 or (with a bfloat16 U) bfloat16; residual may be null.
 void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const void* residual,
-                  Tensor& out, bool relu) {
+                  Tensor& out, bool relu, int64_t stride) {
   winograd::Problem p;
   p.input = input.const_data_ptr();
   p.U = U.const_data_ptr();
@@ -81,14 +83,19 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   p.W = input.size(3);
   p.C = input.size(1);
   p.K = out.size(1);
-  p.tile = U.size(0) == 36 ? 4 : 2;  // bfloat16: 16 only
-  p.tiles_h = (p.H + p.tile - 1) / p.tile;
-  p.tiles_w = (p.W + p.tile - 1) / p.tile;
+  p.Ho = out.size(2);
+  p.Wo = out.size(3);
+  p.stride = static_cast<int>(stride);
+  p.tile = stride == 1 && U.size(0) == 36 ? 4 : 2;  // bfloat16: 16 only
+  p.alpha = stride == 2 ? 5 : p.tile + 2;
+  p.tiles_h = (p.Ho + p.tile - 1) / p.tile;
+  p.tiles_w = (p.Wo + p.tile - 1) / p.tile;
   p.tiles = input.size(0) * p.tiles_h * p.tiles_w;
-  // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4).
+  // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4);
+  // stride 2's tiles, of 25 points, count as F(4x4)'s.
   const int64_t threads = at::get_num_threads();
-  p.block = tiles_per_block(p.tiles, threads, p.tile == 4 ? 24 : 96);
-  p.u_panel = p.bf16 ? p.K : U.size(3);
+  p.block = tiles_per_block(p.tiles, threads, p.alpha > 4 ? 24 : 96);
+  p.u_panel = p.bf16 ? p.K : U.size(-1);
   p.k_slices = 1;
   p.k_slice = p.K;
   // Each block reads all of U, alpha^2 * C * K, and its V and M, alpha^2 * tiles *
@@ -146,10 +153,13 @@ constexpr int64_t kPanel = 64;
 int64_t winograd_panel(int64_t K) { return K % kPanel == 0 ? kPanel : K; }
 
 void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor& U,
-                         const optional<Tensor>& bias, const optional<Tensor>& residual) {
+                         const optional<Tensor>& bias, const optional<Tensor>& residual,
+                         int64_t stride) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_conv3x3: expected a 3x3 weight (K, C, 3, 3), got shape ", weight.sizes());
-  check_conv_bias_act_args(input, weight, bias, residual, {1, 1}, {1, 1}, {1, 1}, 1,
+  TORCH_CHECK(stride == 1 || stride == 2, "winograd_conv3x3: expected stride 1 or 2, got ",
+              stride);
+  check_conv_bias_act_args(input, weight, bias, residual, {stride, stride}, {1, 1}, {1, 1}, 1,
                            "winograd_conv3x3");
   TORCH_CHECK(input.device().is_cpu(), "winograd_conv3x3: expected input on cpu, got ",
               input.device());
@@ -157,6 +167,8 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
               "winograd_conv3x3: expected float32 or bfloat16 input, got ", input.scalar_type());
   const int64_t C = weight.size(1), K = weight.size(0);
   if (input.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(stride == 1, "winograd_conv3x3: bfloat16 input runs at stride 1 only, got "
+                "stride ", stride);
     TORCH_CHECK(U.dim() == 4 && U.size(0) == 16 && 2 * U.size(1) == C && U.size(2) == K &&
                     U.size(3) == 2 && U.scalar_type() == at::kBFloat16 && U.device().is_cpu(),
                 "winograd_conv3x3: for bfloat16 input, expected winograd_weight of shape [16, ",
@@ -166,13 +178,23 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
     return;
   }
   const int64_t P = winograd_panel(K);
-  TORCH_CHECK(U.dim() == 4 && (U.size(0) == 16 || U.size(0) == 36) && U.size(2) == C &&
-                  U.size(3) > 0 && U.size(1) * U.size(3) == K,
-              "winograd_conv3x3: expected winograd_weight of shape [16, ", K / P, ", ", C, ", ",
-              P, "] (F(2x2, 3x3)) or [36, ", K / P, ", ", C, ", ", P,
-              "] (F(4x4, 3x3)): [alpha^2, K / P, C, P], the transformed weight in panels of P "
-              "output channels, from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
-              U.sizes());
+  const auto panels_fit = [&](int64_t from) {
+    return U.size(from + 1) == C && U.size(from + 2) > 0 && U.size(from) * U.size(from + 2) == K;
+  };
+  if (stride == 2) {
+    TORCH_CHECK(U.dim() == 5 && U.size(0) == 4 && U.size(1) == 4 && panels_fit(2),
+                "winograd_conv3x3: at stride 2, expected winograd_weight of shape [4, 4, ",
+                K / P, ", ", C, ", ", P, "] (the 4 x 4 distinct matrices of F(2x2, 3x3) at "
+                "stride 2 in panels of P output channels, from resnet_fused.ops.winograd_weight("
+                "weight, tile=2, stride=2)); got ", U.sizes());
+  } else {
+    TORCH_CHECK(U.dim() == 4 && (U.size(0) == 16 || U.size(0) == 36) && panels_fit(1),
+                "winograd_conv3x3: expected winograd_weight of shape [16, ", K / P, ", ", C, ", ",
+                P, "] (F(2x2, 3x3)) or [36, ", K / P, ", ", C, ", ", P,
+                "] (F(4x4, 3x3)): [alpha^2, K / P, C, P], the transformed weight in panels of P "
+                "output channels, from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
+                U.sizes());
+  }
   TORCH_CHECK(U.scalar_type() == at::kFloat && U.device().is_cpu(),
               "winograd_conv3x3: expected winograd_weight float32 on cpu, got ", U.scalar_type(),
               " on ", U.device());
@@ -181,25 +203,26 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
 constexpr int64_t kMinChannelsF4 = 16;  // below it, F(4x4) calls compute directly
 
 Tensor direct(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias,
-              const optional<Tensor>& residual, bool relu, bool assume_finite) {
-  return conv_bias_act_cpu(input, weight, bias, residual, {1, 1}, {1, 1}, {1, 1}, 1, relu,
-                           assume_finite);
+              const optional<Tensor>& residual, bool relu, bool assume_finite, int64_t stride) {
+  return conv_bias_act_cpu(input, weight, bias, residual, {stride, stride}, {1, 1}, {1, 1}, 1,
+                           relu, assume_finite);
 }
 
 Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Tensor& U,
                             const optional<Tensor>& bias, const optional<Tensor>& residual,
-                            bool relu, bool assume_finite) {
-  check_winograd_args(input, weight, U, bias, residual);
+                            int64_t stride, bool relu, bool assume_finite) {
+  check_winograd_args(input, weight, U, bias, residual, stride);
   const auto fmt = output_memory_format(input);
   const bool finite = assume_finite || (all_finite(input) && all_finite(weight));
-  // An image smaller than one output tile is mostly padding: Winograd would spend its
+  // An output smaller than one tile is mostly padding: Winograd would spend its
   // multiplies on zeros, and the weight terms that cancel on the padding would add
   // rounding error the direct sum never has. F(4x4)'s transforms add a rounding
   // error of their own, independent of the reduction length, which the tolerance of
   // a short reduction does not cover: measured up to 2.1x it with 1-4 channels,
   // 0.84x with 8 and at most 0.73x from 16 (tests/common_utils.py's rule).
-  const int64_t tile = U.size(0) == 36 ? 4 : 2;
-  const bool sub_tile = input.size(2) < tile || input.size(3) < tile;
+  const int64_t tile = stride == 1 && U.size(0) == 36 ? 4 : 2;
+  const int64_t out_h = (input.size(2) - 1) / stride + 1, out_w = (input.size(3) - 1) / stride + 1;
+  const bool sub_tile = out_h < tile || out_w < tile;
   const bool short_reduction = tile == 4 && input.size(1) < kMinChannelsF4;
   // bfloat16: AVX-512 with the bfloat16 brgemm, whole 16-lane vectors of channels.
   const bool bf16 = input.scalar_type() == at::kBFloat16;
@@ -207,18 +230,18 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
                                  weight.size(0) % 16 == 0);
   if (!winograd_kernel_available() || !bf16_ok || !finite || sub_tile || short_reduction ||
       input.numel() == 0 || weight.size(0) == 0) {
-    return direct(input, weight, bias, residual, relu, assume_finite);
+    return direct(input, weight, bias, residual, relu, assume_finite, stride);
   }
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor u = U.contiguous();
   const optional<Tensor> b =
       bias ? optional<Tensor>(bias->to(at::kFloat).contiguous()) : c10::nullopt;
-  Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
+  Tensor out = at::empty({input.size(0), weight.size(0), out_h, out_w},
                          input.options().memory_format(cl));
   const Tensor r = residual ? residual->contiguous(cl) : Tensor();
   winograd_run(x, u, b ? b->const_data_ptr<float>() : nullptr,
-               residual ? r.const_data_ptr() : nullptr, out, relu);
+               residual ? r.const_data_ptr() : nullptr, out, relu, stride);
   return out.contiguous(fmt);
 }
 

@@ -1,10 +1,10 @@
-// The Winograd kernels of winograd_conv3x3, F(2x2, 3x3) and F(4x4, 3x3), written
-// once and templated on the vector type V (winograd_avx2.cpp, winograd_avx512.cpp
-// instantiate them, each compiled for its ISA). No ATen here: this header is
-// included inside a `#pragma GCC target` region.
+// The Winograd kernels of winograd_conv3x3, F(2x2, 3x3) and F(4x4, 3x3) at stride 1
+// and F(2x2, 3x3) at stride 2, written once and templated on the vector type V
+// (winograd_avx2.cpp, winograd_avx512.cpp instantiate them, each compiled for its
+// ISA). No ATen here: this header is included inside a `#pragma GCC target` region.
 //
-// F(m x m, 3x3) works on alpha x alpha input tiles, alpha = m + 2. Per block of
-// output tiles, on one thread:
+// F(m x m, 3x3) works on alpha x alpha input tiles, alpha = m + 2 at stride 1 and
+// 2m + 1 at stride 2. Per block of output tiles, on one thread:
 //   1. the input tiles are transformed (B^T d B) into alpha^2 matrices V[xi] of
 //      tiles x C, vectorized over channels (channels_last makes them contiguous),
 //      in fp32 and stored in the element type (bfloat16 input: rounded to bfloat16);
@@ -32,16 +32,16 @@ inline Tile tile_at(const Problem& p, int64_t t) {
   return {t / (p.tiles_w * p.tiles_h), p.tile * ti, p.tile * tj};
 }
 
-// px[i][j]: pixel (y - 1 + i, x - 1 + j) of the input tile of t, or `zeros` (C
-// elements) outside the image, so the inner loops have no branches. T is the
-// element type of the input and output: float, or uint16_t holding bfloat16.
+// px[i][j]: input pixel (s * y - 1 + i, s * x - 1 + j) of tile t (stride s), or
+// `zeros` (C elements) outside the image, so the inner loops have no branches. T is
+// the element type of the input and output: float, or uint16_t holding bfloat16.
 template <int kAlpha, class T>
 void tile_pixels(const Problem& p, const Tile& t, const T* zeros,
                  const T* (&px)[kAlpha][kAlpha]) {
   const T* input = static_cast<const T*>(p.input);
   for (int i = 0; i < kAlpha; ++i) {
     for (int j = 0; j < kAlpha; ++j) {
-      const int64_t y = t.y - 1 + i, x = t.x - 1 + j;
+      const int64_t y = p.stride * t.y - 1 + i, x = p.stride * t.x - 1 + j;
       const bool inside = y >= 0 && y < p.H && x >= 0 && x < p.W;
       px[i][j] = inside ? input + ((t.n * p.H + y) * p.W + x) * p.C : zeros;
     }
@@ -64,7 +64,7 @@ inline void for_each_input_chunk(const Problem& p, const T* zeros, T* v, int64_t
 template <class V, class T>
 inline void store_output(const Problem& p, const Tile& t, int a, int e, int64_t k, int64_t n,
                          typename V::Reg y, typename V::Reg b) {
-  const int64_t off = ((t.n * p.H + t.y + a) * p.W + t.x + e) * p.K + k;
+  const int64_t off = ((t.n * p.Ho + t.y + a) * p.Wo + t.x + e) * p.K + k;
   typename V::Reg v = V::add(y, b);
   if (p.residual) v = V::add(v, V::load(static_cast<const T*>(p.residual) + off, n));
   if (p.relu) v = V::relu(v);
@@ -109,7 +109,7 @@ void transform_output_f2(const Problem& p, const float* m, int64_t t0, int64_t c
   using Reg = typename V::Reg;
   for (int64_t l = 0; l < count; ++l) {
     const Tile t = tile_at(p, t0 + l);
-    const int rows = t.y + 1 < p.H ? 2 : 1, cols = t.x + 1 < p.W ? 2 : 1;
+    const int rows = t.y + 1 < p.Ho ? 2 : 1, cols = t.x + 1 < p.Wo ? 2 : 1;
     for (int64_t k = k0; k < k1; k += V::kLanes) {
       const int64_t n = k1 - k;
       const float* src = m + l * p.m_cols + (k - k0);
@@ -127,6 +127,65 @@ void transform_output_f2(const Problem& p, const float* m, int64_t t0, int64_t c
         const Reg y[2] = {V::add(V::add(q[a][0], q[a][1]), q[a][2]),   // (A^T m) A
                           V::sub(V::sub(q[a][1], q[a][2]), q[a][3])};
         for (int e = 0; e < cols; ++e) store_output<V, T>(p, t, a, e, k, n, y[e], b);
+      }
+    }
+  }
+}
+
+// ---- separable transforms, as F(4x4) and stride 2 use them -----------------------
+
+// V[xi][l][c] = (B^T d B)[xi] for the kAlpha x kAlpha input tile d of tile t0 + l, with
+// bt(d, r) computing r = B^T d for one column of kAlpha: on the columns into a block of
+// registers (spilled to L1 where the ISA has too few), then on its rows.
+template <class V, int kAlpha, class Bt>
+void transform_input(const Problem& p, const float* zeros, float* v, int64_t t0, int64_t count,
+                     Bt bt) {
+  using Reg = typename V::Reg;
+  for_each_input_chunk<V, kAlpha, float>(
+      p, zeros, v, t0, count,
+      [&](const float* (&px)[kAlpha][kAlpha], float* dst, int64_t c, int64_t n) {
+        Reg bd[kAlpha][kAlpha];  // bd[i][j] = (B^T d)[i][j]
+        for (int j = 0; j < kAlpha; ++j) {
+          Reg col[kAlpha], r[kAlpha];
+          for (int i = 0; i < kAlpha; ++i) col[i] = V::load(px[i][j] + c, n);
+          bt(col, r);
+          for (int i = 0; i < kAlpha; ++i) bd[i][j] = r[i];
+        }
+        for (int i = 0; i < kAlpha; ++i) {
+          Reg r[kAlpha];
+          bt(bd[i], r);
+          for (int j = 0; j < kAlpha; ++j) V::store(dst + (kAlpha * i + j) * p.v_stride, r[j], n);
+        }
+      });
+}
+
+// out = act(A^T m A + bias [+ residual]) for each kTile x kTile output tile (clipped at
+// the output's bottom and right edges) and output channels [k0, k1) (m holds those
+// columns, rows m_cols apart), with at(m, y) computing y = A^T m for one column of kAlpha.
+template <class V, int kAlpha, int kTile, class At>
+void transform_output(const Problem& p, const float* m, int64_t t0, int64_t count, int64_t k0,
+                      int64_t k1, At at) {
+  using Reg = typename V::Reg;
+  for (int64_t l = 0; l < count; ++l) {
+    const Tile t = tile_at(p, t0 + l);
+    const int rows = p.Ho - t.y < kTile ? static_cast<int>(p.Ho - t.y) : kTile;
+    const int cols = p.Wo - t.x < kTile ? static_cast<int>(p.Wo - t.x) : kTile;
+    for (int64_t k = k0; k < k1; k += V::kLanes) {
+      const int64_t n = k1 - k;
+      const float* src = m + l * p.m_cols + (k - k0);
+      Reg q[kAlpha][kTile];  // q[j] = (A^T m)[:, j], column j of kAlpha
+      for (int j = 0; j < kAlpha; ++j) {
+        Reg col[kAlpha];
+        for (int i = 0; i < kAlpha; ++i) col[i] = V::load(src + (kAlpha * i + j) * p.m_stride, n);
+        at(col, q[j]);
+      }
+      const Reg b = p.bias ? V::load(p.bias + k, n) : V::zero();
+      for (int a = 0; a < rows; ++a) {
+        Reg row[kAlpha];
+        for (int j = 0; j < kAlpha; ++j) row[j] = q[j][a];
+        Reg y[kTile];  // (A^T m A)[a]
+        at(row, y);
+        for (int e = 0; e < cols; ++e) store_output<V, float>(p, t, a, e, k, n, y[e], b);
       }
     }
   }
@@ -180,68 +239,45 @@ inline void at6(const typename V::Reg (&m)[6], typename V::Reg (&y)[4]) {
   y[3] = V::add(V::fmadd(V::set1(8.0f), d2, V::mul(V::set1(0.125f), d)), m[5]);
 }
 
-// V[xi][l][c] = (B^T d B)[xi] for the 6x6 input tile d of tile t0 + l: B^T on
-// the columns into a 6x6 block of registers (spilled to L1 where the ISA has
-// too few), then B^T on its rows.
+// ---- F(2x2, 3x3) at stride 2 ----------------------------------------------------
+// Along each axis the stride-2 filter (g0, g1, g2) splits by input parity: g1 meets
+// the odd samples d1, d3 of the 5-sample tile d0..d4 (one tap each: no transform),
+// (g0, g2) the even ones d0, d2, d4, a 2-tap filter that F(2, 2) computes with 3
+// multiplies. So 5 transformed values per axis: 25 per 2x2 output tile instead of
+// 36 multiplies, with
+//   B^T = [0 1 0 0 0; 0 0 0 1 0; 1 0 -1 0 0; 0 0 1 0 0; 0 0 -1 0 1],
+//   G   = [g1; g1; g0; g0 + g2; g2],
+//   A^T = [1 0 1 1 0; 0 1 0 1 1],
+// all entries 0 and +-1, so the transforms round nothing. G's first two rows are
+// equal: U holds its 4 x 4 distinct matrices, and the 25 products read them through
+// kS2Row.
+constexpr int kS2Row[5] = {0, 0, 1, 2, 3};
+
 template <class V>
-void transform_input_f4(const Problem& p, const float* zeros, float* v, int64_t t0,
-                        int64_t count) {
-  using Reg = typename V::Reg;
-  for_each_input_chunk<V, 6, float>(p, zeros, v, t0, count, [&](const float* (&px)[6][6], float* dst,
-                                                        int64_t c, int64_t n) {
-    Reg bd[6][6];  // bd[i][j] = (B^T d)[i][j]
-    for (int j = 0; j < 6; ++j) {
-      Reg col[6], r[6];
-      for (int i = 0; i < 6; ++i) col[i] = V::load(px[i][j] + c, n);
-      bt6<V>(col, r);
-      for (int i = 0; i < 6; ++i) bd[i][j] = r[i];
-    }
-    for (int i = 0; i < 6; ++i) {
-      Reg r[6];
-      bt6<V>(bd[i], r);
-      for (int j = 0; j < 6; ++j) V::store(dst + (6 * i + j) * p.v_stride, r[j], n);
-    }
-  });
+inline void bt5(const typename V::Reg (&d)[5], typename V::Reg (&r)[5]) {
+  r[0] = d[1];
+  r[1] = d[3];
+  r[2] = V::sub(d[0], d[2]);
+  r[3] = d[2];
+  r[4] = V::sub(d[4], d[2]);
 }
 
-// out = act(A^T m A + bias [+ residual]) for each 4x4 output tile (clipped at
-// the image's bottom and right edges) and output channels [k0, k1).
 template <class V>
-void transform_output_f4(const Problem& p, const float* m, int64_t t0, int64_t count, int64_t k0,
-                         int64_t k1) {
-  using Reg = typename V::Reg;
-  for (int64_t l = 0; l < count; ++l) {
-    const Tile t = tile_at(p, t0 + l);
-    const int rows = p.H - t.y < 4 ? static_cast<int>(p.H - t.y) : 4;
-    const int cols = p.W - t.x < 4 ? static_cast<int>(p.W - t.x) : 4;
-    for (int64_t k = k0; k < k1; k += V::kLanes) {
-      const int64_t n = k1 - k;
-      const float* src = m + l * p.m_cols + (k - k0);
-      Reg q[6][4];  // q[j] = (A^T m)[:, j], column j of 6
-      for (int j = 0; j < 6; ++j) {
-        Reg col[6];
-        for (int i = 0; i < 6; ++i) col[i] = V::load(src + (6 * i + j) * p.m_stride, n);
-        at6<V>(col, q[j]);
-      }
-      const Reg b = p.bias ? V::load(p.bias + k, n) : V::zero();
-      for (int a = 0; a < rows; ++a) {
-        const Reg row[6] = {q[0][a], q[1][a], q[2][a], q[3][a], q[4][a], q[5][a]};
-        Reg y[4];  // (A^T m A)[a]
-        at6<V>(row, y);
-        for (int e = 0; e < cols; ++e) store_output<V, float>(p, t, a, e, k, n, y[e], b);
-      }
-    }
-  }
+inline void at5(const typename V::Reg (&m)[5], typename V::Reg (&y)[2]) {
+  y[0] = V::add(V::add(m[0], m[2]), m[3]);
+  y[1] = V::add(V::add(m[1], m[3]), m[4]);
 }
 
 // ---- the driver -----------------------------------------------------------------
 
 // Items [first, last) (run_blocks_avx512 says which) of p.block tiles of kTile x kTile
-// outputs with elements of type T; `scratch` holds scratch_floats(p) floats. A thread
-// with several slices of one block transforms its input once.
-template <class V, int kTile, class T>
+// outputs at stride kStride with elements of type T; `scratch` holds
+// scratch_floats(p) floats. A thread with several slices of one block transforms its
+// input once.
+template <class V, int kTile, int kStride, class T>
 void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
-  constexpr int kXi = (kTile + 2) * (kTile + 2);
+  constexpr int kAlpha = kStride == 1 ? kTile + 2 : 2 * kTile + 1;
+  constexpr int kXi = kAlpha * kAlpha;
   T* v = reinterpret_cast<T*>(scratch);
   float* m = scratch + v_floats(p);
   T* zeros = reinterpret_cast<T*>(m + kXi * p.m_stride);
@@ -255,8 +291,12 @@ void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
     const int64_t t0 = blk * p.block;
     const int64_t count = p.tiles - t0 < p.block ? p.tiles - t0 : p.block;
     if (blk != transformed) {
-      if constexpr (kTile == 4) {
-        transform_input_f4<V>(p, zeros, v, t0, count);
+      if constexpr (kStride == 2) {
+        transform_input<V, 5>(p, zeros, v, t0, count,
+                              [](const auto& d, auto& r) { bt5<V>(d, r); });
+      } else if constexpr (kTile == 4) {
+        transform_input<V, 6>(p, zeros, v, t0, count,
+                              [](const auto& d, auto& r) { bt6<V>(d, r); });
       } else {
         transform_input_f2<V, T>(p, zeros, v, t0, count);
       }
@@ -265,14 +305,19 @@ void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
     // M[xi] (count x (k1 - k0), rows m_cols apart) = V[xi] (count x C) @ U[xi][:, k0:k1],
     // one product per weight panel (the panel at k: C x u_panel, k * C into U[xi]).
     for (int xi = 0; xi < kXi; ++xi) {
-      const T* u = static_cast<const T*>(p.U) + xi * p.C * p.K;
+      const int64_t u_xi = kStride == 1 ? xi : 4 * kS2Row[xi / 5] + kS2Row[xi % 5];
+      const T* u = static_cast<const T*>(p.U) + u_xi * p.C * p.K;
       for (int64_t k = k0; k < k1; k += p.u_panel) {
         p.gemm(count, p.u_panel, p.C, p.u_panel, p.m_cols, v + xi * p.v_stride, u + k * p.C,
                m + xi * p.m_stride + (k - k0));
       }
     }
-    if constexpr (kTile == 4) {
-      transform_output_f4<V>(p, m, t0, count, k0, k1);
+    if constexpr (kStride == 2) {
+      transform_output<V, 5, 2>(p, m, t0, count, k0, k1,
+                                [](const auto& q, auto& y) { at5<V>(q, y); });
+    } else if constexpr (kTile == 4) {
+      transform_output<V, 6, 4>(p, m, t0, count, k0, k1,
+                                [](const auto& q, auto& y) { at6<V>(q, y); });
     } else {
       transform_output_f2<V, T>(p, m, t0, count, k0, k1);
     }
@@ -282,12 +327,14 @@ void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
 template <class V>
 void run_blocks(const Problem& p, int64_t first, int64_t last, float* scratch) {
   if constexpr (V::kBf16) {
-    if (p.bf16) return run_tiles<V, 2, uint16_t>(p, first, last, scratch);
+    if (p.bf16) return run_tiles<V, 2, 1, uint16_t>(p, first, last, scratch);
   }
-  if (p.tile == 4) {
-    run_tiles<V, 4, float>(p, first, last, scratch);
+  if (p.stride == 2) {
+    run_tiles<V, 2, 2, float>(p, first, last, scratch);
+  } else if (p.tile == 4) {
+    run_tiles<V, 4, 1, float>(p, first, last, scratch);
   } else {
-    run_tiles<V, 2, float>(p, first, last, scratch);
+    run_tiles<V, 2, 1, float>(p, first, last, scratch);
   }
 }
 

@@ -14,18 +14,20 @@ using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, int64_t ldb, int64_t ld
                         const void* b, float* c);
 
 struct Problem {
-  // channels_last [N, C, H, W] input, [N, K, H, W] output/residual (stride 1, padding 1),
+  // channels_last [N, C, H, W] input, [N, K, Ho, Wo] output/residual (padding 1),
   // float, or bfloat16 (raw bits) when `bf16`: then V and U are bfloat16 too (F(2x2)
-  // on AVX-512 only, C and K multiples of 16).
+  // at stride 1 on AVX-512 only, C and K multiples of 16).
   const void* input;
-  const void* U;          // [alpha^2, K / u_panel, C, u_panel], resnet_fused.ops.winograd_weight
+  const void* U;          // [points, K / u_panel, C, u_panel], resnet_fused.ops.winograd_weight
   const float* bias;      // [K] or null, float either way
   const void* residual;   // or null
   void* out;
   bool relu;
   bool bf16;
-  int64_t H, W, C, K;
-  int tile;                         // 2: F(2x2, 3x3), alpha = 4; 4: F(4x4, 3x3), alpha = 6
+  int64_t H, W, C, K, Ho, Wo;
+  int stride;                       // 1, or 2 (with tile 2)
+  int tile;                         // 2: F(2x2, 3x3), 4: F(4x4, 3x3)
+  int alpha;                        // input tile side: tile + 2 at stride 1, 5 at stride 2
   int64_t tiles_h, tiles_w, tiles;  // tile x tile output tiles
   int64_t block;                    // tiles per block
   int64_t u_panel;                  // output channels per panel of U (K for bfloat16)
@@ -38,14 +40,13 @@ struct Problem {
 
 // Floats of V's part of the scratch (bfloat16 V takes half).
 inline int64_t v_floats(const Problem& p) {
-  const int64_t alpha = p.tile + 2;
-  return p.bf16 ? (alpha * alpha * p.v_stride + 1) / 2 : alpha * alpha * p.v_stride;
+  const int64_t points = p.alpha * p.alpha;
+  return p.bf16 ? (points * p.v_stride + 1) / 2 : points * p.v_stride;
 }
 
 // Per-thread scratch of run_blocks: V, M and a zero row for the image border.
 inline int64_t scratch_floats(const Problem& p) {
-  const int64_t alpha = p.tile + 2;
-  return v_floats(p) + alpha * alpha * p.m_stride + p.C;
+  return v_floats(p) + p.alpha * p.alpha * p.m_stride + p.C;
 }
 
 // Items [first, last) of blocks x k_slices, block-major: block i / k_slices, output
