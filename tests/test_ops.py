@@ -424,6 +424,14 @@ class TestWinogradConv3x3:
             torch.set_num_threads(before)
         torch.testing.assert_close(one, many, rtol=0, atol=0)
 
+    def test_split_with_more_tiles_than_one_block(self):
+        # 100 F(4x4) tiles with a weight in 4 panels: split across threads, in blocks of
+        # at most 96 tiles (winograd.cpp), so the last block is partial.
+        case = ConvCase(256, 256, 8, 8, R=3, padding=1, N=25)
+        x, w, b, res = case.tensors(channels_last=True)
+        out = ops.winograd_conv3x3(x, w, ops.winograd_weight(w, 4), b, res)
+        assert_matches(out, reference(x, w, b, res, case, True), torch.float32, case.reduction)
+
     # Stride 2, F(2x2): ResNet's stage transitions at small sizes, odd sizes (a clipped
     # last tile), channels off the vector width, outputs of 2 (one tile) and 1 (computed
     # directly), few tiles with the weight in several panels (split across threads).

@@ -94,7 +94,8 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4);
   // stride 2's tiles, of 25 points, count as F(4x4)'s.
   const int64_t threads = at::get_num_threads();
-  p.block = tiles_per_block(p.tiles, threads, p.alpha > 4 ? 24 : 96);
+  const int64_t max_block = p.alpha > 4 ? 24 : 96;
+  p.block = tiles_per_block(p.tiles, threads, max_block);
   p.u_panel = p.bf16 ? p.K : U.size(-1);
   p.k_slices = 1;
   p.k_slice = p.K;
@@ -110,8 +111,10 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   const bool weight_bound = p.C * p.K > p.tiles * (p.C + p.K);
   if (threads > 1 && panels > 1 && weight_bound) {
     p.k_slices = std::min(threads, panels);
+    // Each thread of a group transforms the group's block: its V is per thread, so
+    // blocks stay within 4x the usual size (more blocks then, each reading its slice).
     const int64_t groups = (threads + p.k_slices - 1) / p.k_slices;
-    p.block = (p.tiles + groups - 1) / groups;
+    p.block = std::min((p.tiles + groups - 1) / groups, 4 * max_block);
     p.k_slice = (panels + p.k_slices - 1) / p.k_slices * p.u_panel;
   }
   p.m_cols = p.k_slice;
