@@ -34,8 +34,8 @@ TORCH_LIBRARY(resnet_fused, m) {
   // F(2x2, 3x3) or F(4x4, 3x3) at stride 1, F(2x2, 3x3) at stride 2, on CPU.
   // winograd_weight is resnet_fused.ops.winograd_weight(weight, tile, stride): the
   // weight in the Winograd domain, float32 [16 or 36, K / P, C, P] (stride 1) or
-  // [4, 4, K / P, C, P] (stride 2) in panels of P output channels, or [16, C/2, K, 2]
-  // bfloat16 (VNNI pairs, stride 1).
+  // [4, 4, K / P, C, P] (stride 2) in panels of P output channels, or
+  // [16, K / P, C/2, P, 2] bfloat16 (VNNI pairs, stride 1).
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, *, int stride=1, bool relu=True, bool assume_finite=False) -> Tensor");

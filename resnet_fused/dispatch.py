@@ -229,7 +229,11 @@ _WINOGRAD_F4_MIN_CHANNELS = 16
 # error of oneDNN's direct bfloat16 kernel per layer, where F(4x4)'s larger transform
 # entries would cost more. Its products run at twice fp32's rate, so the weight
 # matters at half the tiles: with more than 256x256 channels F(2x2) pays from 48 tiles
-# per thread. Measured on AMD EPYC Zen 4 (AVX512_BF16), 2 threads, cold caches, ms:
+# per thread where the weight is not split; split, the fp32 cost model holds (half the
+# bytes per weight, twice the multiply-adds per second): 512 ch, 7x7, batch 1, 0.60 ms
+# against oneDNN's 0.66, batch 2 0.99 against 1.09 (`benchmarks/cpu_kernels.py --cold
+# --dtype bfloat16`). Measured before the split on AMD EPYC Zen 4 (AVX512_BF16), 2
+# threads, cold caches, ms:
 #                          oneDNN bf16  F(2x2) bf16
 #   64 ch, 56x56, batch 1        0.67        0.40
 #   256 ch, 14x14, batch 1       0.64        0.39   (24 tiles per thread)
@@ -290,9 +294,14 @@ def _winograd_tile(x, weight, stride=1):
         direct = _cost(c, k, 9, 9 * n * ho * wo, threads)
         return 2 if _cost(c, k, 16, 25 * _STRIDE2_MAC_COST * tiles, threads) < direct else None
     if x.dtype == torch.bfloat16:
+        tiles2 = n * -(-h // 2) * -(-w // 2)
+        if h < 2 or w < 2:
+            return None
+        if _winograd_splits(c, k, tiles2, threads):  # as in fp32: half the bytes, twice the rate
+            split_pays = _cost(c, k, 16, 16 * tiles2, threads) < _cost(c, k, 9, 9 * n * h * w, threads)
+            return 2 if split_pays else None
         needed = _WINOGRAD_MIN_TILES_PER_THREAD[2] * (1 if small else 2)
-        fits = h >= 2 and w >= 2 and n * -(-h // 2) * -(-w // 2) >= needed * threads
-        return 2 if fits else None
+        return 2 if tiles2 >= needed * threads else None
     tiles = {t: n * -(-h // t) * -(-w // t) for t in (4, 2)
              if h >= t and w >= t and (t == 2 or c >= _WINOGRAD_F4_MIN_CHANNELS)}
     if any(_winograd_splits(c, k, count, threads) for count in tiles.values()):

@@ -95,8 +95,8 @@ def winograd_weight(weight, tile=2, stride=1):
     does not divide K), so that a thread computing some of the output channels reads a
     contiguous part of it. The shape tells the op which tile to run. At stride 2
     (tile=2 only): [4, 4, K / P, C, P], the 4 x 4 distinct matrices of its 25 points. A
-    bfloat16 weight (tile=2, stride 1, even C) gives [16, C/2, K, 2] bfloat16: the rows
-    of each [C, K] matrix in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
+    bfloat16 weight (tile=2, stride 1, even C) gives [16, K / P, C/2, P, 2] bfloat16: the
+    rows of each panel in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")
@@ -116,9 +116,10 @@ def winograd_weight(weight, tile=2, stride=1):
     points = len(rows) ** 2
     k, c = weight.shape[:2]
     u = u.reshape(points, c, k)
-    if bf16:
-        return u.to(torch.bfloat16).reshape(16, c // 2, 2, k).transpose(2, 3).contiguous()
     p = WINOGRAD_PANEL if k % WINOGRAD_PANEL == 0 else k
+    if bf16:  # [16, K / P, C / 2, P, 2]: each panel's rows in VNNI pairs
+        u = u.to(torch.bfloat16).reshape(16, c // 2, 2, k // p, p)
+        return u.permute(0, 3, 1, 4, 2).contiguous()
     u = u.to(torch.float32).reshape(points, c, k // p, p).transpose(1, 2).contiguous()
     return u.reshape(4, 4, *u.shape[1:]) if stride == 2 else u
 

@@ -170,7 +170,7 @@ def test_winograd_conv3x3_fuzz(variant, n, c, k, h, w, x_layout, residual, relu,
                     reason="no bfloat16 convolution on this CPU")
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
           suppress_health_check=list(HealthCheck))
-@given(n=st.integers(1, 3), c=st.sampled_from([16, 32, 48, 24]), k=st.sampled_from([16, 32, 64, 8]),
+@given(n=st.integers(1, 3), c=st.sampled_from([16, 32, 48, 24]), k=st.sampled_from([16, 32, 64, 8, 128]),
        h=st.integers(1, 19), w=st.integers(1, 19), x_layout=st.sampled_from(LAYOUTS),
        residual=st.booleans(), relu=st.booleans(), bias=st.booleans(),
        threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))

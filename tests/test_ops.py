@@ -478,7 +478,7 @@ class TestWinogradConv3x3:
               b=None, r=None), "expected float32 or bfloat16 input"),
         (dict(x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(16, 8, 3, 3).bfloat16(),
               b=None, r=None), r"for bfloat16 input, expected winograd_weight of shape "
-                               r"\[16, 4, 16, 2\] bfloat16"),
+                               r"\[16, 1, 4, 16, 2\] bfloat16"),
         (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
         (dict(stride=3), "expected stride 1 or 2, got 3"),
         (dict(stride=2, r=None), r"at stride 2, expected winograd_weight of shape \[4, 4, 1, 8, 16\].*"
@@ -505,13 +505,15 @@ class TestWinogradConv3x3:
                         reason="no bfloat16 convolution on this CPU")
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     @pytest.mark.parametrize("case", [ConvCase(c, k, h, w, R=3, padding=1, N=n) for n, c, k, h, w in [
-        (2, 64, 64, 14, 14), (1, 32, 48, 9, 13), (3, 16, 16, 2, 3), (2, 20, 37, 9, 13)]], ids=ids)
+        (2, 64, 64, 14, 14), (1, 32, 48, 9, 13), (3, 16, 16, 2, 3), (2, 20, 37, 9, 13),
+        (1, 32, 128, 5, 6)]], ids=ids)
     def test_bf16_within_twice_the_direct_error(self, case, channels_last):
         x, w, b, res = case.tensors(channels_last=channels_last, seed=1)
         x = x.relu()  # ResNet's inputs to a 3x3 conv are ReLU outputs
         xb, wb, bb, rb = (t.bfloat16() for t in (x, w, b, res))
         u = ops.winograd_weight(wb)
-        assert u.shape == (16, case.C // 2, case.K, 2) and u.dtype == torch.bfloat16
+        p = winograd_weight_shape(case, 2)[3]
+        assert u.shape == (16, case.K // p, case.C // 2, p, 2) and u.dtype == torch.bfloat16
         for bias, residual, relu in [(bb, None, True), (bb, rb, True), (None, rb, False)]:
             out = ops.winograd_conv3x3(xb, wb, u, bias, residual, relu=relu)
             assert out.dtype == torch.bfloat16
@@ -524,13 +526,13 @@ class TestWinogradConv3x3:
 
     def test_bf16_winograd_weight_is_vnni_paired(self):
         # Small integers: every Winograd-domain value is a multiple of 1/4 below 64, exact
-        # in bfloat16, so the two must agree bit for bit.
-        w = torch.randint(-4, 5, (16, 8, 3, 3), generator=torch.Generator().manual_seed(0))
+        # in bfloat16, so the two must agree bit for bit. 128 output channels: 2 panels.
+        w = torch.randint(-4, 5, (128, 8, 3, 3), generator=torch.Generator().manual_seed(0))
         w = w.bfloat16()
-        u, u32 = ops.winograd_weight(w), ops.winograd_weight(w.float())  # [16, 4, 16, 2], [16, 1, 8, 16]
-        u32 = u32[:, 0]
-        assert torch.equal(u[:, :, :, 0], u32[:, 0::2, :].bfloat16())
-        assert torch.equal(u[:, :, :, 1], u32[:, 1::2, :].bfloat16())
+        u, u32 = ops.winograd_weight(w), ops.winograd_weight(w.float())  # [16, 2, 4, 64, 2], [16, 2, 8, 64]
+        assert u.shape == (16, 2, 4, 64, 2) and u32.shape == (16, 2, 8, 64)
+        assert torch.equal(u[..., 0], u32[:, :, 0::2, :].bfloat16())
+        assert torch.equal(u[..., 1], u32[:, :, 1::2, :].bfloat16())
         with pytest.raises(ValueError, match="bfloat16 weight needs tile 2, stride 1 and an even"):
             ops.winograd_weight(w, tile=4)
         with pytest.raises(ValueError, match="got tile 2, stride 1 and 7 channels"):

@@ -96,7 +96,7 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   const int64_t threads = at::get_num_threads();
   const int64_t max_block = p.alpha > 4 ? 24 : 96;
   p.block = tiles_per_block(p.tiles, threads, max_block);
-  p.u_panel = p.bf16 ? p.K : U.size(-1);
+  p.u_panel = U.size(p.bf16 ? 3 : -1);
   p.k_slices = 1;
   p.k_slice = p.K;
   // Each block reads all of U, alpha^2 * C * K, and its V and M, alpha^2 * tiles *
@@ -172,12 +172,14 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
   if (input.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(stride == 1, "winograd_conv3x3: bfloat16 input runs at stride 1 only, got "
                 "stride ", stride);
-    TORCH_CHECK(U.dim() == 4 && U.size(0) == 16 && 2 * U.size(1) == C && U.size(2) == K &&
-                    U.size(3) == 2 && U.scalar_type() == at::kBFloat16 && U.device().is_cpu(),
+    const int64_t P = winograd_panel(K);
+    TORCH_CHECK(U.dim() == 5 && U.size(0) == 16 && 2 * U.size(2) == C && U.size(3) > 0 &&
+                    U.size(1) * U.size(3) == K && U.size(4) == 2 &&
+                    U.scalar_type() == at::kBFloat16 && U.device().is_cpu(),
                 "winograd_conv3x3: for bfloat16 input, expected winograd_weight of shape [16, ",
-                C / 2, ", ", K, ", 2] bfloat16 (F(2x2, 3x3) in VNNI pairs, from "
-                "resnet_fused.ops.winograd_weight of a bfloat16 weight with an even C); got ",
-                U.sizes(), " ", U.scalar_type());
+                K / P, ", ", C / 2, ", ", P, ", 2] bfloat16 (F(2x2, 3x3) in panels of P output "
+                "channels, rows in VNNI pairs, from resnet_fused.ops.winograd_weight of a bfloat16 "
+                "weight with an even C); got ", U.sizes(), " ", U.scalar_type());
     return;
   }
   const int64_t P = winograd_panel(K);

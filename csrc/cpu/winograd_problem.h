@@ -30,7 +30,7 @@ struct Problem {
   int alpha;                        // input tile side: tile + 2 at stride 1, 5 at stride 2
   int64_t tiles_h, tiles_w, tiles;  // tile x tile output tiles
   int64_t block;                    // tiles per block
-  int64_t u_panel;                  // output channels per panel of U (K for bfloat16)
+  int64_t u_panel;                  // output channels per panel of U
   int64_t k_slices;                 // a block's output channels cut into this many slices,
   int64_t k_slice;                  // each of k_slice channels, a multiple of u_panel
   int64_t m_cols;                   // columns of M: k_slice, or K with one slice
