@@ -91,10 +91,11 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   p.tiles_h = (p.Ho + p.tile - 1) / p.tile;
   p.tiles_w = (p.Wo + p.tile - 1) / p.tile;
   p.tiles = input.size(0) * p.tiles_h * p.tiles_w;
-  // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4);
-  // stride 2's tiles, of 25 points, count as F(4x4)'s.
+  // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4).
+  // Stride 2's (2x2 tiles of 25 points) take 48: 0.89-0.90 ms against 0.91-0.95 with 24
+  // at batch 1 (128 and 256 channels, cold weights), the same at batch 8.
   const int64_t threads = at::get_num_threads();
-  const int64_t max_block = p.alpha > 4 ? 24 : 96;
+  const int64_t max_block = p.alpha == 6 ? 24 : p.alpha == 5 ? 48 : 96;
   p.block = tiles_per_block(p.tiles, threads, max_block);
   p.u_panel = U.size(p.bf16 ? 3 : -1);
   p.k_slices = 1;
@@ -105,8 +106,8 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   // read once per call instead of once per block (resnet_fused/dispatch.py's
   // _winograd_splits decides the same way). Measured on AMD EPYC Zen 4, 2 threads,
   // cold weights, alternating, split vs one block per thread, ms: 512 channels at
-  // 7x7, F(2x2), batch 1: 1.04 vs 1.50; F(4x4), batch 4: 2.39 vs 3.17, and with AVX2,
-  // batch 8: 4.97 vs 7.55; 256 channels at 14x14, F(4x4), batch 2: 1.00 vs 1.17.
+  // 7x7, F(2x2), batch 1: 1.04 vs 1.44; F(4x4), batch 4: 2.36 vs 3.45, and with AVX2,
+  // batch 8: 4.97 vs 7.55; 256 channels at 14x14, F(4x4), batch 2: 1.04 vs 1.13.
   const int64_t panels = p.K / p.u_panel;
   const bool weight_bound = p.C * p.K > p.tiles * (p.C + p.K);
   if (threads > 1 && panels > 1 && weight_bound) {
