@@ -130,6 +130,27 @@ def exact_in_every_dtype(t):
     return torch.where(t.abs() < torch.finfo(torch.float16).tiny, torch.zeros_like(t), t)
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op thread count set to n inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def one_and_more_threads(fn):
+    """(fn() on 1 thread, fn() on max(2, current) threads): the ops split their work by
+    thread count, and their results must not depend on it."""
+    more = max(2, torch.get_num_threads())
+    with num_threads(1):
+        one = fn()
+    with num_threads(more):
+        return one, fn()
+
+
 def reference(x, w, b, residual, case, relu):
     """act(conv2d(x, w) + b [+ residual]) in fp64 on the CPU."""
     stride, padding, dilation, groups = case.geometry()

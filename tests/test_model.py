@@ -13,7 +13,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused import FusedResNet, _extension, dispatch, fuse
 
-from common_utils import rel_err, tv_model
+from common_utils import num_threads, rel_err, tv_model
 from resnet_fused._extension import winograd_kernel_available
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -232,13 +232,9 @@ def winograd_tile_counts(arch, threads):
         pytest.skip("no AVX2 or AVX-512 on this CPU: the Winograd kernel does not run here")
     fused = fuse(tv_model(arch))
     x = torch.randn(2, 3, 64, 64)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
-            out = fused(x)
-    finally:
-        torch.set_num_threads(before)
+    with num_threads(threads), torch.inference_mode(), \
+            torch.profiler.profile(record_shapes=True) as prof:
+        out = fused(x)
     assert rel_err(out, tv_model(arch)(x)) <= 1e-5
     # winograd_weight: [alpha^2, K / P, C, P], or [4, 4, K / P, C, P] at stride 2
     tiles = [e.input_shapes[2][0] for e in prof.events()

@@ -7,8 +7,9 @@ import torch
 
 from resnet_fused import _extension, ops
 
-from common_utils import (ConvCase, assert_matches, devices, dtypes_for, opcheck, put_nonfinite,
-                          reference, rel_err, requires_extension, skip_unless_dtype)
+from common_utils import (ConvCase, assert_matches, devices, dtypes_for, one_and_more_threads,
+                          opcheck, put_nonfinite, reference, rel_err, requires_extension,
+                          skip_unless_dtype)
 
 pytestmark = requires_extension
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -409,19 +410,13 @@ class TestWinogradConv3x3:
 
     # The second shape splits its output channels across threads (few tiles, two panels).
     @pytest.mark.parametrize("shape", [(32, 48, 11, 9, 3), (32, 128, 6, 5, 1)], ids=str)
-    @pytest.mark.parametrize("tile", [2, 4])
-    def test_thread_counts_give_the_same_result(self, tile, shape):
+    @pytest.mark.parametrize("tile, stride", [(2, 1), (4, 1), (2, 2)], ids=["f2", "f4", "f2s2"])
+    def test_thread_counts_give_the_same_result(self, tile, stride, shape):
         c, k, height, width, n = shape
-        x, w, b, res = ConvCase(c, k, height, width, R=3, padding=1, N=n).tensors()
-        u = ops.winograd_weight(w, tile)
-        before = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            one = ops.winograd_conv3x3(x, w, u, b, res)
-            torch.set_num_threads(max(2, before))
-            many = ops.winograd_conv3x3(x, w, u, b, res)
-        finally:
-            torch.set_num_threads(before)
+        x, w, b, res = ConvCase(c, k, height, width, R=3, stride=stride, padding=1, N=n).tensors()
+        u = ops.winograd_weight(w, tile, stride=stride)
+        one, many = one_and_more_threads(
+            lambda: ops.winograd_conv3x3(x, w, u, b, res, stride=stride))
         torch.testing.assert_close(one, many, rtol=0, atol=0)
 
     def test_split_with_more_tiles_than_one_block(self):
@@ -452,19 +447,6 @@ class TestWinogradConv3x3:
             assert out.is_contiguous(memory_format=fmt_of(channels_last))
             assert_matches(out, reference(x, w, bias, residual, case, relu), torch.float32,
                            case.reduction)
-
-    def test_stride2_thread_counts_give_the_same_result(self):
-        x, w, b, res = ConvCase(32, 128, 13, 10, R=3, stride=2, padding=1, N=2).tensors()
-        u = ops.winograd_weight(w, stride=2)
-        before = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            one = ops.winograd_conv3x3(x, w, u, b, res, stride=2)
-            torch.set_num_threads(max(2, before))
-            many = ops.winograd_conv3x3(x, w, u, b, res, stride=2)
-        finally:
-            torch.set_num_threads(before)
-        torch.testing.assert_close(one, many, rtol=0, atol=0)
 
     @pytest.mark.parametrize("change, message", [
         (dict(w=torch.randn(16, 8, 1, 1)), "expected a 3x3 weight"),
@@ -619,14 +601,7 @@ class TestConv1x1:
     def test_thread_counts_give_the_same_result(self):
         x, w, b, res = ConvCase(96, 128, 11, 13, N=3).tensors()
         p = ops.conv1x1_weight(w)
-        before = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            one = ops.conv1x1(x, w, p, b, res)
-            torch.set_num_threads(max(2, before))
-            many = ops.conv1x1(x, w, p, b, res)
-        finally:
-            torch.set_num_threads(before)
+        one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res))
         torch.testing.assert_close(one, many, rtol=0, atol=0)
 
     def test_batch_zero_and_bfloat16_go_to_conv_bias_act(self):
