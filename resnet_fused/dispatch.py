@@ -276,7 +276,8 @@ def _cost(c, k, weight_floats, macs, threads):
 # than oneDNN's direct kernel (measured 1.15-1.21x its speed where the tiles cover the
 # output exactly, 0.86-0.91x at a 7x7 output, where 16 tiles hold 64 outputs for 49:
 # AMD EPYC Zen 4, 2 threads, cold weights, alternating; ResNet's stride-2 shapes at
-# batch 1 and 8). The cost model with that factor picks it from 14x14 outputs.
+# batch 1 and 8). The cost model with that factor decides every stride-2 call (their
+# weights are split or small beside their tiles' work) and picks it from 14x14 outputs.
 _STRIDE2_MAC_COST = 1.2
 
 
@@ -294,12 +295,12 @@ def _winograd_tile(x, weight, stride=1):
         direct = _cost(c, k, 9, 9 * n * ho * wo, threads)
         return 2 if _cost(c, k, 16, 25 * _STRIDE2_MAC_COST * tiles, threads) < direct else None
     if x.dtype == torch.bfloat16:
-        tiles2 = n * -(-h // 2) * -(-w // 2)
         if h < 2 or w < 2:
             return None
-        if _winograd_splits(c, k, tiles2, threads):  # as in fp32: half the bytes, twice the rate
-            split_pays = _cost(c, k, 16, 16 * tiles2, threads) < _cost(c, k, 9, 9 * n * h * w, threads)
-            return 2 if split_pays else None
+        tiles2 = n * -(-h // 2) * -(-w // 2)
+        if _winograd_splits(c, k, tiles2, threads):  # as fp32: half the bytes, twice the rate
+            direct = _cost(c, k, 9, 9 * n * h * w, threads)
+            return 2 if _cost(c, k, 16, 16 * tiles2, threads) < direct else None
         needed = _WINOGRAD_MIN_TILES_PER_THREAD[2] * (1 if small else 2)
         return 2 if tiles2 >= needed * threads else None
     tiles = {t: n * -(-h // t) * -(-w // t) for t in (4, 2)
