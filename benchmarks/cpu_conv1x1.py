@@ -2,37 +2,24 @@
 packs it) on ResNet-50's 1x1 stride-1 shapes, with warm caches and with cold ones (after
 64 MB of other memory traffic, as a layer meets its weight in a model), with each one's
 error against fp64 and whether the model picks conv1x1 there (dispatch._conv1x1_pays).
-fp32, channels_last, median of repeats after warm-up, on the threads torch uses.
+fp32, channels_last, the two alternating, median of repeats after warm-up, on the
+threads torch uses.
 
     python benchmarks/cpu_conv1x1.py [--batch-sizes 1,8] [--repeats 30]
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from cpu_timing import median_ms
 from resnet_fused import _extension, dispatch, ops
 
 # (C, K, H = W) of ResNet-50's 1x1 stride-1 convs.
 SHAPES = [(64, 256, 56), (256, 64, 56), (256, 128, 56), (512, 128, 28), (128, 512, 28),
           (512, 256, 28), (1024, 256, 14), (256, 1024, 14), (1024, 512, 14), (2048, 512, 7),
           (512, 2048, 7)]
-
-
-def median_ms(fn, repeats, cold, warmup=3):
-    junk = torch.empty(16 << 20) if cold else None
-    times = []
-    for i in range(warmup + repeats):
-        if junk is not None:
-            junk.fill_(1.0)
-        t = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def rel_err(out, ref):
@@ -64,8 +51,8 @@ def main():
                 runs = [lambda: ops.conv_bias_act(x, packed, b, None, relu=True,
                                                   assume_finite=True),
                         lambda: ops.conv1x1(x, w, panels, b, None, relu=True)]
-                warm = [median_ms(f, args.repeats, cold=False) for f in runs]
-                cold = [median_ms(f, args.repeats, cold=True) for f in runs]
+                warm = median_ms(runs, args.repeats, cold=False)
+                cold = median_ms(runs, args.repeats, cold=True)
                 errs = [rel_err(f(), ref) for f in runs]
                 picked = "conv1x1" if dispatch._conv1x1_pays(x, w) else "oneDNN"
                 print(f"{f'1x1 {c}->{k} {h}x{h}':18} {batch:5d} {warm[0]:7.3f} {warm[1]:7.3f} "

@@ -10,33 +10,17 @@ traffic, as a layer meets its weight in a model.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from cpu_timing import median_ms
 from resnet_fused import _extension, dispatch, ops
 
 # (C = K, input H = W, stride) of ResNet-50's 3x3 convs: stride 1 in layer1-4, stride 2
 # at the start of layer2-4.
 WINOGRAD_LAYERS = [(64, 56, 1), (128, 28, 1), (256, 14, 1), (512, 7, 1), (128, 56, 2),
                    (256, 28, 2), (512, 14, 2)]
-
-
-def median_ms(fns, repeats, cold, warmup=3):
-    """Median ms of each of fns, called in turn."""
-    junk = torch.empty(16 << 20) if cold else None
-    times = [[] for _ in fns]
-    for i in range(warmup + repeats):
-        for fn, ts in zip(fns, times):
-            if junk is not None:
-                junk.fill_(1.0)
-            t = time.perf_counter()
-            fn()
-            if i >= warmup:
-                ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def rel_err(out, ref):
