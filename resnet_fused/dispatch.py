@@ -124,7 +124,7 @@ class PreparedConv:
         u = self.winograd_for(x)
         if u is not None:
             return "winograd", u
-        if self.conv1x1_fits and not tracing() and _conv1x1_pays(x, self.weight):
+        if self.conv1x1_fits and not tracing() and _conv1x1_pays(x):
             if self.conv1x1_panels is None:
                 self.conv1x1_panels = ops.conv1x1_weight(self.weight)
             return "conv1x1", self.conv1x1_panels
@@ -329,26 +329,30 @@ def _conv1x1_fits(c):
             and _extension.conv1x1_kernel_available())
 
 
-# conv1x1 splits the weight's panels across threads, where oneDNN's convolution
-# splits the rows (pixels), each thread reading all of the weight: with few rows per
-# thread that costs oneDNN more than the product. Measured on AMD EPYC Zen 4, 2
-# threads, ms:
-#   alone (benchmarks/cpu_conv1x1.py), batch 1, cold caches: 1.07-1.20x oneDNN's speed
-#     at 14x14 and 7x7 (2048 -> 512 at 7x7: 0.56 vs 0.67 ms), 1.08-1.16x at 28x28 and
-#     56x56 from 256 input channels, 0.99x with 64; batch 8: 0.88-1.04x;
-#   in ResNet-50 at batch 1 (profiled per shape), faster at 14x14 and 7x7 (1024 -> 256:
-#     2.53 vs 2.74 ms for its five calls), slower at 28x28 and 56x56 (128 -> 512 at 28x28:
-#     3.13 vs 2.37 ms for four): so up to 98 rows per thread and from 256 channels.
-#     Whole forward, alternating in one process: ResNet-50 36.7 vs 37.0 and 37.7 vs 38.1 ms,
-#     ResNet-101 64.5 vs 66.8 ms.
-_CONV1X1_MAX_ROWS_PER_THREAD = 98
-_CONV1X1_MIN_CHANNELS = 256
+# conv1x1 computes the 1x1 stride-1 convs that fit it: called from our op, it skips
+# ATen's work around oneDNN's convolution (descriptors, primitive cache, scratchpad:
+# 70-220 us per call inside ResNet-50 at batch 1), and it splits the weight's panels
+# across threads where rows are few (conv1x1.cpp). Measured on AMD EPYC Zen 4, 2
+# threads, ResNet-50 with it against one with oneDNN for the 1x1 convs of layer1 and
+# layer2 (and at batch 8 of all), whole forwards alternating (ABBA): 35.89 vs 36.53 and
+# 34.96 vs 35.56 ms at batch 1, 259.2 vs 272.4 at batch 8. Per op it loses only on
+# layer1's projection shortcut, 64 -> 256 at 56x56 without ReLU or residual (+0.03 ms
+# of 0.66 at batch 1, +0.36 of 4.9 at batch 8), which it keeps for a simpler rule.
+# With AVX2 (RESNET_FUSED_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2),
+# oneDNN's AVX2 1x1 convolution runs 10-17% faster per call where rows are many (batch 8:
+# 512 -> 128 at 28x28 4.34-4.49 vs 5.03-5.09 ms; 64 -> 256 at 56x56 with the residual
+# 4.47-4.48 vs 5.04-5.11) and slower where they are few (batch 8 at 7x7: 4.05-4.13 vs
+# 4.45-4.56 with the residual; at batch 1, 0.46 ms less over all 33 calls): so there it
+# takes them up to _CONV1X1_AVX2_MAX_ROWS_PER_THREAD. (Before its epilogue was
+# vectorized per ISA it lost at 28x28 and 56x56 on AVX-512 too.)
+_CONV1X1_AVX2_MAX_ROWS_PER_THREAD = 2047
 
 
-def _conv1x1_pays(x, weight):
-    n, c, h, w = x.shape
-    return (c >= _CONV1X1_MIN_CHANNELS
-            and n * h * w <= _CONV1X1_MAX_ROWS_PER_THREAD * torch.get_num_threads())
+def _conv1x1_pays(x):
+    if _extension.cpu_isa() == "avx512":
+        return True
+    n, _, h, w = x.shape
+    return n * h * w <= _CONV1X1_AVX2_MAX_ROWS_PER_THREAD * torch.get_num_threads()
 
 
 # ---- running it ------------------------------------------------------------------

@@ -263,7 +263,8 @@ def test_fp32_matches_and_every_pattern_runs_fused(name):
     # The rewritten graph runs: one fused conv per conv-BN pair, no BatchNorm left.
     calls = kernel_calls(fused, x)
     convs = sum(calls.get(f"resnet_fused::{op}", 0)
-                for op in ("conv_bias_act", "winograd_conv3x3", "conv_bias_add_relu_"))
+                for op in ("conv_bias_act", "winograd_conv3x3", "conv_bias_add_relu_", "conv1x1",
+                           "conv1x1_add_relu_"))
     assert convs == expected[CONV_BN_RELU] + expected[CONV_BN] + expected[CONV_BN_ADD_RELU]
     assert calls.get("resnet_fused::add_relu", 0) == expected[ADD_RELU]
     assert not any("batch_norm" in k for k in calls), calls

@@ -7,9 +7,9 @@ import torch
 
 from resnet_fused import _extension, ops
 
-from common_utils import (ConvCase, assert_matches, devices, dtypes_for, one_and_more_threads,
-                          opcheck, put_nonfinite, reference, rel_err, requires_extension,
-                          skip_unless_dtype)
+from common_utils import (ConvCase, assert_matches, devices, dtypes_for, num_threads,
+                          one_and_more_threads, opcheck, put_nonfinite, reference, rel_err,
+                          requires_extension, skip_unless_dtype)
 
 pytestmark = requires_extension
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -603,6 +603,25 @@ class TestConv1x1:
         p = ops.conv1x1_weight(w)
         one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res))
         torch.testing.assert_close(one, many, rtol=0, atol=0)
+
+    def test_rows_split_matches_panels_split(self):
+        # 3000 rows: from 2048 per thread (conv1x1.cpp's kSplitRowsFrom) the threads split
+        # the rows, below it the weight's panels, so 1 thread and 2 take different splits.
+        # Each output is the same product either way, bit for bit, and within fp64's
+        # tolerance, the residual summed in place too.
+        case = ConvCase(96, 192, 50, 60)
+        x, w, b, res = case.tensors(channels_last=True)
+        p = ops.conv1x1_weight(w)
+        one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res))
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+        assert_matches(one, reference(x, w, b, res, case, True), torch.float32, case.reduction)
+        r1, r2 = res.clone(), res.clone()
+        with num_threads(1):
+            ops.conv1x1_add_relu_(r1, x, w, p, b)
+        with num_threads(2):
+            ops.conv1x1_add_relu_(r2, x, w, p, b)
+        torch.testing.assert_close(r1, one, rtol=0, atol=0)
+        torch.testing.assert_close(r2, one, rtol=0, atol=0)
 
     def test_batch_zero_and_bfloat16_go_to_conv_bias_act(self):
         x, w, b, res = ConvCase(16, 64, 5, 5, N=0).tensors()

@@ -1,14 +1,17 @@
 // CPU conv1x1: a 1x1, stride-1 convolution (ResNet's bottleneck and layer-1
 // downsample convs) as one matrix product of the channels_last input, [N*H*W, C],
 // with the weight, [C, K], on oneDNN's brgemm micro-kernel; bias, residual and ReLU
-// are applied to each block of the product while it is in L1, before its one store.
+// are applied to each block of the product while it is in L1, before its one store
+// (conv1x1_epilogue.h). It also skips what ATen's oneDNN convolution spends around
+// oneDNN's kernel on each call (descriptors, primitive cache, scratchpad): 50-60 us
+// alone, 70-220 us inside ResNet-50 at batch 1 (ONEDNN_VERBOSE's time against the op's).
 //
 // The weight comes in panels of kPanel output channels (resnet_fused.ops.
-// conv1x1_weight: [K / kPanel, C, kPanel]). Each thread takes a contiguous range of
-// (panel, row block) pairs, panel-major, so at batch 1 each thread reads only its
-// share of the weight, where oneDNN's convolution splits the rows and every thread
-// reads all of it: with few rows per thread (ResNet's layer3/4 at batch 1) that costs
-// more than the product. dispatch.py says where the model uses it.
+// conv1x1_weight: [K / kPanel, C, kPanel]). With few rows per thread (ResNet's
+// layer3/4, and batch 1), the threads split the panels, so each reads only its share
+// of the weight, where oneDNN's convolution splits the rows and every thread reads
+// all of it; with many, they split the rows (kSplitRowsFrom). dispatch.py says where
+// the model uses it.
 //
 // NaN and Inf propagate as in torch (the ReLU keeps NaN), so no operand is scanned.
 // Without the fp32 brgemm, for bfloat16 and for a weight in other panels, the call goes
@@ -18,11 +21,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "checks.h"
 #include "cpu/brgemm.h"
+#include "cpu/conv1x1_epilogue.h"
 #include "cpu/conv_bias_act.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/thread_scratch.h"
 
 namespace resnet_fused {
 namespace {
@@ -30,15 +35,25 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-constexpr int64_t kPanel = 64;      // output channels per weight panel
+using conv1x1::kPanel;
 constexpr int64_t kRowBlock = 128;  // output pixels per product (measured best of 32-256)
 
-// out[r, j] = act(c[r, j] + bias[j] (+ residual[r, j])) for one rows x kPanel block;
-// out and residual have row stride ld and may be the same memory. NaN < 0 is false,
-// so the ReLU keeps NaN as torch.relu does. Plain loops: the compiler vectorizes them,
-// and they are 1/C of the product's work.
-void epilogue(const float* c, const float* bias, const float* residual, float* out, int64_t rows,
-              int64_t ld, bool relu) {
+// From this many rows per thread the threads split the rows rather than the weight's
+// panels: each then reads the input once (with panels, once per panel it takes) and
+// all of the weight, which is then the smaller operand. Timed per op in ResNet-50
+// (AMD EPYC Zen 4, 2 threads, two models alternating, one on oneDNN's convolution),
+// ms per call at batch 8: rows won at 28x28 (3136 rows per thread; 128 -> 512 with the
+// residual 4.42-4.50 against oneDNN's 4.74-4.77, panels 4.79-4.89 against 4.79-5.07)
+// and at 56x56, and lost at 14x14 and 7x7 (784 and 196 rows per thread: 2048 -> 512 at
+// 7x7 4.93 against 3.97, panels 3.85 against 4.10); at batch 1 panels won at 56x56 too
+// (1568 rows per thread).
+constexpr int64_t kSplitRowsFrom = 2048;
+
+}  // namespace
+
+// Plain loops: the compiler vectorizes them for the baseline ISA.
+void conv1x1::epilogue_plain(const float* c, const float* bias, const float* residual, float* out,
+                             int64_t rows, int64_t ld, bool relu) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* cr = c + r * kPanel;
     const float* res = residual ? residual + r * ld : nullptr;
@@ -46,9 +61,23 @@ void epilogue(const float* c, const float* bias, const float* residual, float* o
     for (int64_t j = 0; j < kPanel; ++j) {
       float v = cr[j] + (bias ? bias[j] : 0.0f);
       if (res) v += res[j];
-      o[j] = relu && v < 0.0f ? 0.0f : v;
+      o[j] = relu && v < 0.0f ? 0.0f : v;  // NaN < 0 is false: NaN stays, as in torch.relu
     }
   }
+}
+
+namespace {
+
+// The ISA's own epilogue where the CPU has one (conv1x1_epilogue.h).
+conv1x1::EpilogueFn pick_epilogue() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return &conv1x1::epilogue_avx512;
+    case CpuIsa::kAvx2: return &conv1x1::epilogue_avx2;
+    default: break;
+  }
+#endif
+  return &conv1x1::epilogue_plain;
 }
 
 // input and out (and residual) channels_last-contiguous float32; out may be residual.
@@ -61,17 +90,20 @@ void run(const Tensor& input, const Tensor& panels, const float* bias, const flo
   const float* x = input.const_data_ptr<float>();
   const float* w = panels.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
+  static const conv1x1::EpilogueFn epilogue = pick_epilogue();
+  // Items are (panel, row block) pairs; each thread takes a contiguous range of them,
+  // so the order decides what the threads split: panel-major the panels, else the rows.
+  const bool split_rows = rows / at::get_num_threads() >= kSplitRowsFrom;
   at::parallel_for(0, n_panels * row_blocks, 1, [&](int64_t first, int64_t last) {
-    // Per-thread product block, kept between calls (32 KiB).
-    thread_local std::vector<float> block;
-    if (static_cast<int64_t>(block.size()) < kRowBlock * kPanel) block.resize(kRowBlock * kPanel);
+    float* block = thread_scratch(kRowBlock * kPanel);  // the product block, 32 KiB
     for (int64_t item = first; item < last; ++item) {
-      const int64_t p = item / row_blocks, r0 = (item % row_blocks) * kRowBlock;
+      const int64_t p = split_rows ? item % n_panels : item / row_blocks;
+      const int64_t r0 = (split_rows ? item / n_panels : item % row_blocks) * kRowBlock;
       const int64_t n = std::min(kRowBlock, rows - r0);
       brgemm_f32(n, kPanel, C, /*lda=*/C, /*ldb=*/kPanel, /*ldc=*/kPanel, x + r0 * C,
-                 w + p * C * kPanel, block.data());
+                 w + p * C * kPanel, block);
       const int64_t at = r0 * K + p * kPanel;
-      epilogue(block.data(), bias ? bias + p * kPanel : nullptr,
+      epilogue(block, bias ? bias + p * kPanel : nullptr,
                residual ? residual + at : nullptr, o + at, n, K, relu);
     }
   });

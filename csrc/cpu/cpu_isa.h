@@ -1,7 +1,7 @@
 // Which vector ISA our own CPU kernels run with, chosen once at run time.
 //
 // The library is compiled for baseline x86-64; the kernels that need AVX2+FMA or
-// AVX-512 are compiled per ISA (winograd_avx2.cpp, winograd_avx512.cpp) and
+// AVX-512 are compiled per ISA (kernels_avx2.cpp, kernels_avx512.cpp) and
 // called only after cpu_isa() says the CPU has it. RESNET_FUSED_CPU_ISA=avx2
 // (or none) caps the choice, so one machine can run another class's code path.
 #pragma once

@@ -30,6 +30,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/conv_bias_act.h"
 #include "cpu/finite.h"
+#include "cpu/thread_scratch.h"
 #include "cpu/winograd.h"
 #include "cpu/winograd_problem.h"
 
@@ -137,11 +138,8 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   const int64_t scratch = winograd::scratch_floats(p);
   const int64_t blocks = (p.tiles + p.block - 1) / p.block;
   at::parallel_for(0, blocks * p.k_slices, 1, [&](int64_t first, int64_t last) {
-    // Per-thread scratch, kept between calls: a few MB at most for ResNet's shapes
-    // (split calls: less than U).
-    thread_local std::vector<float> buffer;
-    if (static_cast<int64_t>(buffer.size()) < scratch) buffer.resize(scratch);
-    run(p, first, last, buffer.data());
+    // A few MB at most for ResNet's shapes (split calls: less than U).
+    run(p, first, last, thread_scratch(scratch));
     // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
     if (p.bf16) brgemm_release();
   });

@@ -1,6 +1,6 @@
 // The Winograd kernels of winograd_conv3x3, F(2x2, 3x3) and F(4x4, 3x3) at stride 1
 // and F(2x2, 3x3) at stride 2, written once and templated on the vector type V
-// (winograd_avx2.cpp, winograd_avx512.cpp instantiate them, each compiled for its
+// (kernels_avx2.cpp, kernels_avx512.cpp instantiate them, each compiled for its
 // ISA). No ATen here: this header is included inside a `#pragma GCC target` region.
 //
 // F(m x m, 3x3) works on alpha x alpha input tiles, alpha = m + 2 at stride 1 and

@@ -1,23 +1,12 @@
-// winograd_kernel.h instantiated for AVX-512F (16 float lanes). Called only
-// when cpu_isa() == kAvx512; the rest of the library stays baseline x86-64.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
+// The AVX-512F vector type (16 float lanes) that our kernel templates take as V
+// (winograd_kernel.h, conv1x1_epilogue_kernel.h). Include it only inside a
+// target("avx512f") region (kernels_avx512.cpp), after <immintrin.h>.
+#pragma once
 
 #include <cstdint>
 
-#include "cpu/winograd_problem.h"
-
-#ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#endif
-
-#include "cpu/winograd_kernel.h"
-
 namespace resnet_fused {
-namespace winograd {
+namespace vec {
 namespace {
 
 struct Avx512 {
@@ -64,17 +53,5 @@ struct Avx512 {
 };
 
 }  // namespace
-
-void run_blocks_avx512(const Problem& p, int64_t first, int64_t last, float* scratch) {
-  run_blocks<Avx512>(p, first, last, scratch);
-}
-
-}  // namespace winograd
+}  // namespace vec
 }  // namespace resnet_fused
-
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif

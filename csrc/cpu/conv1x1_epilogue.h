@@ -1,0 +1,28 @@
+// The epilogue of conv1x1's products: out = act(product + bias [+ residual]) for one
+// block of rows x kConv1x1Panel output channels, as a plain loop (any CPU) and
+// compiled per vector ISA (kernels_avx2.cpp, kernels_avx512.cpp; the library itself
+// is built for baseline x86-64, where the plain loop runs on 4-lane SSE: at 64-128
+// input channels that was ~1/5 of the op). All of them give the same bits.
+#pragma once
+
+#include <cstdint>
+
+namespace resnet_fused {
+namespace conv1x1 {
+
+constexpr int64_t kPanel = 64;  // output channels per weight panel and per product
+
+// c: rows x kPanel, dense; out and residual (may be null, may be out): rows ld apart;
+// bias: kPanel values or null. NaN stays NaN through the ReLU, as in torch.relu.
+using EpilogueFn = void (*)(const float* c, const float* bias, const float* residual, float* out,
+                            int64_t rows, int64_t ld, bool relu);
+
+void epilogue_plain(const float* c, const float* bias, const float* residual, float* out,
+                    int64_t rows, int64_t ld, bool relu);
+void epilogue_avx2(const float* c, const float* bias, const float* residual, float* out,
+                   int64_t rows, int64_t ld, bool relu);
+void epilogue_avx512(const float* c, const float* bias, const float* residual, float* out,
+                     int64_t rows, int64_t ld, bool relu);
+
+}  // namespace conv1x1
+}  // namespace resnet_fused
