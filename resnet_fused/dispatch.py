@@ -335,7 +335,8 @@ def _conv1x1_fits(c):
 # across threads where rows are few (conv1x1.cpp). Measured on AMD EPYC Zen 4, 2
 # threads, ResNet-50 with it against one with oneDNN for the 1x1 convs of layer1 and
 # layer2 (and at batch 8 of all), whole forwards alternating (ABBA): 35.89 vs 36.53 and
-# 34.96 vs 35.56 ms at batch 1, 259.2 vs 272.4 at batch 8; in separate processes against
+# 34.96 vs 35.56 ms at batch 1 (within that method's bias: the same model twice gave the
+# second 0.981-0.998 of the first), 259.2 vs 272.4 at batch 8; in separate processes against
 # the release before, 35.25 vs 34.92 and 253.1 vs 254.9 (README). Per op it loses only on
 # layer1's projection shortcut, 64 -> 256 at 56x56 without ReLU or residual (+0.03 ms
 # of 0.66 at batch 1, +0.36 of 4.9 at batch 8), which it keeps for a simpler rule.
