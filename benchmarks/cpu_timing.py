@@ -7,12 +7,15 @@ import torch
 
 
 def median_ms(fns, repeats, cold, warmup=3):
-    """Median ms of each of fns, called in turn (round-robin) after warm-up. cold: 64 MB
-    of other memory traffic before each call, as a layer meets its weight in a model."""
+    """Median ms of each of fns, called in turn after warm-up, every other round in
+    reverse (A B, B A, ...: in a fixed order the second of two equal calls measured
+    faster). cold: 64 MB of other memory traffic before each call, as a layer meets its
+    weight in a model."""
     junk = torch.empty(16 << 20) if cold else None
     times = [[] for _ in fns]
     for i in range(warmup + repeats):
-        for fn, ts in zip(fns, times):
+        pairs = list(zip(fns, times))
+        for fn, ts in (pairs if i % 2 == 0 else reversed(pairs)):
             if junk is not None:
                 junk.fill_(1.0)
             t = time.perf_counter()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import resnet_fused
-from resnet_fused import cli, dispatch
+from resnet_fused import benchmark, cli, dispatch
 from resnet_fused.cli import main
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -76,6 +76,14 @@ def test_bench_model_times_whole_model_and_body(tmp_path, capsys):
 def test_bench_model_refuses_options_that_do_not_apply(capsys):
     assert main(["bench", "--model", "fcn_resnet50", "--peers"]) == 2
     assert "--peers cannot be combined with --model" in capsys.readouterr().err
+
+
+def test_bench_timing_alternates_the_order_of_its_rounds():
+    # Blocks of 2 runs per variant, the rounds in turn forward and reversed.
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
+    benchmark.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=4, block=2)
+    assert "".join(calls) == "ABC" + "AABBCC" + "CCBBAA"
 
 
 def test_profile_writes_traces_and_chart(tmp_path):
