@@ -3,7 +3,7 @@
 // with the weight, [C, K], on oneDNN's brgemm micro-kernel; bias, residual and ReLU
 // are applied to each block of the product while it is in L1, before its one store
 // (conv1x1_epilogue.h). It also skips what ATen's oneDNN convolution spends around
-// oneDNN's kernel on each call (descriptors, primitive cache, scratchpad): 50-60 us
+// oneDNN's kernel on each call (descriptors, primitive cache, scratchpad): 50-63 us
 // alone, 70-220 us inside ResNet-50 at batch 1 (ONEDNN_VERBOSE's time against the op's).
 //
 // The weight comes in panels of kPanel output channels (resnet_fused.ops.

@@ -1,8 +1,7 @@
 // Per-thread scratch memory for our CPU kernels (Winograd's V and M, conv1x1's product
 // block), kept between calls and shared by them (one op runs at a time on a thread).
-// Its start is aligned to a 64-byte cache line: std::vector's 16-byte alignment left
-// the products' vector stores straddling lines in some processes and not in others,
-// ResNet-50 at batch 1 then 1.07-1.09x slower in some runs (conv1x1 in layer1 and 2).
+// Its start is aligned to a 64-byte cache line (std::vector's is 16 bytes), so that
+// the 16-float vector loads and stores of the blocks in it never straddle two lines.
 #pragma once
 
 #include <cstdint>
