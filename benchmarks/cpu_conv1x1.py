@@ -1,5 +1,5 @@
 """Times the CPU conv1x1 kernel against oneDNN's convolution (weight packed as the model
-packs it) on ResNet-50's 1x1 stride-1 shapes, with warm caches and with cold ones (after
+packs it) on ResNet-50's 1x1 shapes (stride 1, and its stride-2 downsample convs), with warm caches and with cold ones (after
 64 MB of other memory traffic, as a layer meets its weight in a model), with each one's
 error against fp64 and whether the model picks conv1x1 there (dispatch._conv1x1_pays).
 fp32, channels_last, the two alternating, median of repeats after warm-up, on the
@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from cpu_timing import median_ms
 from resnet_fused import _extension, dispatch, heap, ops
 
-# (C, K, H = W) of ResNet-50's 1x1 stride-1 convs.
-SHAPES = [(64, 256, 56), (256, 64, 56), (256, 128, 56), (512, 128, 28), (128, 512, 28),
-          (512, 256, 28), (1024, 256, 14), (256, 1024, 14), (1024, 512, 14), (2048, 512, 7),
-          (512, 2048, 7)]
+# (C, K, H = W of the input, stride) of ResNet-50's 1x1 convs.
+SHAPES = [(64, 256, 56, 1), (256, 64, 56, 1), (256, 128, 56, 1), (512, 128, 28, 1),
+          (128, 512, 28, 1), (512, 256, 28, 1), (1024, 256, 14, 1), (256, 1024, 14, 1),
+          (1024, 512, 14, 1), (2048, 512, 7, 1), (512, 2048, 7, 1),
+          (256, 512, 56, 2), (512, 1024, 28, 2), (1024, 2048, 14, 2)]
 
 
 def rel_err(out, ref):
@@ -36,27 +37,28 @@ def main():
         return 1
     print(f"cpu ({torch.get_num_threads()} threads), float32, channels_last, "
           f"median of {args.repeats}; ms")
-    print(f"{'shape':18} {'batch':>5} {'oneDNN':>7} {'conv1x1':>7} {'warm':>6} "
+    print(f"{'shape':24} {'batch':>5} {'oneDNN':>7} {'conv1x1':>7} {'warm':>6} "
           f"{'oneDNN':>7} {'conv1x1':>7} {'cold':>6} {'err oneDNN':>10} {'err 1x1':>8} "
           f"{'model':>7}")
     heap.keep_freed_memory()  # as the model does: outputs reuse memory, not fresh pages
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for batch in (int(v) for v in args.batch_sizes.split(",")):
-            for c, k, h in SHAPES:
+            for c, k, h, s in SHAPES:
                 x = torch.randn(batch, c, h, h, generator=g).relu()
                 x = x.contiguous(memory_format=torch.channels_last)
                 w, b = torch.randn(k, c, 1, 1, generator=g) / c ** 0.5, torch.randn(k, generator=g)
-                ref = F.relu(F.conv2d(x.double(), w.double(), b.double()))
-                packed, panels = ops.pack_weight(w, 1, 0, 1, 1, x.shape), ops.conv1x1_weight(w)
-                runs = [lambda: ops.conv_bias_act(x, packed, b, None, relu=True,
+                ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride=s))
+                packed, panels = ops.pack_weight(w, s, 0, 1, 1, x.shape), ops.conv1x1_weight(w)
+                runs = [lambda: ops.conv_bias_act(x, packed, b, None, s, relu=True,
                                                   assume_finite=True),
-                        lambda: ops.conv1x1(x, w, panels, b, None, relu=True)]
+                        lambda: ops.conv1x1(x, w, panels, b, None, relu=True, stride=s)]
                 warm = median_ms(runs, args.repeats, cold=False)
                 cold = median_ms(runs, args.repeats, cold=True)
                 errs = [rel_err(f(), ref) for f in runs]
-                picked = "conv1x1" if dispatch._conv1x1_pays(x) else "oneDNN"
-                print(f"{f'1x1 {c}->{k} {h}x{h}':18} {batch:5d} {warm[0]:7.3f} {warm[1]:7.3f} "
+                picked = "conv1x1" if dispatch._conv1x1_pays(x, s) else "oneDNN"
+                name = f"1x1 {c}->{k} {h}x{h}" + (f" /{s}" if s > 1 else "")
+                print(f"{name:24} {batch:5d} {warm[0]:7.3f} {warm[1]:7.3f} "
                       f"{warm[0] / warm[1]:5.2f}x {cold[0]:7.3f} {cold[1]:7.3f} "
                       f"{cold[0] / cold[1]:5.2f}x {errs[0]:10.1e} {errs[1]:8.1e} {picked:>7}")
     return 0

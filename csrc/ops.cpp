@@ -39,13 +39,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, *, int stride=1, bool relu=True, bool assume_finite=False) -> Tensor");
-  // conv_bias_act for a 1x1, stride-1, ungrouped conv, computed on CPU as one matrix
+  // conv_bias_act for a 1x1, unpadded, ungrouped conv, computed on CPU as one matrix
   // product on oneDNN's brgemm micro-kernel. weight_panels is
   // resnet_fused.ops.conv1x1_weight(weight): the weight as [K / 64, C, 64] panels.
   m.def(
       "conv1x1(Tensor input, Tensor weight, Tensor weight_panels, Tensor? bias, "
-      "Tensor? residual, *, bool relu=True) -> Tensor");
-  // residual = relu(residual + conv1x1(input) + bias), in place.
+      "Tensor? residual, *, bool relu=True, int stride=1) -> Tensor");
+  // residual = relu(residual + conv1x1(input) + bias), in place (stride 1).
   m.def(
       "conv1x1_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, "
       "Tensor weight_panels, Tensor? bias) -> ()");

@@ -124,7 +124,7 @@ class PreparedConv:
         u = self.winograd_for(x)
         if u is not None:
             return "winograd", u
-        if self.conv1x1_fits and not tracing() and _conv1x1_pays(x):
+        if self.conv1x1_fits and not tracing() and _conv1x1_pays(x, self.stride[0]):
             if self.conv1x1_panels is None:
                 self.conv1x1_panels = ops.conv1x1_weight(self.weight)
             return "conv1x1", self.conv1x1_panels
@@ -321,15 +321,16 @@ def _winograd_tile(x, weight, stride=1):
 # ---- conv1x1 rules ---------------------------------------------------------------
 
 def _conv1x1_fits(c):
-    # 1x1 stride-1 float32 convs with whole 64-channel weight panels (conv1x1.cpp).
+    # Unpadded 1x1 float32 convs (stride 1, or the same stride along both axes) with
+    # whole 64-channel weight panels (conv1x1.cpp).
     k, cin = c.weight.shape[:2]
     return (c.weight.device.type == "cpu" and c.dtype == torch.float32
-            and tuple(c.weight.shape[2:]) == (1, 1) and c.stride == (1, 1)
+            and tuple(c.weight.shape[2:]) == (1, 1) and c.stride[0] == c.stride[1]
             and c.padding == (0, 0) and c.groups == 1 and k % ops.CONV1X1_PANEL == 0
             and _extension.conv1x1_kernel_available())
 
 
-# conv1x1 computes the 1x1 stride-1 convs that fit it: called from our op, it skips
+# conv1x1 computes the 1x1 convs that fit it: called from our op, it skips
 # ATen's work around oneDNN's convolution (descriptors, primitive cache, scratchpad:
 # 70-220 us per call inside ResNet-50 at batch 1), and it splits the weight's panels
 # across threads where rows are few (conv1x1.cpp). Measured on AMD EPYC Zen 4, 2
@@ -345,16 +346,28 @@ def _conv1x1_fits(c):
 # 512 -> 128 at 28x28 4.34-4.49 vs 5.03-5.09 ms; 64 -> 256 at 56x56 with the residual
 # 4.47-4.48 vs 5.04-5.11) and slower where they are few (batch 8 at 7x7: 4.05-4.13 vs
 # 4.45-4.56 with the residual; at batch 1, 0.46 ms less over all 33 calls): so there it
-# takes them up to _CONV1X1_AVX2_MAX_ROWS_PER_THREAD. (Before its epilogue was
+# takes them up to _CONV1X1_MAX_ROWS_PER_THREAD. (Before its epilogue was
 # vectorized per ISA it lost at 28x28 and 56x56 on AVX-512 too.)
-_CONV1X1_AVX2_MAX_ROWS_PER_THREAD = 2047
+#
+# At stride 2 (ResNet's downsample convs at the start of layer2-4) it also takes them up
+# to that many output rows per thread, on either ISA: there the threads split the
+# weight's panels and the strided rows are gathered once per call (conv1x1.cpp). Per op,
+# ms, oneDNN's convolution -> conv1x1, AMD EPYC Zen 4, 2 threads: inside ResNet-50 (two
+# models alternating, per-op medians) at batch 1, 256 -> 512 at 56x56 1.255 -> 1.125,
+# 512 -> 1024 at 28x28 1.283 -> 1.087, 1024 -> 2048 at 14x14 1.203 -> 1.154; alone, input
+# warm, at batch 8, 1024 -> 2048 at 14x14 8.0-8.2 -> 7.7-7.8 (AVX2: 8.7-9.7 -> 8.0-8.5),
+# 512 -> 1024 at 28x28 (784 rows per thread) 8.0-8.4 -> 8.1-8.3 (AVX2: 9.3-10.0 -> 8.9-9.9),
+# and with 3136 rows per thread (256 -> 512 at 56x56, the rows split and gathered per
+# block) 8.2-8.4 -> 8.4-8.6, which it leaves to oneDNN.
+_CONV1X1_MAX_ROWS_PER_THREAD = 2047
 
 
-def _conv1x1_pays(x):
-    if _extension.cpu_isa() == "avx512":
+def _conv1x1_pays(x, stride):
+    if stride == 1 and _extension.cpu_isa() == "avx512":
         return True
     n, _, h, w = x.shape
-    return n * h * w <= _CONV1X1_AVX2_MAX_ROWS_PER_THREAD * torch.get_num_threads()
+    rows = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    return rows <= _CONV1X1_MAX_ROWS_PER_THREAD * torch.get_num_threads()
 
 
 # ---- running it ------------------------------------------------------------------
@@ -375,7 +388,7 @@ def conv(x, c, *, relu, finite, residual=None):
         y = _OPS.winograd_conv3x3(x, c.weight, w, c.bias, residual, stride=c.stride[0],
                                   relu=relu, assume_finite=finite)
     elif kind == "conv1x1":
-        y = _OPS.conv1x1(x, c.weight, w, c.bias, residual, relu=relu)
+        y = _OPS.conv1x1(x, c.weight, w, c.bias, residual, relu=relu, stride=c.stride[0])
     else:
         y = _OPS.conv_bias_act(x, w, c.bias, residual, c.stride, c.padding, c.dilation,
                                c.groups, relu=relu, assume_finite=finite)
@@ -441,7 +454,7 @@ def conv_add_relu_(identity, x, c, *, finite):
     if c.dtype != x.dtype or needs_grad:
         return conv(x, c, relu=True, finite=finite, residual=identity)
     kind, w = c.kernel_for(x)
-    if kind == "winograd":
+    if kind == "winograd" or (kind == "conv1x1" and c.stride != (1, 1)):
         return conv(x, c, relu=True, finite=finite, residual=identity)
     if kind == "conv1x1":
         _OPS.conv1x1_add_relu_(identity, x, c.weight, w, c.bias)

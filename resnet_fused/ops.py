@@ -154,12 +154,14 @@ def conv1x1_weight(weight):
     return weight.reshape(k // CONV1X1_PANEL, CONV1X1_PANEL, c).transpose(1, 2).contiguous()
 
 
-def conv1x1(input, weight, weight_panels, bias=None, residual=None, *, relu=True):
-    """conv_bias_act(input, weight, bias, residual, relu=relu) for a 1x1 stride-1 conv,
-    computed on CPU as one matrix product on oneDNN's brgemm micro-kernel, the weight
-    read as `weight_panels` (conv1x1_weight(weight)). NaN and Inf propagate as in torch."""
+def conv1x1(input, weight, weight_panels, bias=None, residual=None, *, relu=True, stride=1):
+    """conv_bias_act(input, weight, bias, residual, stride, relu=relu) for an unpadded 1x1
+    conv, computed on CPU as one matrix product on oneDNN's brgemm micro-kernel, the
+    weight read as `weight_panels` (conv1x1_weight(weight)). NaN and Inf propagate as in
+    torch."""
     _require()
-    return torch.ops.resnet_fused.conv1x1(input, weight, weight_panels, bias, residual, relu=relu)
+    return torch.ops.resnet_fused.conv1x1(input, weight, weight_panels, bias, residual, relu=relu,
+                                          stride=stride)
 
 
 def conv1x1_add_relu_(residual, input, weight, weight_panels, bias=None):
@@ -250,12 +252,14 @@ def _register_fakes():
         return None
 
     @torch.library.register_fake(lib + "conv1x1")
-    def _(input, weight, weight_panels, bias, residual, *, relu=True):
+    def _(input, weight, weight_panels, bias, residual, *, relu=True, stride=1):
         _same_device("conv1x1", input, weight=weight, weight_panels=weight_panels, bias=bias,
                      residual=residual)
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "conv1x1: input and weight must be 4-D")
-        shape = (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
+        torch._check(stride > 0, lambda: f"conv1x1: expected stride > 0, got {stride}")
+        shape = (input.shape[0], weight.shape[0], (input.shape[2] - 1) // stride + 1,
+                 (input.shape[3] - 1) // stride + 1)
         return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
     @torch.library.register_fake(lib + "conv1x1_add_relu_")
@@ -343,7 +347,8 @@ def _register_autograd():
 
     # Likewise conv1x1's weight_panels.
     def conv1x1_backward(ctx, grad):
-        gi, gw, gb, gr = _conv_backward(ctx, grad, ((1, 1), (0, 0), (1, 1), 1))
+        s = ctx.stride
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ((s, s), (0, 0), (1, 1), 1))
         return gi, gw, None, gb, gr
 
     torch.library.register_autograd(lib + "conv1x1", conv1x1_backward,

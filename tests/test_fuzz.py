@@ -207,17 +207,20 @@ def test_winograd_conv3x3_bf16_fuzz(n, c, k, h, w, x_layout, residual, relu, bia
 @given(n=st.integers(0, 3), c=st.integers(1, 300), panels=st.integers(1, 3),
        h=st.integers(1, 17), w=st.integers(1, 17), x_layout=st.sampled_from(LAYOUTS),
        residual=st.sampled_from([None, "out_of_place", "in_place"]), relu=st.booleans(),
-       bias=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))
-def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, threads, seed):
+       bias=st.booleans(), threads=st.sampled_from([1, 2, 3]), stride=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, threads, stride, seed):
     # Row counts across the 128-row product blocks, any channel count, 1-3 weight
-    # panels split over other thread counts; errors as in the Winograd fuzz test.
+    # panels split over other thread counts, strides that leave a remainder; errors as
+    # in the Winograd fuzz test. The in-place op has stride 1 only.
     g = torch.Generator().manual_seed(seed)
     k = 64 * panels
-    conv = ConvCase(c, k, h, w, N=n)
+    stride = 1 if residual == "in_place" else stride
+    conv = ConvCase(c, k, h, w, N=n, stride=stride)
     x = torch.randn(n, c, h, w, generator=g)
     wt = torch.randn(k, c, 1, 1, generator=g) / c ** 0.5
     b = torch.randn(k, generator=g) if bias else None
-    res = torch.randn(n, k, h, w, generator=g) if residual else None
+    res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
     relu = relu or residual == "in_place"
     ref = reference(x, wt, b, res, conv, relu)
     p = ops.conv1x1_weight(wt)
@@ -228,7 +231,7 @@ def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, thread
             out = ops.conv1x1_add_relu_(res.contiguous(memory_format=torch.channels_last),
                                         _layout(x, x_layout, None), wt, p, b)
         else:
-            out = ops.conv1x1(_layout(x, x_layout, None), wt, p, b, res, relu=relu)
+            out = ops.conv1x1(_layout(x, x_layout, None), wt, p, b, res, relu=relu, stride=stride)
     finally:
         torch.set_num_threads(before)
     assert out.shape == ref.shape

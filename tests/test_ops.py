@@ -545,10 +545,11 @@ class TestWinogradConv3x3:
 
 
 # conv1x1 is a CPU op: ResNet's 1x1 shapes at small sizes, more rows than one
-# product block (128), channel counts off the vector width, one 64-channel panel.
-CONV1X1_CASES = [ConvCase(c, k, h, w, N=n) for n, c, k, h, w in [
-    (1, 256, 1024, 7, 7), (2, 128, 192, 9, 11), (1, 64, 64, 15, 15), (3, 20, 128, 5, 3),
-    (1, 512, 64, 1, 1)]]
+# product block (128), channel counts off the vector width, one 64-channel panel;
+# strides 2 and 3 with sizes they do not divide.
+CONV1X1_CASES = [ConvCase(c, k, h, w, N=n, stride=s) for n, c, k, h, w, s in [
+    (1, 256, 1024, 7, 7, 1), (2, 128, 192, 9, 11, 1), (1, 64, 64, 15, 15, 1), (3, 20, 128, 5, 3, 1),
+    (1, 512, 64, 1, 1, 1), (1, 256, 512, 14, 14, 2), (2, 40, 128, 9, 11, 2), (3, 20, 64, 7, 5, 3)]]
 
 
 class TestConv1x1:
@@ -566,9 +567,11 @@ class TestConv1x1:
         for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
                                      (None, res, False), (None, None, True)]:
             ref = reference(x, w, bias, residual, case, relu)
-            out = ops.conv1x1(x, w, p, bias, residual, relu=relu)
+            out = ops.conv1x1(x, w, p, bias, residual, relu=relu, stride=case.stride)
             assert out.is_contiguous(memory_format=fmt_of(channels_last))
             assert_matches(out, ref, torch.float32, case.reduction)
+        if case.stride != 1:
+            return  # the in-place op has stride 1 only
         r = res.contiguous(memory_format=CL)
         ref = reference(x, w, b, r, case, True)
         assert ops.conv1x1_add_relu_(r, x, w, p, b) is r
@@ -623,6 +626,18 @@ class TestConv1x1:
         torch.testing.assert_close(r1, one, rtol=0, atol=0)
         torch.testing.assert_close(r2, one, rtol=0, atol=0)
 
+    def test_strided_rows_gathered_either_way_agree(self):
+        # At stride 2, 2500 output rows: split by rows (1 thread) each block's strided
+        # rows are gathered into scratch, split by panels (2 threads) all of them once
+        # into a shared copy. The products are the same, bit for bit, and match fp64.
+        case = ConvCase(72, 128, 100, 99, N=1, stride=2)
+        x, w, b, res = case.tensors(channels_last=True)
+        p = ops.conv1x1_weight(w)
+        one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res, stride=2))
+        assert one.shape == (1, 128, 50, 50)
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+        assert_matches(one, reference(x, w, b, res, case, True), torch.float32, case.reduction)
+
     def test_batch_zero_and_bfloat16_go_to_conv_bias_act(self):
         x, w, b, res = ConvCase(16, 64, 5, 5, N=0).tensors()
         assert ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res).shape == (0, 64, 5, 5)
@@ -640,14 +655,16 @@ class TestConv1x1:
         (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
         (dict(r=torch.randn(2, 64, 4, 5)), "expected residual of the output's shape"),
         (dict(b=torch.randn(63)), r"expected bias of shape \[64\]"),
+        (dict(s=0), r"conv1x1: expected stride > 0, got \[0, 0\]"),
+        (dict(s=2), r"expected residual of the output's shape \[2, 64, 3, 3\]"),
     ])
     def test_bad_input_is_named(self, change, message):
         a = dict(x=torch.randn(2, 8, 5, 5), w=torch.randn(64, 8, 1, 1), b=torch.randn(64),
-                 r=torch.randn(2, 64, 5, 5))
+                 r=torch.randn(2, 64, 5, 5), s=1)
         a.update(change)
         p = change.get("p", ops.conv1x1_weight(torch.randn(64, 8, 1, 1)))
         with pytest.raises(RuntimeError, match=message):
-            ops.conv1x1(a["x"], a["w"], p, a["b"], a["r"])
+            ops.conv1x1(a["x"], a["w"], p, a["b"], a["r"], stride=a["s"])
 
     def test_conv1x1_weight_rejects_other_weights(self):
         with pytest.raises(ValueError, match=r"expected a \[K, C, 1, 1\] weight, got \(64, 2, 3, 3\)"):
@@ -661,6 +678,8 @@ class TestConv1x1:
         p = ops.conv1x1_weight(w)
         opcheck(torch.ops.resnet_fused.conv1x1.default, (x, w, p, b, res), dict(relu=True))
         opcheck(torch.ops.resnet_fused.conv1x1.default, (x, w, p, None, None), dict(relu=False))
+        opcheck(torch.ops.resnet_fused.conv1x1.default,
+                (x, w, p, b, res[:, :, ::2, ::2].contiguous()), dict(relu=True, stride=2))
         opcheck(torch.ops.resnet_fused.conv1x1_add_relu_.default,
                 (res.contiguous(memory_format=CL), x, w, p, b))
 

@@ -1,10 +1,14 @@
-// CPU conv1x1: a 1x1, stride-1 convolution (ResNet's bottleneck and layer-1
-// downsample convs) as one matrix product of the channels_last input, [N*H*W, C],
-// with the weight, [C, K], on oneDNN's brgemm micro-kernel; bias, residual and ReLU
-// are applied to each block of the product while it is in L1, before its one store
-// (conv1x1_epilogue.h). It also skips what ATen's oneDNN convolution spends around
-// oneDNN's kernel on each call (descriptors, primitive cache, scratchpad): 50-63 us
-// alone, 70-220 us inside ResNet-50 at batch 1 (ONEDNN_VERBOSE's time against the op's).
+// CPU conv1x1: a 1x1 convolution (ResNet's bottleneck and downsample convs) as one
+// matrix product of the channels_last input, [N*H*W, C], with the weight, [C, K], on
+// oneDNN's brgemm micro-kernel; bias, residual and ReLU are applied to each block of
+// the product while it is in L1, before its one store (conv1x1_epilogue.h). It also
+// skips what ATen's oneDNN convolution spends around oneDNN's kernel on each call
+// (descriptors, primitive cache, scratchpad): 50-63 us alone, 70-220 us inside
+// ResNet-50 at batch 1 (ONEDNN_VERBOSE's time against the op's).
+//
+// At stride s > 1 (the downsample convs that start ResNet's stages) the rows of the
+// product are every s-th pixel of every s-th image row, gathered into contiguous memory
+// before their products (run() says how).
 //
 // The weight comes in panels of kPanel output channels (resnet_fused.ops.
 // conv1x1_weight: [K / kPanel, C, kPanel]). With few rows per thread (ResNet's
@@ -80,11 +84,22 @@ conv1x1::EpilogueFn pick_epilogue() {
   return &conv1x1::epilogue_plain;
 }
 
+// Copies the input pixels of output rows [r0, r0 + n) at stride s, C floats each, to
+// `rows` (contiguous).
+void gather_rows(const float* x, int64_t C, int64_t H, int64_t W, int64_t s, int64_t r0, int64_t n,
+                 float* rows) {
+  const int64_t OH = (H - 1) / s + 1, OW = (W - 1) / s + 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = r0 + i, ow = r % OW, oh = r / OW % OH, img = r / (OW * OH);
+    std::copy_n(x + ((img * H + oh * s) * W + ow * s) * C, C, rows + i * C);
+  }
+}
+
 // input and out (and residual) channels_last-contiguous float32; out may be residual.
 void run(const Tensor& input, const Tensor& panels, const float* bias, const float* residual,
-         Tensor& out, bool relu) {
-  const int64_t C = input.size(1), K = out.size(1);
-  const int64_t rows = input.numel() / C;
+         Tensor& out, bool relu, int64_t stride) {
+  const int64_t C = input.size(1), K = out.size(1), H = input.size(2), W = input.size(3);
+  const int64_t rows = out.numel() / K;
   const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t n_panels = K / kPanel;
   const float* x = input.const_data_ptr<float>();
@@ -94,14 +109,35 @@ void run(const Tensor& input, const Tensor& panels, const float* bias, const flo
   // Items are (panel, row block) pairs; each thread takes a contiguous range of them,
   // so the order decides what the threads split: panel-major the panels, else the rows.
   const bool split_rows = rows / at::get_num_threads() >= kSplitRowsFrom;
+  // At stride > 1, split by rows, each thread gathers each of its row blocks once, into
+  // scratch. Split by panels, every thread reads every row block (once per panel it
+  // takes), so the rows are gathered once, before the products, into a shared copy.
+  Tensor subsampled;
+  if (stride > 1 && !split_rows) {
+    subsampled = at::empty({rows, C}, input.options());
+    float* sub = subsampled.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      gather_rows(x, C, H, W, stride, r0, r1 - r0, sub + r0 * C);
+    });
+    x = sub;
+  }
+  const bool gather = stride > 1 && split_rows;
   at::parallel_for(0, n_panels * row_blocks, 1, [&](int64_t first, int64_t last) {
-    float* block = thread_scratch(kRowBlock * kPanel);  // the product block, 32 KiB
+    float* block = thread_scratch(kRowBlock * kPanel + (gather ? kRowBlock * C : 0));
+    float* gathered = block + kRowBlock * kPanel;  // the block's input rows, where gathered
+    int64_t gathered_r0 = -1;
     for (int64_t item = first; item < last; ++item) {
       const int64_t p = split_rows ? item % n_panels : item / row_blocks;
       const int64_t r0 = (split_rows ? item / n_panels : item % row_blocks) * kRowBlock;
       const int64_t n = std::min(kRowBlock, rows - r0);
-      brgemm_f32(n, kPanel, C, /*lda=*/C, /*ldb=*/kPanel, /*ldc=*/kPanel, x + r0 * C,
-                 w + p * C * kPanel, block);
+      const float* a = x + r0 * C;
+      if (gather) {
+        if (r0 != gathered_r0) gather_rows(x, C, H, W, stride, r0, n, gathered);
+        gathered_r0 = r0;
+        a = gathered;
+      }
+      brgemm_f32(n, kPanel, C, /*lda=*/C, /*ldb=*/kPanel, /*ldc=*/kPanel, a, w + p * C * kPanel,
+                 block);
       const int64_t at = r0 * K + p * kPanel;
       epilogue(block, bias ? bias + p * kPanel : nullptr,
                residual ? residual + at : nullptr, o + at, n, K, relu);
@@ -111,10 +147,10 @@ void run(const Tensor& input, const Tensor& panels, const float* bias, const flo
 
 void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor& panels,
                         const optional<Tensor>& bias, const optional<Tensor>& residual,
-                        const char* op) {
+                        int64_t stride, const char* op) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1, op,
               ": expected a 1x1 weight (K, C, 1, 1), got shape ", weight.sizes());
-  check_conv_bias_act_args(input, weight, bias, residual, {1, 1}, {0, 0}, {1, 1}, 1, op);
+  check_conv_bias_act_args(input, weight, bias, residual, {stride, stride}, {0, 0}, {1, 1}, 1, op);
   TORCH_CHECK(input.device().is_cpu(), op, ": expected input on cpu, got ", input.device());
   const int64_t K = weight.size(0), C = weight.size(1);
   TORCH_CHECK(panels.dim() == 3 && panels.size(0) * panels.size(2) == K && panels.size(1) == C &&
@@ -131,29 +167,31 @@ bool kernel_runs(const Tensor& input, const Tensor& panels) {
 }
 
 Tensor conv1x1_cpu(const Tensor& input, const Tensor& weight, const Tensor& panels,
-                   const optional<Tensor>& bias, const optional<Tensor>& residual, bool relu) {
+                   const optional<Tensor>& bias, const optional<Tensor>& residual, bool relu,
+                   int64_t stride) {
   constexpr const char* op = "conv1x1";
-  check_conv1x1_args(input, weight, panels, bias, residual, op);
+  check_conv1x1_args(input, weight, panels, bias, residual, stride, op);
   if (!kernel_runs(input, panels) || weight.size(0) == 0) {
-    return conv_bias_act_cpu(input, weight, bias, residual, {1, 1}, {0, 0}, {1, 1}, 1, relu,
-                             /*assume_finite=*/false);
+    return conv_bias_act_cpu(input, weight, bias, residual, {stride, stride}, {0, 0}, {1, 1}, 1,
+                             relu, /*assume_finite=*/false);
   }
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor w = panels.contiguous();
   const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
   const Tensor r = residual ? residual->contiguous(cl) : Tensor();
-  Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
+  Tensor out = at::empty({input.size(0), weight.size(0), (input.size(2) - 1) / stride + 1,
+                          (input.size(3) - 1) / stride + 1},
                          input.options().memory_format(cl));
   run(x, w, b ? b->const_data_ptr<float>() : nullptr, residual ? r.const_data_ptr<float>() : nullptr,
-      out, relu);
+      out, relu, stride);
   return out.contiguous(output_memory_format(input));
 }
 
 void conv1x1_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& weight,
                            const Tensor& panels, const optional<Tensor>& bias) {
   constexpr const char* op = "conv1x1_add_relu_";
-  check_conv1x1_args(input, weight, panels, bias, residual, op);
+  check_conv1x1_args(input, weight, panels, bias, residual, /*stride=*/1, op);
   const auto cl = at::MemoryFormat::ChannelsLast;
   // In place, each element is read once and then written by the same thread; the
   // residual must not share memory with what the product reads.
@@ -162,12 +200,12 @@ void conv1x1_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& 
                         !residual.is_alias_of(weight) && !residual.is_alias_of(panels) &&
                         !(bias && residual.is_alias_of(*bias));
   if (!in_place) {
-    residual.copy_(conv1x1_cpu(input, weight, panels, bias, residual, /*relu=*/true));
+    residual.copy_(conv1x1_cpu(input, weight, panels, bias, residual, /*relu=*/true, 1));
     return;
   }
   const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
   run(input.contiguous(cl), panels.contiguous(), b ? b->const_data_ptr<float>() : nullptr,
-      residual.const_data_ptr<float>(), residual, /*relu=*/true);
+      residual.const_data_ptr<float>(), residual, /*relu=*/true, /*stride=*/1);
 }
 
 }  // namespace
