@@ -607,12 +607,16 @@ class TestConv1x1:
         one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res))
         torch.testing.assert_close(one, many, rtol=0, atol=0)
 
-    def test_rows_split_matches_panels_split(self):
+    @pytest.mark.parametrize("channels", [96, 384], ids=["small_weight", "large_weight"])
+    def test_rows_split_matches_panels_split(self, channels):
         # 3000 rows: from 2048 per thread (conv1x1.cpp's kSplitRowsFrom) the threads split
-        # the rows, below it the weight's panels, so 1 thread and 2 take different splits.
+        # the rows, below it the weight's panels if it is over 512 KiB (384 x 384
+        # channels), so 1 thread and 2 take different splits; with a smaller weight both
+        # split the rows, from 256 per thread, in blocks of equal size (125 rows here).
         # Each output is the same product either way, bit for bit, and within fp64's
         # tolerance, the residual summed in place too.
-        case = ConvCase(96, 192, 50, 60)
+        case = ConvCase(channels, 2 * channels, 50, 60) if channels < 384 else \
+            ConvCase(channels, channels, 50, 60)
         x, w, b, res = case.tensors(channels_last=True)
         p = ops.conv1x1_weight(w)
         one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res))
@@ -628,13 +632,14 @@ class TestConv1x1:
 
     def test_strided_rows_gathered_either_way_agree(self):
         # At stride 2, 2500 output rows: split by rows (1 thread) each block's strided
-        # rows are gathered into scratch, split by panels (2 threads) all of them once
-        # into a shared copy. The products are the same, bit for bit, and match fp64.
-        case = ConvCase(72, 128, 100, 99, N=1, stride=2)
+        # rows are gathered into scratch, split by panels (2 threads, a 640 KiB weight)
+        # all of them once into a shared copy. The products are the same, bit for bit,
+        # and match fp64.
+        case = ConvCase(512, 320, 100, 99, N=1, stride=2)
         x, w, b, res = case.tensors(channels_last=True)
         p = ops.conv1x1_weight(w)
         one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res, stride=2))
-        assert one.shape == (1, 128, 50, 50)
+        assert one.shape == (1, 320, 50, 50)
         torch.testing.assert_close(one, many, rtol=0, atol=0)
         assert_matches(one, reference(x, w, b, res, case, True), torch.float32, case.reduction)
 

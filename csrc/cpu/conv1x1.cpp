@@ -14,7 +14,8 @@
 // conv1x1_weight: [K / kPanel, C, kPanel]). With few rows per thread (ResNet's
 // layer3/4, and batch 1), the threads split the panels, so each reads only its share
 // of the weight, where oneDNN's convolution splits the rows and every thread reads
-// all of it; with many, they split the rows (kSplitRowsFrom). dispatch.py says where
+// all of it; with many, or with a weight small beside the rows, they split the rows
+// (kSplitRowsFrom, kSplitRowsSmallWeightFrom). dispatch.py says where
 // the model uses it.
 //
 // NaN and Inf propagate as in torch (the ReLU keeps NaN), so no operand is scanned.
@@ -50,8 +51,21 @@ constexpr int64_t kRowBlock = 128;  // output pixels per product (measured best 
 // residual 4.42-4.50 against oneDNN's 4.74-4.77, panels 4.79-4.89 against 4.79-5.07)
 // and at 56x56, and lost at 14x14 and 7x7 (784 and 196 rows per thread: 2048 -> 512 at
 // 7x7 4.93 against 3.97, panels 3.85 against 4.10); at batch 1 panels won at 56x56 too
-// (1568 rows per thread).
+// (1568 rows per thread), with 128-row blocks that left one thread a block more.
 constexpr int64_t kSplitRowsFrom = 2048;
+
+// With a weight that fits in half of L2 they split the rows from fewer rows per thread,
+// in blocks of equal size (~kRowBlock rows): ResNet-50's layer1 and layer2 1x1 convs
+// at batch 1 (1568 and 392 rows per thread, weights of 16-512 KiB). Separate processes,
+// alternating, ResNet-50 batch 1 (AMD EPYC Zen 4, 2 threads), medians of per-process
+// medians: 34.24 vs 34.57 ms (8 processes each; the slowest two 37.1-37.3 against
+// 40.4-40.9), AVX2 37.47 vs 37.95 (6 each), batch 8 unchanged (258.2 vs 258.6). Per op in
+// the model the panels' split had run up to 0.45 ms slower per call in some processes
+// (64 -> 256 at 56x56 0.98 against 0.53; 128 -> 512 with the residual 0.76 against
+// 0.51), the rows' split did not. Also splitting layer3's rows (98 per thread, 1 MiB
+// weights) was slower: 34.84 vs 34.28 ms.
+constexpr int64_t kSplitRowsSmallWeightFrom = 256;
+constexpr int64_t kSmallWeightBytes = 512 * 1024;
 
 }  // namespace
 
@@ -100,7 +114,6 @@ void run(const Tensor& input, const Tensor& panels, const float* bias, const flo
          Tensor& out, bool relu, int64_t stride) {
   const int64_t C = input.size(1), K = out.size(1), H = input.size(2), W = input.size(3);
   const int64_t rows = out.numel() / K;
-  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t n_panels = K / kPanel;
   const float* x = input.const_data_ptr<float>();
   const float* w = panels.const_data_ptr<float>();
@@ -108,7 +121,17 @@ void run(const Tensor& input, const Tensor& panels, const float* bias, const flo
   static const conv1x1::EpilogueFn epilogue = pick_epilogue();
   // Items are (panel, row block) pairs; each thread takes a contiguous range of them,
   // so the order decides what the threads split: panel-major the panels, else the rows.
-  const bool split_rows = rows / at::get_num_threads() >= kSplitRowsFrom;
+  const int64_t threads = at::get_num_threads();
+  const bool split_rows =
+      rows / threads >= kSplitRowsFrom ||
+      (rows / threads >= kSplitRowsSmallWeightFrom &&
+       C * K * static_cast<int64_t>(sizeof(float)) <= kSmallWeightBytes);
+  int64_t row_block = kRowBlock;
+  if (split_rows) {  // equal blocks, the same number per thread
+    const int64_t per_thread = (rows + threads * kRowBlock - 1) / (threads * kRowBlock);
+    row_block = (rows + threads * per_thread - 1) / (threads * per_thread);
+  }
+  const int64_t row_blocks = (rows + row_block - 1) / row_block;
   // At stride > 1, split by rows, each thread gathers each of its row blocks once, into
   // scratch. Split by panels, every thread reads every row block (once per panel it
   // takes), so the rows are gathered once, before the products, into a shared copy.
@@ -123,13 +146,13 @@ void run(const Tensor& input, const Tensor& panels, const float* bias, const flo
   }
   const bool gather = stride > 1 && split_rows;
   at::parallel_for(0, n_panels * row_blocks, 1, [&](int64_t first, int64_t last) {
-    float* block = thread_scratch(kRowBlock * kPanel + (gather ? kRowBlock * C : 0));
-    float* gathered = block + kRowBlock * kPanel;  // the block's input rows, where gathered
+    float* block = thread_scratch(row_block * kPanel + (gather ? row_block * C : 0));
+    float* gathered = block + row_block * kPanel;  // the block's input rows, where gathered
     int64_t gathered_r0 = -1;
     for (int64_t item = first; item < last; ++item) {
       const int64_t p = split_rows ? item % n_panels : item / row_blocks;
-      const int64_t r0 = (split_rows ? item / n_panels : item % row_blocks) * kRowBlock;
-      const int64_t n = std::min(kRowBlock, rows - r0);
+      const int64_t r0 = (split_rows ? item / n_panels : item % row_blocks) * row_block;
+      const int64_t n = std::min(row_block, rows - r0);
       const float* a = x + r0 * C;
       if (gather) {
         if (r0 != gathered_r0) gather_rows(x, C, H, W, stride, r0, n, gathered);
