@@ -350,8 +350,9 @@ def _conv1x1_fits(c):
 # vectorized per ISA it lost at 28x28 and 56x56 on AVX-512 too.)
 #
 # At stride 2 (ResNet's downsample convs at the start of layer2-4) it also takes them up
-# to that many output rows per thread, on either ISA: there the threads split the
-# weight's panels and the strided rows are gathered once per call (conv1x1.cpp). Per op,
+# to that many output rows per thread, on either ISA, its strided rows gathered into
+# contiguous memory before their products (conv1x1.cpp). Per op (measured before
+# conv1x1 split layer2's rows, in the row split for small weights),
 # ms, oneDNN's convolution -> conv1x1, AMD EPYC Zen 4, 2 threads: inside ResNet-50 (two
 # models alternating, per-op medians) at batch 1, 256 -> 512 at 56x56 1.255 -> 1.125,
 # 512 -> 1024 at 28x28 1.283 -> 1.087, 1024 -> 2048 at 14x14 1.203 -> 1.154; alone, input
