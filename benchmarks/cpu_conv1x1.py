@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from cpu_timing import median_ms
+from cpu_timing import median_ms, rel_err
 from resnet_fused import _extension, dispatch, heap, ops
 
 # (C, K, H = W of the input, stride) of ResNet-50's 1x1 convs.
@@ -21,10 +21,6 @@ SHAPES = [(64, 256, 56, 1), (256, 64, 56, 1), (256, 128, 56, 1), (512, 128, 28, 
           (128, 512, 28, 1), (512, 256, 28, 1), (1024, 256, 14, 1), (256, 1024, 14, 1),
           (1024, 512, 14, 1), (2048, 512, 7, 1), (512, 2048, 7, 1),
           (256, 512, 56, 2), (512, 1024, 28, 2), (1024, 2048, 14, 2)]
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def main():

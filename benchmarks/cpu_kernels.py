@@ -14,17 +14,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from cpu_timing import median_ms
+from cpu_timing import median_ms, rel_err
 from resnet_fused import _extension, dispatch, ops
 
 # (C = K, input H = W, stride) of ResNet-50's 3x3 convs: stride 1 in layer1-4, stride 2
 # at the start of layer2-4.
 WINOGRAD_LAYERS = [(64, 56, 1), (128, 28, 1), (256, 14, 1), (512, 7, 1), (128, 56, 2),
                    (256, 28, 2), (512, 14, 2)]
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def winograd_rows(batch, repeats, dtype, cold):

@@ -1,4 +1,5 @@
-"""The timing loop of the CPU per-op benchmarks (cpu_kernels.py, cpu_conv1x1.py)."""
+"""The timing loop and the error measure of the CPU per-op benchmarks (cpu_kernels.py,
+cpu_conv1x1.py, cpu_grouped_conv.py)."""
 
 import statistics
 import time
@@ -23,3 +24,8 @@ def median_ms(fns, repeats, cold, warmup=3):
             if i >= warmup:
                 ts.append(time.perf_counter() - t)
     return [statistics.median(ts) * 1e3 for ts in times]
+
+
+def rel_err(out, ref):
+    """max|out - ref| / max|ref|, ref in float64."""
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()

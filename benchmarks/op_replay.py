@@ -22,7 +22,7 @@ from resnet_fused import builders, testing
 from resnet_fused.benchmark import cpu_model
 
 OPS = ("conv_bias_act", "conv_bias_add_relu_", "winograd_conv3x3", "conv1x1", "conv1x1_add_relu_",
-       "max_pool2d")
+       "grouped_conv3x3", "max_pool2d")
 
 
 def _swap_ops(replacement):

@@ -7,6 +7,7 @@
 
 #include "cpu/brgemm.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/grouped_conv.h"
 #include "cpu/winograd.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
@@ -45,6 +46,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv1x1(Tensor input, Tensor weight, Tensor weight_panels, Tensor? bias, "
       "Tensor? residual, *, bool relu=True, int stride=1) -> Tensor");
+  // conv_bias_act for a grouped 3x3, padding-1 conv (ResNeXt's), groups = C /
+  // weight.size(1), computed on CPU by a direct kernel of ours. packed_weight is
+  // resnet_fused.ops.grouped_conv_weight(weight, groups): [K / L, 9, C / groups, L], L =
+  // max(K / groups, 16) output channels per block.
+  m.def(
+      "grouped_conv3x3(Tensor input, Tensor weight, Tensor packed_weight, Tensor? bias, "
+      "Tensor? residual, *, int stride=1, bool relu=True) -> Tensor");
   // residual = relu(residual + conv1x1(input) + bias), in place (stride 1).
   m.def(
       "conv1x1_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, "
@@ -71,6 +79,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(m, "cpu_isa", resnet_fused::cpu_isa_name(resnet_fused::cpu_isa()));
   PyModule_AddIntConstant(m, "winograd_kernel", resnet_fused::winograd_kernel_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "conv1x1_kernel", resnet_fused::brgemm_f32_available() ? 1 : 0);
+  PyModule_AddIntConstant(m, "grouped_conv_kernel",
+                          resnet_fused::grouped_conv_kernel_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "winograd_bf16_kernel",
                           resnet_fused::winograd_bf16_kernel_available() ? 1 : 0);
 #ifdef RESNET_FUSED_WITH_CUDA

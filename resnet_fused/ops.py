@@ -171,6 +171,53 @@ def conv1x1_add_relu_(residual, input, weight, weight_panels, bias=None):
     return residual
 
 
+GROUPED_CONV_MIN_BLOCK = 16  # output channels per weight block at least (grouped_conv3x3)
+
+
+def grouped_conv_block(kg):
+    """Output channels per block of grouped_conv_weight for kg output channels per group."""
+    return max(kg, GROUPED_CONV_MIN_BLOCK)
+
+
+def grouped_conv_fits(weight, groups):
+    """Whether grouped_conv3x3's kernel computes this [K, C / groups, 3, 3] weight: K / groups
+    a multiple of 16, or K / groups = C / groups = 4 or 8 (else it calls conv_bias_act)."""
+    k, cg = weight.shape[:2]
+    kg = k // groups
+    return k % groups == 0 and (kg % GROUPED_CONV_MIN_BLOCK == 0 or (kg in (4, 8) and cg == kg))
+
+
+def grouped_conv_weight(weight, groups):
+    """A [K, C / groups, 3, 3] weight as grouped_conv3x3's blocks, [K / L, 9, C / groups, L]:
+    L = max(K / groups, 16) output channels per block (one group's, or 16 / (K / groups)
+    whole groups'), the 3x3 taps, then each input channel of the group with its L
+    weights contiguous. Made once, at fold time."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"grouped_conv_weight: expected a [K, C / groups, 3, 3] weight, got {got}")
+    k, cg = weight.shape[:2]
+    if not isinstance(groups, int) or groups < 1 or k % groups:
+        raise ValueError(f"grouped_conv_weight: expected groups a positive divisor of the weight's "
+                         f"{k} output channels, got {groups!r}")
+    block = grouped_conv_block(k // groups)
+    if k % block:
+        raise ValueError(f"grouped_conv_weight: expected {k} output channels to be a multiple of "
+                         f"{block} (blocks of max(K / groups, 16))")
+    return weight.reshape(k // block, block, cg, 9).permute(0, 3, 2, 1).contiguous()
+
+
+def grouped_conv3x3(input, weight, packed_weight, bias=None, residual=None, *, stride=1,
+                    relu=True):
+    """conv_bias_act(input, weight, bias, residual, stride=stride, padding=1,
+    groups=C / weight.size(1), relu=relu) for a 3x3 float32 weight, computed on CPU by a
+    direct kernel for grouped convs (ResNeXt's), the weight read as `packed_weight`
+    (grouped_conv_weight(weight, groups)). NaN and Inf propagate as in torch; a tap on
+    the padding is a product with zero, as in torch's float64 convolution."""
+    _require()
+    return torch.ops.resnet_fused.grouped_conv3x3(input, weight, packed_weight, bias, residual,
+                                                  stride=stride, relu=relu)
+
+
 def max_pool2d(input, kernel_size, stride=None, padding=0):
     """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16,
     no dilation, floor rounding; stride defaults to kernel_size), without the argmax
@@ -197,6 +244,15 @@ def _conv_out_shape(input, weight, stride, padding, dilation):
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     return (n, k, p, q)
+
+
+def _strided_out(input, weight, stride):
+    """The output of a conv that keeps the size at stride 1 (1x1 unpadded, 3x3 padded by
+    1) and takes every stride-th pixel at stride s, in the input's memory format (what
+    the kernels return)."""
+    shape = (input.shape[0], weight.shape[0], (input.shape[2] - 1) // stride + 1,
+             (input.shape[3] - 1) // stride + 1)
+    return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
 
 def _same_device(op, first, **others):
@@ -237,9 +293,7 @@ def _register_fakes():
                      lambda: "winograd_conv3x3: input and weight must be 4-D")
         torch._check(stride in (1, 2),
                      lambda: f"winograd_conv3x3: expected stride 1 or 2, got {stride}")
-        shape = (input.shape[0], weight.shape[0], (input.shape[2] - 1) // stride + 1,
-                 (input.shape[3] - 1) // stride + 1)
-        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
+        return _strided_out(input, weight, stride)
 
     @torch.library.register_fake(lib + "add_relu")
     def _(a, b):
@@ -258,15 +312,23 @@ def _register_fakes():
         torch._check(input.dim() == 4 and weight.dim() == 4,
                      lambda: "conv1x1: input and weight must be 4-D")
         torch._check(stride > 0, lambda: f"conv1x1: expected stride > 0, got {stride}")
-        shape = (input.shape[0], weight.shape[0], (input.shape[2] - 1) // stride + 1,
-                 (input.shape[3] - 1) // stride + 1)
-        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
+        return _strided_out(input, weight, stride)
 
     @torch.library.register_fake(lib + "conv1x1_add_relu_")
     def _(residual, input, weight, weight_panels, bias):
         _same_device("conv1x1_add_relu_", input, weight=weight, weight_panels=weight_panels,
                      bias=bias, residual=residual)
         return None
+
+    @torch.library.register_fake(lib + "grouped_conv3x3")
+    def _(input, weight, packed_weight, bias, residual, *, stride=1, relu=True):
+        _same_device("grouped_conv3x3", input, weight=weight, packed_weight=packed_weight,
+                     bias=bias, residual=residual)
+        torch._check(input.dim() == 4 and weight.dim() == 4,
+                     lambda: "grouped_conv3x3: input and weight must be 4-D")
+        torch._check(stride in (1, 2),
+                     lambda: f"grouped_conv3x3: expected stride 1 or 2, got {stride}")
+        return _strided_out(input, weight, stride)
 
     @torch.library.register_fake(lib + "max_pool2d")
     def _(input, kernel_size, stride, padding):
@@ -353,6 +415,19 @@ def _register_autograd():
 
     torch.library.register_autograd(lib + "conv1x1", conv1x1_backward,
                                     setup_context=winograd_setup)
+
+    # Likewise grouped_conv3x3's packed_weight; groups = C / weight.size(1).
+    def grouped_setup(ctx, inputs, keyword_only_inputs, output):
+        winograd_setup(ctx, inputs, keyword_only_inputs, output)
+        ctx.groups = inputs[0].shape[1] // inputs[1].shape[1]
+
+    def grouped_backward(ctx, grad):
+        s = ctx.stride
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ((s, s), (1, 1), (1, 1), ctx.groups))
+        return gi, gw, None, gb, gr
+
+    torch.library.register_autograd(lib + "grouped_conv3x3", grouped_backward,
+                                    setup_context=grouped_setup)
 
     # The op skips the argmax; its gradient recomputes it with ATen's max-pool.
     def max_pool_setup(ctx, inputs, output):

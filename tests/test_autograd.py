@@ -63,6 +63,24 @@ def test_winograd_conv3x3_grads_match_the_direct_conv(tile, stride):
         assert rel_err(ours, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_conv3x3_grads_match_the_direct_conv(stride):
+    # As above: weight gets the gradient, its packed blocks none.
+    case = ConvCase(32, 32, 9, 11, R=3, stride=stride, padding=1, groups=8)
+    grads = []
+    for grouped in (True, False):
+        x, w, b, r = (t.requires_grad_() for t in case.tensors())
+        if grouped:
+            p = ops.grouped_conv_weight(w.detach(), case.groups)
+            out = ops.grouped_conv3x3(x, w, p, b, r, stride=stride)
+        else:
+            out = ops.conv_bias_act(x, w, b, r, stride, 1, 1, case.groups)
+        out.square().sum().backward()
+        grads.append([t.grad for t in (x, w, b, r)])
+    for ours, ref in zip(*grads):
+        assert rel_err(ours, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_opcheck_with_gradients(dtype):
     case = ConvCase(8, 16, 6, 6, R=3, padding=1)

@@ -255,6 +255,22 @@ def test_cpu_fp32_runs_winograd_where_it_pays(arch, counts):
     assert winograd_tile_counts(arch, threads=1) == counts
 
 
+# ResNeXt's grouped 3x3 convs (32 groups of 4 to 32 channels, strides 1 and 2) run on
+# grouped_conv3x3 wherever its kernel runs, and the model still matches torchvision.
+@pytest.mark.parametrize("arch", ["resnext50_32x4d", "resnext101_64x4d"])
+def test_cpu_fp32_runs_grouped_convs_on_their_kernel(arch):
+    if not _extension.grouped_conv_kernel_available():
+        pytest.skip("no AVX2 or AVX-512 on this CPU: the grouped kernel does not run here")
+    fused = fuse(tv_model(arch))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = fused(x)
+    assert rel_err(out, tv_model(arch)(x)) <= 1e-5
+    names = [e.name for e in prof.events()]
+    blocks = sum(len(layer) for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4))
+    assert names.count("resnet_fused::grouped_conv3x3") == blocks
+
+
 # On 2 threads the weight-bound convs split their output channels across the threads
 # and dispatch.py's cost model picks for them: layer2 (128 channels at 8x8) and
 # layer3 (256 at 4x4) take F(2x2), layer4 (512 at 2x2) stays direct; layer1 (one

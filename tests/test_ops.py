@@ -9,7 +9,7 @@ from resnet_fused import _extension, ops
 
 from common_utils import (ConvCase, assert_matches, devices, dtypes_for, num_threads,
                           one_and_more_threads, opcheck, put_nonfinite, reference, rel_err,
-                          requires_extension, skip_unless_dtype)
+                          requires_extension, skip_unless_dtype, NONFINITE_KINDS)
 
 pytestmark = requires_extension
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -687,6 +687,112 @@ class TestConv1x1:
                 (x, w, p, b, res[:, :, ::2, ::2].contiguous()), dict(relu=True, stride=2))
         opcheck(torch.ops.resnet_fused.conv1x1_add_relu_.default,
                 (res.contiguous(memory_format=CL), x, w, p, b))
+
+
+# grouped_conv3x3 is a CPU op: ResNeXt's groups at small sizes, in each of the kernel's
+# layouts (groups of 4 and 8 channels sharing a vector; 16, 32 and 96 with vectors of
+# their own, an odd number of them; Cg != Kg), widths off its 7-pixel runs, strides 1
+# and 2, and a 1x1 image whose taps are all padding but the centre.
+GROUPED_CASES = [ConvCase(c, k, h, w, R=3, padding=1, stride=s, groups=g, N=n)
+                 for n, c, k, h, w, s, g in [
+                     (1, 128, 128, 14, 14, 1, 32), (2, 64, 64, 9, 11, 1, 8), (1, 256, 256, 7, 7, 1, 8),
+                     (2, 48, 48, 5, 3, 1, 3), (1, 128, 128, 15, 15, 2, 32), (2, 256, 256, 9, 8, 2, 32),
+                     (1, 96, 192, 6, 10, 2, 2), (1, 64, 128, 8, 8, 1, 4), (1, 32, 32, 1, 1, 1, 8)]]
+
+
+class TestGroupedConv3x3:
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", GROUPED_CASES, ids=ids)
+    def test_matches_fp64(self, case, channels_last):
+        x, w, b, res = case.tensors(channels_last=channels_last)
+        assert ops.grouped_conv_fits(w, case.groups)
+        p = ops.grouped_conv_weight(w, case.groups)
+        block = max(case.K // case.groups, 16)
+        assert p.shape == (case.K // block, 9, case.C // case.groups, block)
+        for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
+                                     (None, res, False), (None, None, True)]:
+            ref = reference(x, w, bias, residual, case, relu)
+            out = ops.grouped_conv3x3(x, w, p, bias, residual, stride=case.stride, relu=relu)
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            assert_matches(out, ref, torch.float32, case.reduction, str(case))
+
+    def test_thread_counts_give_the_same_result(self):
+        case = GROUPED_CASES[1]
+        x, w, b, res = case.tensors()
+        p = ops.grouped_conv_weight(w, case.groups)
+        one, many = one_and_more_threads(lambda: ops.grouped_conv3x3(x, w, p, b, res))
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("where", NONFINITE_KINDS)
+    def test_nan_and_inf_propagate_like_torch(self, where):
+        case = ConvCase(32, 32, 10, 10, R=3, padding=1, groups=8)
+        x, w, b, res = case.tensors()
+        put_nonfinite(where, x, w, b, res)
+        p = ops.grouped_conv_weight(w, case.groups)
+        for relu in (True, False):
+            out = ops.grouped_conv3x3(x, w, p, b, res, relu=relu)
+            ref = reference(x, w, b, res, case, relu)
+            assert torch.equal(out.isnan(), ref.isnan())
+            assert torch.equal(out.isinf(), ref.isinf())
+
+    @pytest.mark.parametrize("case", [
+        ConvCase(48, 48, 6, 6, R=3, padding=1, groups=8),     # 6 channels per group
+        ConvCase(32, 32, 6, 6, R=3, padding=1, groups=32),    # depthwise
+        ConvCase(32, 64, 6, 6, R=3, padding=1, groups=8),     # Kg = 8, Cg = 4
+        ConvCase(64, 64, 5, 5, R=3, padding=1, groups=16, N=0)], ids=ids)
+    def test_other_layouts_and_empty_batches_go_to_conv_bias_act(self, case):
+        x, w, b, res = case.tensors()
+        assert ops.grouped_conv_fits(w, case.groups) == (case.N == 0)
+        out = ops.grouped_conv3x3(x, w, ops.grouped_conv_weight(w, case.groups), b, res)
+        expected = ops.conv_bias_act(x, w, b, res, 1, 1, 1, case.groups)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    def test_bfloat16_goes_to_conv_bias_act(self):
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            pytest.skip("no bfloat16 convolution on this CPU")
+        case = GROUPED_CASES[0]
+        x, w, b, res = (t.bfloat16() for t in case.tensors())
+        out = ops.grouped_conv3x3(x, w, ops.grouped_conv_weight(w, case.groups), b, res)
+        torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, res, 1, 1, 1, case.groups),
+                                   rtol=0, atol=0)
+
+    @pytest.mark.parametrize("change, message", [
+        (dict(w=torch.randn(64, 4, 1, 1)), r"expected a 3x3 weight \(K, C / groups, 3, 3\)"),
+        (dict(p=torch.randn(4, 9, 4, 8)), r"expected packed_weight of shape \[4, 9, 4, 16\] "
+                                          r"Float on cpu"),
+        (dict(p=torch.randn(4, 9, 4, 16).double()), r"got \[4, 9, 4, 16\] Double"),
+        (dict(x=torch.randn(2, 30, 5, 5)), "with C a multiple of weight.size\\(1\\) = 4"),
+        (dict(r=torch.randn(2, 64, 4, 5)), "expected residual of the output's shape"),
+        (dict(b=torch.randn(63)), r"expected bias of shape \[64\]"),
+        (dict(s=3), "grouped_conv3x3: expected stride 1 or 2, got 3"),
+    ])
+    def test_bad_input_is_named(self, change, message):
+        a = dict(x=torch.randn(2, 64, 5, 5), w=torch.randn(64, 4, 3, 3), b=torch.randn(64),
+                 r=torch.randn(2, 64, 5, 5), s=1)
+        a.update(change)
+        p = change.get("p", ops.grouped_conv_weight(torch.randn(64, 4, 3, 3), 16))
+        with pytest.raises(RuntimeError, match=message):
+            ops.grouped_conv3x3(a["x"], a["w"], p, a["b"], a["r"], stride=a["s"])
+
+    def test_grouped_conv_weight_rejects_other_weights(self):
+        with pytest.raises(ValueError, match=r"expected a \[K, C / groups, 3, 3\] weight, got "
+                                             r"\(64, 4, 1, 1\)"):
+            ops.grouped_conv_weight(torch.randn(64, 4, 1, 1), 16)
+        with pytest.raises(ValueError, match="expected groups a positive divisor of the weight's "
+                                             "64 output channels, got 5"):
+            ops.grouped_conv_weight(torch.randn(64, 4, 3, 3), 5)
+        with pytest.raises(ValueError, match="expected 24 output channels to be a multiple of 16"):
+            ops.grouped_conv_weight(torch.randn(24, 6, 3, 3), 4)
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_opcheck(self, channels_last):
+        case = ConvCase(32, 32, 6, 7, R=3, padding=1, groups=8)
+        x, w, b, res = case.tensors(channels_last=channels_last)
+        p = ops.grouped_conv_weight(w, case.groups)
+        op = torch.ops.resnet_fused.grouped_conv3x3.default
+        opcheck(op, (x, w, p, b, res), dict(relu=True))
+        opcheck(op, (x, w, p, None, None), dict(relu=False))
+        opcheck(op, (x, w, p, b, res[:, :, ::2, ::2].contiguous()), dict(stride=2, relu=True))
 
 
 # max_pool2d is a CPU op: the stem's 3x3/2 pool, odd sizes, kernels and strides.

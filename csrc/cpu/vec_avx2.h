@@ -36,6 +36,16 @@ struct Avx2 {
   static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
   static Reg set1(float v) { return _mm256_set1_ps(v); }
+  // Lane kC of each group of kG lanes (4: within each 128-bit lane; 8: all of them).
+  template <int kG, int kC>
+  static Reg in_group(Reg v) {
+    static_assert(kG == 4 || kG == 8, "groups of 4 or 8 lanes");
+    if constexpr (kG == 4) {
+      return _mm256_permute_ps(v, kC * 0x55);
+    } else {
+      return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(kC));
+    }
+  }
   // vmaxps returns its second operand when either is NaN: NaN propagates as in torch.relu.
   static Reg relu(Reg v) { return _mm256_max_ps(zero(), v); }
 };

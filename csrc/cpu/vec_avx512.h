@@ -47,6 +47,19 @@ struct Avx512 {
   static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
   static Reg set1(float v) { return _mm512_set1_ps(v); }
+  // Lane kC of each group of kG lanes (4: within each 128-bit lane; 8: each half).
+  template <int kG, int kC>
+  static Reg in_group(Reg v) {
+    static_assert(kG == 4 || kG == 8, "groups of 4 or 8 lanes");
+    if constexpr (kG == 4) {
+      return _mm512_permute_ps(v, kC * 0x55);
+    } else {
+      // (The maskz form: GCC 12 warns on the plain one's internals, as in relu.)
+      const __m512i lane = _mm512_set_epi32(8 + kC, 8 + kC, 8 + kC, 8 + kC, 8 + kC, 8 + kC, 8 + kC,
+                                            8 + kC, kC, kC, kC, kC, kC, kC, kC, kC);
+      return _mm512_maskz_permutexvar_ps(0xFFFF, lane, v);
+    }
+  }
   // vmaxps returns its second operand when either is NaN: NaN propagates as in
   // torch.relu. (The maskz form: GCC 12 warns on the plain one's internals.)
   static Reg relu(Reg v) { return _mm512_maskz_max_ps(0xFFFF, zero(), v); }
