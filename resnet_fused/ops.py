@@ -190,8 +190,10 @@ def grouped_conv_fits(weight, groups):
 def grouped_conv_weight(weight, groups):
     """A [K, C / groups, 3, 3] weight as grouped_conv3x3's blocks, [K / L, 9, C / groups, L]:
     L = max(K / groups, 16) output channels per block (one group's, or 16 / (K / groups)
-    whole groups'), the 3x3 taps, then each input channel of the group with its L
-    weights contiguous. Made once, at fold time."""
+    whole groups'), the 3x3 taps, then per input channel j of the group its L weights
+    contiguous. Groups of 4 or 8 channels (as many in as out, Kg) share a vector, whose
+    inputs the kernel rotates within each group: there row j holds, in lane l, the weight
+    of input channel (l + j) mod Kg. Made once, at fold time."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"grouped_conv_weight: expected a [K, C / groups, 3, 3] weight, got {got}")
@@ -199,11 +201,17 @@ def grouped_conv_weight(weight, groups):
     if not isinstance(groups, int) or groups < 1 or k % groups:
         raise ValueError(f"grouped_conv_weight: expected groups a positive divisor of the weight's "
                          f"{k} output channels, got {groups!r}")
-    block = grouped_conv_block(k // groups)
+    kg = k // groups
+    block = grouped_conv_block(kg)
     if k % block:
         raise ValueError(f"grouped_conv_weight: expected {k} output channels to be a multiple of "
                          f"{block} (blocks of max(K / groups, 16))")
-    return weight.reshape(k // block, block, cg, 9).permute(0, 3, 2, 1).contiguous()
+    blocks = weight.reshape(k // block, block, cg, 9).permute(0, 3, 2, 1)  # [b, tap, c, l]
+    if kg in (4, 8) and cg == kg:
+        lane = torch.arange(block, device=weight.device)
+        c = (lane[None, :] + torch.arange(kg, device=weight.device)[:, None]) % kg  # [j, l]
+        blocks = blocks.gather(2, c.expand(k // block, 9, kg, block))
+    return blocks.contiguous()
 
 
 def grouped_conv3x3(input, weight, packed_weight, bias=None, residual=None, *, stride=1,

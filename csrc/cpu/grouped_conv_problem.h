@@ -14,8 +14,8 @@ constexpr int64_t kMinBlock = 16;
 inline int64_t block_channels(int64_t Kg) { return Kg > kMinBlock ? Kg : kMinBlock; }
 
 // The layouts the kernels compute: Kg a multiple of 16 (vectors of one group's output
-// channels, its inputs broadcast), or Kg = Cg = 4 or 8 (a vector spans 16 / Kg groups
-// whose inputs are the vector's own 16 channels, each broadcast within its group).
+// channels, its inputs broadcast), or Kg = Cg = 4 or 8 (a vector holds whole groups,
+// whose inputs are the vector's own channels, rotated within each group).
 inline bool layout_fits(int64_t Cg, int64_t Kg) {
   return Kg % kMinBlock == 0 || ((Kg == 4 || Kg == 8) && Cg == Kg);
 }

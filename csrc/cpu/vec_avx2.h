@@ -36,14 +36,20 @@ struct Avx2 {
   static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
   static Reg set1(float v) { return _mm256_set1_ps(v); }
-  // Lane kC of each group of kG lanes (4: within each 128-bit lane; 8: all of them).
-  template <int kG, int kC>
-  static Reg in_group(Reg v) {
+  // Each group of kG lanes rotated by kJ: lane l takes lane l + kJ of its group (mod kG).
+  template <int kG, int kJ>
+  static Reg rotate(Reg v) {
     static_assert(kG == 4 || kG == 8, "groups of 4 or 8 lanes");
-    if constexpr (kG == 4) {
-      return _mm256_permute_ps(v, kC * 0x55);
+    if constexpr (kJ == 0) {
+      return v;
+    } else if constexpr (kG == 4) {  // within each 128-bit lane
+      return _mm256_permute_ps(v, (kJ % 4) | ((kJ + 1) % 4) << 2 | ((kJ + 2) % 4) << 4 |
+                                      ((kJ + 3) % 4) << 6);
     } else {
-      return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(kC));
+      return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(kJ % 8, (kJ + 1) % 8, (kJ + 2) % 8,
+                                                           (kJ + 3) % 8, (kJ + 4) % 8,
+                                                           (kJ + 5) % 8, (kJ + 6) % 8,
+                                                           (kJ + 7) % 8));
     }
   }
   // vmaxps returns its second operand when either is NaN: NaN propagates as in torch.relu.
