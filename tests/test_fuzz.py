@@ -245,6 +245,48 @@ def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, thread
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
           suppress_health_check=list(HealthCheck))
+@given(n=st.integers(0, 3), layout=st.sampled_from([(4, 4), (8, 8), (16, 16), (3, 16), (40, 32),
+                                                    (8, 48), (4, 64), (4, 8)]),
+       groups=st.integers(1, 6), h=st.integers(1, 17), w=st.integers(1, 17),
+       x_layout=st.sampled_from(LAYOUTS), residual=st.booleans(), relu=st.booleans(),
+       bias=st.booleans(), threads=st.sampled_from([1, 2, 3]), stride=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**31 - 1))
+def test_grouped_conv3x3_fuzz(n, layout, groups, h, w, x_layout, residual, relu, bias, threads,
+                              stride, seed):
+    # Each of the kernel's layouts (Cg, Kg): groups of 4 and 8 sharing vectors, 16-64 output
+    # channels per group with any input count, and one it leaves to conv_bias_act (Kg = 8,
+    # Cg = 4); rows across the 7-pixel runs, strides, thread counts that split the rows
+    # unevenly.
+    cg, kg = layout
+    g = torch.Generator().manual_seed(seed)
+    c, k = cg * groups, kg * groups
+    if k % ops.grouped_conv_block(kg):
+        groups, c, k = 4 * groups, 4 * c, 4 * k  # whole 16-channel blocks
+    conv = ConvCase(c, k, h, w, R=3, padding=1, stride=stride, groups=groups, N=n)
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(k, cg, 3, 3, generator=g) / (9 * cg) ** 0.5
+    b = torch.randn(k, generator=g) if bias else None
+    res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
+    ref = reference(x, wt, b, res, conv, relu)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = ops.grouped_conv3x3(_layout(x, x_layout, None), wt,
+                                  ops.grouped_conv_weight(wt, groups), b, res, stride=stride,
+                                  relu=relu)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == ref.shape
+    if out.numel() == 0:
+        return
+    scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
+                      None if res is None else res.abs(), conv, False).abs().max().item()
+    err = (out.double() - ref).abs().max().item() / max(scale, 1e-30)
+    assert err <= tol(torch.float32, conv.reduction), f"grouped_conv3x3: error {err:.3g}"
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
 @given(n=st.integers(0, 2), c=st.integers(1, 70), h=st.integers(1, 13), w=st.integers(1, 13),
        kh=st.integers(1, 4), kw=st.integers(1, 4), stride=st.integers(1, 3),
        x_layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
