@@ -707,7 +707,7 @@ class TestGroupedConv3x3:
         x, w, b, res = case.tensors(channels_last=channels_last)
         assert ops.grouped_conv_fits(w, case.groups)
         p = ops.grouped_conv_weight(w, case.groups)
-        block = max(case.K // case.groups, 16)
+        block = ops.grouped_conv_block(case.K // case.groups)
         assert p.shape == (case.K // block, 9, case.C // case.groups, block)
         for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
                                      (None, res, False), (None, None, True)]:
