@@ -54,10 +54,10 @@ struct Avx512 {
     if constexpr (kJ == 0) {
       return v;
     } else if constexpr (kG == 4) {  // within each 128-bit lane
-      return _mm512_permute_ps(v, (kJ % 4) | ((kJ + 1) % 4) << 2 | ((kJ + 2) % 4) << 4 |
-                                      ((kJ + 3) % 4) << 6);
+      // (The maskz forms: GCC 12 warns on the plain ones' internals, as in relu.)
+      return _mm512_maskz_permute_ps(0xFFFF, v, (kJ % 4) | ((kJ + 1) % 4) << 2 |
+                                                    ((kJ + 2) % 4) << 4 | ((kJ + 3) % 4) << 6);
     } else {
-      // (The maskz form: GCC 12 warns on the plain one's internals, as in relu.)
       const __m512i lane = _mm512_set_epi32(
           8 + (kJ + 7) % 8, 8 + (kJ + 6) % 8, 8 + (kJ + 5) % 8, 8 + (kJ + 4) % 8, 8 + (kJ + 3) % 8,
           8 + (kJ + 2) % 8, 8 + (kJ + 1) % 8, 8 + kJ % 8, (kJ + 7) % 8, (kJ + 6) % 8, (kJ + 5) % 8,
