@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import resnet_fused
 from resnet_fused import ops
 
-from common_utils import ConvCase, assert_matches, dtypes_for, reference, tol
+from common_utils import ConvCase, assert_matches, dtypes_for, num_threads, reference, tol
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 EXAMPLES = int(os.environ.get("RESNET_FUSED_FUZZ_EXAMPLES", "150"))
@@ -39,6 +39,21 @@ def _layout(t, how, draw):
 
 
 LAYOUTS = ["contiguous", "channels_last", "permuted", "offset", "sliced"]
+
+
+def _assert_fp32_matches(out, x, wt, b, res, conv, relu, what):
+    """out against the fp64 reference within the fp32 tolerance of conv's reduction. The
+    error is relative to the sums of absolute products, not to max|ref|: with few
+    outputs (one pixel, one channel) every one of them may cancel, and no kernel, direct
+    ones included, can then meet a bound relative to the result."""
+    ref = reference(x, wt, b, res, conv, relu)
+    assert out.shape == ref.shape
+    if out.numel() == 0:
+        return
+    scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
+                      None if res is None else res.abs(), conv, False).abs().max().item()
+    err = (out.double() - ref).abs().max().item() / max(scale, 1e-30)
+    assert err <= tol(torch.float32, conv.reduction), f"{what}: error {err:.3g}"
 
 
 @st.composite
@@ -146,24 +161,11 @@ def test_winograd_conv3x3_fuzz(variant, n, c, k, h, w, x_layout, residual, relu,
     wt = torch.randn(k, c, 3, 3, generator=g) / conv.reduction ** 0.5
     b = torch.randn(k, generator=g) if bias else None
     res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
-    ref = reference(x, wt, b, res, conv, relu)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         out = ops.winograd_conv3x3(_layout(x, x_layout, None), wt,
                                    ops.winograd_weight(wt, tile, stride=stride), b, res,
                                    stride=stride, relu=relu)
-    finally:
-        torch.set_num_threads(before)
-    assert out.shape == ref.shape
-    # The error relative to the sums of absolute products, not to max|ref|: with few
-    # outputs (one pixel, one channel) every one of them may cancel, and no kernel,
-    # direct ones included, can then meet a bound relative to the result.
-    scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
-                      None if res is None else res.abs(), conv, False).abs().max().item()
-    err = (out.double() - ref).abs().max().item() / scale
-    assert err <= tol(torch.float32, conv.reduction), \
-        f"F({tile}x{tile}), stride {stride}: error {err:.3g}"
+    _assert_fp32_matches(out, x, wt, b, res, conv, relu, f"F({tile}x{tile}), stride {stride}")
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
@@ -186,13 +188,9 @@ def test_winograd_conv3x3_bf16_fuzz(n, c, k, h, w, x_layout, residual, relu, bia
     b = torch.randn(k, generator=g).bfloat16() if bias else None
     res = torch.randn(n, k, h, w, generator=g).bfloat16() if residual else None
     ref = reference(x, wt, b, res, conv, relu)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         out = ops.winograd_conv3x3(_layout(x, x_layout, None), wt, ops.winograd_weight(wt),
                                    b, res, relu=relu)
-    finally:
-        torch.set_num_threads(before)
     direct = ops.conv_bias_act(x, wt, b, res, 1, 1, relu=relu)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
@@ -222,25 +220,14 @@ def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, thread
     b = torch.randn(k, generator=g) if bias else None
     res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
     relu = relu or residual == "in_place"
-    ref = reference(x, wt, b, res, conv, relu)
     p = ops.conv1x1_weight(wt)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         if residual == "in_place":
             out = ops.conv1x1_add_relu_(res.contiguous(memory_format=torch.channels_last),
                                         _layout(x, x_layout, None), wt, p, b)
         else:
             out = ops.conv1x1(_layout(x, x_layout, None), wt, p, b, res, relu=relu, stride=stride)
-    finally:
-        torch.set_num_threads(before)
-    assert out.shape == ref.shape
-    if out.numel() == 0:
-        return
-    scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
-                      None if res is None else res.abs(), conv, False).abs().max().item()
-    err = (out.double() - ref).abs().max().item() / max(scale, 1e-30)
-    assert err <= tol(torch.float32, conv.reduction), f"conv1x1: error {err:.3g}"
+    _assert_fp32_matches(out, x, wt, b, res, conv, relu, "conv1x1")
 
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
@@ -267,22 +254,11 @@ def test_grouped_conv3x3_fuzz(n, layout, groups, h, w, x_layout, residual, relu,
     wt = torch.randn(k, cg, 3, 3, generator=g) / (9 * cg) ** 0.5
     b = torch.randn(k, generator=g) if bias else None
     res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
-    ref = reference(x, wt, b, res, conv, relu)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         out = ops.grouped_conv3x3(_layout(x, x_layout, None), wt,
                                   ops.grouped_conv_weight(wt, groups), b, res, stride=stride,
                                   relu=relu)
-    finally:
-        torch.set_num_threads(before)
-    assert out.shape == ref.shape
-    if out.numel() == 0:
-        return
-    scale = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
-                      None if res is None else res.abs(), conv, False).abs().max().item()
-    err = (out.double() - ref).abs().max().item() / max(scale, 1e-30)
-    assert err <= tol(torch.float32, conv.reduction), f"grouped_conv3x3: error {err:.3g}"
+    _assert_fp32_matches(out, x, wt, b, res, conv, relu, "grouped_conv3x3")
 
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
@@ -303,10 +279,6 @@ def test_max_pool2d_fuzz(n, c, h, w, kh, kw, stride, x_layout, dtype, threads, s
         x.view(-1)[seed % x.numel()] = float("nan")
     x = _layout(x, x_layout, None)
     ref = torch.nn.functional.max_pool2d(x, (kh, kw), stride, (ph, pw))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         out = ops.max_pool2d(x, (kh, kw), stride, (ph, pw))
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(out, ref, equal_nan=True, rtol=0, atol=0)
