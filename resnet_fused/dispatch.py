@@ -108,9 +108,9 @@ class PreparedConv:
 
     def kernel_for(self, x):
         """("winograd", its weight), ("conv1x1", its weight panels), ("grouped", its
-        weight blocks) or ("conv_bias_act", its weight): the op that suits x. Remembered per input shape
-        and thread count outside tracing: the choice is a few microseconds of Python
-        per call, ~0.3 ms of a 53-conv forward."""
+        weight blocks) or ("conv_bias_act", its weight): the op that suits x. Remembered
+        per input shape and thread count outside tracing: the choice is a few
+        microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
         if tracing():
             return self._choose(x)
         key = (x.shape, torch.get_num_threads())
@@ -382,9 +382,12 @@ def _conv1x1_pays(x, stride):
 
 def _grouped_fits(c):
     # Grouped 3x3 float32 convs, padding 1, stride 1 or 2, in a layout the kernel computes
-    # (ops.grouped_conv_fits): ResNeXt's. Alone (benchmarks/cpu_grouped_conv.py), at
-    # batch 1 it ran every ResNeXt-50 shape faster than oneDNN's grouped kernel through
-    # ATen, on AVX-512 and AVX2 alike (AMD EPYC Zen 4, 2 threads, cold caches).
+    # (ops.grouped_conv_fits): ResNeXt's. Alone (benchmarks/cpu_grouped_conv.py, AMD EPYC
+    # Zen 4, 2 threads) it runs ResNeXt-50's shapes at batch 1 1.0-2.3x oneDNN's speed
+    # through ATen, and loses up to 10% on a few others (groups of 8 at 56x56, 16-64
+    # channels per group at batch 8); it takes them all, for one rule: in ResNeXt-50 its
+    # 16 convs take 3.65 vs 5.74 ms at batch 1, 4.68 vs 6.72 with AVX2, 30.7 vs 43.3 at
+    # batch 8 (two models alternating, per-op medians; README).
     return (c.weight.device.type == "cpu" and c.dtype == torch.float32 and c.groups > 1
             and tuple(c.weight.shape[2:]) == (3, 3) and c.stride in ((1, 1), (2, 2))
             and c.padding == (1, 1) and c.dilation == (1, 1)
