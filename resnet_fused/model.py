@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import _extension, dispatch, heap
+from . import _extension, dispatch, heap, op_plan
 from .dispatch import tracing as _tracing
 from .fold import cast_folded, fold_conv_bn
 from .state_watch import StateWatch
@@ -25,6 +25,9 @@ from .state_watch import StateWatch
 # Refolds are rare; one lock for all models keeps them picklable and copyable.
 _FOLD_LOCK = threading.Lock()
 _warned = set()
+# fold.plans values besides a plan: the key's first walk ran, so record the next one.
+_WALKED_ONCE = "walked once"
+_MAX_PLANS = 4  # input keys per fold with a plan (or the walk's None)
 
 
 def _warn_once(key, message):
@@ -41,6 +44,7 @@ class _Fold:
     finite: bool   # every folded weight and bias is finite
     unfusable: str = None  # why the model is not one the fused forward computes, if so
     fc_packs: dict = field(default_factory=dict)  # fc's weight packed for oneDNN (dispatch.linear)
+    plans: dict = field(default_factory=dict)  # input key -> op_plan.record's plan, or None
 
 
 class _NotFusable(Exception):
@@ -181,10 +185,25 @@ class _Folding:
     def _run_fused(self, x, fold, finite, stage, keep=()):
         """{name: output} of "maxpool" (after the stem) and of each layer; those named
         in `keep` are returned as computed (the next block may not sum into them)."""
-        if fold.watch is not None:  # a cached fold: no graph to record
-            with dispatch.without_autograd():
+        if fold.watch is None:  # an inline fold: part of a traced or autograd graph
+            return self._run_layers(x, fold, finite, stage, keep)
+        with dispatch.without_autograd():  # a cached fold: no graph to record
+            if stage.on or x.device.type != "cpu":  # (profiler labels need the walk)
                 return self._run_layers(x, fold, finite, stage, keep)
-        return self._run_layers(x, fold, finite, stage, keep)
+            x = x.contiguous(memory_format=torch.channels_last)
+            # The first walk for a key makes the weights its kernels want; the second is
+            # recorded, and later calls replay it (op_plan.py).
+            key = (x.shape, x.dtype, torch.get_num_threads(), finite, tuple(keep))
+            plan = fold.plans.get(key)
+            if callable(plan):
+                return plan(x)
+            if plan is _WALKED_ONCE:
+                outputs, fold.plans[key] = op_plan.record(
+                    lambda t: self._run_layers(t, fold, finite, stage, keep), x)
+                return outputs
+            if key not in fold.plans and len(fold.plans) < _MAX_PLANS:
+                fold.plans[key] = _WALKED_ONCE
+            return self._run_layers(x, fold, finite, stage, keep)
 
     def _run_layers(self, x, fold, finite, stage, keep):
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last

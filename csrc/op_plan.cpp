@@ -1,0 +1,146 @@
+// OpPlan: a recorded sequence of op calls, replayed from C++ (resnet_fused/op_plan.py
+// records it). Each step is one dispatcher call whose arguments are constants (folded
+// weights, flags) or tensors that the plan's input or earlier steps produced ("slots").
+// Replaying it skips what each call costs in Python: the model walk, the argument
+// parsing of torch.ops and the Python objects of every result.
+//
+// The arguments come in typed lists because a TorchScript class method takes no list of
+// mixed values: for each argument of the op's schema, in order, its value is the next
+// entry of the list of its type (int[] arguments: their length, then their values).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace resnet_fused {
+namespace {
+
+using at::Tensor;
+
+struct Step {
+  c10::OperatorHandle op;
+  std::vector<c10::IValue> args;         // the constants; slot arguments left None
+  std::vector<std::pair<size_t, int64_t>> slot_args;  // (argument index, slot)
+  int64_t out_slot;                      // slot of the returned tensor, or -1
+  std::vector<int64_t> release;          // slots no later step reads
+};
+
+class OpPlan : public torch::CustomClassHolder {
+ public:
+  explicit OpPlan(int64_t inputs) : slots_(inputs) {}
+
+  // Appends a call of `name`.`overload`; tensor_slots[i] >= 0 makes the i-th tensor
+  // argument that slot (tensors[i] is then ignored). Returns the slot of its result
+  // (-1 when it returns none).
+  int64_t add_step(const std::string& name, const std::string& overload,
+                   const std::vector<c10::optional<Tensor>>& tensors,
+                   const std::vector<int64_t>& tensor_slots, const std::vector<int64_t>& ints,
+                   const c10::List<bool>& bools, const std::vector<double>& floats) {
+    TORCH_CHECK(tensors.size() == tensor_slots.size(),
+                "OpPlan.add_step: expected as many tensor_slots as tensors, got ",
+                tensor_slots.size(), " and ", tensors.size());
+    auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
+    const auto& schema = handle.schema();
+    Step step{handle, {}, {}, -1, {}};
+    size_t t = 0, i = 0, b = 0, f = 0;
+    auto take = [&](size_t& at, size_t size, const char* what) {
+      TORCH_CHECK(at < size, "OpPlan.add_step: ", name, " needs more ", what, " arguments");
+      return at++;
+    };
+    for (const auto& arg : schema.arguments()) {
+      const auto& type = arg.real_type();
+      const auto kind = type->kind();
+      if (kind == c10::TypeKind::TensorType ||
+          (kind == c10::TypeKind::OptionalType &&
+           type->castRaw<c10::OptionalType>()->getElementType()->kind() ==
+               c10::TypeKind::TensorType)) {
+        const size_t at = take(t, tensors.size(), "tensor");
+        if (tensor_slots[at] >= 0) {
+          TORCH_CHECK(tensor_slots[at] < slots_, "OpPlan.add_step: slot ", tensor_slots[at],
+                      " is not produced before this step");
+          step.slot_args.emplace_back(step.args.size(), tensor_slots[at]);
+          reads_.push_back({tensor_slots[at], static_cast<int64_t>(steps_.size())});
+          step.args.emplace_back();
+        } else {
+          step.args.emplace_back(tensors[at]);
+        }
+      } else if (kind == c10::TypeKind::IntType) {
+        step.args.emplace_back(ints[take(i, ints.size(), "int")]);
+      } else if (kind == c10::TypeKind::ListType &&
+                 type->castRaw<c10::ListType>()->getElementType()->kind() ==
+                     c10::TypeKind::IntType) {
+        const int64_t n = ints[take(i, ints.size(), "int")];
+        std::vector<int64_t> values;
+        for (int64_t k = 0; k < n; ++k) values.push_back(ints[take(i, ints.size(), "int")]);
+        step.args.emplace_back(values);
+      } else if (kind == c10::TypeKind::BoolType) {
+        step.args.emplace_back(bools.get(take(b, bools.size(), "bool")));
+      } else if (kind == c10::TypeKind::FloatType) {
+        step.args.emplace_back(floats[take(f, floats.size(), "float")]);
+      } else {
+        TORCH_CHECK(false, "OpPlan.add_step: ", name, "'s argument ", arg.name(), " has type ",
+                    type->str(), ", which a plan does not hold");
+      }
+    }
+    TORCH_CHECK(t == tensors.size() && i == ints.size() && b == bools.size() &&
+                    f == floats.size(),
+                "OpPlan.add_step: more arguments given than ", name, " takes");
+    const auto& returns = schema.returns();
+    TORCH_CHECK(returns.empty() || (returns.size() == 1 &&
+                                    returns[0].type()->kind() == c10::TypeKind::TensorType),
+                "OpPlan.add_step: ", name, " returns ", returns.size(),
+                " values; a plan holds ops returning one tensor or none");
+    if (!returns.empty()) step.out_slot = slots_++;
+    steps_.push_back(std::move(step));
+    return steps_.back().out_slot;
+  }
+
+  // Marks the slots whose tensors run() returns; call once, after the last add_step.
+  void finish(const std::vector<int64_t>& outputs) {
+    outputs_ = outputs;
+    std::vector<int64_t> last(slots_, -1);
+    for (const auto& [slot, step] : reads_) last[slot] = step;
+    for (int64_t slot : outputs) last[slot] = -1;
+    for (int64_t slot = 0; slot < slots_; ++slot) {
+      if (last[slot] >= 0) steps_[last[slot]].release.push_back(slot);
+    }
+  }
+
+  std::vector<Tensor> run(const std::vector<Tensor>& inputs) {
+    TORCH_CHECK(static_cast<int64_t>(inputs.size()) <= slots_,
+                "OpPlan.run: expected at most ", slots_, " inputs, got ", inputs.size());
+    std::vector<Tensor> values(slots_);
+    for (size_t k = 0; k < inputs.size(); ++k) values[k] = inputs[k];
+    torch::jit::Stack stack;
+    for (auto& step : steps_) {
+      stack.assign(step.args.begin(), step.args.end());
+      for (const auto& [arg, slot] : step.slot_args) stack[arg] = values[slot];
+      step.op.callBoxed(stack);
+      if (step.out_slot >= 0) values[step.out_slot] = std::move(stack[0]).toTensor();
+      stack.clear();
+      for (int64_t slot : step.release) values[slot].reset();  // as the Python walk frees it
+    }
+    std::vector<Tensor> out;
+    for (int64_t slot : outputs_) out.push_back(values[slot]);
+    return out;
+  }
+
+ private:
+  int64_t slots_;
+  std::vector<Step> steps_;
+  std::vector<std::pair<int64_t, int64_t>> reads_;  // (slot, step that reads it)
+  std::vector<int64_t> outputs_;
+};
+
+TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
+  m.class_<OpPlan>("OpPlan")
+      .def(torch::init<int64_t>())
+      .def("add_step", &OpPlan::add_step)
+      .def("finish", &OpPlan::finish)
+      .def("run", &OpPlan::run);
+}
+
+}  // namespace
+}  // namespace resnet_fused
