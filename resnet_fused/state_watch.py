@@ -4,7 +4,10 @@ fused models and the captured forwards both depend on it."""
 
 import weakref
 
+import torch
 import torch.nn.modules.module as _module
+
+from . import _extension
 
 # Bumped whenever any module anywhere gets a parameter, buffer or submodule assigned
 # (setattr, load_state_dict(assign=True), Sequential item assignment). A watch
@@ -29,6 +32,33 @@ def _slots(model):
             for name, t in d.items() if t is not None]
 
 
+class _PythonTensorWatch:
+    """TensorWatch (csrc/tensor_watch.cpp) without the compiled library: the same reads
+    from Python."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        # An inference tensor has no version counter (so in-place writes to it cannot
+        # be seen; its storage still can).
+        self.versioned = [t for t in tensors if not t.is_inference()]
+        self.state = self._state()
+
+    def _state(self):
+        return (tuple(t._version for t in self.versioned),
+                tuple(t.data_ptr() for t in self.tensors))
+
+    def changed(self):
+        return self._state() != self.state
+
+
+def _tensor_watch(tensors):
+    """An object whose changed() says whether any of `tensors` was written in place or
+    given other storage since this call."""
+    if _extension.available():
+        return torch.classes.resnet_fused.TensorWatch(tensors)
+    return _PythonTensorWatch(tensors)
+
+
 class StateWatch:
     """Whether a model's parameters, buffers, normalization eps and forward hooks are
     those it had when the watch was made: in-place writes (version counters), replaced storage
@@ -44,11 +74,7 @@ class StateWatch:
     def __init__(self, model):
         self._model = weakref.ref(model)
         self.slots = _slots(model)
-        tensors = [t for _, _, t in self.slots]
-        # An inference tensor has no version counter (so in-place writes to it cannot
-        # be seen; its storage still can).
-        self.versioned = [t for t in tensors if not t.is_inference()]
-        self.tensors = tensors
+        self.tensors = _tensor_watch([t for _, _, t in self.slots])
         # BatchNorm, FrozenBatchNorm2d and any other norm layer a ResNet was built with
         # (an int eps counts: BatchNorm2d(eps=1) is valid).
         self.norms = [m for m in model.modules()
@@ -62,9 +88,7 @@ class StateWatch:
         self.assignments = _assignments[0]
 
     def _state(self):
-        return (tuple(t._version for t in self.versioned),
-                tuple(t.data_ptr() for t in self.tensors), tuple(m.eps for m in self.norms),
-                self._hooks())
+        return tuple(m.eps for m in self.norms), self._hooks()
 
     def _hooks(self):
         # Usually there are none, and asking whether any appeared is cheapest.
@@ -74,7 +98,8 @@ class StateWatch:
 
     def changed(self):
         # Setting a parameter to None or deleting it calls no registration hook.
-        if self._state() != self.state or any(d.get(k) is not t for d, k, t in self.slots):
+        if (self.tensors.changed() or self._state() != self.state
+                or any(d.get(k) is not t for d, k, t in self.slots)):
             return True
         if _assignments[0] != self.assignments:
             model = self._model()
