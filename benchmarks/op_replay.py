@@ -1,12 +1,13 @@
 """Where a fused CPU forward's time goes besides the kernels. Three timings, round-robin,
 median of repeats after warm-up, inference_mode, seeded weights with realistic BN
 statistics:
-- the forward, whose trunk replays its recorded op plan from C++ (resnet_fused/op_plan.py);
-- that plan alone, on the same channels_last input: the trunk's ops back to back;
+- the forward, which replays its recorded op plan from C++ (resnet_fused/op_plan.py);
+- that plan alone, on the same channels_last input: the ops of the trunk and (where
+  ops.mean_linear computes it) the head, back to back;
 - the forward of a second model with the same weights that walks the trunk in Python on
   every call (its plan switched off): what the plan saves.
 The forward minus its plan is the rest: the per-forward checks (parameters unchanged,
-input finite), the input's layout change and the head.
+input finite) and the input's layout change.
 
     python benchmarks/op_replay.py [--arch resnet50] [--batch 1] [--repeats 30]
 """
@@ -60,8 +61,8 @@ def main():
                 times[key].append(time.perf_counter() - t)
     f, r, w = (statistics.median(times[k]) * 1e3 for k in ("forward", "plan", "walk"))
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {args.arch} batch {args.batch}")
-    print(f"forward {f:.2f} ms = its trunk's op plan {r:.2f} ms + checks, layout and head "
-          f"{f - r:.2f} ms; walking the trunk in Python instead: {w:.2f} ms")
+    print(f"forward {f:.2f} ms = its op plan {r:.2f} ms + checks and layout {f - r:.2f} ms; "
+          f"walking the trunk in Python instead: {w:.2f} ms")
 
 
 if __name__ == "__main__":

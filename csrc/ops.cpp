@@ -60,6 +60,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   // max_pool2d(input, kernel_size, stride, padding) without the argmax indices
   // (CPU, float32 and bfloat16; dilation 1, floor rounding).
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  // linear(input.mean((2, 3)), weight, bias): ResNet's average pool and fc as one op
+  // (CPU, float32).
+  m.def("mean_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(

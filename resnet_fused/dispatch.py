@@ -447,6 +447,29 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+# Up to this batch, ops.mean_linear computes the head: measured with caches cold as after
+# a trunk (64 MB of other traffic before each call; AMD EPYC Zen 4, 2 threads), against the
+# pool and `linear` below, ms: ResNet-50's 2048 x 1000 fc 0.31 vs 0.58 at batch 1, 0.96 vs
+# 1.03 at 8; ResNet-18's 512 x 1000 0.13 vs 0.39 and 0.31 vs 0.42. Its matrix-vector
+# products per image stop paying where a matrix product (ATen's) would.
+MEAN_LINEAR_MAX_BATCH = 8
+
+
+def head(x, pool, fc):
+    """fc(flatten(pool(x), 1)) by ops.mean_linear where that computes the same, else None:
+    a plain nn.AdaptiveAvgPool2d to 1x1 and a plain nn.Linear, on a float32 CPU batch of
+    at most MEAN_LINEAR_MAX_BATCH that records no graph."""
+    # (Tracing first: a traced size must not be compared.)
+    if (tracing() or not _plain(pool, torch.nn.AdaptiveAvgPool2d)
+            or _pair(pool.output_size) != (1, 1)
+            or not _plain(fc, torch.nn.Linear) or x.device.type != "cpu" or x.dim() != 4
+            or x.dtype != torch.float32 or fc.weight.dtype != torch.float32
+            or not 1 <= x.shape[0] <= MEAN_LINEAR_MAX_BATCH or torch.is_autocast_enabled("cpu")
+            or (torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad))):
+        return None
+    return _OPS.mean_linear(x, fc.weight.detach(), None if fc.bias is None else fc.bias.detach())
+
+
 _LINEAR_PACKING = (torch.backends.mkldnn.is_available()
                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))

@@ -182,30 +182,31 @@ class _Folding:
             heap.keep_freed_memory()
         return x.to(dtype), fold, finite
 
-    def _run_fused(self, x, fold, finite, stage, keep=()):
+    def _run_fused(self, x, fold, finite, stage, keep=(), head=False):
         """{name: output} of "maxpool" (after the stem) and of each layer; those named
-        in `keep` are returned as computed (the next block may not sum into them)."""
+        in `keep` are returned as computed (the next block may not sum into them).
+        head: also "head", the avgpool and fc's output, where dispatch.head computes it."""
         if fold.watch is None:  # an inline fold: part of a traced or autograd graph
-            return self._run_layers(x, fold, finite, stage, keep)
+            return self._run_layers(x, fold, finite, stage, keep, head)
         with dispatch.without_autograd():  # a cached fold: no graph to record
             if stage.on or x.device.type != "cpu":  # (profiler labels need the walk)
-                return self._run_layers(x, fold, finite, stage, keep)
+                return self._run_layers(x, fold, finite, stage, keep, head)
             x = x.contiguous(memory_format=torch.channels_last)
             # The first walk for a key makes the weights its kernels want; the second is
             # recorded, and later calls replay it (op_plan.py).
-            key = (x.shape, x.dtype, torch.get_num_threads(), finite, tuple(keep))
+            key = (x.shape, x.dtype, torch.get_num_threads(), finite, tuple(keep), head)
             plan = fold.plans.get(key)
             if callable(plan):
                 return plan(x)
             if plan is _WALKED_ONCE:
                 outputs, fold.plans[key] = op_plan.record(
-                    lambda t: self._run_layers(t, fold, finite, stage, keep), x)
+                    lambda t: self._run_layers(t, fold, finite, stage, keep, head), x)
                 return outputs
             if key not in fold.plans and len(fold.plans) < _MAX_PLANS:
                 fold.plans[key] = _WALKED_ONCE
-            return self._run_layers(x, fold, finite, stage, keep)
+            return self._run_layers(x, fold, finite, stage, keep, head)
 
-    def _run_layers(self, x, fold, finite, stage, keep):
+    def _run_layers(self, x, fold, finite, stage, keep, head=False):
         x = x.contiguous(memory_format=torch.channels_last)  # once; stays channels_last
         with stage("stem"):
             x = dispatch.conv(x, fold.stem, relu=True, finite=finite)
@@ -218,6 +219,11 @@ class _Folding:
                 for i, convs in enumerate(blocks):
                     x = _block(x, convs, finite, input_kept=i == 0 and previous in keep)
             outputs[name], previous = x, name
+        if head:
+            with stage("head"):
+                logits = dispatch.head(x, self.avgpool, self.fc)
+            if logits is not None:
+                outputs["head"] = logits
         return outputs
 
     def _layer_names(self):
@@ -392,9 +398,11 @@ class FusedResNet(_Folding, ResNet):
             return super().forward(x)
         x, fold, finite = prepared
         stage = _stage_labeller()
-        x = self._run_fused(x, fold, finite, stage)["layer4"]
+        outputs = self._run_fused(x, fold, finite, stage, head=True)
+        if "head" in outputs:  # computed with the trunk (dispatch.head)
+            return outputs["head"]
         with stage("head"):
-            x = torch.flatten(self.avgpool(x), 1)
+            x = torch.flatten(self.avgpool(outputs["layer4"]), 1)
             # A cached fold lives only while the parameters (fc's too) are unchanged.
             return dispatch.linear(x, self.fc, fold.fc_packs if fold.watch is not None else None)
 

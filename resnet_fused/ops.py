@@ -238,6 +238,14 @@ def max_pool2d(input, kernel_size, stride=None, padding=0):
                                              _pair(stride, "stride"), _pair(padding, "padding"))
 
 
+def mean_linear(input, weight, bias=None):
+    """F.linear(input.mean((2, 3)), weight, bias) on CPU in float32: ResNet's head (average
+    pool to 1x1, flatten, fc) as one op, each dot product summed in 16 interleaved
+    partial sums (the same bits on every CPU)."""
+    _require()
+    return torch.ops.resnet_fused.mean_linear(input, weight, bias)
+
+
 def pack_weight(weight, stride, padding, dilation, groups, input_size):
     """The weight re-laid out for the backend's kernel (done once, at fold time)."""
     _require()
@@ -358,6 +366,13 @@ def _register_fakes():
                                zip((h, w), kernel_size, stride, padding))
         return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
+    @torch.library.register_fake(lib + "mean_linear")
+    def _(input, weight, bias):
+        torch._check(input.dim() == 4 and weight.dim() == 2 and weight.shape[1] == input.shape[1],
+                     lambda: f"mean_linear: expected input (N, C, H, W) and weight (K, C), got "
+                             f"{tuple(input.shape)} and {tuple(weight.shape)}")
+        return input.new_empty((input.shape[0], weight.shape[0]))
+
     @torch.library.register_fake(lib + "pack_weight")
     def _(weight, stride, padding, dilation, groups, input_size):
         # CUDA packs to KRSC = channels_last; CPU's oneDNN layout is opaque.
@@ -436,6 +451,22 @@ def _register_autograd():
 
     torch.library.register_autograd(lib + "grouped_conv3x3", grouped_backward,
                                     setup_context=grouped_setup)
+
+    def mean_linear_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.has_bias = inputs[2] is not None
+
+    def mean_linear_backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        h, wd = x.shape[2:]
+        gx = (grad @ w)[:, :, None, None].expand_as(x) / (h * wd) if ctx.needs_input_grad[0] \
+            else None
+        gw = grad.t() @ x.mean((2, 3)) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+    torch.library.register_autograd(lib + "mean_linear", mean_linear_backward,
+                                    setup_context=mean_linear_setup)
 
     # The op skips the argmax; its gradient recomputes it with ATen's max-pool.
     def max_pool_setup(ctx, inputs, output):

@@ -878,6 +878,78 @@ class TestMaxPool2d:
                 (x.requires_grad_(), [3, 3], [2, 2], [1, 1]))
 
 
+class TestMeanLinear:
+    # (N, C, H, W, K): ResNet-50's and ResNet-18's heads, odd sizes, a 1x1 map.
+    SHAPES = [(1, 2048, 7, 7, 1000), (3, 512, 5, 3, 10), (2, 17, 1, 1, 33), (1, 40, 2, 9, 7)]
+
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+    @pytest.mark.parametrize("shape", SHAPES, ids=ids)
+    @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+    def test_matches_fp64(self, shape, layout, with_bias):
+        n, c, h, w, k = shape
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(n, c, h + 1, w, generator=g)
+        x = x.contiguous(memory_format=CL) if layout == "channels_last" else x
+        x = x[:, :, 1:] if layout == "sliced" else x[:, :, :-1]
+        weight = torch.randn(k, c, generator=g)
+        bias = torch.randn(k, generator=g) if with_bias else None
+        ref = torch.nn.functional.linear(x.double().mean((2, 3)), weight.double(),
+                                         None if bias is None else bias.double())
+        out = ops.mean_linear(x, weight, bias)
+        assert out.shape == (n, k) and out.dtype == torch.float32 and out.is_contiguous()
+        # A mean of h * w values, then a dot product of c: a reduction of both lengths.
+        assert_matches(out, ref, torch.float32, c + h * w, f"{shape} {layout}")
+
+    def test_same_bits_on_one_and_more_threads(self):
+        x, weight = torch.randn(2, 512, 7, 7), torch.randn(1000, 512)
+        one, many = one_and_more_threads(lambda: ops.mean_linear(x, weight, None))
+        assert torch.equal(one, many)
+
+    def test_nonfinite_propagates(self):
+        x, weight, bias = torch.randn(2, 8, 3, 3), torch.randn(5, 8), torch.randn(5)
+        x[0, 3, 1, 1] = float("nan")
+        x[1, 2, 0, 0] = float("inf")
+        out = ops.mean_linear(x, weight, bias)
+        assert out[0].isnan().all()
+        ref = torch.nn.functional.linear(x[1:].mean((2, 3)), weight, bias)
+        assert torch.equal(out[1:].isinf(), ref.isinf()) and torch.equal(out[1:].isnan(),
+                                                                          ref.isnan())
+
+    def test_empty_batch_and_gradient(self):
+        assert ops.mean_linear(torch.empty(0, 8, 3, 3), torch.randn(4, 8), None).shape == (0, 4)
+        x = torch.randn(2, 8, 3, 3, dtype=torch.float32, requires_grad=True)
+        weight = torch.randn(4, 8, requires_grad=True)
+        bias = torch.randn(4, requires_grad=True)
+        g = torch.randn(2, 4)
+        ops.mean_linear(x, weight, bias).backward(g)
+        ours = [t.grad for t in (x, weight, bias)]
+        for t in (x, weight, bias):
+            t.grad = None
+        torch.nn.functional.linear(x.mean((2, 3)), weight, bias).backward(g)
+        for a, t in zip(ours, (x, weight, bias)):
+            torch.testing.assert_close(a, t.grad)
+
+    def test_bad_input_is_named(self):
+        x, weight = torch.randn(1, 8, 3, 3), torch.randn(4, 8)
+        with pytest.raises(RuntimeError, match="expected input to be 4-D"):
+            ops.mean_linear(x[0], weight)
+        with pytest.raises(RuntimeError, match=r"expected weight of shape \(K, 8\) for input "
+                                               r"with 8 channels, got \[4, 7\]"):
+            ops.mean_linear(x, weight[:, :7])
+        with pytest.raises(RuntimeError, match=r"expected bias of shape \(4\) float32 on cpu"):
+            ops.mean_linear(x, weight, torch.randn(5))
+        with pytest.raises(RuntimeError, match="expected float32 input, got BFloat16"):
+            ops.mean_linear(x.bfloat16(), weight.bfloat16())
+        with pytest.raises(RuntimeError, match="non-empty spatial size"):
+            ops.mean_linear(torch.randn(1, 8, 0, 3), weight)
+
+    def test_opcheck(self):
+        x = torch.randn(2, 8, 3, 5).contiguous(memory_format=CL)
+        opcheck(torch.ops.resnet_fused.mean_linear.default, (x, torch.randn(4, 8), torch.randn(4)))
+        opcheck(torch.ops.resnet_fused.mean_linear.default,
+                (x.requires_grad_(), torch.randn(4, 8, requires_grad=True), None))
+
+
 def test_dtype_table_matches_the_kernels():
     assert torch.float32 in dtypes_for("cpu")
     assert (torch.bfloat16 in dtypes_for("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
