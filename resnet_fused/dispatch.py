@@ -273,6 +273,23 @@ def _winograd_splits(c, k, tiles, threads):
 _BYTES_TO_MACS_PER_THREAD = 1.9
 
 
+# With AVX2 (16 vector registers) the products of a call with few tiles run slower than
+# with AVX-512: 512 channels at 7x7, batch 1 (16 tiles), F(2x2) took 1.49 ms against
+# AVX-512's 1.11 (1.35x) alone, where oneDNN's direct AVX2 kernel took 1.40. In the model it
+# lost more: ResNet-50 at batch 1 with layer4's two stride-1 3x3 convs on oneDNN measured
+# 41.74 vs 43.43, 38.98 vs 40.28 and 50.68 vs 51.39 ms, ResNet-18 (three convs) 14.36 vs
+# 14.74 (two models alternating, AMD EPYC Zen 4 capped to AVX2, 2 threads). With AVX-512 the
+# same change was a wash (34.34 vs 34.50 and 13.20 vs 13.10), so the factor is AVX2's only.
+_AVX2_FEW_TILES = 32
+_AVX2_FEW_TILES_MAC_COST = 1.35
+
+
+def _few_tiles_cost(tiles):
+    """The cost factor of a Winograd call's multiply-adds for its tile count on this CPU."""
+    slow = _extension.cpu_isa() != "avx512" and tiles < _AVX2_FEW_TILES
+    return _AVX2_FEW_TILES_MAC_COST if slow else 1.0
+
+
 def _cost(c, k, weight_floats, macs, threads):
     """The time model above, per call: weight_floats and macs per channel pair."""
     return c * k * (4 * weight_floats * _BYTES_TO_MACS_PER_THREAD * threads + macs)
@@ -314,7 +331,8 @@ def _winograd_tile(x, weight, stride=1):
              if h >= t and w >= t and (t == 2 or c >= _WINOGRAD_F4_MIN_CHANNELS)}
     if any(_winograd_splits(c, k, count, threads) for count in tiles.values()):
         costs = {None: _cost(c, k, 9, 9 * n * h * w, threads)}
-        costs.update({t: _cost(c, k, (t + 2) ** 2, (t + 2) ** 2 * count, threads)
+        costs.update({t: _cost(c, k, (t + 2) ** 2, (t + 2) ** 2 * count * _few_tiles_cost(count),
+                               threads)
                       for t, count in tiles.items()})
         return min(costs, key=costs.get)
     for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():
