@@ -51,8 +51,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _VALUE_READS:
             self.replayable = False
-        # Slots of the tensor arguments, taken before the call (an op may free nothing,
-        # but its output may reuse a dead argument's id).
+        # The tensor arguments' slots (None: a constant), looked up before the output's.
         slots = {id(a): self.slot_of.get(id(a)) for a in list(args) + list(kwargs.values())
                  if isinstance(a, torch.Tensor)}
         try:  # encoded now: the record holds the constants, not the activations
