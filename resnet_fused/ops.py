@@ -368,6 +368,7 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "mean_linear")
     def _(input, weight, bias):
+        _same_device("mean_linear", input, weight=weight, bias=bias)
         torch._check(input.dim() == 4 and weight.dim() == 2 and weight.shape[1] == input.shape[1],
                      lambda: f"mean_linear: expected input (N, C, H, W) and weight (K, C), got "
                              f"{tuple(input.shape)} and {tuple(weight.shape)}")
