@@ -29,7 +29,7 @@ struct Step {
 
 class OpPlan : public torch::CustomClassHolder {
  public:
-  explicit OpPlan(int64_t inputs) : slots_(inputs) {}
+  explicit OpPlan(int64_t inputs) : inputs_(inputs), slots_(inputs) {}
 
   // Appends a call of `name`.`overload`; tensor_slots[i] >= 0 makes the i-th tensor
   // argument that slot (tensors[i] is then ignored). Returns the slot of its result
@@ -109,8 +109,8 @@ class OpPlan : public torch::CustomClassHolder {
   }
 
   std::vector<Tensor> run(const std::vector<Tensor>& inputs) {
-    TORCH_CHECK(static_cast<int64_t>(inputs.size()) <= slots_,
-                "OpPlan.run: expected at most ", slots_, " inputs, got ", inputs.size());
+    TORCH_CHECK(static_cast<int64_t>(inputs.size()) == inputs_, "OpPlan.run: expected ",
+                inputs_, " inputs (as the plan was made for), got ", inputs.size());
     std::vector<Tensor> values(slots_);
     for (size_t k = 0; k < inputs.size(); ++k) values[k] = inputs[k];
     torch::jit::Stack stack;
@@ -128,6 +128,7 @@ class OpPlan : public torch::CustomClassHolder {
   }
 
  private:
+  int64_t inputs_;
   int64_t slots_;
   std::vector<Step> steps_;
   std::vector<std::pair<int64_t, int64_t>> reads_;  // (slot, step that reads it)

@@ -126,5 +126,7 @@ def test_plan_errors_name_the_problem():
         plan.add_step("aten::dropout", "", [None], [0], [], [], [])
     with pytest.raises(RuntimeError, match="argument alpha has type Scalar, which a plan does"):
         plan.add_step("aten::add", "Tensor", [None, None], [0, 0], [], [], [])
-    with pytest.raises(RuntimeError, match="expected at most 1 inputs, got 2"):
-        plan.run([torch.ones(1), torch.ones(1)])
+    for inputs in ([torch.ones(1), torch.ones(1)], []):
+        with pytest.raises(RuntimeError, match=rf"expected 1 inputs \(as the plan was made for\), "
+                                               rf"got {len(inputs)}"):
+            plan.run(inputs)
