@@ -2,8 +2,10 @@
 packs it) on ResNet-50's 1x1 shapes (stride 1, and its stride-2 downsample convs), with warm caches and with cold ones (after
 64 MB of other memory traffic, as a layer meets its weight in a model), with each one's
 error against fp64 and whether the model picks conv1x1 there (dispatch._conv1x1_pays).
-fp32, channels_last, the two alternating, median of repeats after warm-up, on the
-threads torch uses.
+Then conv1x1_sum against the two calls it replaces (the downsample by conv1x1, the last
+conv summed into it in place by conv1x1_add_relu_) on ResNet-50's four first-bottleneck
+pairs, cold. fp32, channels_last, the variants alternating, median of repeats after
+warm-up, on the threads torch uses.
 
     python benchmarks/cpu_conv1x1.py [--batch-sizes 1,8] [--repeats 30]
 """
@@ -57,7 +59,42 @@ def main():
                 print(f"{name:24} {batch:5d} {warm[0]:7.3f} {warm[1]:7.3f} "
                       f"{warm[0] / warm[1]:5.2f}x {cold[0]:7.3f} {cold[1]:7.3f} "
                       f"{cold[0] / cold[1]:5.2f}x {errs[0]:10.1e} {errs[1]:8.1e} {picked:>7}")
+        print_sums(batch_sizes=[int(v) for v in args.batch_sizes.split(",")],
+                   repeats=args.repeats, g=g)
     return 0
+
+
+# (C of the last conv, K, output side, C of the downsample, its stride): ResNet-50's
+# first bottleneck of each stage.
+SUM_PAIRS = [(64, 256, 56, 64, 1), (128, 512, 28, 256, 2), (256, 1024, 14, 512, 2),
+             (512, 2048, 7, 1024, 2)]
+
+
+def print_sums(batch_sizes, repeats, g):
+    print(f"\n{'last conv + downsample':34} {'batch':>5} {'two ops':>7} {'sum':>7} {'cold':>6} "
+          f"{'err two':>8} {'err sum':>8}")
+    cl = torch.channels_last
+    for batch in batch_sizes:
+        for c, k, h, c2, s in SUM_PAIRS:
+            y = torch.randn(batch, c, h, h, generator=g).relu().contiguous(memory_format=cl)
+            x = torch.randn(batch, c2, h * s, h * s, generator=g).relu().contiguous(memory_format=cl)
+            w, w2 = (torch.randn(k, n, 1, 1, generator=g) / n ** 0.5 for n in (c, c2))
+            b, b2 = torch.randn(k, generator=g), torch.randn(k, generator=g)
+            p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+            both = b + b2
+            ref = F.relu(F.conv2d(y.double(), w.double(), b.double())
+                         + F.conv2d(x.double(), w2.double(), b2.double(), stride=s))
+
+            def two_ops():
+                identity = ops.conv1x1(x, w2, p2, b2, None, relu=False, stride=s)
+                return ops.conv1x1_add_relu_(identity, y, w, p, b)
+
+            runs = [two_ops, lambda: ops.conv1x1_sum(y, w, p, x, w2, p2, both, stride2=s)]
+            cold = median_ms(runs, repeats, cold=True)
+            errs = [rel_err(f(), ref) for f in runs]
+            name = f"{c}->{k} {h}x{h} + {c2}->{k}" + (f" /{s}" if s > 1 else "")
+            print(f"{name:34} {batch:5d} {cold[0]:7.3f} {cold[1]:7.3f} {cold[0] / cold[1]:5.2f}x "
+                  f"{errs[0]:8.1e} {errs[1]:8.1e}")
 
 
 if __name__ == "__main__":

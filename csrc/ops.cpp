@@ -53,6 +53,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "grouped_conv3x3(Tensor input, Tensor weight, Tensor packed_weight, Tensor? bias, "
       "Tensor? residual, *, int stride=1, bool relu=True) -> Tensor");
+  // act(conv1x1(input) + conv1x1(input2, stride=stride2) + bias): two 1x1 convs with
+  // the same output shape summed without storing either alone (ResNet's downsample and
+  // the last conv of the block it belongs to).
+  m.def(
+      "conv1x1_sum(Tensor input, Tensor weight, Tensor weight_panels, Tensor input2, "
+      "Tensor weight2, Tensor weight2_panels, Tensor? bias, *, int stride2=1, "
+      "bool relu=True) -> Tensor");
   // residual = relu(residual + conv1x1(input) + bias), in place (stride 1).
   m.def(
       "conv1x1_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, "

@@ -416,6 +416,10 @@ def _block(x, convs, finite, input_kept=False):
         last = convs["conv3"]
     else:
         last = convs["conv2"]
+    if "downsample" in convs:  # a Bottleneck's, where both are 1x1 kernels': one op
+        y = dispatch.conv_sum_relu(out, last, x, convs["downsample"])
+        if y is not None:
+            return y
     identity = (dispatch.conv(x, convs["downsample"], relu=False, finite=finite)
                 if "downsample" in convs else x)
     if identity is x and input_kept:

@@ -171,6 +171,17 @@ def conv1x1_add_relu_(residual, input, weight, weight_panels, bias=None):
     return residual
 
 
+def conv1x1_sum(input, weight, weight_panels, input2, weight2, weight2_panels, bias=None, *,
+                stride2=1, relu=True):
+    """act(conv1x1(input, weight) + conv1x1(input2, weight2, stride=stride2) + bias): two
+    unpadded 1x1 convs with the same output shape, their products summed per output block
+    so that neither is stored alone (a Bottleneck's last conv and its downsample). The
+    weights are read as their panels (conv1x1_weight). Returns input's memory format."""
+    _require()
+    return torch.ops.resnet_fused.conv1x1_sum(input, weight, weight_panels, input2, weight2,
+                                              weight2_panels, bias, stride2=stride2, relu=relu)
+
+
 GROUPED_CONV_MIN_BLOCK = 16  # output channels per weight block at least (grouped_conv3x3)
 
 
@@ -330,6 +341,17 @@ def _register_fakes():
         torch._check(stride > 0, lambda: f"conv1x1: expected stride > 0, got {stride}")
         return _strided_out(input, weight, stride)
 
+    @torch.library.register_fake(lib + "conv1x1_sum")
+    def _(input, weight, weight_panels, input2, weight2, weight2_panels, bias, *, stride2=1,
+          relu=True):
+        _same_device("conv1x1_sum", input, weight=weight, weight_panels=weight_panels,
+                     input2=input2, weight2=weight2, weight2_panels=weight2_panels, bias=bias)
+        torch._check(input.dim() == 4 and weight.dim() == 4 and input2.dim() == 4
+                     and weight2.dim() == 4,
+                     lambda: "conv1x1_sum: inputs and weights must be 4-D")
+        torch._check(stride2 > 0, lambda: f"conv1x1_sum: expected stride2 > 0, got {stride2}")
+        return _strided_out(input, weight, 1)
+
     @torch.library.register_fake(lib + "conv1x1_add_relu_")
     def _(residual, input, weight, weight_panels, bias):
         _same_device("conv1x1_add_relu_", input, weight=weight, weight_panels=weight_panels,
@@ -439,6 +461,28 @@ def _register_autograd():
 
     torch.library.register_autograd(lib + "conv1x1", conv1x1_backward,
                                     setup_context=winograd_setup)
+
+    # Each product's gradients as conv1x1's; the panels get none.
+    def conv1x1_sum_setup(ctx, inputs, keyword_only_inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[3], inputs[4], output)
+        ctx.relu = keyword_only_inputs.get("relu", True)
+        ctx.stride2 = keyword_only_inputs.get("stride2", 1)
+        ctx.has_bias = inputs[6] is not None
+
+    def conv1x1_sum_backward(ctx, grad):
+        x, w, x2, w2, out = ctx.saved_tensors
+        g = _relu_grad(grad, out, ctx.relu)
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, w, [w.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], 1, [need[0], need[1], ctx.has_bias and need[6]])
+        s = ctx.stride2
+        gx2, gw2, _ = torch.ops.aten.convolution_backward(
+            g, x2, w2, None, [s, s], [0, 0], [1, 1], False, [0, 0], 1, [need[3], need[4], False])
+        return gx, gw, None, gx2, gw2, None, gb
+
+    torch.library.register_autograd(lib + "conv1x1_sum", conv1x1_sum_backward,
+                                    setup_context=conv1x1_sum_setup)
 
     # Likewise grouped_conv3x3's packed_weight; groups = C / weight.size(1).
     def grouped_setup(ctx, inputs, keyword_only_inputs, output):

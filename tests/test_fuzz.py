@@ -232,6 +232,33 @@ def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, thread
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
           suppress_health_check=list(HealthCheck))
+@given(n=st.integers(0, 3), c=st.integers(1, 200), c2=st.integers(1, 200),
+       panels=st.integers(1, 3), h=st.integers(1, 13), w=st.integers(1, 13),
+       x_layout=st.sampled_from(LAYOUTS), relu=st.booleans(), bias=st.booleans(),
+       threads=st.sampled_from([1, 2, 3]), stride2=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_conv1x1_sum_fuzz(n, c, c2, panels, h, w, x_layout, relu, bias, threads, stride2, seed):
+    # The sum of two 1x1 convs is one 1x1 conv of the channels of both inputs (the second
+    # subsampled at its stride) by both weights side by side: the reference and its
+    # tolerance are that conv's.
+    g = torch.Generator().manual_seed(seed)
+    k = 64 * panels
+    y = torch.randn(n, c, h, w, generator=g)
+    x = torch.randn(n, c2, (h - 1) * stride2 + 1 + seed % stride2, (w - 1) * stride2 + 1,
+                    generator=g)
+    wt, wt2 = (torch.randn(k, m, 1, 1, generator=g) / (c + c2) ** 0.5 for m in (c, c2))
+    b = torch.randn(k, generator=g) if bias else None
+    with num_threads(threads):
+        out = ops.conv1x1_sum(_layout(y, x_layout, None), wt, ops.conv1x1_weight(wt),
+                              _layout(x, x_layout, None), wt2, ops.conv1x1_weight(wt2), b,
+                              stride2=stride2, relu=relu)
+    both = torch.cat([y, x[:, :, ::stride2, ::stride2]], 1)
+    _assert_fp32_matches(out, both, torch.cat([wt, wt2], 1), b, None,
+                         ConvCase(c + c2, k, h, w, N=n), relu, "conv1x1_sum")
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
 @given(n=st.integers(0, 3), layout=st.sampled_from([(4, 4), (8, 8), (16, 16), (3, 16), (40, 32),
                                                     (8, 48), (4, 64), (4, 8)]),
        groups=st.integers(1, 6), h=st.integers(1, 17), w=st.integers(1, 17),

@@ -504,6 +504,23 @@ def test_the_fc_is_the_models(change, dtype):
         plain and dtype == torch.bfloat16 and dispatch._LINEAR_PACKING)
 
 
+@pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
+def test_a_bottleneck_downsample_sums_with_the_last_conv(arch):
+    # Where conv1x1 computes both a Bottleneck's last conv and its downsample, one
+    # conv1x1_sum computes their sum: once per stage in ResNet-50, never in ResNet-18
+    # (its blocks' last conv is a 3x3).
+    tv = tv_model(arch)
+    fused = fuse(tv)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ours = fused(x)
+        ref = tv(x)
+    assert rel_err(ours, ref) <= 1e-5
+    names = [e.name for e in prof.events()]
+    expected = 4 if arch == "resnet50" and _extension.conv1x1_kernel_available() else 0
+    assert names.count("resnet_fused::conv1x1_sum") == expected
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_fp32_error_within_twice_torchvisions(batch):
     # The fp32 target: against an fp64 reference, at most 2x torchvision's own error

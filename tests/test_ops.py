@@ -689,6 +689,143 @@ class TestConv1x1:
                 (res.contiguous(memory_format=CL), x, w, p, b))
 
 
+# conv1x1_sum's pairs: (the last conv, the downsample) of ResNet-50's first bottlenecks at
+# small sizes (stride 1 and 2, an odd input side at stride 2), a batch of 3 with channels
+# off the vector width, and a pair whose weights together exceed 512 KiB (the threads then
+# split the weight's panels, gathering the strided rows once into a shared copy).
+CONV1X1_SUM_CASES = [(ConvCase(c, k, h, w, N=n), ConvCase(c2, k, h * s - odd, w * s - odd, N=n,
+                                                          stride=s))
+                     for n, c, k, h, w, c2, s, odd in [
+                         (1, 64, 256, 9, 9, 64, 1, 0), (2, 128, 512, 7, 5, 256, 2, 0),
+                         (1, 256, 1024, 4, 4, 512, 2, 1), (3, 24, 128, 5, 3, 40, 3, 0),
+                         (1, 512, 512, 9, 9, 256, 2, 1)]]
+
+
+def sum_reference(h, w, x2, w2, b, pair, relu):
+    case, case2 = pair
+    y = reference(h, w, b, None, case, False) + reference(x2, w2, None, None, case2, False)
+    return y.relu() if relu else y
+
+
+def sum_ids(pair):
+    return f"{pair[0]}+{pair[1]}"
+
+
+class TestConv1x1Sum:
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("pair", CONV1X1_SUM_CASES, ids=sum_ids)
+    def test_matches_fp64(self, pair, channels_last):
+        h, w, b, _ = pair[0].tensors(channels_last=channels_last)
+        x2, w2, _, _ = pair[1].tensors(channels_last=channels_last, seed=1)
+        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        for bias, relu in [(b, True), (b, False), (None, True)]:
+            out = ops.conv1x1_sum(h, w, p, x2, w2, p2, bias, stride2=pair[1].stride, relu=relu)
+            assert out.shape == (pair[0].N, pair[0].K, pair[0].H, pair[0].W)
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            assert_matches(out, sum_reference(h, w, x2, w2, bias, pair, relu), torch.float32,
+                           pair[0].reduction + pair[1].reduction)
+
+    @pytest.mark.parametrize("pair", [CONV1X1_SUM_CASES[1], CONV1X1_SUM_CASES[4]],
+                             ids=sum_ids)
+    def test_thread_counts_give_the_same_result(self, pair):
+        # One thread splits nothing; two split the rows (the first pair, gathering each
+        # block's strided rows into scratch) or the weight's panels (the second, its
+        # strided rows gathered once into a shared copy).
+        h, w, b, _ = pair[0].tensors(channels_last=True)
+        x2, w2, _, _ = pair[1].tensors(channels_last=True, seed=1)
+        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        one, many = one_and_more_threads(
+            lambda: ops.conv1x1_sum(h, w, p, x2, w2, p2, b, stride2=pair[1].stride))
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("where", ["input", "input2", "weight2", "bias_inf"])
+    def test_nan_and_inf_propagate_like_torch(self, where):
+        pair = CONV1X1_SUM_CASES[1]
+        h, w, b, _ = pair[0].tensors()
+        x2, w2, _, _ = pair[1].tensors(seed=1)
+        nan, inf = float("nan"), float("inf")
+        if where == "input":
+            h[0, 3, 2, 2], h[1, 0, 1, 1] = nan, inf
+        elif where == "input2":
+            x2[0, 5, 4, 4], x2[1, 1, 2, 2] = -inf, nan
+        elif where == "weight2":
+            w2[7, 0, 0, 0] = nan
+        else:
+            b[3], b[9] = inf, -inf
+        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        for relu in (True, False):
+            out = ops.conv1x1_sum(h, w, p, x2, w2, p2, b, stride2=2, relu=relu)
+            ref = sum_reference(h, w, x2, w2, b, pair, relu)
+            assert torch.equal(out.isnan(), ref.isnan())
+            assert torch.equal(out.isinf(), ref.isinf())
+
+    def test_gradients_are_torchs(self):
+        pair = CONV1X1_SUM_CASES[1]
+        h, w, b, _ = pair[0].tensors()
+        x2, w2, _, _ = pair[1].tensors(seed=1)
+        leaves = [t.clone().requires_grad_() for t in (h, w, x2, w2, b)]
+        h1, w1, x21, w21, b1 = leaves
+        out = ops.conv1x1_sum(h1, w1, ops.conv1x1_weight(w), x21, w21, ops.conv1x1_weight(w2),
+                              b1, stride2=2)
+        g = torch.randn_like(out)
+        out.backward(g)
+        theirs = [t.clone().requires_grad_() for t in (h, w, x2, w2, b)]
+        th, tw, tx2, tw2, tb = theirs
+        ref = (torch.nn.functional.conv2d(th, tw, tb)
+               + torch.nn.functional.conv2d(tx2, tw2, stride=2)).relu()
+        ref.backward(g)
+        for ours, their in zip(leaves, theirs):
+            torch.testing.assert_close(ours.grad, their.grad, rtol=1e-4, atol=1e-4)
+
+    def test_batch_zero_and_bfloat16_take_two_convolutions(self):
+        pair = CONV1X1_SUM_CASES[1]
+        h, w, b, _ = ConvCase(128, 512, 7, 5, N=0).tensors()
+        x2, w2, _, _ = ConvCase(256, 512, 14, 10, N=0, stride=2).tensors()
+        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        assert ops.conv1x1_sum(h, w, p, x2, w2, p2, b, stride2=2).shape == (0, 512, 7, 5)
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            h, w, b, _ = (t.bfloat16() for t in pair[0].tensors())
+            x2, w2, _, _ = (t.bfloat16() for t in pair[1].tensors(seed=1))
+            p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+            other = ops.conv_bias_act(x2, w2, None, None, 2, relu=False)
+            torch.testing.assert_close(ops.conv1x1_sum(h, w, p, x2, w2, p2, b, stride2=2),
+                                       ops.conv_bias_act(h, w, b, other), rtol=0, atol=0)
+
+    @pytest.mark.parametrize("change, message", [
+        (dict(x2=torch.randn(2, 16, 9, 9), s=1), r"conv1x1_sum: expected the two convolutions to give "
+                                            r"the same output shape; input \[2, 8, 5, 5\] with "
+                                            r"weight \[64, 8, 1, 1\] gives \[2, 64, 5, 5\], input2 "
+                                            r"\[2, 16, 9, 9\] with weight2 \[64, 16, 1, 1\] at "
+                                            r"stride2 1 gives \[2, 64, 9, 9\]"),
+        (dict(w2=torch.randn(128, 16, 1, 1)), r"gives \[2, 128, 5, 5\]"),
+        (dict(x2=torch.randn(2, 16, 10, 10).double()),
+         r"conv1x1_sum's second convolution \(input2, weight2, weight2_panels\): expected "
+         r"weight dtype Double \(the input's\), got Float"),
+        (dict(s=0), r"second convolution .*: expected stride > 0, got \[0, 0\]"),
+        (dict(w2=torch.randn(64, 16, 3, 3)), r"second convolution .*: expected a 1x1 weight"),
+        (dict(b=torch.randn(63)), r"conv1x1_sum: expected bias of shape \[64\]"),
+    ])
+    def test_bad_input_is_named(self, change, message):
+        a = dict(x=torch.randn(2, 8, 5, 5), w=torch.randn(64, 8, 1, 1), b=torch.randn(64),
+                 x2=torch.randn(2, 16, 10, 10), w2=torch.randn(64, 16, 1, 1), s=2)
+        a.update(change)
+        p = ops.conv1x1_weight(torch.randn(64, 8, 1, 1))
+        p2 = ops.conv1x1_weight(torch.randn(a["w2"].shape[0], 16, 1, 1))
+        with pytest.raises(RuntimeError, match=message):
+            ops.conv1x1_sum(a["x"], a["w"], p, a["x2"], a["w2"], p2, a["b"], stride2=a["s"])
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_opcheck(self, channels_last):
+        pair = CONV1X1_SUM_CASES[3]
+        h, w, b, _ = pair[0].tensors(channels_last=channels_last)
+        x2, w2, _, _ = pair[1].tensors(channels_last=channels_last, seed=1)
+        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        opcheck(torch.ops.resnet_fused.conv1x1_sum.default, (h, w, p, x2, w2, p2, b),
+                dict(stride2=3, relu=True))
+        opcheck(torch.ops.resnet_fused.conv1x1_sum.default, (h, w, p, x2, w2, p2, None),
+                dict(stride2=3, relu=False))
+
+
 # grouped_conv3x3 is a CPU op: ResNeXt's groups at small sizes, in each of the kernel's
 # layouts (groups of 4 and 8 channels sharing a vector; 16, 32 and 96 with vectors of
 # their own, an odd number of them; Cg != Kg), widths off its 7-pixel runs, strides 1

@@ -20,8 +20,8 @@ namespace resnet_fused {
 
 #if RESNET_FUSED_BRGEMM
 void brgemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
-                const float* a, const float* b, float* c) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/false, a, b, c,
+                const float* a, const float* b, float* c, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/accumulate, a, b, c,
                               /*is_vnni=*/false);
 }
 
@@ -71,7 +71,7 @@ bool brgemm_bf16_available() {
 bool brgemm_f32_available() { return false; }
 bool brgemm_bf16_available() { return false; }
 void brgemm_f32(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
-                float*) {}
+                float*, bool) {}
 void brgemm_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*,
                  const c10::BFloat16*, float*) {}
 void brgemm_release() {}

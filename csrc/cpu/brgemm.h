@@ -14,9 +14,10 @@ bool brgemm_f32_available();
 bool brgemm_bf16_available();
 
 // C (m x n, float) = A (m x k) @ B (k x n), row-major with leading dimensions lda,
-// ldb, ldc; B in VNNI row pairs for bfloat16. Call only where available.
+// ldb, ldc (C += A @ B where accumulate); B in VNNI row pairs for bfloat16. Call only
+// where available.
 void brgemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
-                const float* a, const float* b, float* c);
+                const float* a, const float* b, float* c, bool accumulate = false);
 void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
                  const c10::BFloat16* a, const c10::BFloat16* b, float* c);
 

@@ -26,6 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/brgemm.h"
@@ -109,23 +111,33 @@ void gather_rows(const float* x, int64_t C, int64_t H, int64_t W, int64_t s, int
   }
 }
 
-// input and out (and residual) channels_last-contiguous float32; out may be residual.
-void run(const Tensor& input, const Tensor& panels, const float* bias, const float* residual,
-         Tensor& out, bool relu, int64_t stride) {
-  const int64_t C = input.size(1), K = out.size(1), H = input.size(2), W = input.size(3);
+// One product of the sum run() computes: the channels_last input (N, C, H, W) read at
+// `stride`, and its weight in panels ([K / kPanel, C, kPanel]).
+struct Operand {
+  const float* x;
+  const float* w;
+  int64_t C, H, W, stride;
+};
+
+// out = act(sum of the operands' products + bias [+ residual]); all channels_last-
+// contiguous float32, every operand giving out's rows; out may be residual.
+void run(std::initializer_list<Operand> operands, const float* bias, const float* residual,
+         Tensor& out, bool relu) {
+  const int64_t K = out.size(1);
   const int64_t rows = out.numel() / K;
   const int64_t n_panels = K / kPanel;
-  const float* x = input.const_data_ptr<float>();
-  const float* w = panels.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
   static const conv1x1::EpilogueFn epilogue = pick_epilogue();
+  std::vector<Operand> ops(operands);
+  int64_t weight_bytes = 0;  // the largest operand's
+  for (const auto& op : ops)
+    weight_bytes = std::max(weight_bytes, op.C * K * static_cast<int64_t>(sizeof(float)));
   // Items are (panel, row block) pairs; each thread takes a contiguous range of them,
   // so the order decides what the threads split: panel-major the panels, else the rows.
   const int64_t threads = at::get_num_threads();
   const bool split_rows =
       rows / threads >= kSplitRowsFrom ||
-      (rows / threads >= kSplitRowsSmallWeightFrom &&
-       C * K * static_cast<int64_t>(sizeof(float)) <= kSmallWeightBytes);
+      (rows / threads >= kSplitRowsSmallWeightFrom && weight_bytes <= kSmallWeightBytes);
   int64_t row_block = kRowBlock;
   if (split_rows) {  // equal blocks, the same number per thread
     const int64_t per_thread = (rows + threads * kRowBlock - 1) / (threads * kRowBlock);
@@ -135,37 +147,52 @@ void run(const Tensor& input, const Tensor& panels, const float* bias, const flo
   // At stride > 1, split by rows, each thread gathers each of its row blocks once, into
   // scratch. Split by panels, every thread reads every row block (once per panel it
   // takes), so the rows are gathered once, before the products, into a shared copy.
-  Tensor subsampled;
-  if (stride > 1 && !split_rows) {
-    subsampled = at::empty({rows, C}, input.options());
-    float* sub = subsampled.data_ptr<float>();
+  std::vector<Tensor> subsampled;
+  int64_t gathered_floats = 0;  // per thread, split by rows
+  for (auto& op : ops) {
+    if (op.stride == 1) continue;
+    if (split_rows) {
+      gathered_floats += row_block * op.C;
+      continue;
+    }
+    subsampled.push_back(at::empty({rows, op.C}, out.options().memory_format(
+                                                     at::MemoryFormat::Contiguous)));
+    float* sub = subsampled.back().data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      gather_rows(x, C, H, W, stride, r0, r1 - r0, sub + r0 * C);
+      gather_rows(op.x, op.C, op.H, op.W, op.stride, r0, r1 - r0, sub + r0 * op.C);
     });
-    x = sub;
+    op = {sub, op.w, op.C, op.H, op.W, 1};
   }
-  const bool gather = stride > 1 && split_rows;
   at::parallel_for(0, n_panels * row_blocks, 1, [&](int64_t first, int64_t last) {
-    float* block = thread_scratch(row_block * kPanel + (gather ? row_block * C : 0));
-    float* gathered = block + row_block * kPanel;  // the block's input rows, where gathered
+    float* block = thread_scratch(row_block * kPanel + gathered_floats);
     int64_t gathered_r0 = -1;
     for (int64_t item = first; item < last; ++item) {
       const int64_t p = split_rows ? item % n_panels : item / row_blocks;
       const int64_t r0 = (split_rows ? item / n_panels : item % row_blocks) * row_block;
       const int64_t n = std::min(row_block, rows - r0);
-      const float* a = x + r0 * C;
-      if (gather) {
-        if (r0 != gathered_r0) gather_rows(x, C, H, W, stride, r0, n, gathered);
-        gathered_r0 = r0;
-        a = gathered;
+      float* gathered = block + row_block * kPanel;  // the block's input rows, where gathered
+      for (size_t i = 0; i < ops.size(); ++i) {
+        const Operand& op = ops[i];
+        const float* a = op.x + r0 * op.C;
+        if (op.stride > 1) {
+          if (r0 != gathered_r0) gather_rows(op.x, op.C, op.H, op.W, op.stride, r0, n, gathered);
+          a = gathered;
+          gathered += row_block * op.C;
+        }
+        brgemm_f32(n, kPanel, op.C, /*lda=*/op.C, /*ldb=*/kPanel, /*ldc=*/kPanel, a,
+                   op.w + p * op.C * kPanel, block, /*accumulate=*/i > 0);
       }
-      brgemm_f32(n, kPanel, C, /*lda=*/C, /*ldb=*/kPanel, /*ldc=*/kPanel, a, w + p * C * kPanel,
-                 block);
+      gathered_r0 = r0;
       const int64_t at = r0 * K + p * kPanel;
       epilogue(block, bias ? bias + p * kPanel : nullptr,
                residual ? residual + at : nullptr, o + at, n, K, relu);
     }
   });
+}
+
+Operand operand(const Tensor& x, const Tensor& panels, int64_t stride) {
+  return {x.const_data_ptr<float>(), panels.const_data_ptr<float>(), x.size(1), x.size(2),
+          x.size(3), stride};
 }
 
 void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor& panels,
@@ -206,8 +233,8 @@ Tensor conv1x1_cpu(const Tensor& input, const Tensor& weight, const Tensor& pane
   Tensor out = at::empty({input.size(0), weight.size(0), (input.size(2) - 1) / stride + 1,
                           (input.size(3) - 1) / stride + 1},
                          input.options().memory_format(cl));
-  run(x, w, b ? b->const_data_ptr<float>() : nullptr, residual ? r.const_data_ptr<float>() : nullptr,
-      out, relu, stride);
+  run({operand(x, w, stride)}, b ? b->const_data_ptr<float>() : nullptr,
+      residual ? r.const_data_ptr<float>() : nullptr, out, relu);
   return out.contiguous(output_memory_format(input));
 }
 
@@ -227,13 +254,52 @@ void conv1x1_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& 
     return;
   }
   const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
-  run(input.contiguous(cl), panels.contiguous(), b ? b->const_data_ptr<float>() : nullptr,
-      residual.const_data_ptr<float>(), residual, /*relu=*/true, /*stride=*/1);
+  const Tensor x = input.contiguous(cl), w = panels.contiguous();
+  run({operand(x, w, 1)}, b ? b->const_data_ptr<float>() : nullptr,
+      residual.const_data_ptr<float>(), residual, /*relu=*/true);
+}
+
+// act(conv1x1(input) + conv1x1(input2, stride2) + bias): both products summed in one
+// block per output tile, so neither is stored alone (ResNet's first bottleneck of each
+// stage: its last conv and its downsample).
+Tensor conv1x1_sum_cpu(const Tensor& input, const Tensor& weight, const Tensor& panels,
+                       const Tensor& input2, const Tensor& weight2, const Tensor& panels2,
+                       const optional<Tensor>& bias, int64_t stride2, bool relu) {
+  constexpr const char* op = "conv1x1_sum";
+  check_conv1x1_args(input, weight, panels, bias, c10::nullopt, 1, op);
+  check_conv1x1_args(input2, weight2, panels2, c10::nullopt, c10::nullopt, stride2,
+                     "conv1x1_sum's second convolution (input2, weight2, weight2_panels)");
+  const int64_t H2 = (input2.size(2) - 1) / stride2 + 1, W2 = (input2.size(3) - 1) / stride2 + 1;
+  TORCH_CHECK(input2.size(0) == input.size(0) && weight2.size(0) == weight.size(0) &&
+                  H2 == input.size(2) && W2 == input.size(3),
+              op, ": expected the two convolutions to give the same output shape; input ",
+              input.sizes(), " with weight ", weight.sizes(), " gives [", input.size(0), ", ",
+              weight.size(0), ", ", input.size(2), ", ", input.size(3), "], input2 ",
+              input2.sizes(), " with weight2 ", weight2.sizes(), " at stride2 ", stride2,
+              " gives [", input2.size(0), ", ", weight2.size(0), ", ", H2, ", ", W2, "]");
+  TORCH_CHECK(input2.scalar_type() == input.scalar_type(), op,
+              ": expected input2 of input's dtype ", input.scalar_type(), ", got ",
+              input2.scalar_type());
+  if (!kernel_runs(input, panels) || !kernel_runs(input2, panels2) || weight.size(0) == 0) {
+    const Tensor other = conv1x1_cpu(input2, weight2, panels2, c10::nullopt, c10::nullopt,
+                                     /*relu=*/false, stride2);
+    return conv1x1_cpu(input, weight, panels, bias, other, relu, 1);
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const Tensor x = input.contiguous(cl), x2 = input2.contiguous(cl);
+  const Tensor w = panels.contiguous(), w2 = panels2.contiguous();
+  const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
+  Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
+                         input.options().memory_format(cl));
+  run({operand(x, w, 1), operand(x2, w2, stride2)}, b ? b->const_data_ptr<float>() : nullptr,
+      nullptr, out, relu);
+  return out.contiguous(output_memory_format(input));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("conv1x1_sum", &conv1x1_sum_cpu);
   m.impl("conv1x1", &conv1x1_cpu);
   m.impl("conv1x1_add_relu_", &conv1x1_add_relu_cpu_);
 }
