@@ -549,7 +549,8 @@ class TestWinogradConv3x3:
 # strides 2 and 3 with sizes they do not divide.
 CONV1X1_CASES = [ConvCase(c, k, h, w, N=n, stride=s) for n, c, k, h, w, s in [
     (1, 256, 1024, 7, 7, 1), (2, 128, 192, 9, 11, 1), (1, 64, 64, 15, 15, 1), (3, 20, 128, 5, 3, 1),
-    (1, 512, 64, 1, 1, 1), (1, 256, 512, 14, 14, 2), (2, 40, 128, 9, 11, 2), (3, 20, 64, 7, 5, 3)]]
+    (1, 512, 64, 1, 1, 1), (1, 256, 512, 14, 14, 2), (2, 40, 128, 9, 11, 2), (3, 20, 64, 7, 5, 3),
+    (1, 2600, 128, 3, 4, 1)]]  # a reduction summed in chunks (conv1x1.cpp's kLongReduction)
 
 
 class TestConv1x1:
