@@ -416,7 +416,7 @@ def _block(x, convs, finite, input_kept=False):
         last = convs["conv3"]
     else:
         last = convs["conv2"]
-    if "downsample" in convs:  # a Bottleneck's, where both are 1x1 kernels': one op
+    if "downsample" in convs:  # the last conv and the downsample in one op, where it can
         y = dispatch.conv_sum_relu(out, last, x, convs["downsample"])
         if y is not None:
             return y
