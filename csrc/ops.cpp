@@ -9,6 +9,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/grouped_conv.h"
 #include "cpu/winograd.h"
+#include "state_watch.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
   // act(conv2d(input, weight) + bias [+ residual]), act = relu or identity.
@@ -70,6 +71,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   // linear(input.mean((2, 3)), weight, bias): ResNet's average pool and fc as one op
   // (CPU, float32).
   m.def("mean_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  // Whether input holds no NaN or Inf (CPU): the check FusedResNet makes of its input
+  // before running the kernels with assume_finite.
+  m.def("all_finite(Tensor input) -> bool");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(
@@ -84,6 +88,10 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
+  if (PyModule_AddFunctions(m, resnet_fused::state_watch_methods()) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
   PyModule_AddStringConstant(m, "torch_version", TORCH_VERSION);
   // Read once, at import (RESNET_FUSED_CPU_ISA caps it).
   PyModule_AddStringConstant(m, "cpu_isa", resnet_fused::cpu_isa_name(resnet_fused::cpu_isa()));

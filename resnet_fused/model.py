@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import _extension, dispatch, heap, op_plan
+from . import _extension, dispatch, heap, op_plan, ops
 from .dispatch import tracing as _tracing
 from .fold import cast_folded, fold_conv_bn
 from .state_watch import StateWatch
@@ -172,15 +172,15 @@ class _Folding:
                                     "(from the parameters or BN statistics); running "
                                     "torchvision's math.")
             return None
+        if x.device.type != "cpu":
+            # The CUDA kernels propagate NaN natively (and a check there would sync).
+            return x.to(dtype), fold, False
+        heap.keep_freed_memory()
         # NaN/Inf can reach a ReLU only through the input or the weights. With both
-        # finite, the CPU kernels may skip their per-op scan (the CUDA kernels
-        # propagate NaN natively and need none; checking there would sync).
-        # Any non-finite element makes the sum non-finite (a sum that overflows
-        # only costs the exact path); 20x cheaper than isfinite(x).all().
-        finite = x.device.type == "cpu" and bool(torch.isfinite(x.sum()))
-        if x.device.type == "cpu":
-            heap.keep_freed_memory()
-        return x.to(dtype), fold, finite
+        # finite, the CPU kernels may skip their per-op scan. The input is made
+        # channels_last (as the kernels take it) first, so the scan reads it from cache.
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        return x, fold, ops.all_finite(x)
 
     def _run_fused(self, x, fold, finite, stage, keep=(), head=False):
         """{name: output} of "maxpool" (after the stem) and of each layer; those named

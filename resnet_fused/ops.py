@@ -87,6 +87,14 @@ WINOGRAD_PANEL = 64  # output channels per panel of winograd_weight (csrc/cpu/wi
 _WINOGRAD_G_STRIDE2 = ((0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 0.0, 1.0))
 
 
+def all_finite(input):
+    """Whether a CPU floating-point tensor holds no NaN or Inf: one pass over its bits
+    (float32, bfloat16, float64), where torch.isfinite(input).all() makes a bool tensor
+    first."""
+    _require()
+    return torch.ops.resnet_fused.all_finite(input)
+
+
 def winograd_weight(weight, tile=2, stride=1):
     """A [K, C, 3, 3] weight in the Winograd domain of F(tile x tile, 3x3) for
     winograd_conv3x3, computed in float64 (once, at fold time). float32 at stride 1:

@@ -4,7 +4,6 @@ fused models and the captured forwards both depend on it."""
 
 import weakref
 
-import torch
 import torch.nn.modules.module as _module
 
 from . import _extension
@@ -32,33 +31,6 @@ def _slots(model):
             for name, t in d.items() if t is not None]
 
 
-class _PythonTensorWatch:
-    """TensorWatch (csrc/tensor_watch.cpp) without the compiled library: the same reads
-    from Python."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
-        # An inference tensor has no version counter (so in-place writes to it cannot
-        # be seen; its storage still can).
-        self.versioned = [t for t in tensors if not t.is_inference()]
-        self.state = self._state()
-
-    def _state(self):
-        return (tuple(t._version for t in self.versioned),
-                tuple(t.data_ptr() for t in self.tensors))
-
-    def changed(self):
-        return self._state() != self.state
-
-
-def _tensor_watch(tensors):
-    """An object whose changed() says whether any of `tensors` was written in place or
-    given other storage since this call."""
-    if _extension.available():
-        return torch.classes.resnet_fused.TensorWatch(tensors)
-    return _PythonTensorWatch(tensors)
-
-
 class StateWatch:
     """Whether a model's parameters, buffers, normalization eps and forward hooks are
     those it had when the watch was made: in-place writes (version counters), replaced storage
@@ -74,7 +46,7 @@ class StateWatch:
     def __init__(self, model):
         self._model = weakref.ref(model)
         self.slots = _slots(model)
-        self.tensors = _tensor_watch([t for _, _, t in self.slots])
+        self.tensors = [t for _, _, t in self.slots]
         # BatchNorm, FrozenBatchNorm2d and any other norm layer a ResNet was built with
         # (an int eps counts: BatchNorm2d(eps=1) is valid).
         self.norms = [m for m in model.modules()
@@ -83,23 +55,36 @@ class StateWatch:
         # Forward hooks added or removed (a fused forward does not call the modules, so
         # the model must decide again whether it may run fused).
         self.modules = list(model.modules())
-        self.hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
-        self.state = self._state()
         self.assignments = _assignments[0]
+        if _extension.available():
+            # Reads the objects above and the modules' __dict__ (which this watch keeps
+            # alive) from C.
+            self.module_dicts = [vars(m) for m in self.modules]
+            self._compiled = _extension._C.state_watch(self.tensors, self.slots, self.norms,
+                                                       self.module_dicts)
+        else:
+            self._compiled = None
+            # An inference tensor has no version counter (so in-place writes to it cannot
+            # be seen; its storage still can).
+            self.versioned = [t for t in self.tensors if not t.is_inference()]
+            self.state = self._state()
 
     def _state(self):
-        return tuple(m.eps for m in self.norms), self._hooks()
+        return (tuple(t._version for t in self.versioned),
+                tuple(t.data_ptr() for t in self.tensors),
+                tuple(m.eps for m in self.norms),
+                tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules))
 
-    def _hooks(self):
-        # Usually there are none, and asking whether any appeared is cheapest.
-        if self.hooked:
-            return tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules)
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+    def _polled_change(self):
+        """Whether a watched tensor, eps or hook count changed, or a slot holds another
+        tensor (setting a parameter to None or deleting it calls no registration hook)."""
+        if self._compiled is not None:
+            return _extension._C.state_changed(self._compiled)
+        return (self._state() != self.state
+                or any(d.get(k) is not t for d, k, t in self.slots))
 
     def changed(self):
-        # Setting a parameter to None or deleting it calls no registration hook.
-        if (self.tensors.changed() or self._state() != self.state
-                or any(d.get(k) is not t for d, k, t in self.slots)):
+        if self._polled_change():
             return True
         if _assignments[0] != self.assignments:
             model = self._model()

@@ -1088,6 +1088,41 @@ class TestMeanLinear:
                 (x.requires_grad_(), torch.randn(4, 8, requires_grad=True), None))
 
 
+class TestAllFinite:
+    """all_finite against torch.isfinite(x).all(), one non-finite value at a time."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64,
+                                       torch.float16], ids=str)
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+    def test_finds_each_position(self, dtype, layout, value):
+        # ~208K elements: more than one 64K-element chunk of the threads' split.
+        x = torch.randn(3, 7, 90, 110, generator=torch.Generator().manual_seed(0)).to(dtype)
+        x = x.contiguous(memory_format=CL) if layout == "channels_last" else x
+        x = x[:, :, 1:, :-3] if layout == "sliced" else x
+        assert ops.all_finite(x)
+        for index in [(0, 0, 0, 0), (2, 6, -1, -1), (1, 3, 40, 50), (2, 0, 7, 0)]:
+            y = x.clone()
+            y[index] = value
+            assert not ops.all_finite(y)
+            assert ops.all_finite(y) == bool(torch.isfinite(y).all())
+
+    def test_largest_finite_values_are_finite(self):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+            info = torch.finfo(dtype)
+            x = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 0.0,
+                              -0.0], dtype=dtype)
+            assert ops.all_finite(x)
+
+    def test_empty_is_finite(self):
+        assert ops.all_finite(torch.empty(0, 3))
+
+    def test_rejects_integers(self):
+        with pytest.raises(RuntimeError, match="all_finite: expected a floating-point tensor, "
+                                               "got Int"):
+            ops.all_finite(torch.zeros(3, dtype=torch.int32))
+
+
 def test_dtype_table_matches_the_kernels():
     assert torch.float32 in dtypes_for("cpu")
     assert (torch.bfloat16 in dtypes_for("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()

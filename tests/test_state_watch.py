@@ -1,5 +1,5 @@
-"""StateWatch (resnet_fused/state_watch.py) and its compiled TensorWatch: what counts as a
-change of a model's parameters and buffers, and what does not."""
+"""StateWatch (resnet_fused/state_watch.py) and its compiled check (csrc/state_watch.cpp):
+what counts as a change of a model's parameters and buffers, and what does not."""
 
 import pytest
 import torch
@@ -57,18 +57,56 @@ def test_a_change_is_seen(monkeypatch, compiled, change):
     assert watch.changed()
 
 
+def _compiled_watch(tensors, slots=(), norms=(), modules=()):
+    return _extension._C.state_watch(list(tensors), list(slots), list(norms), list(modules))
+
+
 @pytest.mark.skipif(not _extension.available(), reason="extension not built")
-def test_tensor_watch_reads_versions_and_addresses():
+def test_the_compiled_check_reads_versions_and_addresses():
     a, b = torch.zeros(3), torch.zeros(4)
     with torch.inference_mode():
         c = torch.zeros(2)  # no version counter: only its storage is watched
-    watch = torch.classes.resnet_fused.TensorWatch([a, b, c])
-    assert not watch.changed()
+    watch = _compiled_watch([a, b, c])
+    assert not _extension._C.state_changed(watch)
     with torch.inference_mode():
         c.add_(1.0)
-    assert not watch.changed()
+    assert not _extension._C.state_changed(watch)
     b.add_(1.0)
-    assert watch.changed()
-    watch = torch.classes.resnet_fused.TensorWatch([a, b])
+    assert _extension._C.state_changed(watch)
+    watch = _compiled_watch([a, b])
     b.data = torch.zeros(4)
-    assert watch.changed()
+    assert _extension._C.state_changed(watch)
+
+
+@pytest.mark.skipif(not _extension.available(), reason="extension not built")
+def test_the_compiled_check_reads_slots_eps_and_hooks():
+    m = _model()
+    slots = [(m[0]._parameters, "weight", m[0].weight)]
+    watch = _compiled_watch([], slots, [m[1]], [vars(sub) for sub in m.modules()])
+    assert not _extension._C.state_changed(watch)
+    m[1].eps = float(m[1].eps)  # an equal value is no change
+    assert not _extension._C.state_changed(watch)
+    handle = m[2].register_forward_pre_hook(lambda *a: None)
+    assert _extension._C.state_changed(watch)
+    handle.remove()
+    assert not _extension._C.state_changed(watch)
+    del m[0].weight
+    assert _extension._C.state_changed(watch)
+
+
+@pytest.mark.skipif(not _extension.available(), reason="extension not built")
+def test_the_compiled_check_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="expected tensors, got list at index 1"):
+        _compiled_watch([torch.zeros(1), []])
+    with pytest.raises(TypeError, match=r"expected slots as \(dict, key, tensor\), got tuple"):
+        _compiled_watch([], [({}, "w")])
+    with pytest.raises(AttributeError, match="eps"):
+        _compiled_watch([], [], [nn.ReLU()])
+    with pytest.raises(TypeError, match="expected a sequence of modules' __dict__"):
+        _extension._C.state_watch([], [], [], 3)
+    with pytest.raises(TypeError, match="expected modules' __dict__, got ReLU at index 0"):
+        _compiled_watch([], [], [], [nn.ReLU()])
+    with pytest.raises(AttributeError, match="_forward_hooks"):
+        _compiled_watch([], [], [], [{}])
+    with pytest.raises(ValueError):
+        _extension._C.state_changed(object())
