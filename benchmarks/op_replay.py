@@ -1,7 +1,8 @@
 """Where a fused CPU forward's time goes besides the kernels. Three timings, round-robin,
 median of repeats after warm-up, inference_mode, seeded weights with realistic BN
 statistics:
-- the forward, which replays its recorded op plan from C++ (resnet_fused/op_plan.py);
+- the forward, which replays its recorded op plan from C++ (resnet_fused/op_plan.py), in
+  one C call with its checks (csrc/fast_forward.cpp);
 - that plan alone, on the same channels_last input: the ops of the trunk and (where
   ops.mean_linear computes it) the head, back to back;
 - the forward of a second model with the same weights that walks the trunk in Python on
@@ -51,6 +52,7 @@ def main():
         plan = only_plan(model)
         (fold,) = walking._fold_cache.values()
         fold.plans.update({key: None for key in fold.plans})  # None: walk every call
+        del walking._fast  # its replay from C (csrc/fast_forward.cpp) too
 
         times = {"forward": [], "plan": [], "walk": []}
         for _ in range(args.repeats):

@@ -9,6 +9,8 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/grouped_conv.h"
 #include "cpu/winograd.h"
+#include "fast_forward.h"
+#include "op_plan.h"
 #include "state_watch.h"
 
 TORCH_LIBRARY(resnet_fused, m) {
@@ -88,7 +90,9 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
-  if (PyModule_AddFunctions(m, resnet_fused::state_watch_methods()) < 0) {
+  if (PyModule_AddFunctions(m, resnet_fused::state_watch_methods()) < 0 ||
+      PyModule_AddFunctions(m, resnet_fused::op_plan_methods()) < 0 ||
+      PyModule_AddFunctions(m, resnet_fused::fast_forward_methods()) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

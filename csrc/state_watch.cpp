@@ -212,9 +212,7 @@ int changed(const Watch& w) {
 }
 
 PyObject* state_changed(PyObject*, PyObject* capsule) {
-  auto* watch = static_cast<Watch*>(PyCapsule_GetPointer(capsule, kCapsule));
-  if (watch == nullptr) return nullptr;  // PyCapsule_GetPointer set a ValueError
-  const int c = changed(*watch);
+  const int c = state_watch_changed(capsule);
   if (c < 0) return nullptr;
   return PyBool_FromLong(c);
 }
@@ -228,6 +226,12 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
+
+int state_watch_changed(PyObject* capsule) {
+  auto* watch = static_cast<Watch*>(PyCapsule_GetPointer(capsule, kCapsule));
+  if (watch == nullptr) return -1;  // PyCapsule_GetPointer set a ValueError
+  return changed(*watch);
+}
 
 PyMethodDef* state_watch_methods() { return methods; }
 

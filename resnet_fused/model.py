@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import _extension, dispatch, heap, op_plan, ops
+from . import _extension, dispatch, heap, op_plan, ops, state_watch
 from .dispatch import tracing as _tracing
 from .fold import cast_folded, fold_conv_bn
 from .state_watch import StateWatch
@@ -88,6 +88,7 @@ class _Folding:
         # copies and pickles start without them.
         state = self.__dict__.copy()
         state["_fold_cache"] = {}
+        state.pop("_fast", None)
         return state
 
     def __prepare_scriptable__(self):
@@ -107,13 +108,17 @@ class _Folding:
         # .to(), .cuda(), .half() and the like: the folds of the old tensors would
         # otherwise stay in memory (folded, packed and Winograd weights: ~2-3x the
         # parameters) until the next forward replaced them.
-        self._fold_cache = {}
+        self._drop_folds()
         return super()._apply(fn, *args, **kwargs)
 
     def refresh_fold(self):
         """Drops the folded weights. Needed only after writes through `.data`,
         which bypass the version counters that refolding watches."""
+        self._drop_folds()
+
+    def _drop_folds(self):
         self._fold_cache = {}
+        self.__dict__.pop("_fast", None)  # FusedResNet's replay of its fold (forward)
 
     def _prepare_fused(self, x):
         """(x, fold, finite) for a fused forward, or None when torchvision's math must
@@ -201,6 +206,13 @@ class _Folding:
             if plan is _WALKED_ONCE:
                 outputs, fold.plans[key] = op_plan.record(
                     lambda t: self._run_layers(t, fold, finite, stage, keep, head), x)
+                if (head and finite and not keep and fold.plans[key] and "head" in outputs
+                        and fold.watch.compiled is not None):
+                    # FusedResNet's forward replays it from C while nothing changes.
+                    self._fast = (fold.watch, fold.watch.compiled, state_watch.assignments,
+                                  torch.autograd.profiler, fold.plans[key].handle,
+                                  tuple(x.shape), x.dtype, torch.get_num_threads(),
+                                  list(outputs).index("head"))
                 return outputs
             if key not in fold.plans and len(fold.plans) < _MAX_PLANS:
                 fold.plans[key] = _WALKED_ONCE
@@ -298,6 +310,7 @@ class _Folding:
                 except _NotFusable as e:  # said once per forward that meets it, until changed
                     fold = _Fold(watch, None, [], False, unfusable=str(e))
                 # Stale entries for other dtypes/devices could be reused wrongly later.
+                self._drop_folds()
                 self._fold_cache = {key: fold}
         return fold
 
@@ -387,6 +400,14 @@ class FusedResNet(_Folding, ResNet):
     # ---- forward ----------------------------------------------------------
 
     def forward(self, x):
+        # The recorded forward, replayed in one C call where nothing changed since
+        # (csrc/fast_forward.cpp says what it checks; where it cannot, None). Dynamo
+        # traces the Python forward instead.
+        fast = self.__dict__.get("_fast")
+        if fast is not None and not self.training and not torch.compiler.is_compiling():
+            out = _extension._C.fast_forward(fast, x)
+            if out is not None:
+                return out
         self._check_input(x)
         if torch.onnx.is_in_onnx_export():
             # ONNX has no fused op of ours; its runtimes fold BN themselves.

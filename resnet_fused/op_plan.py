@@ -19,6 +19,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import _extension
+
 # Ops that hand a tensor's value to Python, where the walk could branch on it.
 _VALUE_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 
@@ -104,7 +106,7 @@ def _same(a, b):
 
 
 def record(walk, x):
-    """(walk(x), plan): plan(x) gives walk(x)'s outputs (a dict of tensors) by
+    """(walk(x), plan): plan, a Replay, gives walk(x)'s outputs (a dict of tensors) by
     replaying the ops walk(x) called; None where it cannot (module docstring)."""
     recorder = _Recorder([x])
     with recorder:
@@ -121,14 +123,21 @@ def record(walk, x):
         plan.finish(out_slots)
     except RuntimeError:  # a type or schema add_step does not hold
         return outputs, None
-    names = list(outputs)
-
-    def replay(t):
-        return dict(zip(names, plan.run([t])))
-
+    replay = Replay(_extension._C.plan_handle(plan), list(outputs))
     # The kernels are deterministic for one shape and thread count: the replay must
     # give the walk's outputs bit for bit.
     again = replay(x)
-    if not all(_same(again[n], outputs[n]) for n in names):
+    if not all(_same(again[n], outputs[n]) for n in replay.names):
         return outputs, None
     return outputs, replay
+
+
+class Replay:
+    """A recorded plan: replay(x) gives the walk's outputs, {name: tensor}, for an input of
+    the recorded shape. `handle` (_C.plan_handle, which holds the plan) runs it from C."""
+
+    def __init__(self, handle, names):
+        self.handle, self.names = handle, names
+
+    def __call__(self, x):
+        return dict(zip(self.names, _extension._C.run_plan(self.handle, x)))

@@ -12,11 +12,11 @@ from . import _extension
 # (setattr, load_state_dict(assign=True), Sequential item assignment). A watch
 # re-walks its model's tree only when this moved, which keeps the per-call check
 # down to reading version counters and data pointers.
-_assignments = [0]
+assignments = [0]
 
 
 def _count_assignment(*_):
-    _assignments[0] += 1
+    assignments[0] += 1
 
 
 for _register in (_module.register_module_parameter_registration_hook,
@@ -55,15 +55,15 @@ class StateWatch:
         # Forward hooks added or removed (a fused forward does not call the modules, so
         # the model must decide again whether it may run fused).
         self.modules = list(model.modules())
-        self.assignments = _assignments[0]
+        self.assignments = assignments[0]
         if _extension.available():
             # Reads the objects above and the modules' __dict__ (which this watch keeps
             # alive) from C.
             self.module_dicts = [vars(m) for m in self.modules]
-            self._compiled = _extension._C.state_watch(self.tensors, self.slots, self.norms,
-                                                       self.module_dicts)
+            self.compiled = _extension._C.state_watch(self.tensors, self.slots, self.norms,
+                                                      self.module_dicts)
         else:
-            self._compiled = None
+            self.compiled = None
             # An inference tensor has no version counter (so in-place writes to it cannot
             # be seen; its storage still can).
             self.versioned = [t for t in self.tensors if not t.is_inference()]
@@ -78,15 +78,15 @@ class StateWatch:
     def _polled_change(self):
         """Whether a watched tensor, eps or hook count changed, or a slot holds another
         tensor (setting a parameter to None or deleting it calls no registration hook)."""
-        if self._compiled is not None:
-            return _extension._C.state_changed(self._compiled)
+        if self.compiled is not None:
+            return _extension._C.state_changed(self.compiled)
         return (self._state() != self.state
                 or any(d.get(k) is not t for d, k, t in self.slots))
 
     def changed(self):
         if self._polled_change():
             return True
-        if _assignments[0] != self.assignments:
+        if assignments[0] != self.assignments:
             model = self._model()
             now = [] if model is None else _slots(model)
             if len(now) != len(self.slots) or any(
@@ -98,5 +98,5 @@ class StateWatch:
             if len(modules) != len(self.modules) or any(
                     m is not m0 for m, m0 in zip(modules, self.modules)):
                 return True
-            self.assignments = _assignments[0]
+            self.assignments = assignments[0]
         return False

@@ -130,3 +130,123 @@ def test_plan_errors_name_the_problem():
         with pytest.raises(RuntimeError, match=rf"expected 1 inputs \(as the plan was made for\), "
                                                rf"got {len(inputs)}"):
             plan.run(inputs)
+
+
+def test_the_c_entry_runs_the_plan_and_names_bad_arguments():
+    # The forward calls run_plan; OpPlan.run is its TorchScript twin.
+    plan = torch.classes.resnet_fused.OpPlan(1)
+    slot = plan.add_step("aten::relu", "", [None], [0], [], [], [])
+    plan.finish([slot])
+    handle = resnet_fused._extension._C.plan_handle(plan)
+    del plan  # the handle holds it
+    x = torch.randn(5, 3)
+    (y,) = resnet_fused._extension._C.run_plan(handle, x)
+    assert torch.equal(y, x.relu())
+    with pytest.raises(TypeError, match="run_plan: expected a tensor input, got list"):
+        resnet_fused._extension._C.run_plan(handle, [x])
+    with pytest.raises(ValueError):
+        resnet_fused._extension._C.run_plan(object(), x)
+    with pytest.raises(TypeError, match="plan_handle: expected a torch.classes.resnet_fused."
+                                        "OpPlan, got object"):
+        resnet_fused._extension._C.plan_handle(object())
+
+
+def _recorded(arch="resnet18"):
+    """A fused model that has recorded its forward for x, and x."""
+    fused = fuse(tv_model(arch))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for _ in range(3):
+            fused(x)
+    assert fused.__dict__.get("_fast") is not None
+    return fused, x
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _fast_forward(fused, x):
+    return resnet_fused._extension._C.fast_forward(fused._fast, x)
+
+
+def test_the_c_forward_gives_the_replays_output():
+    fused, x = _recorded()
+    with torch.inference_mode():
+        assert torch.equal(_fast_forward(fused, x), _plans(fused)[next(iter(_plans(fused)))](
+            x.contiguous(memory_format=torch.channels_last))["head"])
+        assert torch.equal(fused(x), _fast_forward(fused, x))
+    with torch.no_grad():  # no autograd graph either way
+        assert _fast_forward(fused, x) is not None
+
+
+@pytest.mark.parametrize("case", ["grad", "autocast", "profiler", "threads", "nan", "shape",
+                                  "dtype", "subclass", "weight", "hook", "eps"])
+def test_the_c_forward_leaves_what_it_cannot_replay_to_python(case):
+    fused, x = _recorded()
+    with torch.inference_mode():
+        ref = fused.to_torchvision()(x)
+    if case == "grad":  # the forward records a graph: the Python forward folds inline
+        assert _fast_forward(fused, x) is None
+        return
+    with torch.inference_mode():
+        if case == "autocast":
+            with torch.autocast("cpu", torch.bfloat16):
+                assert _fast_forward(fused, x) is None
+        elif case == "profiler":
+            with torch.autograd.profiler.profile():
+                assert _fast_forward(fused, x) is None
+        elif case == "threads":
+            with num_threads(1 if torch.get_num_threads() > 1 else 2):
+                assert _fast_forward(fused, x) is None
+        elif case == "nan":
+            y = x.clone()
+            y[0, 1, 2, 3] = float("nan")
+            assert _fast_forward(fused, y) is None
+            assert torch.isnan(fused(y)).all()
+        elif case == "shape":
+            assert _fast_forward(fused, torch.randn(2, 3, 64, 64)) is None
+        elif case == "dtype":
+            assert _fast_forward(fused, x.double()) is None
+        elif case == "subclass":  # its __torch_function__ may want to see the ops
+            assert _fast_forward(fused, x.as_subclass(_Subclass)) is None
+        elif case == "weight":
+            fused.fc.bias.add_(1.0)
+            assert _fast_forward(fused, x) is None
+            assert rel_err(fused(x), ref + 1.0) <= 1e-5
+        elif case == "hook":
+            seen = []
+            fused.layer2.register_forward_hook(lambda *a: seen.append(1))
+            assert _fast_forward(fused, x) is None
+            fused(x)
+            assert seen == [1]
+        elif case == "eps":
+            fused.bn1.eps = 0.5
+            assert _fast_forward(fused, x) is None
+            ref = fused.to_torchvision()(x)
+            assert rel_err(fused(x), ref) <= 1e-5
+    if case not in ("weight", "hook", "eps"):  # unchanged: it replays again
+        with torch.inference_mode():
+            assert torch.equal(_fast_forward(fused, x), fused(x))
+            assert rel_err(fused(x), ref) <= 1e-5
+
+
+def test_the_c_forward_survives_unrelated_assignments_and_stops_at_refresh():
+    fused, x = _recorded()
+    torch.nn.Linear(2, 2)  # moves the process's assignment counter
+    with torch.inference_mode():
+        assert _fast_forward(fused, x) is None  # the Python forward checks the tree
+        out = fused(x)
+        assert torch.equal(_fast_forward(fused, x), out)  # and the watch is current again
+        fused.fc.weight.data.mul_(2.0)  # not seen by version counters
+        fused.refresh_fold()
+        assert fused.__dict__.get("_fast") is None
+        assert rel_err(fused(x), fused.to_torchvision()(x)) <= 1e-5
+
+
+def test_the_c_forward_is_not_traced():
+    fused, x = _recorded()
+    traced = torch.jit.trace(fused, x, check_trace=False)
+    x2 = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert rel_err(traced(x2), fused.to_torchvision()(x2)) <= 1e-5
