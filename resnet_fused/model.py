@@ -404,7 +404,7 @@ class FusedResNet(_Folding, ResNet):
         # (csrc/fast_forward.cpp says what it checks; where it cannot, None). Dynamo
         # traces the Python forward instead.
         fast = self.__dict__.get("_fast")
-        if fast is not None and not self.training and not torch.compiler.is_compiling():
+        if fast is not None and not self.training and not dispatch.compiling():
             out = _extension._C.fast_forward(fast, x)
             if out is not None:
                 return out
