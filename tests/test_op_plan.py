@@ -182,7 +182,9 @@ def test_the_c_forward_gives_the_replays_output():
 
 @pytest.mark.parametrize("case", ["grad", "autocast", "profiler", "threads", "nan", "shape",
                                   "dtype", "subclass", "weight", "hook", "eps"])
-def test_the_c_forward_leaves_what_it_cannot_replay_to_python(case):
+def test_the_c_forward_leaves_what_it_cannot_replay_to_python(case, monkeypatch):
+    # The "once" of the model's warnings (the hook's) is kept to this test.
+    monkeypatch.setattr(resnet_fused.model, "_warned", set())
     fused, x = _recorded()
     with torch.inference_mode():
         ref = fused.to_torchvision()(x)
