@@ -32,6 +32,7 @@ enum Field {
   kWatchCapsule,   // its _C.state_watch capsule
   kAssignments,    // state_watch._assignments, the process's assignment counter
   kProfiler,       // the torch.autograd.profiler module (its _is_profiler_enabled)
+  kGlobalHooks,    // (torch.nn.modules.module._global_forward_hooks, _pre_hooks)
   kPlan,           // the plan's _C.plan_handle
   kSizes,          // the input's sizes the plan was recorded for (a tuple of ints)
   kDtype,          // its dtype
@@ -63,6 +64,12 @@ int python_state_allows(PyObject* state, const at::Tensor& x) {
   const int on = PyObject_IsTrue(profiling);
   Py_DECREF(profiling);
   if (on != 0) return on < 0 ? -1 : 0;
+  // A global forward hook wants to see the modules the plan does not call.
+  PyObject* global_hooks = PyTuple_GET_ITEM(state, kGlobalHooks);
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(global_hooks); ++i) {
+    const Py_ssize_t n = PyObject_Length(PyTuple_GET_ITEM(global_hooks, i));
+    if (n != 0) return n < 0 ? -1 : 0;
+  }
   const auto* dtype = reinterpret_cast<THPDtype*>(PyTuple_GET_ITEM(state, kDtype));
   if (x.scalar_type() != dtype->scalar_type || !same_sizes(x, PyTuple_GET_ITEM(state, kSizes))) {
     return 0;

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.modules.module as _module
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -147,9 +148,14 @@ class _Folding:
         return True, ""
 
     def _kernel_status(self, x):
-        """(True, "") if the kernels can run x's device and dtype, else (False, reason)."""
+        """(True, "") if the kernels can run x's device and dtype and no global forward
+        hook wants to see the modules they replace, else (False, reason)."""
         if not _extension.available():
             return False, _extension.load_error()
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return False, ("a global forward hook is registered (torch.nn.modules.module."
+                           "register_module_forward_hook or _pre_hook), which the fused forward "
+                           "would not run for the modules it fuses")
         why = dispatch.unsupported(x.device, self._run_dtype(x))
         return (False, why) if why else (True, "")
 
@@ -210,9 +216,10 @@ class _Folding:
                         and fold.watch.compiled is not None):
                     # FusedResNet's forward replays it from C while nothing changes.
                     self._fast = (fold.watch, fold.watch.compiled, state_watch.assignments,
-                                  torch.autograd.profiler, fold.plans[key].handle,
-                                  tuple(x.shape), x.dtype, torch.get_num_threads(),
-                                  list(outputs).index("head"))
+                                  torch.autograd.profiler, (_module._global_forward_hooks,
+                                                            _module._global_forward_pre_hooks),
+                                  fold.plans[key].handle, tuple(x.shape), x.dtype,
+                                  torch.get_num_threads(), list(outputs).index("head"))
                 return outputs
             if key not in fold.plans and len(fold.plans) < _MAX_PLANS:
                 fold.plans[key] = _WALKED_ONCE

@@ -181,7 +181,7 @@ def test_the_c_forward_gives_the_replays_output():
 
 
 @pytest.mark.parametrize("case", ["grad", "autocast", "profiler", "threads", "nan", "shape",
-                                  "dtype", "subclass", "weight", "hook", "eps"])
+                                  "dtype", "subclass", "weight", "hook", "global_hook", "eps"])
 def test_the_c_forward_leaves_what_it_cannot_replay_to_python(case, monkeypatch):
     # The "once" of the model's warnings (the hook's) is kept to this test.
     monkeypatch.setattr(resnet_fused.model, "_warned", set())
@@ -222,6 +222,18 @@ def test_the_c_forward_leaves_what_it_cannot_replay_to_python(case, monkeypatch)
             assert _fast_forward(fused, x) is None
             fused(x)
             assert seen == [1]
+        elif case == "global_hook":  # every module's call seen, as torchvision's forward
+            seen = []
+            handle = torch.nn.modules.module.register_module_forward_hook(
+                lambda mod, inp, out: seen.append(type(mod).__name__))
+            try:
+                assert _fast_forward(fused, x) is None
+                assert "global forward hook" in fused.fused_status(x)[1]
+                out = fused(x)
+            finally:
+                handle.remove()
+            assert rel_err(out, ref) <= 1e-5
+            assert seen.count("Conv2d") == 20 and seen[-1] == "FusedResNet"
         elif case == "eps":
             fused.bn1.eps = 0.5
             assert _fast_forward(fused, x) is None
