@@ -159,12 +159,28 @@ class _Folding:
         why = dispatch.unsupported(x.device, self._run_dtype(x))
         return (False, why) if why else (True, "")
 
+    def _backward_hook(self):
+        """Why a backward pass through the fused forward would miss a backward hook (one
+        on a module it does not call, or a global one), or ""."""
+        if _module._global_backward_hooks or _module._global_backward_pre_hooks:
+            return ("a global backward hook is registered (torch.nn.modules.module."
+                    "register_module_full_backward_hook or _pre_hook), which the fused forward "
+                    "would not run for the modules it fuses")
+        for name, m in self.named_modules():
+            if m is not self and (m._backward_hooks or m._backward_pre_hooks):
+                return f"{name} has a backward hook, which the fused forward would not run"
+        return ""
+
     def _fold_for(self, x):
         """(x in the run dtype, fold, finite) for a fused forward, or None when
         torchvision's math must run (non-finite folded weights)."""
         dtype = self._run_dtype(x)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in self.parameters()))
+        if grad:
+            why = self._backward_hook()
+            if why:
+                return self._unfused(why)
         if _tracing() or grad:
             # Folded inline: part of the traced graph, or of the autograd graph (then
             # gradients reach the conv weights and BN affine parameters). The ops scan
@@ -188,9 +204,8 @@ class _Folding:
             return x.to(dtype), fold, False
         heap.keep_freed_memory()
         # NaN/Inf can reach a ReLU only through the input or the weights. With both
-        # finite, the CPU kernels may skip their per-op scan. The input is made
-        # channels_last (as the kernels take it) first, so the scan reads it from cache.
-        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        # finite, the CPU kernels may skip their per-op scan.
+        x = x.to(dtype)
         return x, fold, ops.all_finite(x)
 
     def _run_fused(self, x, fold, finite, stage, keep=(), head=False):

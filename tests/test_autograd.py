@@ -189,3 +189,38 @@ def test_compiled_eval_mode_training_step():
     assert rel_err(ours, theirs) <= 1e-5
     for (name, p), (_, q) in zip(fused.named_parameters(), tv.named_parameters()):
         assert grad_err(p.grad, q.grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_a_backward_hook_runs_torchvision(where, monkeypatch):
+    # The fused forward does not call the trunk's modules, so their backward hooks would
+    # never run: with one registered, a forward that records a graph runs torchvision's.
+    monkeypatch.setattr("resnet_fused.model._warned", set())
+    tv = tv_model("resnet18")
+    fused = fuse(tv)
+    x = torch.randn(1, 3, 64, 64)
+    counts = {}
+
+    def run(model, key):
+        calls = []
+        hook = lambda mod, gin, gout: calls.append(  # noqa: E731
+            "ResNet" if mod is model else type(mod).__name__)
+        if where == "module":
+            handle = model.layer1[0].conv1.register_full_backward_hook(hook)
+        else:  # a full one on every module would meet the blocks' in-place sums
+            handle = torch.nn.modules.module.register_module_backward_hook(hook)
+        try:
+            xg = x.clone().requires_grad_()
+            model(xg).square().sum().backward()
+        finally:
+            handle.remove()
+        counts[key] = calls
+        return xg.grad
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grad = run(fused, "fused")
+    ref = run(tv, "torchvision")
+    assert counts["fused"] == counts["torchvision"] and counts["fused"]
+    assert rel_err(grad, ref) <= 1e-5
+    assert any("backward hook" in str(w.message) for w in caught)
