@@ -5,6 +5,7 @@
 // ~0.4 ms on them at batch 1 (AMD EPYC Zen 4). Anything it does not handle it leaves to the
 // Python forward, by returning None.
 #include <Python.h>
+#include <pybind11/pybind11.h>
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -30,7 +31,7 @@ namespace {
 enum Field {
   kWatch,          // the fold's StateWatch (keeps what its capsule reads alive)
   kWatchCapsule,   // its _C.state_watch capsule
-  kAssignments,    // state_watch._assignments, the process's assignment counter
+  kAssignments,    // state_watch.assignments, the process's assignment counter
   kProfiler,       // the torch.autograd.profiler module (its _is_profiler_enabled)
   kGlobalHooks,    // (torch.nn.modules.module._global_forward_hooks, _pre_hooks)
   kPlan,           // the plan's _C.plan_handle

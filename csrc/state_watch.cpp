@@ -105,6 +105,13 @@ bool for_each(PyObject* arg, const char* expected, Add&& add) {
   return ok;
 }
 
+// false, with a TypeError naming what an item should have been and what it is.
+bool wrong_item(const char* expected, PyObject* item, Py_ssize_t i) {
+  PyErr_Format(PyExc_TypeError, "state_watch: expected %s, got %s at index %zd", expected,
+               Py_TYPE(item)->tp_name, i);
+  return false;
+}
+
 // state_watch(tensors, slots, norms, module_dicts) -> capsule. slots: (dict, key, tensor)
 // tuples; norms: modules with an eps; module_dicts: the __dict__ of every module whose
 // hooks count.
@@ -119,11 +126,7 @@ PyObject* state_watch(PyObject*, PyObject* args) {
   const bool ok =
       for_each(tensors_arg, "state_watch: expected a sequence of tensors",
                [&](PyObject* item, Py_ssize_t i) {
-                 if (!THPVariable_Check(item)) {
-                   PyErr_Format(PyExc_TypeError, "state_watch: expected tensors, got %s at "
-                                "index %zd", Py_TYPE(item)->tp_name, i);
-                   return false;
-                 }
+                 if (!THPVariable_Check(item)) return wrong_item("tensors", item, i);
                  const Tensor& t = THPVariable_Unpack(item);
                  w.tensors.push_back(t);
                  w.versions.push_back(version_of(t));
@@ -134,9 +137,7 @@ PyObject* state_watch(PyObject*, PyObject* args) {
                [&](PyObject* item, Py_ssize_t i) {
                  if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 ||
                      !PyDict_Check(PyTuple_GET_ITEM(item, 0))) {
-                   PyErr_Format(PyExc_TypeError, "state_watch: expected slots as (dict, key, "
-                                "tensor), got %s at index %zd", Py_TYPE(item)->tp_name, i);
-                   return false;
+                   return wrong_item("slots as (dict, key, tensor)", item, i);
                  }
                  w.slots.push_back({PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1),
                                     PyTuple_GET_ITEM(item, 2)});
@@ -152,11 +153,7 @@ PyObject* state_watch(PyObject*, PyObject* args) {
                }) &&
       for_each(modules_arg, "state_watch: expected a sequence of modules' __dict__",
                [&](PyObject* module, Py_ssize_t i) {
-                 if (!PyDict_Check(module)) {
-                   PyErr_Format(PyExc_TypeError, "state_watch: expected modules' __dict__, got "
-                                "%s at index %zd", Py_TYPE(module)->tp_name, i);
-                   return false;
-                 }
+                 if (!PyDict_Check(module)) return wrong_item("modules' __dict__", module, i);
                  const Py_ssize_t n = hook_count(module);
                  if (n < 0) return false;
                  w.modules.push_back(module);
