@@ -11,9 +11,11 @@ are both present; otherwise the build is CPU-only. Overrides:
 import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -83,6 +85,44 @@ def wheel_cuda_includes(cuda_home):
             if any(not os.path.exists(os.path.join(toolkit, h)) for h in headers):
                 dirs.append(d)
     return dirs
+
+
+def loaded_libstdcxx():
+    """The libstdc++ this process has loaded (torch's), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def shared_libstdcxx_link_args():
+    """A compiler that cannot find libstdc++.so links libstdc++.a into the extension
+    (seen with a relocated GCC's wrapper in a CUDA image). The process then holds two
+    C++ runtimes, and there the first error message that formatted a number crashed
+    it, inside the static copy's ostream. So: link a probe library with CXX, and where
+    it does not depend on libstdc++.so, link the one torch has loaded, by its path."""
+    lib = loaded_libstdcxx()
+    if lib is None or shutil.which("readelf") is None:
+        return []
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\n"
+                    "std::string fmt(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+        if subprocess.run(cxx + ["-shared", "-fPIC", src, "-o", out],
+                          capture_output=True).returncode != 0:
+            return []  # the build itself will say what is wrong with the compiler
+        needed = subprocess.run(["readelf", "-d", out], capture_output=True, text=True).stdout
+    if "libstdc++.so" in needed:
+        return []
+    print(f"resnet_fused: {' '.join(cxx)} links libstdc++ statically; linking torch's {lib}")
+    return [lib]
 
 
 def decide_cuda():
@@ -176,6 +216,7 @@ if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
 include_dirs = [os.path.join(HERE, "csrc")]
+link_flags += shared_libstdcxx_link_args()
 
 if build_cuda:
     # csrc/cuda: *.cu are the kernels (nvcc, no ATen: fast and parallel), *.cpp their host

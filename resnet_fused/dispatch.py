@@ -51,22 +51,16 @@ def dtypes_for(device_type):
     return {"cpu": CPU_DTYPES, "cuda": CUDA_DTYPES}.get(device_type, ())
 
 
-# The CUDA conv kernels compile but have not yet been verified on a GPU, so the
-# model uses them only when asked (the ops themselves are callable).
+# The CUDA conv kernels, where this build has them (checked on an H200: scripts/gpu_check.sh).
 CUDA_CONV_BUILT = _extension.has_kernel("conv_bias_act", "cuda")
-_USE_CUDA = os.environ.get("RESNET_FUSED_UNVERIFIED_CUDA", "") == "1"
 # Device types whose conv kernels FusedResNet uses.
-KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if _extension.has_kernel("conv_bias_act", d)
-                           and (d != "cuda" or _USE_CUDA))
+KERNEL_DEVICES = frozenset(d for d in ("cpu", "cuda") if _extension.has_kernel("conv_bias_act", d))
 
 
 def unsupported(device, dtype):
     """Why the fused kernels cannot run on this device in this dtype, or None."""
     dev = device.type
     if dev not in KERNEL_DEVICES:
-        if dev == "cuda" and CUDA_CONV_BUILT:
-            return ("the CUDA conv kernels are not yet verified on a GPU; set "
-                    "RESNET_FUSED_UNVERIFIED_CUDA=1 to use them")
         return f"resnet_fused has no {dev} kernels in this build"
     if dev == "cuda" and not compiling():
         arch_error = _extension.cuda_arch_error(device)

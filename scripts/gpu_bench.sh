@@ -27,9 +27,6 @@ fi
 . "$(dirname "$0")/gpu_common.sh"
 build_in_place "$CAP_BUILD"
 
-# Until FusedResNet uses the CUDA kernels by default (after gpu_check passes),
-# the measurements opt in.
-export RESNET_FUSED_UNVERIFIED_CUDA=1
 OK=1
 # step NAME CAP LOG SUMMARY_REGEX CMD...: runs CMD under the cap into LOG, adds a
 # row with the exit status and the last line of LOG that matches SUMMARY_REGEX.

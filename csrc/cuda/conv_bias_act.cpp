@@ -281,7 +281,8 @@ void conv_bias_add_relu_cuda_(Tensor& residual, const Tensor& input, const Tenso
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                               bool assume_finite) {
   (void)assume_finite;
-  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
+  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups,
+                           "conv_bias_add_relu_");
   check_cuda_conv("conv_bias_add_relu_", input);
   const c10::cuda::CUDAGuard guard(input.device());
   if (residual.numel() == 0) return;
