@@ -72,6 +72,30 @@ def unsupported(device, dtype):
     return None
 
 
+# The CUDA conv kernels load 16 bytes of input channels at a time. A conv with fewer
+# channels than that (ResNet's stem: 3) takes their scalar-load kernel: 1.67 ms for the
+# stem at batch 256 in fp16 on an H200, against 0.60 ms for cuDNN's fused conv. With
+# RESNET_FUSED_CUDA_PAD_CHANNELS=1 such a conv appends zero channels to its input and
+# weight up to a whole vector and takes the vector kernel: the same sums. Off until a
+# GPU has measured it (benchmarks/cuda_notes.md, finding 3).
+CUDA_PAD_CHANNELS = os.environ.get("RESNET_FUSED_CUDA_PAD_CHANNELS", "") == "1"
+
+
+def padded_channels(channels, dtype):
+    """`channels` rounded up to whole 16-byte vectors of `dtype`."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(-channels // vec) * vec
+
+
+def pad_channels(t, channels):
+    """t (N, C, H, W) with zero channels appended up to `channels`, channels_last."""
+    out = torch.empty((t.shape[0], channels) + tuple(t.shape[2:]), dtype=t.dtype,
+                      device=t.device, memory_format=torch.channels_last)
+    out[:, :t.shape[1]] = t
+    out[:, t.shape[1]:] = 0
+    return out
+
+
 # ---- one conv, prepared ------------------------------------------------------
 
 @dataclass
@@ -92,6 +116,7 @@ class PreparedConv:
     summed_bias: tuple = None      # (downsample, its bias + ours), for conv_sum_relu
     grouped_fits: bool = False     # grouped_conv3x3 computes this conv
     grouped_weight: torch.Tensor = None  # its weight in blocks, made on first use
+    padded_weight: torch.Tensor = None  # CUDA: with zero input channels, made on first use
     packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
     routes: dict = field(default_factory=dict)  # (input shape, threads) -> kernel_for's answer
 
@@ -103,7 +128,8 @@ class PreparedConv:
 
     def kernel_for(self, x):
         """("winograd", its weight), ("conv1x1", its weight panels), ("grouped", its
-        weight blocks) or ("conv_bias_act", its weight): the op that suits x. Remembered
+        weight blocks), ("padded", its weight with zero input channels) or
+        ("conv_bias_act", its weight): the op that suits x. Remembered
         per input shape and thread count outside tracing: the choice is a few
         microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
         if tracing():
@@ -129,7 +155,19 @@ class PreparedConv:
             if self.grouped_weight is None:
                 self.grouped_weight = ops.grouped_conv_weight(self.weight, self.groups)
             return "grouped", self.grouped_weight
+        if x.device.type == "cuda" and CUDA_PAD_CHANNELS and self.groups == 1:
+            channels = padded_channels(x.shape[1], x.dtype)
+            if channels != x.shape[1]:
+                return "padded", self.padded_weight_for(channels)
         return "conv_bias_act", self.weight_for(x)
+
+    def padded_weight_for(self, channels):
+        w = self.padded_weight
+        if w is None or w.shape[1] != channels or not self.cached:
+            w = pad_channels(self.weight, channels)
+            if self.cached:
+                self.padded_weight = w
+        return w
 
     def weight_for(self, x):
         if not self.cached or tracing() or x.device.type != "cpu":
@@ -429,6 +467,9 @@ def conv(x, c, *, relu, finite, residual=None):
         y = _OPS.conv1x1(x, c.weight, w, c.bias, residual, relu=relu, stride=c.stride[0])
     elif kind == "grouped":
         y = _OPS.grouped_conv3x3(x, c.weight, w, c.bias, residual, stride=c.stride[0], relu=relu)
+    elif kind == "padded":
+        y = _OPS.conv_bias_act(pad_channels(x, w.shape[1]), w, c.bias, residual, c.stride,
+                               c.padding, c.dilation, c.groups, relu=relu, assume_finite=finite)
     else:
         y = _OPS.conv_bias_act(x, w, c.bias, residual, c.stride, c.padding, c.dilation,
                                c.groups, relu=relu, assume_finite=finite)
@@ -535,7 +576,7 @@ def conv_add_relu_(identity, x, c, *, finite):
     if c.dtype != x.dtype or needs_grad:
         return conv(x, c, relu=True, finite=finite, residual=identity)
     kind, w = c.kernel_for(x)
-    if kind in ("winograd", "grouped") or (kind == "conv1x1" and c.stride != (1, 1)):
+    if kind in ("winograd", "grouped", "padded") or (kind == "conv1x1" and c.stride != (1, 1)):
         return conv(x, c, relu=True, finite=finite, residual=identity)
     if kind == "conv1x1":
         _OPS.conv1x1_add_relu_(identity, x, c.weight, w, c.bias)

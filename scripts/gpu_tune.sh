@@ -2,7 +2,8 @@
 # Hardware counters of our CUDA conv kernels, run from the repository root on a GPU
 # machine: ncu on one warmed-up launch of four representative ResNet-50 shapes at batch
 # 256 (a 3x3 conv, two 1x1 convs, the 7x7 stem), under the size rule and under the wgmma
-# kernel (RESNET_FUSED_CUDA_TILE=H), then the per-shape timings at batch 1 and 32. Prints
+# kernel (RESNET_FUSED_CUDA_TILE=H); the stem as it runs and padded to 8 channels; the
+# per-shape timings at batch 1 and 32. Prints
 # one table of the counters that confirm or refute each finding of
 # benchmarks/cuda_notes.md (tensor-pipe and issue activity, occupancy and what limits
 # it, waves, stall reasons, shared-memory bank conflicts, store sectors per request).
@@ -10,12 +11,12 @@
 # "skipped: no GPU". GPU_SKIP_BUILD=1 keeps a build already in place.
 set -uo pipefail
 
-BUDGET=400
+BUDGET=460
 CAP_BUILD=100 CAP_NCU=25 CAP_SHAPES=40
 SHAPES=("256 256 3 14" "64 256 1 56" "1024 256 1 14" "3 64 7 224 --stride 2")
 TILES="auto H"
 N_NCU=$(( ${#SHAPES[@]} * $(echo $TILES | wc -w) ))
-if [ $((CAP_BUILD + N_NCU * CAP_NCU + 2 * CAP_SHAPES)) -gt "$BUDGET" ]; then
+if [ $((CAP_BUILD + N_NCU * CAP_NCU + 2 * 30 + 2 * CAP_SHAPES)) -gt "$BUDGET" ]; then
   echo "gpu_tune: the step caps add up to more than BUDGET=$BUDGET s" >&2
   exit 2
 fi
@@ -49,6 +50,18 @@ for shape in "${SHAPES[@]}"; do
     rc=$?
     row "ncu $i" $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $shape, tile $tile"
   done
+done
+
+# The stem as it runs (3 channels, the scalar-load kernel) and padded to 8 channels
+# (dispatch.CUDA_PAD_CHANNELS, pad copy included): finding 3 of cuda_notes.md.
+for pad in "" --pad-channels; do
+  why=$(gpu_ready)
+  if [ -n "$why" ]; then row "stem $pad" 0 "$why"; continue; fi
+  t=$(now)
+  timeout 30 "$PY" benchmarks/conv_one.py 3 64 7 224 --stride 2 --launches 21 $pad \
+    > "$LOG_DIR/stem$pad.log" 2>&1
+  rc=$?
+  row "stem $pad" $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $(tail -1 "$LOG_DIR/stem$pad.log")"
 done
 
 # Timings at the batches where ours is closest to or ahead of cuDNN (batch 256 is

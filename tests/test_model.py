@@ -292,6 +292,24 @@ def test_few_tile_winograd_only_with_avx512(monkeypatch, isa, layer4_tile):
             assert dispatch._winograd_tile(x, w) == tile, (isa, c)
 
 
+# CUDA convs with fewer input channels than a 16-byte vector (the stem) may append zero
+# channels to input and weight (dispatch.CUDA_PAD_CHANNELS): the sums must not change.
+# The arithmetic is the same on any device, so it is checked here against fp64.
+@pytest.mark.parametrize("dtype, channels", [(torch.float16, 8), (torch.bfloat16, 8),
+                                             (torch.float32, 4)])
+def test_padded_channels_give_the_same_conv(dtype, channels):
+    assert dispatch.padded_channels(3, dtype) == channels
+    assert dispatch.padded_channels(channels, dtype) == channels
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 3, 17, 19, generator=g), torch.randn(8, 3, 7, 7, generator=g)
+    xp, wp = dispatch.pad_channels(x, 8), dispatch.pad_channels(w, 8)
+    assert xp.shape == (2, 8, 17, 19) and xp.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(xp[:, :3], x) and not xp[:, 3:].any() and not wp[:, 3:].any()
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=3)
+    out = resnet_fused.ops.conv_bias_act(xp, wp, None, None, 2, 3, relu=False)
+    assert rel_err(out, ref) < 1e-5
+
+
 # bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs,
 # except AMX ones (dispatch._AMX).
 BF16_WINOGRAD_KERNEL = BF16 and _extension.winograd_bf16_kernel_available()

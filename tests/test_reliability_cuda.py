@@ -78,3 +78,20 @@ def test_memory_does_not_grow_and_graph_replays():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(static_out, tv(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_padded_stem_matches_the_unpadded_one(monkeypatch, dtype):
+    """dispatch.CUDA_PAD_CHANNELS: the stem's 3 input channels padded to a whole vector
+    take the vector kernel and give the scalar-load kernel's result, to rounding."""
+    tv = tv_model("resnet50").cuda()
+    fused = fuse(tv).to(dtype)
+    x = torch.randn(4, 3, 96, 96, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        plain = fused(x)
+        monkeypatch.setattr(dispatch, "CUDA_PAD_CHANNELS", True)
+        fused.refresh_fold()
+        padded = fused(x)
+    assert any(f.stem.padded_weight is not None for f in fused._fold_cache.values())
+    assert rel_err(padded, plain) < (2e-3 if dtype == torch.float16 else 1e-5)
+
