@@ -288,12 +288,15 @@ struct TileCfg {
 //              looser register cap than S (which would spill).
 //   H 128x128 on Hopper (sm_90a, fp16/bf16): two warpgroups of wgmma m64n128k16 on the
 //              same shared-memory tiles and loads as L; 5 stages, 3 k-tiles in flight
-//              (a stage is refilled only once the MMAs that read it have retired).
+//              (a stage is refilled only once the MMAs that read it have retired). 2 CTAs
+//              per SM: at 167 registers only one fitted, and nothing filled its barrier and
+//              epilogue gaps; capped at 128, ptxas (CUDA 13.0) spills 216 bytes, all after
+//              the main loop. Not yet measured (benchmarks/cuda_notes.md, finding 1).
 using CfgL = TileCfg<128, 128, 2, 4, 4, 2>;
 using CfgM = TileCfg<128, 64, 2, 2, 4, 3>;
 using CfgS = TileCfg<64, 64, 2, 2, 4, 4>;
 using CfgX = TileCfg<64, 64, 2, 2, 4, 3>;
-using CfgH = TileCfg<128, 128, 8, 1, 5, 1, true>;
+using CfgH = TileCfg<128, 128, 8, 1, 5, 2, true>;
 
 template <typename Cfg>
 constexpr bool same_tile(ConvKernel k) {
