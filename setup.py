@@ -115,8 +115,12 @@ def shared_libstdcxx_link_args():
         with open(src, "w") as f:
             f.write("#include <sstream>\n"
                     "std::string fmt(long v) { std::ostringstream s; s << v; return s.str(); }\n")
-        if subprocess.run(cxx + ["-shared", "-fPIC", src, "-o", out],
-                          capture_output=True).returncode != 0:
+        try:
+            linked = subprocess.run(cxx + ["-shared", "-fPIC", src, "-o", out],
+                                    capture_output=True).returncode == 0
+        except OSError:  # no such compiler
+            linked = False
+        if not linked:
             return []  # the build itself will say what is wrong with the compiler
         needed = subprocess.run(["readelf", "-d", out], capture_output=True, text=True).stdout
     if "libstdc++.so" in needed:

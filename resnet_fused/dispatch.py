@@ -83,8 +83,25 @@ CUDA_PAD_CHANNELS = os.environ.get("RESNET_FUSED_CUDA_PAD_CHANNELS", "") == "1"
 
 def padded_channels(channels, dtype):
     """`channels` rounded up to whole 16-byte vectors of `dtype`."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    vec = 16 // dtype.itemsize
     return -(-channels // vec) * vec
+
+
+def _pad_to(c):
+    """The input channels a CUDA conv is padded to for the vector kernel, or 0 where that
+    cannot help: grouped convs, fewer than 16 output channels (the direct kernel), input
+    channels already whole vectors."""
+    k, cin = c.weight.shape[:2]
+    channels = padded_channels(cin, c.dtype)
+    return channels if (c.weight.device.type == "cuda" and c.groups == 1 and k >= 16
+                        and channels != cin) else 0
+
+
+def _tensor_core_conv(x):
+    """Whether our CUDA kernel would take its tensor-core path for x, which the padding
+    is for (sm_80 and newer; fp32 only with TF32 allowed); else padding only adds work."""
+    return (torch.cuda.get_device_capability(x.device)[0] >= 8
+            and (x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32))
 
 
 def pad_channels(t, channels):
@@ -116,7 +133,8 @@ class PreparedConv:
     summed_bias: tuple = None      # (downsample, its bias + ours), for conv_sum_relu
     grouped_fits: bool = False     # grouped_conv3x3 computes this conv
     grouped_weight: torch.Tensor = None  # its weight in blocks, made on first use
-    padded_weight: torch.Tensor = None  # CUDA: with zero input channels, made on first use
+    pad_to: int = 0                # CUDA: input channels the "padded" route pads to (_pad_to)
+    padded_weight: torch.Tensor = None  # the weight with those zero channels, made on first use
     packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
     routes: dict = field(default_factory=dict)  # (input shape, threads) -> kernel_for's answer
 
@@ -155,16 +173,16 @@ class PreparedConv:
             if self.grouped_weight is None:
                 self.grouped_weight = ops.grouped_conv_weight(self.weight, self.groups)
             return "grouped", self.grouped_weight
-        if x.device.type == "cuda" and CUDA_PAD_CHANNELS and self.groups == 1:
-            channels = padded_channels(x.shape[1], x.dtype)
-            if channels != x.shape[1]:
-                return "padded", self.padded_weight_for(channels)
+        # (x's channel count is checked by the op; a wrong one must still reach it.)
+        if (self.pad_to and CUDA_PAD_CHANNELS and not tracing() and x.is_cuda
+                and x.shape[1] == self.weight.shape[1] and _tensor_core_conv(x)):
+            return "padded", self.padded_weight_for()
         return "conv_bias_act", self.weight_for(x)
 
-    def padded_weight_for(self, channels):
+    def padded_weight_for(self):
         w = self.padded_weight
-        if w is None or w.shape[1] != channels or not self.cached:
-            w = pad_channels(self.weight, channels)
+        if w is None or not self.cached:
+            w = pad_channels(self.weight, self.pad_to)
             if self.cached:
                 self.padded_weight = w
         return w
@@ -209,6 +227,7 @@ def prepare(weight, bias, conv, dtype, cached=True):
     c.winograd_fits = cached and _winograd_fits(c)
     c.conv1x1_fits = cached and _conv1x1_fits(c)
     c.grouped_fits = cached and _grouped_fits(c)
+    c.pad_to = _pad_to(c)
     return c
 
 

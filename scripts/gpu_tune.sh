@@ -45,7 +45,7 @@ for shape in "${SHAPES[@]}"; do
     t=$(now)
     # shellcheck disable=SC2086
     timeout "$CAP_NCU" "$NCU" --clock-control none -k regex:conv_kernel --launch-skip 5 \
-      --launch-count 1 --metrics "$METRICS" --csv --page raw \
+      --launch-count 1 --metrics "$METRICS" --csv --page raw --print-units base \
       "$PY" benchmarks/conv_one.py $shape --tile "$tile" > "$LOG_DIR/$name.csv" 2> "$LOG_DIR/$name.err"
     rc=$?
     row "ncu $i" $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $shape, tile $tile"
@@ -79,6 +79,7 @@ done
 # ---- summary: one line per profiled launch -------------------------------------
 TABLE=$("$PY" - "$LOG_DIR" <<'EOF' 2>&1
 import csv, glob, os, re, sys
+# ncu prints base units (--print-units base): ns for times.
 short = [("gpu__time_duration.sum", "us", 1e-3), ("sm__pipe_tensor_op_", "tensor%", 1),
          ("smsp__issue_active", "issue%", 1), ("sm__warps_active", "warps%", 1),
          ("launch__registers_per_thread", "regs", 1),
@@ -95,10 +96,14 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "ncu_*.csv"))):
     head, units, vals = rows[0], rows[1], rows[2]
     m = dict(zip(head, vals))
     def num(prefix, scale=1):
+        # The largest of the metrics the prefix names (the tensor pipes: mma.sync's hmma,
+        # wgmma's gmma), times `scale`.
+        found = []
         for k, v in m.items():
             if k.startswith(prefix):
-                try: return float(v.replace(",", "")) * (scale if units[head.index(k)] == "nsecond" else 1)
-                except ValueError: return None
+                try: found.append(float(v.replace(",", "")) * scale)
+                except ValueError: pass
+        return max(found) if found else None
     line = f"{os.path.basename(path)[4:-4]:<28}"
     for prefix, _, scale in short:
         v = num(prefix, scale)

@@ -80,18 +80,23 @@ def test_memory_does_not_grow_and_graph_replays():
         assert rel_err(static_out, tv(x)) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+# Unit roundoff of each dtype's products (fp32 convs run as TF32 on the tensor cores,
+# the path the padding is for).
+_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -11}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_padded_stem_matches_the_unpadded_one(monkeypatch, dtype):
     """dispatch.CUDA_PAD_CHANNELS: the stem's 3 input channels padded to a whole vector
-    take the vector kernel and give the scalar-load kernel's result, to rounding."""
+    take the vector kernel and give the scalar-load kernel's result. Only the stem's
+    summation order differs: a few units of roundoff there, carried through the net."""
     tv = tv_model("resnet50").cuda()
     fused = fuse(tv).to(dtype)
     x = torch.randn(4, 3, 96, 96, device="cuda", dtype=dtype)
-    with torch.inference_mode():
+    with tf32_convs(True), torch.inference_mode():
         plain = fused(x)
         monkeypatch.setattr(dispatch, "CUDA_PAD_CHANNELS", True)
         fused.refresh_fold()
         padded = fused(x)
     assert any(f.stem.padded_weight is not None for f in fused._fold_cache.values())
-    assert rel_err(padded, plain) < (2e-3 if dtype == torch.float16 else 1e-5)
-
+    assert rel_err(padded, plain) < 8 * _UNIT[dtype]
