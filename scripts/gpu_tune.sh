@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Hardware counters of our CUDA conv kernels, run from the repository root on a GPU
 # machine: ncu on one warmed-up launch of four representative ResNet-50 shapes at batch
-# 256 (a 3x3 conv, two 1x1 convs, the 7x7 stem), under the size rule and under the wgmma
-# kernel (RESNET_FUSED_CUDA_TILE=H); the stem as it runs and padded to 8 channels; the
+# 256 (a 3x3 conv, two 1x1 convs, the 7x7 stem), under the size rule, L2 (L with the
+# MMAs before the loads) and the wgmma kernel (RESNET_FUSED_CUDA_TILE=H); the stem as it runs and padded to 8 channels; the
 # per-shape timings at batch 1 and 32. Prints
 # one table of the counters that confirm or refute each finding of
 # benchmarks/cuda_notes.md (tensor-pipe and issue activity, occupancy and what limits
@@ -11,10 +11,10 @@
 # "skipped: no GPU". GPU_SKIP_BUILD=1 keeps a build already in place.
 set -uo pipefail
 
-BUDGET=460
-CAP_BUILD=100 CAP_NCU=25 CAP_SHAPES=40
+BUDGET=480
+CAP_BUILD=100 CAP_NCU=20 CAP_SHAPES=40
 SHAPES=("256 256 3 14" "64 256 1 56" "1024 256 1 14" "3 64 7 224 --stride 2")
-TILES="auto H"
+TILES="auto L2 H"
 N_NCU=$(( ${#SHAPES[@]} * $(echo $TILES | wc -w) ))
 if [ $((CAP_BUILD + N_NCU * CAP_NCU + 2 * 30 + 2 * CAP_SHAPES)) -gt "$BUDGET" ]; then
   echo "gpu_tune: the step caps add up to more than BUDGET=$BUDGET s" >&2
@@ -71,7 +71,7 @@ for batch in 1 32; do
   if [ -n "$why" ]; then row "shapes b$batch" 0 "$why"; continue; fi
   t=$(now)
   timeout "$CAP_SHAPES" "$PY" benchmarks/conv_shapes.py --batch "$batch" --archs resnet50 \
-    --tiles H --repeats 10 --json "$LOG_DIR/conv_shapes_b$batch.json" > "$LOG_DIR/conv_shapes_b$batch.log" 2>&1
+    --tiles L,L2,H --repeats 10 --json "$LOG_DIR/conv_shapes_b$batch.json" > "$LOG_DIR/conv_shapes_b$batch.log" 2>&1
   rc=$?
   row "shapes b$batch" $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $(grep -E '^resnet50, all convs' "$LOG_DIR/conv_shapes_b$batch.log" | tail -1)"
 done

@@ -417,7 +417,7 @@ def test_unknown_tile_override_is_named(monkeypatch):
     x = torch.randn(1, 16, 4, 4, device=DEV)
     w = torch.randn(32, 16, 1, 1, device=DEV)
     with pytest.raises(RuntimeError, match=re.escape(
-            "RESNET_FUSED_CUDA_TILE: expected one of auto, L, M, S, X, H, SIMT (or unset), "
+            "RESNET_FUSED_CUDA_TILE: expected one of auto, L, M, S, X, H, L2, SIMT (or unset), "
             "got 'XL'")):
         ops.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1)
 

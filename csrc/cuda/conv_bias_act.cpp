@@ -68,6 +68,7 @@ void check_cuda_conv(const char* op, const Tensor& input) {
 //   L, M, S  that tensor-core tile for every launch with vector loads (launches
 //            whose operands need scalar loads keep X, the only config for them)
 //   X        the scalar-load tensor-core kernel for every tensor-core launch
+//   L2       L with the MMAs issued before the next k-tile's loads, where L could run
 //   H        the Hopper wgmma kernel for every fp16/bf16 launch with vector loads
 //            (an error where it cannot run: not an sm_90 GPU, or no 9.0a in the
 //            build's archs); fp32 and scalar-load launches keep the size rule / X.
@@ -84,14 +85,15 @@ constexpr const char* kTileEnv = "RESNET_FUSED_CUDA_TILE";
 std::optional<ConvKernel> tile_override() {
   static const std::pair<const char*, ConvKernel> kNames[] = {
       {"L", ConvKernel::kTcL}, {"M", ConvKernel::kTcM},    {"S", ConvKernel::kTcS},
-      {"X", ConvKernel::kTcX}, {"H", ConvKernel::kTcH}, {"SIMT", ConvKernel::kSimt}};
+      {"X", ConvKernel::kTcX}, {"H", ConvKernel::kTcH}, {"L2", ConvKernel::kTcL2},
+      {"SIMT", ConvKernel::kSimt}};
   const char* env = std::getenv(kTileEnv);
   const std::string v = env == nullptr ? "" : env;
   if (v.empty() || v == "auto") return std::nullopt;
   for (const auto& [name, kernel] : kNames) {
     if (v == name) return kernel;
   }
-  TORCH_CHECK(false, kTileEnv, ": expected one of auto, L, M, S, X, H, SIMT (or unset), got '",
+  TORCH_CHECK(false, kTileEnv, ": expected one of auto, L, M, S, X, H, L2, SIMT (or unset), got '",
               v, "'");
   return std::nullopt;
 }

@@ -41,6 +41,8 @@ cudaError_t launch_conv(ConvKernel k, ConvParams p, int device, cudaStream_t str
       return launch_tc<T, CfgM, true>(k, p, device, stream);
     case ConvKernel::kTcS:
       return launch_tc<T, CfgS, true>(k, p, device, stream);
+    case ConvKernel::kTcL2:
+      return launch_tc<T, CfgL2, true>(k, p, device, stream);
     case ConvKernel::kTcX:
       return launch_tc<T, CfgX, false>(k, p, device, stream);
     case ConvKernel::kTcH:

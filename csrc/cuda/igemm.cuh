@@ -263,11 +263,13 @@ struct Wgmma<__nv_bfloat16> {
 // reads (and the rows one cp.async instruction writes) then fall in 8 distinct
 // 16-byte bank groups, with no padding.
 template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_,
-          bool WGMMA_ = false>
+          bool WGMMA_ = false, bool MMA_FIRST_ = false>
 struct TileCfg {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
   static constexpr int STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
   static constexpr bool WGMMA = WGMMA_;
+  // Each k-tile's MMAs issued before the next k-tile's loads (vector path).
+  static constexpr bool MMA_FIRST = MMA_FIRST_;
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
   static constexpr int MI = WM / 16, NI = WN / 8;              // MMA tiles per warp
@@ -297,6 +299,11 @@ using CfgM = TileCfg<128, 64, 2, 2, 4, 3>;
 using CfgS = TileCfg<64, 64, 2, 2, 4, 4>;
 using CfgX = TileCfg<64, 64, 2, 2, 4, 3>;
 using CfgH = TileCfg<128, 128, 8, 1, 5, 2, true>;
+//   L2 L with the MMAs of each k-tile issued before the loads of k-tile kt+3, whose
+//              ~140 instructions of im2col address math per warp (and cp.async, which
+//              ldmatrix may not pass) otherwise sit between every barrier and the first
+//              MMA. Forced only, until measured (benchmarks/cuda_notes.md, finding 4).
+using CfgL2 = TileCfg<128, 128, 2, 4, 4, 2, false, true>;
 
 template <typename Cfg>
 constexpr bool same_tile(ConvKernel k) {
@@ -304,7 +311,7 @@ constexpr bool same_tile(ConvKernel k) {
 }
 static_assert(same_tile<CfgL>(ConvKernel::kTcL) && same_tile<CfgM>(ConvKernel::kTcM) &&
                   same_tile<CfgS>(ConvKernel::kTcS) && same_tile<CfgX>(ConvKernel::kTcX) &&
-                  same_tile<CfgH>(ConvKernel::kTcH),
+                  same_tile<CfgH>(ConvKernel::kTcH) && same_tile<CfgL2>(ConvKernel::kTcL2),
               "launch.h's tile_dims must match the tile configs");
 
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
@@ -564,7 +571,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS) tc_conv_kernel(
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     const int pf = kt + STAGES - 1;
-    if constexpr (kVec) {
+    if constexpr (kVec && Cfg::MMA_FIRST) {
+      // The slot refilled here, (kt - 1) % STAGES, is not the one computed on: every
+      // thread finished reading it before this iteration's barrier. Tile kt + 1 still
+      // has STAGES - 2 iterations of loads ahead of it.
+      compute(kt % STAGES);
+      if (pf < KT) load_vec(pf % STAGES, pf);
+      cp_async_commit();
+    } else if constexpr (kVec) {
       if (pf < KT) load_vec(pf % STAGES, pf);
       cp_async_commit();
       compute(kt % STAGES);

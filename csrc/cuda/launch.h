@@ -83,16 +83,19 @@ struct ConvParams {
 //   kTcL, kTcM, kTcS  tensor cores, vector (cp.async) loads, CTA tiles 128x128, 128x64, 64x64
 //   kTcX              tensor cores, scalar loads (any C, groups or alignment), 64x64
 //   kTcH              Hopper wgmma (sm_90a builds, fp16/bf16, vector loads), 128x128
+//   kTcL2             kTcL with each k-tile's MMAs issued before the next tile's loads
+//                     (forced only, until measured: benchmarks/cuda_notes.md, finding 4)
 //   kSimt             fp32 FMA, 64x64 (exact fp32, and every dtype without tensor cores)
 //   kDirect           no GEMM tile: one thread per (pixel, group, kDirectKPT channels)
-enum class ConvKernel { kTcL, kTcM, kTcS, kTcX, kTcH, kSimt, kDirect };
+enum class ConvKernel { kTcL, kTcM, kTcS, kTcX, kTcH, kTcL2, kSimt, kDirect };
 
 struct TileDims {
   int bm, bn;
 };
 // CTA tile of the GEMM kernels (igemm.cuh's TileCfg asserts it agrees).
 constexpr TileDims tile_dims(ConvKernel k) {
-  return k == ConvKernel::kTcL || k == ConvKernel::kTcH ? TileDims{128, 128}
+  return k == ConvKernel::kTcL || k == ConvKernel::kTcH || k == ConvKernel::kTcL2
+             ? TileDims{128, 128}
          : k == ConvKernel::kTcM ? TileDims{128, 64}
                                  : TileDims{64, 64};
 }
