@@ -6,8 +6,8 @@ nothing else on the GPU: the process a profiler (ncu, compute-sanitizer) attache
 
 The shape is ResNet's: a square HW x HW input, an R x R kernel with padding R // 2. --tile
 sets RESNET_FUSED_CUDA_TILE (else the size rule chooses). --pad-channels appends zero
-input channels up to a whole 16-byte vector, as dispatch.CUDA_PAD_CHANNELS does for the
-stem; each launch then includes the input's pad copy. Each launch is followed by a
+input channels up to a whole 16-byte vector, as RESNET_FUSED_CUDA_TRY=pad_channels does for
+the stem; each launch then includes the input's pad copy. Each launch is followed by a
 synchronize, so `ncu --launch-skip 5 --launch-count 1` profiles a warmed-up one. Prints
 the median time of the launches after the first (CUDA events), which is not a benchmark:
 conv_shapes.py is.

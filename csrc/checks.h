@@ -107,18 +107,22 @@ inline void check_add_relu_inplace_args(const at::Tensor& a, const at::Tensor& b
 // Output spatial size of max_pool2d (no dilation, floor rounding), after checking
 // its arguments. padding <= kernel / 2, as torch requires, so that no window lies
 // wholly in the padding.
+// half: float16 is accepted too (the CUDA kernel's dtypes).
 inline std::vector<int64_t> check_max_pool2d_args(const at::Tensor& input,
                                                   at::IntArrayRef kernel_size,
                                                   at::IntArrayRef stride,
-                                                  at::IntArrayRef padding) {
+                                                  at::IntArrayRef padding, bool half = false) {
   const char* op = "max_pool2d";
   TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ",
               input.dim(), "-D with shape ", input.sizes());
   TORCH_CHECK(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
               ": expected input with non-empty channel and spatial dimensions (only the batch "
               "may be empty), got shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16, op,
-              ": expected float32 or bfloat16 input, got ", input.scalar_type());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || (half && dt == at::kHalf), op,
+              half ? ": expected float16, bfloat16 or float32 input, got "
+                   : ": expected float32 or bfloat16 input, got ",
+              dt);
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
               ": expected kernel_size, stride and padding of length 2, got ", kernel_size, ", ",
               stride, ", ", padding);

@@ -9,6 +9,7 @@ the tests read the dtype tables here.
 """
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -72,13 +73,21 @@ def unsupported(device, dtype):
     return None
 
 
-# The CUDA conv kernels load 16 bytes of input channels at a time. A conv with fewer
-# channels than that (ResNet's stem: 3) takes their scalar-load kernel: 1.67 ms for the
-# stem at batch 256 in fp16 on an H200, against 0.60 ms for cuDNN's fused conv. With
-# RESNET_FUSED_CUDA_PAD_CHANNELS=1 such a conv appends zero channels to its input and
-# weight up to a whole vector and takes the vector kernel: the same sums. Off until a
-# GPU has measured it (benchmarks/cuda_notes.md, finding 3).
-CUDA_PAD_CHANNELS = os.environ.get("RESNET_FUSED_CUDA_PAD_CHANNELS", "") == "1"
+# CUDA paths written but not yet measured on a GPU, each taken only when named in
+# RESNET_FUSED_CUDA_TRY (comma-separated; benchmarks/cuda_notes.md has their predictions):
+#   pad_channels  A conv with fewer input channels than a 16-byte vector (ResNet's stem:
+#                 3) appends zero channels to input and weight and takes the vector
+#                 kernel, not the scalar-load one (the stem: 1.67 ms at batch 256 in fp16
+#                 on an H200, cuDNN's fused conv 0.60 ms). The same sums.
+#   max_pool      The max-pool by ops.max_pool2d, without the int64 argmax ATen's CUDA
+#                 kernel writes (0.82 ms after the stem at batch 256, fp16, H200).
+CUDA_TRY_NAMES = ("pad_channels", "max_pool")
+CUDA_TRY = frozenset(n.strip() for n in os.environ.get("RESNET_FUSED_CUDA_TRY", "").split(",")
+                     if n.strip())
+if CUDA_TRY - set(CUDA_TRY_NAMES):
+    warnings.warn(f"RESNET_FUSED_CUDA_TRY: expected names from {', '.join(CUDA_TRY_NAMES)}, "
+                  f"got {', '.join(sorted(CUDA_TRY - set(CUDA_TRY_NAMES)))}; ignoring those",
+                  RuntimeWarning, stacklevel=2)
 
 
 def padded_channels(channels, dtype):
@@ -174,7 +183,7 @@ class PreparedConv:
                 self.grouped_weight = ops.grouped_conv_weight(self.weight, self.groups)
             return "grouped", self.grouped_weight
         # (x's channel count is checked by the op; a wrong one must still reach it.)
-        if (self.pad_to and CUDA_PAD_CHANNELS and not tracing() and x.is_cuda
+        if (self.pad_to and "pad_channels" in CUDA_TRY and not tracing() and x.is_cuda
                 and x.shape[1] == self.weight.shape[1] and _tensor_core_conv(x)):
             return "padded", self.padded_weight_for()
         return "conv_bias_act", self.weight_for(x)
@@ -504,12 +513,16 @@ def _plain(module, cls):
 
 def max_pool(x, pool):
     """pool(x), by ops.max_pool2d where that computes the same: a plain nn.MaxPool2d
-    (no dilation, ceil mode or indices), on a float32 or bfloat16 CPU tensor that
-    records no graph. ATen's kernel also computes the argmax, which doubles the
-    memory it writes (benchmarks/cpu_max_pool.py, the pool after ResNet's stem, AMD EPYC
-    Zen 4, 2 threads, three runs: fp32 1.2-1.9x ATen's speed at batch 1, 1.1-1.5x at 8)."""
-    if (not _plain(pool, torch.nn.MaxPool2d) or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.bfloat16) or tracing()
+    (no dilation, ceil mode or indices) on a float32 or bfloat16 CPU tensor, or with
+    "max_pool" in CUDA_TRY a float16, bfloat16 or float32 CUDA one, that records no graph.
+    ATen's kernels also compute the argmax, which doubles the memory written on a CPU
+    (benchmarks/cpu_max_pool.py, the pool after ResNet's stem, AMD EPYC Zen 4, 2 threads,
+    three runs: fp32 1.2-1.9x ATen's speed at batch 1, 1.1-1.5x at 8) and more on CUDA."""
+    if x.is_cuda:
+        ours = "max_pool" in CUDA_TRY and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    else:
+        ours = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if (not ours or not _plain(pool, torch.nn.MaxPool2d) or tracing()
             or (x.requires_grad and torch.is_grad_enabled())
             or pool.return_indices or pool.ceil_mode or _pair(pool.dilation) != (1, 1)):
         return pool(x)

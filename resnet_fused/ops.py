@@ -246,9 +246,9 @@ def grouped_conv3x3(input, weight, packed_weight, bias=None, residual=None, *, s
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0):
-    """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16,
-    no dilation, floor rounding; stride defaults to kernel_size), without the argmax
-    indices ATen computes alongside (its gradient recomputes them). Returns the input's
+    """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16) or
+    CUDA (float16 too); no dilation, floor rounding, stride defaulting to kernel_size;
+    without the argmax indices ATen computes alongside (its gradient recomputes them). Returns the input's
     memory format; fastest on channels_last input."""
     _require()
     if stride is None or (not isinstance(stride, int) and len(stride) == 0):
@@ -380,8 +380,14 @@ def _register_fakes():
     def _(input, kernel_size, stride, padding):
         # The kernel's checks (csrc/checks.h), so that a trace fails where a run would.
         torch._check(input.dim() == 4, lambda: "max_pool2d: input must be 4-D")
-        torch._check(input.dtype in (torch.float32, torch.bfloat16),
-                     lambda: f"max_pool2d: expected float32 or bfloat16 input, got {input.dtype}")
+        if input.device.type == "cuda":
+            torch._check(input.dtype in (torch.float16, torch.bfloat16, torch.float32),
+                         lambda: f"max_pool2d: expected float16, bfloat16 or float32 input, got "
+                                 f"{input.dtype}")
+        else:
+            torch._check(input.dtype in (torch.float32, torch.bfloat16),
+                         lambda: f"max_pool2d: expected float32 or bfloat16 input, got "
+                                 f"{input.dtype}")
         torch._check(all(len(v) == 2 for v in (kernel_size, stride, padding)),
                      lambda: "max_pool2d: expected kernel_size, stride and padding of length 2")
         torch._check(all(k > 0 and s > 0 and 0 <= 2 * p <= k

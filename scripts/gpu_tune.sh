@@ -2,21 +2,22 @@
 # Hardware counters of our CUDA conv kernels, run from the repository root on a GPU
 # machine: ncu on one warmed-up launch of four representative ResNet-50 shapes at batch
 # 256 (a 3x3 conv, two 1x1 convs, the 7x7 stem), under the size rule, L2 (L with the
-# MMAs before the loads) and the wgmma kernel (RESNET_FUSED_CUDA_TILE=H); the stem as it runs and padded to 8 channels; the
-# per-shape timings at batch 1 and 32. Prints
-# one table of the counters that confirm or refute each finding of
+# MMAs before the loads) and the wgmma kernel (RESNET_FUSED_CUDA_TILE=H); the stem as it
+# runs and padded to 8 channels; the model with each path of RESNET_FUSED_CUDA_TRY
+# (benchmarks/cuda_try.py); the per-shape timings at batch 1 and 32. Prints one table
+# of the counters that confirm or refute each finding of
 # benchmarks/cuda_notes.md (tensor-pipe and issue activity, occupancy and what limits
 # it, waves, stall reasons, shared-memory bank conflicts, store sectors per request).
 # Writes summary.txt and logs.tar.gz to ${OUT:-out}/; without a GPU every step reports
 # "skipped: no GPU". GPU_SKIP_BUILD=1 keeps a build already in place.
 set -uo pipefail
 
-BUDGET=480
+BUDGET=540
 CAP_BUILD=100 CAP_NCU=20 CAP_SHAPES=40
 SHAPES=("256 256 3 14" "64 256 1 56" "1024 256 1 14" "3 64 7 224 --stride 2")
 TILES="auto L2 H"
 N_NCU=$(( ${#SHAPES[@]} * $(echo $TILES | wc -w) ))
-if [ $((CAP_BUILD + N_NCU * CAP_NCU + 2 * 30 + 2 * CAP_SHAPES)) -gt "$BUDGET" ]; then
+if [ $((CAP_BUILD + N_NCU * CAP_NCU + 2 * 30 + 60 + 2 * CAP_SHAPES)) -gt "$BUDGET" ]; then
   echo "gpu_tune: the step caps add up to more than BUDGET=$BUDGET s" >&2
   exit 2
 fi
@@ -53,7 +54,7 @@ for shape in "${SHAPES[@]}"; do
 done
 
 # The stem as it runs (3 channels, the scalar-load kernel) and padded to 8 channels
-# (dispatch.CUDA_PAD_CHANNELS, pad copy included): finding 3 of cuda_notes.md.
+# ("pad_channels" of RESNET_FUSED_CUDA_TRY, pad copy included): finding 3 of cuda_notes.md.
 for pad in "" --pad-channels; do
   why=$(gpu_ready)
   if [ -n "$why" ]; then row "stem $pad" 0 "$why"; continue; fi
@@ -63,6 +64,15 @@ for pad in "" --pad-channels; do
   rc=$?
   row "stem $pad" $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $(tail -1 "$LOG_DIR/stem$pad.log")"
 done
+
+# The model with each path of RESNET_FUSED_CUDA_TRY against none, in one process.
+why=$(gpu_ready)
+if [ -n "$why" ]; then row "cuda_try" 0 "$why"; else
+  t=$(now)
+  timeout 60 "$PY" benchmarks/cuda_try.py --repeats 15 > "$LOG_DIR/cuda_try.log" 2>&1
+  rc=$?
+  row "cuda_try" $(( $(now) - t )) "rc=$rc$(timed_out "$rc")"
+fi
 
 # Timings at the batches where ours is closest to or ahead of cuDNN (batch 256 is
 # gpu_bench.sh's).
@@ -117,6 +127,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "ncu_*.csv"))):
 EOF
 )
 write_summary gpu_tune "$BUDGET" "$TABLE
+$([ -s "$LOG_DIR/cuda_try.log" ] && { printf '\n== cuda_try ==\n'; tail -8 "$LOG_DIR/cuda_try.log"; })
 $(for b in 1 32; do [ -s "$LOG_DIR/conv_shapes_b$b.log" ] && { printf '\n== conv_shapes batch %s ==\n' "$b"; grep -vE '^\{' "$LOG_DIR/conv_shapes_b$b.log" | tail -24; }; done)"
 
 [ "$BUILD_RC" -eq 0 ]

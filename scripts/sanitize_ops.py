@@ -1,5 +1,5 @@
-"""Small launches of every CUDA conv path, to run under compute-sanitizer
-(memcheck, racecheck, initcheck) from scripts/gpu_check.sh. Checks results
+"""Small launches of every CUDA conv path, add_relu and max_pool2d, to run under
+compute-sanitizer (memcheck, racecheck, initcheck) from scripts/gpu_check.sh. Checks results
 loosely against an fp64 CPU reference too (so the sanitizer instruments only our
 kernels, not cuDNN), and a silent wrong answer is also reported. Exit status 1 on
 a mismatch.
@@ -114,6 +114,15 @@ def main():
         print(f"{'ok ' if ok else 'BAD'} {label:30s} rel err {err:.2e}")
     a = torch.randn(4097, device="cuda", dtype=torch.float16)[1:]
     ops.add_relu_(a, ops.add_relu(a, a))
+    # max_pool2d: 16-byte channel vectors (64 channels) and per element (3), edges padded.
+    for c in (64, 3):
+        x = torch.randn(2, c, 15, 15, device="cuda", dtype=torch.float16).contiguous(
+            memory_format=torch.channels_last)
+        y = ops.max_pool2d(x, [3, 3], [2, 2], [1, 1])
+        ref = F.max_pool2d(x.detach().to("cpu", torch.float32), 3, 2, 1)
+        same = torch.equal(y.to("cpu", torch.float32), ref)
+        bad += not same
+        print(f"{'ok ' if same else 'BAD'} max_pool2d, {c} channels")
     torch.cuda.synchronize()
     print(f"sanitize_ops: {len(cases)} cases, {bad} mismatches")
     return 1 if bad else 0

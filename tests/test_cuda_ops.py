@@ -509,6 +509,50 @@ def test_add_relu_around_2_31_elements(numel):
 
 
 # ---------------------------------------------------------------------------
+# max_pool2d (the maxima only): exact against ATen's, NaN and -Inf included
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((2, 64, 112, 112), 3, 2, 1),   # ResNet's, vector loads
+    ((3, 3, 17, 19), 3, 2, 1),      # 3 channels: per element
+    ((1, 24, 9, 8), 2, 1, 0),
+    ((2, 8, 7, 7), (3, 2), (1, 2), (1, 1)),
+    ((0, 16, 5, 5), 3, 2, 1),       # empty batch
+])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "offset"])
+def test_max_pool2d(dtype, shape, kernel, stride, padding, layout):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=DEV).to(dtype)
+    if x.numel():
+        x.view(-1)[::7] = float("-inf")
+        x.view(-1)[3::11] = float("nan")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    elif layout == "offset":  # a view 2 elements into its storage: no 16-byte loads
+        base = torch.empty(x.numel() + 2, device=DEV, dtype=dtype)
+        x = base[2:].view(shape).copy_(x)
+    out = ops.max_pool2d(x, _pair2(kernel), _pair2(stride), _pair2(padding))
+    ref = F.max_pool2d(x, kernel, stride, padding)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    # The input's memory format, as ATen's.
+    assert out.is_contiguous(memory_format=CL) == ref.is_contiguous(memory_format=CL)
+
+
+def _pair2(v):
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+def test_max_pool2d_errors_name_the_problem():
+    with pytest.raises(RuntimeError, match="expected float16, bfloat16 or float32 input, got Double"):
+        ops.max_pool2d(torch.randn(1, 8, 5, 5, device=DEV, dtype=torch.float64), [3, 3], [2, 2],
+                       [1, 1])
+    with pytest.raises(RuntimeError, match="padding <= kernel_size / 2"):
+        ops.max_pool2d(torch.randn(1, 8, 5, 5, device=DEV), [3, 3], [2, 2], [2, 2])
+
+
+# ---------------------------------------------------------------------------
 # add_relu
 
 

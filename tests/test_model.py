@@ -2,6 +2,8 @@
 
 import copy
 import os
+import subprocess
+import sys
 import warnings
 import weakref
 
@@ -293,7 +295,8 @@ def test_few_tile_winograd_only_with_avx512(monkeypatch, isa, layer4_tile):
 
 
 # CUDA convs with fewer input channels than a 16-byte vector (the stem) may append zero
-# channels to input and weight (dispatch.CUDA_PAD_CHANNELS): the sums must not change.
+# channels to input and weight ("pad_channels" in dispatch.CUDA_TRY): the sums must not
+# change.
 # The arithmetic is the same on any device, so it is checked here against fp64.
 @pytest.mark.parametrize("dtype, channels", [(torch.float16, 8), (torch.bfloat16, 8),
                                              (torch.float32, 4)])
@@ -308,6 +311,16 @@ def test_padded_channels_give_the_same_conv(dtype, channels):
     ref = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=3)
     out = resnet_fused.ops.conv_bias_act(xp, wp, None, None, 2, 3, relu=False)
     assert rel_err(out, ref) < 1e-5
+
+
+def test_an_unknown_cuda_try_name_is_named():
+    code = "import resnet_fused.dispatch"
+    env = dict(os.environ, RESNET_FUSED_CUDA_TRY="pad_channels,max_pools")
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert ("RESNET_FUSED_CUDA_TRY: expected names from pad_channels, max_pool, got "
+            "max_pools; ignoring those") in r.stderr
 
 
 # bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs,

@@ -87,16 +87,34 @@ _UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_padded_stem_matches_the_unpadded_one(monkeypatch, dtype):
-    """dispatch.CUDA_PAD_CHANNELS: the stem's 3 input channels padded to a whole vector
-    take the vector kernel and give the scalar-load kernel's result. Only the stem's
-    summation order differs: a few units of roundoff there, carried through the net."""
+    """"pad_channels" in dispatch.CUDA_TRY: the stem's 3 input channels padded to a whole
+    vector take the vector kernel and give the scalar-load kernel's result. Only the
+    stem's summation order differs: a few units of roundoff there, carried through."""
     tv = tv_model("resnet50").cuda()
     fused = fuse(tv).to(dtype)
     x = torch.randn(4, 3, 96, 96, device="cuda", dtype=dtype)
     with tf32_convs(True), torch.inference_mode():
         plain = fused(x)
-        monkeypatch.setattr(dispatch, "CUDA_PAD_CHANNELS", True)
+        monkeypatch.setattr(dispatch, "CUDA_TRY", frozenset({"pad_channels"}))
         fused.refresh_fold()
         padded = fused(x)
     assert any(f.stem.padded_weight is not None for f in fused._fold_cache.values())
     assert rel_err(padded, plain) < 8 * _UNIT[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_our_max_pool_gives_the_same_model(monkeypatch, dtype):
+    """"max_pool" in dispatch.CUDA_TRY: ops.max_pool2d in place of ATen's; a max is exact,
+    so the outputs are the same bits."""
+    tv = tv_model("resnet18").cuda()
+    fused = fuse(tv).to(dtype)
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=dtype)
+    calls = []
+    with torch.inference_mode():
+        plain = fused(x)
+        monkeypatch.setattr(dispatch, "CUDA_TRY", frozenset({"max_pool"}))
+        real = dispatch.ops.max_pool2d
+        monkeypatch.setattr(dispatch.ops, "max_pool2d",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+        ours = fused(x)
+    assert calls and torch.equal(ours, plain)

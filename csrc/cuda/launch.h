@@ -137,4 +137,17 @@ template <typename T>
 cudaError_t launch_add_relu(void* out, const void* a, const void* b, int64_t n, bool vectorized,
                             int blocks, int threads, cudaStream_t stream);
 
+// max_pool2d over a channels_last [N, H, W, C] input into a [N, OH, OW, C] output.
+struct PoolParams {
+  int64_t N;
+  int C, H, W, OH, OW, kh, kw, sh, sw, ph, pw;
+};
+
+// The maxima of each window, for dtype T (float, __half, __nv_bfloat16), on `stream`
+// (max_pool_kernels.cu), in at most max_blocks blocks. vectorized: C is a multiple of
+// 16 / sizeof(T) and both pointers are 16-byte aligned. Returns the launch's error.
+template <typename T>
+cudaError_t launch_max_pool(const void* x, void* y, const PoolParams& p, bool vectorized,
+                            int max_blocks, cudaStream_t stream);
+
 }  // namespace resnet_fused
