@@ -394,6 +394,7 @@ def testopcheck(dtype):
     a = torch.randn(3, 5, 7, device=DEV, dtype=dtype)
     opcheck(ops.add_relu.default, (a, torch.randn_like(a)))
     opcheck(ops.add_relu_.default, (a.clone(), torch.randn_like(a)))
+    opcheck(ops.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1]))
 
 
 def test_errors_name_the_argument():
