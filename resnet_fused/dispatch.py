@@ -106,11 +106,25 @@ def _pad_to(c):
                         and channels != cin) else 0
 
 
+def _tf32_convs():
+    """Whether fp32 convs may use TF32, as our CUDA kernel asks (per op). torch 2.9+ reads
+    the new flags: the conv's, else cuDNN's, else the global one ("none" defers to the
+    next; all "none" is IEEE). The legacy flag raises there once the two APIs disagree."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision,
+                          getattr(torch.backends, "fp32_precision", "none")):
+            if precision != "none":
+                return precision == "tf32"
+        return False
+    return torch.backends.cudnn.allow_tf32
+
+
 def _tensor_core_conv(x):
     """Whether our CUDA kernel would take its tensor-core path for x, which the padding
     is for (sm_80 and newer; fp32 only with TF32 allowed); else padding only adds work."""
     return (torch.cuda.get_device_capability(x.device)[0] >= 8
-            and (x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32))
+            and (x.dtype != torch.float32 or _tf32_convs()))
 
 
 def pad_channels(t, channels):

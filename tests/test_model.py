@@ -313,6 +313,26 @@ def test_padded_channels_give_the_same_conv(dtype, channels):
     assert rel_err(out, ref) < 1e-5
 
 
+def test_tf32_flag_read_as_the_cuda_kernel_reads_it():
+    """dispatch._tf32_convs, which gates padding fp32 convs on CUDA, follows both of
+    torch's TF32 APIs without raising when they disagree."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flag")
+    saved = conv.fp32_precision, torch.backends.cudnn.allow_tf32
+    try:
+        for precision, expected in (("ieee", False), ("tf32", True)):
+            conv.fp32_precision = precision
+            assert dispatch._tf32_convs() is expected
+        torch.backends.cudnn.allow_tf32 = False
+        assert dispatch._tf32_convs() is False
+        torch.backends.cudnn.allow_tf32 = True
+        assert dispatch._tf32_convs() is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved[1]
+        conv.fp32_precision = saved[0]
+
+
 def test_an_unknown_cuda_try_name_is_named():
     code = "import resnet_fused.dispatch"
     env = dict(os.environ, RESNET_FUSED_CUDA_TRY="pad_channels,max_pools")
