@@ -81,7 +81,10 @@ def unsupported(device, dtype):
 #                 on an H200, cuDNN's fused conv 0.60 ms). The same sums.
 #   max_pool      The max-pool by ops.max_pool2d, without the int64 argmax ATen's CUDA
 #                 kernel writes (0.82 ms after the stem at batch 256, fp16, H200).
-CUDA_TRY_NAMES = ("pad_channels", "max_pool")
+#   plan          FusedResNet's recorded walk replayed from C++ (op_plan.py), as on the
+#                 CPU: at batch 1 fp16 on an H200 the Python walk cost ~0.65 ms of host
+#                 time (1.41 ms a forward, 0.76 ms captured in a CUDA graph).
+CUDA_TRY_NAMES = ("pad_channels", "max_pool", "plan")
 CUDA_TRY = frozenset(n.strip() for n in os.environ.get("RESNET_FUSED_CUDA_TRY", "").split(",")
                      if n.strip())
 if CUDA_TRY - set(CUDA_TRY_NAMES):

@@ -215,12 +215,15 @@ class _Folding:
         if fold.watch is None:  # an inline fold: part of a traced or autograd graph
             return self._run_layers(x, fold, finite, stage, keep, head)
         with dispatch.without_autograd():  # a cached fold: no graph to record
-            if stage.on or x.device.type != "cpu":  # (profiler labels need the walk)
-                return self._run_layers(x, fold, finite, stage, keep, head)
+            cuda_plan = x.is_cuda and "plan" in dispatch.CUDA_TRY
+            if stage.on or (x.device.type != "cpu" and not cuda_plan):
+                return self._run_layers(x, fold, finite, stage, keep, head)  # (labels: the walk)
             x = x.contiguous(memory_format=torch.channels_last)
             # The first walk for a key makes the weights its kernels want; the second is
-            # recorded, and later calls replay it (op_plan.py).
-            key = (x.shape, x.dtype, torch.get_num_threads(), finite, tuple(keep), head)
+            # recorded, and later calls replay it (op_plan.py). On CUDA the paths tried
+            # (dispatch.CUDA_TRY) change the walk, so they are part of the key.
+            key = (x.shape, x.dtype, torch.get_num_threads(), finite, tuple(keep), head,
+                   dispatch.CUDA_TRY if x.is_cuda else None)
             plan = fold.plans.get(key)
             if callable(plan):
                 return plan(x)

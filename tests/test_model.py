@@ -339,7 +339,7 @@ def test_an_unknown_cuda_try_name_is_named():
     r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env,
                        capture_output=True, text=True)
     assert r.returncode != 0
-    assert ("RESNET_FUSED_CUDA_TRY: expected names from pad_channels, max_pool, got "
+    assert ("RESNET_FUSED_CUDA_TRY: expected names from pad_channels, max_pool, plan, got "
             "max_pools; ignoring those") in r.stderr
 
 

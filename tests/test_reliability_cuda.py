@@ -102,6 +102,23 @@ def test_padded_stem_matches_the_unpadded_one(monkeypatch, dtype):
     assert rel_err(padded, plain) < 8 * _UNIT[dtype]
 
 
+def test_the_recorded_plan_replays_the_walk(monkeypatch):
+    """"plan" in dispatch.CUDA_TRY: the walk is recorded and replayed from C++, as on the
+    CPU; the replay gives the walk's bits, for the recorded input and a new one."""
+    tv = tv_model("resnet18").cuda()
+    fused = fuse(tv).to(torch.float16)
+    x = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.float16)
+    y = torch.randn_like(x)
+    with torch.inference_mode():
+        walked = fused(x), fused(y)
+        monkeypatch.setattr(dispatch, "CUDA_TRY", frozenset({"plan"}))
+        outputs = [fused(x) for _ in range(4)]  # walk, record, replay, replay
+        replayed = fused(y)
+    assert any(callable(p) for f in fused._fold_cache.values() for p in f.plans.values())
+    assert all(torch.equal(o, walked[0]) for o in outputs)
+    assert torch.equal(replayed, walked[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_our_max_pool_gives_the_same_model(monkeypatch, dtype):
     """"max_pool" in dispatch.CUDA_TRY: ops.max_pool2d in place of ATen's; a max is exact,
