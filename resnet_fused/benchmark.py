@@ -157,34 +157,35 @@ def peer_variants(tv, example, dtype, threads):
     skipped = [f"{m}: not installed (pip install resnet_fused[peers])" for m in missing]
     if "onnx" in missing or set(wanted) - set(missing) == {"onnx"}:
         return variants, skipped
-    try:
-        onnx_path = export_onnx(copy.deepcopy(tv).float(), example.float())
-    except Exception as e:  # exporter missing or failing: a peer row, not the bench, is lost
-        return variants, skipped + [f"peers: torch.onnx.export failed ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''})"]
-    precision = "f32" if dtype == torch.float32 else "bf16"
-    runners = [("onnxruntime", "onnxruntime", lambda: onnxruntime_runner(onnx_path, threads)),
-               ("openvino", f"openvino {precision}",
-                lambda: openvino_runner(onnx_path, threads, precision))]
-    for module, name, make in runners:
-        if module in wanted and module not in missing:
-            try:
-                variants[name] = make()
-            except Exception as e:  # installed but broken (a missing shared library, a
-                # plugin that fails to load): its row, not the bench, is lost
-                first = str(e).splitlines()[0] if str(e) else ""
-                skipped.append(f"{module}: cannot be used ({type(e).__name__}: {first})")
+    # The file is needed only while the peers load it: both keep their own copy.
+    with tempfile.TemporaryDirectory(prefix="resnet_fused_") as tmp:
+        onnx_path = os.path.join(tmp, "model.onnx")
+        try:
+            export_onnx(copy.deepcopy(tv).float(), example.float(), onnx_path)
+        except Exception as e:  # exporter missing or failing: a peer row, not the bench, is lost
+            return variants, skipped + [f"peers: torch.onnx.export failed ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''})"]
+        precision = "f32" if dtype == torch.float32 else "bf16"
+        runners = [("onnxruntime", "onnxruntime", lambda: onnxruntime_runner(onnx_path, threads)),
+                   ("openvino", f"openvino {precision}",
+                    lambda: openvino_runner(onnx_path, threads, precision))]
+        for module, name, make in runners:
+            if module in wanted and module not in missing:
+                try:
+                    variants[name] = make()
+                except Exception as e:  # installed but broken (a missing shared library, a
+                    # plugin that fails to load): its row, not the bench, is lost
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    skipped.append(f"{module}: cannot be used ({type(e).__name__}: {first})")
     return variants, skipped
 
 
-def export_onnx(model, example):
-    """torchvision's graph as ONNX (opset 17, dynamic batch) in a temporary file."""
-    path = os.path.join(tempfile.mkdtemp(prefix="resnet_fused_"), "model.onnx")
+def export_onnx(model, example, path):
+    """torchvision's graph as ONNX (opset 17, dynamic batch) in the file `path`."""
     with torch.no_grad():
         torch.onnx.export(model.eval(), (example,), path, opset_version=17,
                           input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
-    return path
 
 
 def onnxruntime_runner(path, threads):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -143,7 +144,8 @@ def _imports(module):
 
 
 @pytest.mark.parametrize("dtype", [str(d).replace("torch.", "") for d in dispatch.CPU_DTYPES])
-def test_bench_peers_rows_or_install_hint(dtype, capsys):
+def test_bench_peers_rows_or_install_hint(dtype, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert main(["bench", "--arch", "resnet18", "--batch-sizes", "1", "--size", "64", "--warmup",
                  "1", "--repeats", "1", "--device", "cpu", "--peers", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
@@ -164,6 +166,8 @@ def test_bench_peers_rows_or_install_hint(dtype, capsys):
     for variant in ("torchvision eager (NCHW)", "resnet_fused"):
         row = next(line for line in out.splitlines() if line.startswith(variant))
         assert float(row.split()[-1]) < tol
+    # The exported ONNX file does not outlive the bench (one per run would fill a disk).
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_profile_without_matplotlib_says_how_to_get_the_chart(tmp_path, monkeypatch, capsys):
