@@ -935,7 +935,8 @@ class TestGroupedConv3x3:
 
 # max_pool2d is a CPU op: the stem's 3x3/2 pool, odd sizes, kernels and strides.
 POOL_CASES = [((2, 64, 15, 17), 3, 2, 1), ((1, 20, 8, 8), 2, 2, 0), ((3, 5, 9, 6), 3, 1, 1),
-              ((1, 3, 7, 7), (3, 1), (2, 3), (1, 0)), ((2, 16, 4, 4), 4, 1, 2)]
+              ((1, 3, 7, 7), (3, 1), (2, 3), (1, 0)), ((2, 16, 4, 4), 4, 1, 2),
+              ((1, 130, 9, 9), 3, 2, 1)]  # two blocks of 64 channels and a tail
 
 
 class TestMaxPool2d:

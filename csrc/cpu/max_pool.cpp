@@ -37,8 +37,44 @@ inline float to_float(uint16_t v) {  // bfloat16 bits
 #define RESNET_FUSED_ALWAYS_INLINE inline
 #endif
 
-// Output row (n, oy) of a channels_last [N, H, W, C] image; acc holds C floats.
+// The window's maximum over rows [y0, y1) and columns [x0, x1) for the first n
+// channels at `in` (n = kN, or count where kN is 0), written to o; acc holds n floats.
 // The result is one of the inputs, so for bfloat16 the bits are copied back exact.
+template <class T, int64_t kN>
+RESNET_FUSED_ALWAYS_INLINE void pool_channels(const T* in, T* o, float* acc, int64_t W,
+                                              int64_t C, int64_t y0, int64_t y1, int64_t x0,
+                                              int64_t x1, int64_t count = kN) {
+  const int64_t n = kN ? kN : count;
+  const T* first = in + (y0 * W + x0) * C;
+  for (int64_t c = 0; c < n; ++c) acc[c] = to_float(first[c]);
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = (y == y0 ? x0 + 1 : x0); x < x1; ++x) {
+      const T* px = in + (y * W + x) * C;
+      for (int64_t c = 0; c < n; ++c) {
+        const float v = to_float(px[c]);
+        acc[c] = (v > acc[c] || v != v) ? v : acc[c];
+      }
+    }
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    for (int64_t c = 0; c < n; ++c) o[c] = acc[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      uint32_t u;
+      std::memcpy(&u, &acc[c], sizeof u);
+      o[c] = static_cast<uint16_t>(u >> 16);  // exact: acc holds a bfloat16 value
+    }
+  }
+}
+
+// Channels in blocks of a fixed kBlock, whose maxima the compiler keeps in vector
+// registers across the window. With C only at run time they went through memory, a
+// store and a reload per input pixel; with AVX-512 on an AMD EPYC Zen 4 that made the
+// pool after ResNet's stem (64 channels, 112x112, batch 1) take 0.165 ms against 0.091
+// with AVX2.
+constexpr int64_t kBlock = 64;
+
+// Output row (n, oy) of a channels_last [N, H, W, C] image; acc holds C floats.
 // Inlined into each ISA's pool_rows below, so that it is compiled for that ISA.
 template <class T>
 RESNET_FUSED_ALWAYS_INLINE void pool_row(const T* in, T* out, float* acc, int64_t H, int64_t W,
@@ -46,29 +82,17 @@ RESNET_FUSED_ALWAYS_INLINE void pool_row(const T* in, T* out, float* acc, int64_
                                          int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                                          int64_t pw) {
   const int64_t y0 = std::max<int64_t>(oy * sh - ph, 0), y1 = std::min(oy * sh - ph + kh, H);
+  const int64_t blocked = C / kBlock * kBlock;
   for (int64_t ox = 0; ox < OW; ++ox) {
-    const int64_t x0 = std::max<int64_t>(ox * sw - pw, 0), x1 = std::min(ox * sw - pw + kw, W);
     // padding <= kernel / 2 (checked) leaves every window at least one pixel.
-    const T* first = in + (y0 * W + x0) * C;
-    for (int64_t c = 0; c < C; ++c) acc[c] = to_float(first[c]);
-    for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t x = (y == y0 ? x0 + 1 : x0); x < x1; ++x) {
-        const T* px = in + (y * W + x) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const float v = to_float(px[c]);
-          acc[c] = (v > acc[c] || v != v) ? v : acc[c];
-        }
-      }
-    }
+    const int64_t x0 = std::max<int64_t>(ox * sw - pw, 0), x1 = std::min(ox * sw - pw + kw, W);
     T* o = out + ox * C;
-    if constexpr (std::is_same<T, float>::value) {
-      for (int64_t c = 0; c < C; ++c) o[c] = acc[c];
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        uint32_t u;
-        std::memcpy(&u, &acc[c], sizeof u);
-        o[c] = static_cast<uint16_t>(u >> 16);  // exact: acc holds a bfloat16 value
-      }
+    for (int64_t c0 = 0; c0 < blocked; c0 += kBlock) {
+      float block[kBlock];
+      pool_channels<T, kBlock>(in + c0, o + c0, block, W, C, y0, y1, x0, x1);
+    }
+    if (blocked < C) {
+      pool_channels<T, 0>(in + blocked, o + blocked, acc, W, C, y0, y1, x0, x1, C - blocked);
     }
   }
 }
