@@ -60,7 +60,7 @@ class OpPlan : public torch::CustomClassHolder {
       return at++;
     };
     for (const auto& arg : schema.arguments()) {
-      const auto& type = arg.real_type();
+      const auto& type = arg.type();  // SymInt as int: plans are for concrete shapes
       const auto kind = type->kind();
       if (kind == c10::TypeKind::TensorType ||
           (kind == c10::TypeKind::OptionalType &&
@@ -89,9 +89,11 @@ class OpPlan : public torch::CustomClassHolder {
         step.args.emplace_back(bools.get(take(b, bools.size(), "bool")));
       } else if (kind == c10::TypeKind::FloatType) {
         step.args.emplace_back(floats[take(f, floats.size(), "float")]);
+      } else if (kind == c10::TypeKind::NumberType) {  // a Scalar, recorded as a float
+        step.args.emplace_back(c10::Scalar(floats[take(f, floats.size(), "float")]));
       } else {
         TORCH_CHECK(false, "OpPlan.add_step: ", name, "'s argument ", arg.name(), " has type ",
-                    type->str(), ", which a plan does not hold");
+                    arg.real_type()->str(), ", which a plan does not hold");
       }
     }
     TORCH_CHECK(t == tensors.size() && i == ints.size() && b == bools.size() &&

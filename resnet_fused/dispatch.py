@@ -131,12 +131,11 @@ def _tensor_core_conv(x):
 
 
 def pad_channels(t, channels):
-    """t (N, C, H, W) with zero channels appended up to `channels`, channels_last."""
-    out = torch.empty((t.shape[0], channels) + tuple(t.shape[2:]), dtype=t.dtype,
-                      device=t.device, memory_format=torch.channels_last)
-    out[:, :t.shape[1]] = t
-    out[:, t.shape[1]:] = 0
-    return out
+    """t (N, C, H, W) with zero channels appended up to `channels`, channels_last. One
+    op (constant_pad_nd, which keeps the layout; F.pad reaches a recording under
+    inference mode as aten::pad, with a string), so that a recorded plan holds it."""
+    out = torch.constant_pad_nd(t, (0, 0, 0, 0, 0, channels - t.shape[1]), 0.0)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 # ---- one conv, prepared ------------------------------------------------------
@@ -254,6 +253,10 @@ def prepare(weight, bias, conv, dtype, cached=True):
     c.conv1x1_fits = cached and _conv1x1_fits(c)
     c.grouped_fits = cached and _grouped_fits(c)
     c.pad_to = _pad_to(c)
+    if c.pad_to and cached:
+        # Made now, on the fold's stream before its syncing check, not on the first
+        # padded call: a call on another stream could read it before it is written.
+        c.padded_weight = pad_channels(c.weight, c.pad_to)
     return c
 
 

@@ -227,7 +227,9 @@ class _Folding:
             plan = fold.plans.get(key)
             if callable(plan):
                 return plan(x)
-            if plan is _WALKED_ONCE:
+            # Recording checks the replay against the walk, which syncs: not while a
+            # CUDA graph is being captured (that call walks; a later one records).
+            if plan is _WALKED_ONCE and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
                 outputs, fold.plans[key] = op_plan.record(
                     lambda t: self._run_layers(t, fold, finite, stage, keep, head), x)
                 if (head and finite and not keep and fold.plans[key] and "head" in outputs

@@ -95,6 +95,8 @@ def _encode(func, args, kwargs, slots):
             bools.append(bool(value))
         elif kind == "float":
             floats.append(float(value))
+        elif kind == "number" and type(value) is float:  # a Scalar: a float one only, so
+            floats.append(value)  # that an int one is not replayed as a float
         else:
             raise TypeError(f"{schema.name}: argument {arg.name} of type {kind}")
     return (schema.name, schema.overload_name, tensors, tensor_slots, ints, bools, floats)

@@ -398,6 +398,9 @@ def _register_fakes():
         torch._check(c > 0 and h > 0 and w > 0,
                      lambda: f"max_pool2d: expected input with non-empty channel and spatial "
                              f"dimensions, got shape {tuple(input.shape)}")
+        torch._check(all(size + 2 * p >= k for size, k, p in zip((h, w), kernel_size, padding)),
+                     lambda: f"max_pool2d: input spatial size {[h, w]} with padding "
+                             f"{list(padding)} is smaller than the kernel {list(kernel_size)}")
         shape = (n, c) + tuple((size + 2 * p - k) // s + 1 for size, k, s, p in
                                zip((h, w), kernel_size, stride, padding))
         return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))

@@ -103,8 +103,11 @@ def test_a_walk_it_cannot_replay_is_not_recorded():
     def returns_its_input(t):
         return {"y": t}
 
+    def int_scalar(t):  # held as a float, it would change the op's overload of an int
+        return {"y": torch.ops.aten.constant_pad_nd.default(t, [0, 0, 0, 0, 0, 3], 0)}
+
     with torch.inference_mode():
-        for walk in (reads_a_value, layout_argument, two_results, returns_its_input):
+        for walk in (reads_a_value, layout_argument, two_results, returns_its_input, int_scalar):
             out, plan = op_plan.record(walk, x)
             assert plan is None, walk.__name__
             assert torch.equal(out["y"], walk(x)["y"])
@@ -112,6 +115,10 @@ def test_a_walk_it_cannot_replay_is_not_recorded():
         assert plan is not None and torch.equal(plan(x)["y"], out["y"])
         other = torch.randn(2, 8, 5, 5)
         assert torch.equal(plan(other)["y"], other.relu().neg())
+        # A float Scalar is held (the padded stem's zero channels, dispatch.pad_channels).
+        pad = lambda t: {"y": torch.constant_pad_nd(t, (0, 0, 0, 0, 0, 3), 0.5)}  # noqa: E731
+        out, plan = op_plan.record(pad, x)
+        assert plan is not None and torch.equal(plan(other)["y"], pad(other)["y"])
 
 
 def test_plan_errors_name_the_problem():
@@ -124,8 +131,9 @@ def test_plan_errors_name_the_problem():
         plan.add_step("aten::relu", "", [None], [0], [1], [], [])
     with pytest.raises(RuntimeError, match="aten::dropout needs more float arguments"):
         plan.add_step("aten::dropout", "", [None], [0], [], [], [])
-    with pytest.raises(RuntimeError, match="argument alpha has type Scalar, which a plan does"):
-        plan.add_step("aten::add", "Tensor", [None, None], [0, 0], [], [], [])
+    with pytest.raises(RuntimeError, match="argument memory_format has type MemoryFormat\\?, "
+                                           "which a plan does not hold"):
+        plan.add_step("aten::clone", "", [None], [0], [], [], [])
     for inputs in ([torch.ones(1), torch.ones(1)], []):
         with pytest.raises(RuntimeError, match=rf"expected 1 inputs \(as the plan was made for\), "
                                                rf"got {len(inputs)}"):

@@ -972,8 +972,13 @@ class TestMaxPool2d:
             env = dict(__import__("os").environ, RESNET_FUSED_CPU_ISA=isa)
             subprocess.run([sys.executable, "-c", script], check=True, env=env)
 
-    def test_empty_batch(self):
-        assert ops.max_pool2d(torch.empty(0, 4, 9, 9), 3, 2, 1).shape == (0, 4, 5, 5)
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+    def test_empty_batch(self, layout):
+        # ATen's layout too: an empty tensor is not restrided by .contiguous().
+        x = torch.empty(0, 4, 9, 9)
+        x = x.contiguous(memory_format=CL) if layout == "channels_last" else x
+        out, ref = ops.max_pool2d(x, 3, 2, 1), torch.nn.functional.max_pool2d(x, 3, 2, 1)
+        assert out.shape == ref.shape == (0, 4, 5, 5) and out.stride() == ref.stride()
 
     def test_stride_defaults_to_the_kernel(self):
         x = torch.randn(1, 3, 8, 9)
@@ -1007,6 +1012,9 @@ class TestMaxPool2d:
             ops.max_pool2d(x, 3, 0, 1)
         with pytest.raises(RuntimeError, match="smaller than the kernel"):
             ops.max_pool2d(torch.randn(1, 4, 2, 2), 5, 1, 1)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode(), pytest.raises(RuntimeError, match="smaller than the kernel"):
+            ops.max_pool2d(torch.randn(1, 4, 2, 2), 5, 1, 1)  # the fake kernel, as traced
         with pytest.raises(ValueError, match="kernel_size must be an int or a pair"):
             ops.max_pool2d(x, (3, 3, 3), 2, 1)
 

@@ -93,12 +93,16 @@ def test_padded_stem_matches_the_unpadded_one(monkeypatch, dtype):
     tv = tv_model("resnet50").cuda()
     fused = fuse(tv).to(dtype)
     x = torch.randn(4, 3, 96, 96, device="cuda", dtype=dtype)
+    padded_shapes = []
+    real = dispatch.pad_channels
+    monkeypatch.setattr(dispatch, "pad_channels",
+                        lambda t, c: padded_shapes.append(tuple(t.shape)) or real(t, c))
     with tf32_convs(True), torch.inference_mode():
         plain = fused(x)
         monkeypatch.setattr(dispatch, "CUDA_TRY", frozenset({"pad_channels"}))
         fused.refresh_fold()
         padded = fused(x)
-    assert any(f.stem.padded_weight is not None for f in fused._fold_cache.values())
+    assert tuple(x.shape) in padded_shapes  # the input took the padded route
     assert rel_err(padded, plain) < 8 * _UNIT[dtype]
 
 
@@ -117,6 +121,39 @@ def test_the_recorded_plan_replays_the_walk(monkeypatch):
     assert any(callable(p) for f in fused._fold_cache.values() for p in f.plans.values())
     assert all(torch.equal(o, walked[0]) for o in outputs)
     assert torch.equal(replayed, walked[1])
+
+
+def test_every_path_together_is_recorded_and_replayed(monkeypatch):
+    """All of dispatch.CUDA_TRY_NAMES at once: the padded stem and our max-pool are
+    recorded into the plan too (its replay gives the walk's bits), so that the paths
+    are measured together as they would run."""
+    tv = tv_model("resnet18").cuda()
+    fused = fuse(tv).to(torch.float16)
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        monkeypatch.setattr(dispatch, "CUDA_TRY", frozenset(dispatch.CUDA_TRY_NAMES) - {"plan"})
+        walked = fused(x)
+        monkeypatch.setattr(dispatch, "CUDA_TRY", frozenset(dispatch.CUDA_TRY_NAMES))
+        outputs = [fused(x) for _ in range(3)]  # walk, record, replay
+    assert any(callable(p) for f in fused._fold_cache.values() for p in f.plans.values())
+    assert all(torch.equal(o, walked) for o in outputs)
+
+
+def test_capture_after_one_warmup_with_the_plan(monkeypatch):
+    """With "plan" on, the second call for an input records (and checks, with a sync):
+    captured as that call, the capture walks instead, and later calls record."""
+    tv = tv_model("resnet18").cuda()
+    fused = fuse(tv).to(torch.float16)
+    monkeypatch.setattr(dispatch, "CUDA_TRY", frozenset({"plan"}))
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        ref = fused(x)
+        fused.refresh_fold()
+        captured = fused.capture(tuple(x.shape), warmup=1)
+        out = captured(x).clone()
+        assert torch.equal(fused(x), ref) and torch.equal(fused(x), ref)
+    assert torch.equal(out, ref)
+    assert any(callable(p) for f in fused._fold_cache.values() for p in f.plans.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -141,10 +141,12 @@ Tensor max_pool2d_cpu(const Tensor& input, at::IntArrayRef kernel_size, at::IntA
                       at::IntArrayRef padding) {
   const auto dims = check_max_pool2d_args(input, kernel_size, stride, padding);
   const auto fmt = output_memory_format(input);
+  const std::vector<int64_t> size{input.size(0), input.size(1), dims[0], dims[1]};
+  // Empty: ATen's layout (.contiguous() below would not restride an empty tensor).
+  if (c10::multiply_integers(size) == 0) return at::empty(size, input.options().memory_format(fmt));
   const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor out = at::empty({input.size(0), input.size(1), dims[0], dims[1]},
-                         input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() > 0) {
+  Tensor out = at::empty(size, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  {
     if (x.scalar_type() == at::kFloat) {
       pool<float>(x, out, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
                   padding[1]);

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <vector>
 
 #include "checks.h"
 #include "launch.h"
@@ -22,13 +23,20 @@ Tensor max_pool2d_cuda(const Tensor& input, at::IntArrayRef kernel_size, at::Int
               input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = output_memory_format(input);
+  const std::vector<int64_t> size{input.size(0), input.size(1), dims[0], dims[1]};
+  // Empty: ATen's layout (.contiguous() below would not restride an empty tensor).
+  if (c10::multiply_integers(size) == 0) return at::empty(size, input.options().memory_format(fmt));
   const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor out = at::empty({input.size(0), input.size(1), dims[0], dims[1]},
-                         input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() > 0) {
+  Tensor out = at::empty(size, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  {
     TORCH_CHECK(input.size(1) <= INT_MAX && input.size(2) <= INT_MAX && input.size(3) <= INT_MAX,
                 "max_pool2d (CUDA kernel): sizes too large for 32-bit coordinates, input ",
                 input.sizes());
+    for (size_t d = 0; d < 2; ++d) {
+      TORCH_CHECK(kernel_size[d] <= INT_MAX && stride[d] <= INT_MAX, "max_pool2d (CUDA kernel): "
+                  "expected kernel_size and stride below 2^31, got kernel_size ", kernel_size,
+                  " and stride ", stride);
+    }
     const PoolParams p{input.size(0),
                        static_cast<int>(input.size(1)),
                        static_cast<int>(input.size(2)),
