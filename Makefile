@@ -9,13 +9,24 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := ninja numpy setuptools wheel pillow matplotlib pytest hypothesis pyflakes onnx onnxscript safetensors
 # ONNX Runtime and OpenVINO: the CPU peers `bench --peers` times side by side.
 PEERS := onnxruntime openvino
+# CUTLASS's headers (header-only) for the Hopper GEMM of csrc/cuda/gemm1x1_sm90.cu;
+# without its Python package's dependencies, which the build does not use.
+CUTLASS := nvidia-cutlass==4.2.0.0
 
 .PHONY: demo test build clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS) $(DEPS) $(PEERS)
+	$(PY) -m pip install --quiet --no-deps $(CUTLASS)
 	touch $@
+
+# CUTLASS's headers in the source tree, for a machine where nothing installs (setup.py
+# looks there first): `make .cutlass`, then carry .cutlass with the tree.
+.cutlass: $(VENV)/.deps
+	rm -rf $@ && mkdir -p $@/tools/util
+	src=$$($(PY) -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('cutlass_library').origin), 'source'))") && \
+		cp -r $$src/include $@/ && cp -r $$src/tools/util/include $@/tools/util/
 
 # Compiled, editable install: builds resnet_fused/_C*.so in place (ninja, incremental).
 build: $(VENV)/.deps

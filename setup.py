@@ -6,6 +6,9 @@ are both present; otherwise the build is CPU-only. Overrides:
   RESNET_FUSED_CPU_ONLY=1   never build them
   TORCH_CUDA_ARCH_LIST      target archs (default: the visible GPU's, else 9.0; the
                             default 9.0 is 9.0a, which Hopper's wgmma kernel needs)
+  RESNET_FUSED_CUTLASS_DIR  CUTLASS's source tree (include/, tools/util/include/) for the
+                            Hopper GEMM of csrc/cuda/gemm1x1_sm90.cu; by default ./.cutlass
+                            (`make .cutlass`), else the nvidia-cutlass package's copy
 """
 
 import glob
@@ -199,6 +202,25 @@ def wgmma_in_build():
     return True
 
 
+def cutlass_include_dirs():
+    """CUTLASS's header folders (header-only: cutlass/ and cute/, and the util folder),
+    or [] where none is found; then the CUTLASS GEMM is left out of the build."""
+    roots = [os.environ.get("RESNET_FUSED_CUTLASS_DIR", ""), os.path.join(HERE, ".cutlass")]
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("cutlass_library")  # nvidia-cutlass; not imported
+        if spec is not None and spec.origin:
+            roots.append(os.path.join(os.path.dirname(spec.origin), "source"))
+    except (ImportError, ValueError):
+        pass
+    for root in filter(None, roots):
+        dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+        if (os.path.exists(os.path.join(dirs[0], "cutlass", "cutlass.h"))
+                and os.path.exists(os.path.join(dirs[1], "cutlass", "util", "packed_stride.hpp"))):
+            return dirs
+    return []
+
+
 build_cuda, cuda_home, why = decide_cuda()
 if build_cuda:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
@@ -235,17 +257,22 @@ if build_cuda:
         fail(f"CUDA headers not found: {', '.join(missing)} (looked in {cuda_home}/include and "
              "the nvidia-* wheels); install the CUDA toolkit's dev headers")
     sm90a = wgmma_in_build()
+    cutlass = cutlass_include_dirs() if sm90a else []
+    include_dirs += cutlass
     ext = CUDAExtension(
         "resnet_fused._C", sources, include_dirs=include_dirs,
         # Recorded so the package can say so when the GPU's arch is not among them.
         define_macros=[("RESNET_FUSED_WITH_CUDA", "1"),
                        ("RESNET_FUSED_CUDA_ARCHS", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"')]
-                      + ([("RESNET_FUSED_SM90A", "1")] if sm90a else []),
+                      + ([("RESNET_FUSED_SM90A", "1")] if sm90a else [])
+                      + ([("RESNET_FUSED_CUTLASS", "1")] if cutlass else []),
         extra_compile_args={"cxx": cxx_flags,
                             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=link_flags,
     )
-    print(f"resnet_fused: building with CUDA ({why}), archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"resnet_fused: building with CUDA ({why}), archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+          + (f", CUTLASS from {os.path.dirname(cutlass[0])}" if cutlass else
+             ", without the CUTLASS GEMM" + ("" if sm90a else " (needs 9.0a)")))
 else:
     ext = CppExtension("resnet_fused._C", sources, include_dirs=include_dirs,
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)

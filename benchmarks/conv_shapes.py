@@ -10,7 +10,8 @@ Prints one table and writes JSON.
         [--tiles L,H]
 
 --tiles adds a column "ours <T>" per CUDA kernel config T (RESNET_FUSED_CUDA_TILE,
-set around each call), timed in the same round-robin as the others.
+set around each call), timed in the same round-robin as the others. Where a config
+does not serve a shape, the size rule runs it (CUTLASS: 1x1 stride-1 convs only).
 
 The roofline's peaks default, for fp16/bf16 on an H100 or H200 (by the device's
 name), to its dense tensor-core rate and its memory bandwidth (989 TFLOP/s; 3350 and
@@ -96,11 +97,12 @@ def tile_runs(tile, device, dtype):
     x = torch.ones(1, 16, 4, 4, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     w = torch.ones(16, 16, 1, 1, device=device, dtype=dtype)
-    if tile == "H" and dtype not in (torch.float16, torch.bfloat16):
-        print(f"ours {tile}: skipped: the wgmma kernel is fp16/bf16 only")
+    b = torch.ones(16, device=device, dtype=dtype)  # with a bias: a conv CUTLASS serves
+    if tile in ("H", "CUTLASS") and dtype not in (torch.float16, torch.bfloat16):
+        print(f"ours {tile}: skipped: that kernel is fp16/bf16 only")
         return False
     try:
-        with_tile(tile, lambda: ops.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1))()
+        with_tile(tile, lambda: ops.conv_bias_act(x, w, b, None, [1, 1], [0, 0], [1, 1], 1))()
         torch.cuda.synchronize(device)
         return True
     except RuntimeError as e:
@@ -145,7 +147,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", default=None)
     p.add_argument("--tiles", default="",
-                   help="CUDA kernel configs to time as columns of their own, e.g. L,H")
+                   help="CUDA kernel configs to time as columns of their own, e.g. L,H,CUTLASS")
     args = p.parse_args(argv)
     tiles = [t for t in args.tiles.split(",") if t]
     device = torch.device(args.device)

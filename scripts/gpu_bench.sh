@@ -57,7 +57,7 @@ step "bench r18" "$CAP_BENCH18" bench_resnet18.log "^batch 256: " \
   "$PY" -m resnet_fused bench --arch resnet18 --dtype float16 --batch-sizes 256 --repeats 20 \
   --json "$LOG_DIR/bench_resnet18.json"
 step "conv shapes" "$CAP_SHAPES" conv_shapes.log "^resnet50, all convs" \
-  "$PY" benchmarks/conv_shapes.py --tiles L,L2,H --repeats 10 --json "$LOG_DIR/conv_shapes.json"
+  "$PY" benchmarks/conv_shapes.py --tiles L,L2,H,CUTLASS --repeats 10 --json "$LOG_DIR/conv_shapes.json"
 step capture "$CAP_CAPTURE" capture.log "speedup" \
   "$PY" benchmarks/capture_latency.py
 

@@ -85,7 +85,7 @@ for batch in 1 32; do
   if [ -n "$why" ]; then row "shapes b$batch" 0 "$why"; continue; fi
   t=$(now)
   timeout "$CAP_SHAPES" "$PY" benchmarks/conv_shapes.py --batch "$batch" --archs resnet50 \
-    --tiles L,L2,H --repeats 10 --json "$LOG_DIR/conv_shapes_b$batch.json" > "$LOG_DIR/conv_shapes_b$batch.log" 2>&1
+    --tiles L,L2,H,CUTLASS --repeats 10 --json "$LOG_DIR/conv_shapes_b$batch.json" > "$LOG_DIR/conv_shapes_b$batch.log" 2>&1
   rc=$?
   row "shapes b$batch" $(( $(now) - t )) "rc=$rc$(timed_out "$rc"); $(grep -E '^resnet50, all convs' "$LOG_DIR/conv_shapes_b$batch.log" | tail -1)"
 done

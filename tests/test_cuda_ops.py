@@ -418,8 +418,8 @@ def test_unknown_tile_override_is_named(monkeypatch):
     x = torch.randn(1, 16, 4, 4, device=DEV)
     w = torch.randn(32, 16, 1, 1, device=DEV)
     with pytest.raises(RuntimeError, match=re.escape(
-            "RESNET_FUSED_CUDA_TILE: expected one of auto, L, M, S, X, H, L2, SIMT (or unset), "
-            "got 'XL'")):
+            "RESNET_FUSED_CUDA_TILE: expected one of auto, L, M, S, X, H, L2, CUTLASS, SIMT (or "
+            "unset), got 'XL'")):
         ops.conv_bias_act(x, w, None, None, [1, 1], [0, 0], [1, 1], 1)
 
 
@@ -452,6 +452,51 @@ def test_wgmma_override_runs_or_says_why(monkeypatch, dtype):
         with pytest.raises(RuntimeError, match="RESNET_FUSED_CUDA_TILE=H: the wgmma kernel "
                                                "needs an sm_90 GPU"):
             ops.conv_bias_act(*args)
+
+
+# Like the H test: only in gpu_check.sh's CUTLASS row, which does not decide its exit
+# status, until the CUTLASS GEMM has run on a GPU.
+@pytest.mark.skipif(os.environ.get("RESNET_FUSED_CUDA_TILE") != "CUTLASS",
+                    reason="runs with RESNET_FUSED_CUDA_TILE=CUTLASS (gpu_check.sh's CUTLASS row)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual", ["none", "tensor", "in place"])
+def test_cutlass_override_runs_or_says_why(monkeypatch, dtype, residual):
+    """RESNET_FUSED_CUDA_TILE=CUTLASS runs the CUTLASS GEMM for a 1x1 conv where it can
+    (an sm_90 GPU, a build with it), checked against fp64 with M and N not multiples
+    of its 128x128 tiles, 5 k-tiles of 64, with and without a residual and with the
+    residual summed in place (conv_bias_add_relu_); anywhere else the conv fails naming
+    the GPU and the build. Operands exact in fp16/bf16, products summed exactly in
+    fp32: only the output's rounding is left (plus the residual's, summed in fp32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (3, 320, 9, 11), generator=g) / 4
+    w = torch.randint(-4, 5, (200, 320, 1, 1), generator=g) / 8
+    b = torch.randint(-4, 5, (200,), generator=g) / 4
+    r = torch.randint(-8, 9, (3, 200, 9, 11), generator=g) / 4
+    ref = F.conv2d(x.double(), w.double(), b.double()) + (0 if residual == "none" else r.double())
+    ref = torch.relu(ref)
+    cl = torch.channels_last
+    xd, wd, bd = (x.to(DEV, dtype).contiguous(memory_format=cl), w.to(DEV, dtype),
+                  b.to(DEV, dtype))
+    rd = r.to(DEV, dtype).contiguous(memory_format=cl)
+    from resnet_fused import _extension
+    monkeypatch.setenv("RESNET_FUSED_CUDA_TILE", "CUTLASS")
+
+    def run():
+        if residual == "in place":
+            ops.conv_bias_add_relu_(rd, xd, wd, bd, [1, 1], [0, 0], [1, 1], 1)
+            return rd
+        return ops.conv_bias_act(xd, wd, bd, rd if residual == "tensor" else None,
+                                 [1, 1], [0, 0], [1, 1], 1, relu=True)
+
+    if torch.cuda.get_device_capability() == (9, 0) and _extension._C.cuda_cutlass:
+        y = run()
+        err = ((y.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= (2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8), err
+        assert y.is_contiguous(memory_format=cl)
+    else:
+        with pytest.raises(RuntimeError, match="RESNET_FUSED_CUDA_TILE=CUTLASS: the CUTLASS GEMM "
+                                               "needs an sm_90 GPU"):
+            run()
 
 
 def test_pack_weight_layout_and_equivalence():
@@ -530,15 +575,18 @@ def test_max_pool2d(dtype, shape, kernel, stride, padding, layout):
         x.view(-1)[3::11] = float("nan")
     if layout == "channels_last":
         x = x.contiguous(memory_format=CL)
-    elif layout == "offset":  # a view 2 elements into its storage: no 16-byte loads
+    elif layout == "offset":  # channels_last, 2 elements into its storage: no 16-byte loads
+        n, c, h, w = shape
         base = torch.empty(x.numel() + 2, device=DEV, dtype=dtype)
-        x = base[2:].view(shape).copy_(x)
+        x = base[2:].view(n, h, w, c).permute(0, 3, 1, 2).copy_(x)
+        assert x.is_contiguous(memory_format=CL) and x.data_ptr() % 16 != 0
     out = ops.max_pool2d(x, _pair2(kernel), _pair2(stride), _pair2(padding))
     ref = F.max_pool2d(x, kernel, stride, padding)
     assert out.shape == ref.shape and out.dtype == dtype
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
-    # The input's memory format, as ATen's.
+    # The input's memory format, as ATen's (an empty batch's too).
     assert out.is_contiguous(memory_format=CL) == ref.is_contiguous(memory_format=CL)
+    assert out.numel() or out.stride() == ref.stride()
 
 
 def _pair2(v):

@@ -73,6 +73,10 @@ void check_cuda_conv(const char* op, const Tensor& input) {
 //            (an error where it cannot run: not an sm_90 GPU, or no 9.0a in the
 //            build's archs); fp32 and scalar-load launches keep the size rule / X.
 //            Not chosen otherwise until it has been checked on a GPU.
+//   CUTLASS  the CUTLASS Hopper GEMM (gemm1x1_sm90.cu) for every fp16/bf16 1x1 stride-1
+//            conv it can compute (bias, ReLU, 16-byte aligned, C and K multiples of 8;
+//            an error where it cannot run: not an sm_90 GPU, or not in the build);
+//            the size rule for the others. Not chosen otherwise until checked on a GPU.
 //   SIMT     the SIMT kernel for every GEMM launch, tensor cores or not
 //   auto     (or unset) the size rule in choose_kernel
 // The direct kernel's cases are never overridden. Read at every dispatch (a
@@ -86,14 +90,15 @@ std::optional<ConvKernel> tile_override() {
   static const std::pair<const char*, ConvKernel> kNames[] = {
       {"L", ConvKernel::kTcL}, {"M", ConvKernel::kTcM},    {"S", ConvKernel::kTcS},
       {"X", ConvKernel::kTcX}, {"H", ConvKernel::kTcH}, {"L2", ConvKernel::kTcL2},
-      {"SIMT", ConvKernel::kSimt}};
+      {"CUTLASS", ConvKernel::kCutlass}, {"SIMT", ConvKernel::kSimt}};
   const char* env = std::getenv(kTileEnv);
   const std::string v = env == nullptr ? "" : env;
   if (v.empty() || v == "auto") return std::nullopt;
   for (const auto& [name, kernel] : kNames) {
     if (v == name) return kernel;
   }
-  TORCH_CHECK(false, kTileEnv, ": expected one of auto, L, M, S, X, H, L2, SIMT (or unset), got '",
+  TORCH_CHECK(false, kTileEnv,
+              ": expected one of auto, L, M, S, X, H, L2, CUTLASS, SIMT (or unset), got '",
               v, "'");
   return std::nullopt;
 }
@@ -132,6 +137,26 @@ void check_wgmma_runs(int device) {
               "9.0)");
 }
 
+// The CUTLASS GEMM: in a build with it (CUTLASS's headers found, 9.0a among the
+// archs), on an sm_90 GPU.
+void check_cutlass_runs(int device) {
+  const auto* prop = at::cuda::getDeviceProperties(device);
+  TORCH_CHECK(conv::cutlass_built() && prop->major == 9 && prop->minor == 0, kTileEnv,
+              "=CUTLASS: the CUTLASS GEMM needs an sm_90 GPU (H100, H200) and a build with "
+              "CUTLASS's headers (pip install nvidia-cutlass) for 9.0a; this GPU is sm_",
+              prop->major, prop->minor, ", this build's archs are '", RESNET_FUSED_CUDA_ARCHS,
+              "' and it ", conv::cutlass_built() ? "has" : "does not have", " the GEMM");
+}
+
+// Whether the CUTLASS GEMM computes this conv: 1x1, stride 1, no padding, one group,
+// a bias and the ReLU, C and K multiples of 8 and every operand 16-byte aligned (TMA).
+bool cutlass_fits(const ConvParams& p) {
+  return p.R == 1 && p.S == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 &&
+         p.pad_w == 0 && p.groups == 1 && p.relu && p.bias != nullptr && p.C % 8 == 0 &&
+         p.K % 8 == 0 && aligned(p.x, 16) && aligned(p.w, 16) && aligned(p.bias, 16) &&
+         aligned(p.y, 16) && (p.res == nullptr || aligned(p.res, 16));
+}
+
 // Path and tile choice. Tile table (see igemm.cuh): 128x128 (L) when a group has
 // more than 64 output channels and the grid still fills every SM once; else
 // 128x64 (M) when that fills the SMs; else 64x64 (S), which keeps small GEMMs
@@ -153,6 +178,11 @@ ConvKernel choose_kernel(const ConvParams& p, const Tensor& x, const Tensor& w, 
   if (!vec || forced == ConvKernel::kTcX) return ConvKernel::kTcX;
   if (forced == ConvKernel::kTcH) {
     if (sizeof(T) == 2) return ConvKernel::kTcH;  // fp32 (TF32): the size rule
+  } else if (forced == ConvKernel::kCutlass) {
+    if (sizeof(T) == 2 && cutlass_fits(p)) {
+      check_cutlass_runs(device);
+      return ConvKernel::kCutlass;
+    }
   } else if (forced.has_value()) {
     return *forced;
   }
@@ -167,6 +197,21 @@ template <typename T>
 void launch(const ConvParams& p, const Tensor& x, const Tensor& w) {
   const int device = c10::cuda::current_device();
   const ConvKernel k = choose_kernel<T>(p, x, w, device);
+  if constexpr (sizeof(T) == 2) {
+    if (k == ConvKernel::kCutlass) {
+      const size_t bytes = conv::cutlass_workspace_bytes<T>(p);
+      // From the caching allocator, on this stream: freed when the tensor is, after
+      // the GEMM in stream order.
+      const Tensor workspace =
+          at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+      const char* err = conv::launch_cutlass<T>(
+          p, bytes ? workspace.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream().stream());
+      TORCH_CHECK(err == nullptr, "conv_bias_act (CUTLASS GEMM): ", err, " (N*H*W=", p.M,
+                  ", C=", p.C, ", K=", p.K, ")");
+      C10_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+  }
   const int64_t blocks = conv::grid_x(k, p);
   TORCH_CHECK(blocks <= INT_MAX, "conv_bias_act (CUDA kernel): output too large for one grid (",
               blocks, " blocks for N*P*Q=", p.M, ", K=", p.K, ", groups=", p.groups, ")");

@@ -59,6 +59,8 @@ cudaError_t launch_conv(ConvKernel k, ConvParams p, int device, cudaStream_t str
           p, k_blocks, total);
       return cudaGetLastError();
     }
+    case ConvKernel::kCutlass:
+      return cudaErrorInvalidValue;  // launched by launch_cutlass
   }
   return cudaErrorInvalidValue;
 }

@@ -87,7 +87,9 @@ struct ConvParams {
 //                     (forced only, until measured: benchmarks/cuda_notes.md, finding 4)
 //   kSimt             fp32 FMA, 64x64 (exact fp32, and every dtype without tensor cores)
 //   kDirect           no GEMM tile: one thread per (pixel, group, kDirectKPT channels)
-enum class ConvKernel { kTcL, kTcM, kTcS, kTcX, kTcH, kTcL2, kSimt, kDirect };
+//   kCutlass          1x1 stride-1 convs as a CUTLASS Hopper GEMM (launch_cutlass, not
+//                     launch_conv; forced only, until measured)
+enum class ConvKernel { kTcL, kTcM, kTcS, kTcX, kTcH, kTcL2, kSimt, kDirect, kCutlass };
 
 struct TileDims {
   int bm, bn;
@@ -127,6 +129,17 @@ cudaError_t launch_conv(ConvKernel k, ConvParams p, int device, cudaStream_t str
 // this GPU is PTX older than sm_80, JIT-compiled by the driver.
 template <typename T>
 cudaError_t tc_ptx_version(int* version);
+
+// 1x1 stride-1 convolutions with a bias and the ReLU, fp16/bf16, as one CUTLASS
+// Hopper GEMM (gemm1x1_sm90.cu). cutlass_built(): whether this build has it (else
+// launch_cutlass returns "not built"). The host checks the shape, alignment (16 bytes:
+// C and K multiples of 8, every pointer) and the GPU (sm_90) first, and passes a
+// workspace of cutlass_workspace_bytes(p). Returns null, or CUTLASS's reason.
+bool cutlass_built();
+template <typename T>
+size_t cutlass_workspace_bytes(const ConvParams& p);
+template <typename T>
+const char* launch_cutlass(const ConvParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace conv
 
