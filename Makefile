@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := ninja numpy setuptools wheel pillow matplotlib pytest hypothesis pyflakes onnx onnxscript safetensors
 # ONNX Runtime and OpenVINO: the CPU peers `bench --peers` times side by side.
 PEERS := onnxruntime openvino
-# CUTLASS's headers (header-only) for the Hopper GEMM of csrc/cuda/gemm1x1_sm90.cu;
+# CUTLASS's headers (header-only) for the Hopper kernels of csrc/cuda/cutlass_*.cu;
 # without its Python package's dependencies, which the build does not use.
 CUTLASS := nvidia-cutlass==4.2.0.0
 

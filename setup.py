@@ -7,7 +7,7 @@ are both present; otherwise the build is CPU-only. Overrides:
   TORCH_CUDA_ARCH_LIST      target archs (default: the visible GPU's, else 9.0; the
                             default 9.0 is 9.0a, which Hopper's wgmma kernel needs)
   RESNET_FUSED_CUTLASS_DIR  CUTLASS's source tree (include/, tools/util/include/) for the
-                            Hopper GEMM of csrc/cuda/gemm1x1_sm90.cu; by default ./.cutlass
+                            Hopper kernels of csrc/cuda/cutlass_*.cu; by default ./.cutlass
                             (`make .cutlass`), else the nvidia-cutlass package's copy
 """
 
@@ -204,7 +204,7 @@ def wgmma_in_build():
 
 def cutlass_include_dirs():
     """CUTLASS's header folders (header-only: cutlass/ and cute/, and the util folder),
-    or [] where none is found; then the CUTLASS GEMM is left out of the build."""
+    or [] where none is found; then the CUTLASS kernels are left out of the build."""
     roots = [os.environ.get("RESNET_FUSED_CUTLASS_DIR", ""), os.path.join(HERE, ".cutlass")]
     try:
         import importlib.util
@@ -272,7 +272,7 @@ if build_cuda:
     )
     print(f"resnet_fused: building with CUDA ({why}), archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
           + (f", CUTLASS from {os.path.dirname(cutlass[0])}" if cutlass else
-             ", without the CUTLASS GEMM" + ("" if sm90a else " (needs 9.0a)")))
+             ", without the CUTLASS kernels" + ("" if sm90a else " (needs 9.0a)")))
 else:
     ext = CppExtension("resnet_fused._C", sources, include_dirs=include_dirs,
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)

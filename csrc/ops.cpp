@@ -118,7 +118,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "cuda_wgmma", 0);
 #endif
-  // Whether the CUTLASS Hopper GEMM for 1x1 convs was built (setup.py: 9.0a and
+  // Whether CUTLASS's Hopper kernels were built (setup.py: 9.0a and
   // CUTLASS's headers found).
 #if defined(RESNET_FUSED_SM90A) && defined(RESNET_FUSED_CUTLASS)
   PyModule_AddIntConstant(m, "cuda_cutlass", 1);

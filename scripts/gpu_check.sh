@@ -31,7 +31,7 @@ fi
 # Kernel configs the tests run under: the size rule (auto) and each forced config.
 # auto runs every test marked cuda; the forced configs run the reference suites.
 # H (the Hopper wgmma kernel), L2 (L with the MMAs before the loads) and CUTLASS (the
-# CUTLASS GEMM for 1x1 convs) are not yet used by default: their rows are reported but
+# CUTLASS kernels) are not yet used by default: their rows are reported but
 # do not decide the exit status.
 CONFIGS="auto L M S X SIMT H L2 CUTLASS"
 EXPERIMENTAL=" H L2 CUTLASS "

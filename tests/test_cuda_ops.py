@@ -455,25 +455,34 @@ def test_wgmma_override_runs_or_says_why(monkeypatch, dtype):
 
 
 # Like the H test: only in gpu_check.sh's CUTLASS row, which does not decide its exit
-# status, until the CUTLASS GEMM has run on a GPU.
+# status, until CUTLASS's kernels have run on a GPU.
 @pytest.mark.skipif(os.environ.get("RESNET_FUSED_CUDA_TILE") != "CUTLASS",
                     reason="runs with RESNET_FUSED_CUDA_TILE=CUTLASS (gpu_check.sh's CUTLASS row)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("residual", ["none", "tensor", "in place"])
-def test_cutlass_override_runs_or_says_why(monkeypatch, dtype, residual):
-    """RESNET_FUSED_CUDA_TILE=CUTLASS runs the CUTLASS GEMM for a 1x1 conv where it can
-    (an sm_90 GPU, a build with it), checked against fp64 with M and N not multiples
-    of its 128x128 tiles, 5 k-tiles of 64, with and without a residual and with the
-    residual summed in place (conv_bias_add_relu_); anywhere else the conv fails naming
-    the GPU and the build. Operands exact in fp16/bf16, products summed exactly in
-    fp32: only the output's rounding is left (plus the residual's, summed in fp32)."""
+@pytest.mark.parametrize("C, R, stride, padding, dilation", [
+    (320, 1, 1, 0, 1),   # the GEMM: 5 k-tiles of 64
+    (128, 3, 1, 1, 1),   # the implicit-GEMM conv: 9 taps x 2 k-tiles
+    (128, 3, 2, 1, 1),
+    (64, 3, 1, 2, 2),
+    (128, 1, 2, 0, 1),   # a strided 1x1 (a downsample with the ReLU)
+], ids=["1x1", "3x3", "3x3_stride2", "3x3_dilated", "1x1_stride2"])
+def test_cutlass_override_runs_or_says_why(monkeypatch, dtype, residual, C, R, stride, padding,
+                                           dilation):
+    """RESNET_FUSED_CUDA_TILE=CUTLASS runs CUTLASS's kernels where they can (an sm_90
+    GPU, a build with them), checked against fp64 with M and N not multiples of their
+    128x128 tiles, with and without a residual and with the residual summed in place
+    (conv_bias_add_relu_); anywhere else the conv fails naming the GPU and the build.
+    Operands exact in fp16/bf16, products summed exactly in fp32: only the output's
+    rounding is left (the residual is exact too)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(-4, 5, (3, 320, 9, 11), generator=g) / 4
-    w = torch.randint(-4, 5, (200, 320, 1, 1), generator=g) / 8
+    x = torch.randint(-4, 5, (3, C, 9, 11), generator=g) / 4
+    w = torch.randint(-4, 5, (200, C, R, R), generator=g) / 8
     b = torch.randint(-4, 5, (200,), generator=g) / 4
-    r = torch.randint(-8, 9, (3, 200, 9, 11), generator=g) / 4
-    ref = F.conv2d(x.double(), w.double(), b.double()) + (0 if residual == "none" else r.double())
-    ref = torch.relu(ref)
+    args = ([stride, stride], [padding, padding], [dilation, dilation], 1)
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride, padding, dilation)
+    r = torch.randint(-8, 9, tuple(ref.shape), generator=g) / 4
+    ref = torch.relu(ref + (0 if residual == "none" else r.double()))
     cl = torch.channels_last
     xd, wd, bd = (x.to(DEV, dtype).contiguous(memory_format=cl), w.to(DEV, dtype),
                   b.to(DEV, dtype))
@@ -483,10 +492,10 @@ def test_cutlass_override_runs_or_says_why(monkeypatch, dtype, residual):
 
     def run():
         if residual == "in place":
-            ops.conv_bias_add_relu_(rd, xd, wd, bd, [1, 1], [0, 0], [1, 1], 1)
+            ops.conv_bias_add_relu_(rd, xd, wd, bd, *args)
             return rd
-        return ops.conv_bias_act(xd, wd, bd, rd if residual == "tensor" else None,
-                                 [1, 1], [0, 0], [1, 1], 1, relu=True)
+        return ops.conv_bias_act(xd, wd, bd, rd if residual == "tensor" else None, *args,
+                                 relu=True)
 
     if torch.cuda.get_device_capability() == (9, 0) and _extension._C.cuda_cutlass:
         y = run()
@@ -494,8 +503,8 @@ def test_cutlass_override_runs_or_says_why(monkeypatch, dtype, residual):
         assert err <= (2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8), err
         assert y.is_contiguous(memory_format=cl)
     else:
-        with pytest.raises(RuntimeError, match="RESNET_FUSED_CUDA_TILE=CUTLASS: the CUTLASS GEMM "
-                                               "needs an sm_90 GPU"):
+        with pytest.raises(RuntimeError, match="RESNET_FUSED_CUDA_TILE=CUTLASS: the CUTLASS "
+                                               "kernels need an sm_90 GPU"):
             run()
 
 

@@ -73,10 +73,12 @@ void check_cuda_conv(const char* op, const Tensor& input) {
 //            (an error where it cannot run: not an sm_90 GPU, or no 9.0a in the
 //            build's archs); fp32 and scalar-load launches keep the size rule / X.
 //            Not chosen otherwise until it has been checked on a GPU.
-//   CUTLASS  the CUTLASS Hopper GEMM (gemm1x1_sm90.cu) for every fp16/bf16 1x1 stride-1
-//            conv it can compute (bias, ReLU, 16-byte aligned, C and K multiples of 8;
-//            an error where it cannot run: not an sm_90 GPU, or not in the build);
-//            the size rule for the others. Not chosen otherwise until checked on a GPU.
+//   CUTLASS  CUTLASS's Hopper kernels for every fp16/bf16 conv they compute (one group,
+//            bias, ReLU, 16-byte aligned, K a multiple of 8): the GEMM for 1x1 stride-1
+//            convs (cutlass_gemm1x1_sm90.cu; C a multiple of 8), the implicit-GEMM conv
+//            for the others (cutlass_conv_sm90.cu; C a multiple of 64); an error where
+//            they cannot run (not an sm_90 GPU, or not in the build); the size rule for
+//            the other convs. Not chosen otherwise until checked on a GPU.
 //   SIMT     the SIMT kernel for every GEMM launch, tensor cores or not
 //   auto     (or unset) the size rule in choose_kernel
 // The direct kernel's cases are never overridden. Read at every dispatch (a
@@ -137,24 +139,33 @@ void check_wgmma_runs(int device) {
               "9.0)");
 }
 
-// The CUTLASS GEMM: in a build with it (CUTLASS's headers found, 9.0a among the
+// CUTLASS's kernels: in a build with them (CUTLASS's headers found, 9.0a among the
 // archs), on an sm_90 GPU.
 void check_cutlass_runs(int device) {
   const auto* prop = at::cuda::getDeviceProperties(device);
-  TORCH_CHECK(conv::cutlass_built() && prop->major == 9 && prop->minor == 0, kTileEnv,
-              "=CUTLASS: the CUTLASS GEMM needs an sm_90 GPU (H100, H200) and a build with "
+  TORCH_CHECK(conv::kCutlassBuilt && prop->major == 9 && prop->minor == 0, kTileEnv,
+              "=CUTLASS: the CUTLASS kernels need an sm_90 GPU (H100, H200) and a build with "
               "CUTLASS's headers (pip install nvidia-cutlass) for 9.0a; this GPU is sm_",
               prop->major, prop->minor, ", this build's archs are '", RESNET_FUSED_CUDA_ARCHS,
-              "' and it ", conv::cutlass_built() ? "has" : "does not have", " the GEMM");
+              "' and it ", conv::kCutlassBuilt ? "has" : "does not have", " them");
 }
 
-// Whether the CUTLASS GEMM computes this conv: 1x1, stride 1, no padding, one group,
-// a bias and the ReLU, C and K multiples of 8 and every operand 16-byte aligned (TMA).
-bool cutlass_fits(const ConvParams& p) {
-  return p.R == 1 && p.S == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 &&
-         p.pad_w == 0 && p.groups == 1 && p.relu && p.bias != nullptr && p.C % 8 == 0 &&
-         p.K % 8 == 0 && aligned(p.x, 16) && aligned(p.w, 16) && aligned(p.bias, 16) &&
-         aligned(p.y, 16) && (p.res == nullptr || aligned(p.res, 16));
+// Which CUTLASS kernel computes this conv, if one does. Both: one group, a bias and
+// the ReLU, K a multiple of 8, every operand 16-byte aligned (TMA). The GEMM: 1x1,
+// stride 1, no padding, C a multiple of 8. The implicit-GEMM conv: C a multiple of its
+// 64-channel k-tile.
+enum class CutlassPath { kNone, kGemm, kConv };
+CutlassPath cutlass_path(const ConvParams& p) {
+  if (p.groups != 1 || !p.relu || p.bias == nullptr || p.K % 8 != 0 || !aligned(p.x, 16) ||
+      !aligned(p.w, 16) || !aligned(p.bias, 16) || !aligned(p.y, 16) ||
+      (p.res != nullptr && !aligned(p.res, 16))) {
+    return CutlassPath::kNone;
+  }
+  if (p.R == 1 && p.S == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 &&
+      p.pad_w == 0 && p.C % 8 == 0) {
+    return CutlassPath::kGemm;
+  }
+  return p.C % 64 == 0 ? CutlassPath::kConv : CutlassPath::kNone;
 }
 
 // Path and tile choice. Tile table (see igemm.cuh): 128x128 (L) when a group has
@@ -179,7 +190,7 @@ ConvKernel choose_kernel(const ConvParams& p, const Tensor& x, const Tensor& w, 
   if (forced == ConvKernel::kTcH) {
     if (sizeof(T) == 2) return ConvKernel::kTcH;  // fp32 (TF32): the size rule
   } else if (forced == ConvKernel::kCutlass) {
-    if (sizeof(T) == 2 && cutlass_fits(p)) {
+    if (sizeof(T) == 2 && cutlass_path(p) != CutlassPath::kNone) {
       check_cutlass_runs(device);
       return ConvKernel::kCutlass;
     }
@@ -197,17 +208,22 @@ template <typename T>
 void launch(const ConvParams& p, const Tensor& x, const Tensor& w) {
   const int device = c10::cuda::current_device();
   const ConvKernel k = choose_kernel<T>(p, x, w, device);
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (sizeof(T) == 2 && conv::kCutlassBuilt) {
     if (k == ConvKernel::kCutlass) {
-      const size_t bytes = conv::cutlass_workspace_bytes<T>(p);
+      const bool gemm = cutlass_path(p) == CutlassPath::kGemm;
+      const size_t bytes = gemm ? conv::cutlass_workspace_bytes<T>(p)
+                                : conv::cutlass_conv_workspace_bytes<T>(p);
       // From the caching allocator, on this stream: freed when the tensor is, after
-      // the GEMM in stream order.
+      // the kernel in stream order.
       const Tensor workspace =
           at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-      const char* err = conv::launch_cutlass<T>(
-          p, bytes ? workspace.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream().stream());
-      TORCH_CHECK(err == nullptr, "conv_bias_act (CUTLASS GEMM): ", err, " (N*H*W=", p.M,
-                  ", C=", p.C, ", K=", p.K, ")");
+      void* ws = bytes ? workspace.data_ptr() : nullptr;
+      const auto stream = at::cuda::getCurrentCUDAStream().stream();
+      const char* err = gemm ? conv::launch_cutlass<T>(p, ws, stream)
+                             : conv::launch_cutlass_conv<T>(p, ws, stream);
+      TORCH_CHECK(err == nullptr, "conv_bias_act (CUTLASS ", gemm ? "GEMM" : "implicit-GEMM conv",
+                  "): ", err, " (input ", p.N, "x", p.C, "x", p.H, "x", p.W, ", weight ", p.K,
+                  "x", p.C, "x", p.R, "x", p.S, ")");
       C10_CUDA_CHECK(cudaGetLastError());
       return;
     }

@@ -87,8 +87,8 @@ struct ConvParams {
 //                     (forced only, until measured: benchmarks/cuda_notes.md, finding 4)
 //   kSimt             fp32 FMA, 64x64 (exact fp32, and every dtype without tensor cores)
 //   kDirect           no GEMM tile: one thread per (pixel, group, kDirectKPT channels)
-//   kCutlass          1x1 stride-1 convs as a CUTLASS Hopper GEMM (launch_cutlass, not
-//                     launch_conv; forced only, until measured)
+//   kCutlass          CUTLASS's Hopper GEMM (1x1 stride-1 convs) or implicit-GEMM conv
+//                     (launch_cutlass / launch_cutlass_conv; forced only, until measured)
 enum class ConvKernel { kTcL, kTcM, kTcS, kTcX, kTcH, kTcL2, kSimt, kDirect, kCutlass };
 
 struct TileDims {
@@ -130,16 +130,27 @@ cudaError_t launch_conv(ConvKernel k, ConvParams p, int device, cudaStream_t str
 template <typename T>
 cudaError_t tc_ptx_version(int* version);
 
-// 1x1 stride-1 convolutions with a bias and the ReLU, fp16/bf16, as one CUTLASS
-// Hopper GEMM (gemm1x1_sm90.cu). cutlass_built(): whether this build has it (else
-// launch_cutlass returns "not built"). The host checks the shape, alignment (16 bytes:
-// C and K multiples of 8, every pointer) and the GPU (sm_90) first, and passes a
-// workspace of cutlass_workspace_bytes(p). Returns null, or CUTLASS's reason.
-bool cutlass_built();
+// CUTLASS's Hopper kernels for convs with a bias and the ReLU, fp16/bf16, in a build
+// with them (setup.py: 9.0a among the archs and CUTLASS's headers found; elsewhere
+// the host never calls them). The host checks the conv, alignment (16 bytes) and GPU
+// (sm_90) first, and passes a workspace of the *_workspace_bytes they ask for. Each
+// returns null, or CUTLASS's reason.
+#if defined(RESNET_FUSED_CUTLASS) && defined(RESNET_FUSED_SM90A)
+constexpr bool kCutlassBuilt = true;
+#else
+constexpr bool kCutlassBuilt = false;
+#endif
+// 1x1 stride-1 convs as one GEMM (cutlass_gemm1x1_sm90.cu); C and K multiples of 8.
 template <typename T>
 size_t cutlass_workspace_bytes(const ConvParams& p);
 template <typename T>
 const char* launch_cutlass(const ConvParams& p, void* workspace, cudaStream_t stream);
+// The others (any R x S, stride, padding, dilation; one group; C a multiple of 64) on
+// the implicit-GEMM convolution (cutlass_conv_sm90.cu).
+template <typename T>
+size_t cutlass_conv_workspace_bytes(const ConvParams& p);
+template <typename T>
+const char* launch_cutlass_conv(const ConvParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace conv
 
