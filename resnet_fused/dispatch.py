@@ -330,13 +330,12 @@ _WINOGRAD_F4_MIN_CHANNELS = 16
 #   64 ch, 56x56, batch 8        4.26        3.13
 
 
-def _winograd_splits(c, k, tiles, threads):
+def _winograd_splits(c, k, tiles, threads, dtype=torch.float32):
     """Whether winograd_conv3x3 splits this call's output channels across threads
     (csrc/cpu/winograd.cpp decides the same way): its weight comes in more than one
     panel and is larger than the transformed input and output of all its tiles, so the
     threads share each tile and read the weight once between them."""
-    return threads > 1 and k % ops.WINOGRAD_PANEL == 0 and k > ops.WINOGRAD_PANEL \
-        and c * k > tiles * (c + k)
+    return threads > 1 and ops.winograd_panel(k, dtype) < k and c * k > tiles * (c + k)
 
 
 # Where the weight is split, each variant reads its weight once and spends its
@@ -354,21 +353,14 @@ def _winograd_splits(c, k, tiles, threads):
 _BYTES_TO_MACS_PER_THREAD = 1.9
 
 
-# With AVX2 (16 vector registers) the products of a call with few tiles run slower than
-# with AVX-512: 512 channels at 7x7, batch 1 (16 tiles), F(2x2) took 1.49 ms against
-# AVX-512's 1.11 (1.35x) alone, where oneDNN's direct AVX2 kernel took 1.40. In the model it
-# lost more: ResNet-50 at batch 1 with layer4's two stride-1 3x3 convs on oneDNN measured
-# 41.74 vs 43.43, 38.98 vs 40.28 and 50.68 vs 51.39 ms, ResNet-18 (three convs) 14.36 vs
-# 14.74 (two models alternating, AMD EPYC Zen 4 capped to AVX2, 2 threads). With AVX-512 the
-# same change was a wash (34.34 vs 34.50 and 13.20 vs 13.10), so the factor is AVX2's only.
-_AVX2_FEW_TILES = 32
-_AVX2_FEW_TILES_MAC_COST = 1.35
-
-
-def _few_tiles_cost(tiles):
-    """The cost factor of a Winograd call's multiply-adds for its tile count on this CPU."""
-    slow = _extension.cpu_isa() != "avx512" and tiles < _AVX2_FEW_TILES
-    return _AVX2_FEW_TILES_MAC_COST if slow else 1.0
+# With AVX2, products with few tiles ran 1.35x slower than with AVX-512 while U came in
+# 64-wide panels (512 channels at 7x7, batch 1, F(2x2): 1.49 ms against 1.11), and the
+# model had left them to oneDNN there. In 32-wide panels (ops.brgemm_panel) they take
+# 1.07 ms against oneDNN's 1.31 (`benchmarks/cpu_kernels.py --batch-sizes 1 --cold`
+# capped to AVX2), and in the model, two models alternating, layer4's stride-1 3x3 convs
+# on F(2x2) against oneDNN gave ResNet-50 at batch 1 35.24 vs 35.77 and 36.16 vs 36.48
+# ms, ResNet-18 11.52 vs 11.91 and 11.58 vs 12.08 (AMD EPYC Zen 4 capped to AVX2, 2
+# threads): one cost model serves both ISAs.
 
 
 def _cost(c, k, weight_floats, macs, threads):
@@ -403,7 +395,8 @@ def _winograd_tile(x, weight, stride=1):
         if h < 2 or w < 2:
             return None
         tiles2 = n * -(-h // 2) * -(-w // 2)
-        if _winograd_splits(c, k, tiles2, threads):  # as fp32: half the bytes, twice the rate
+        # Split, as fp32: half the bytes per weight, twice the rate.
+        if _winograd_splits(c, k, tiles2, threads, x.dtype):
             direct = _cost(c, k, 9, 9 * n * h * w, threads)
             return 2 if _cost(c, k, 16, 16 * tiles2, threads) < direct else None
         needed = _WINOGRAD_MIN_TILES_PER_THREAD[2] * (1 if small else 2)
@@ -412,8 +405,7 @@ def _winograd_tile(x, weight, stride=1):
              if h >= t and w >= t and (t == 2 or c >= _WINOGRAD_F4_MIN_CHANNELS)}
     if any(_winograd_splits(c, k, count, threads) for count in tiles.values()):
         costs = {None: _cost(c, k, 9, 9 * n * h * w, threads)}
-        costs.update({t: _cost(c, k, (t + 2) ** 2, (t + 2) ** 2 * count * _few_tiles_cost(count),
-                               threads)
+        costs.update({t: _cost(c, k, (t + 2) ** 2, (t + 2) ** 2 * count, threads)
                       for t, count in tiles.items()})
         return min(costs, key=costs.get)
     for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():

@@ -2,6 +2,8 @@
 (meta) kernels so torch.compile and torch.export trace through the ops, and a
 clear error when the compiled library is missing."""
 
+import os
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -79,7 +81,11 @@ _WINOGRAD_G = {2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0
                4: tuple(_winograd_g((0, 0.5, -0.5, 2, -2)))}
 
 
-WINOGRAD_PANEL = 64  # output channels per panel of winograd_weight (csrc/cpu/winograd.cpp)
+def winograd_panel(k, dtype=torch.float32):
+    """Output channels per panel of winograd_weight for K = k: brgemm_panel() (bfloat16:
+    64) where that divides k, else one panel of all k."""
+    p = 64 if dtype == torch.bfloat16 else brgemm_panel()
+    return p if k % p == 0 else k
 
 
 # F(2x2, 3x3) at stride 2 (csrc/cpu/winograd_kernel.h): the distinct rows of its G,
@@ -99,9 +105,8 @@ def winograd_weight(weight, tile=2, stride=1):
     """A [K, C, 3, 3] weight in the Winograd domain of F(tile x tile, 3x3) for
     winograd_conv3x3, computed in float64 (once, at fold time). float32 at stride 1:
     [16, K / P, C, P] for tile=2, [36, K / P, C, P] for tile=4, the [C, K] matrix of each
-    of the 16 (36) points cut into panels of P = 64 output channels (P = K where 64
-    does not divide K), so that a thread computing some of the output channels reads a
-    contiguous part of it. The shape tells the op which tile to run. At stride 2
+    of the 16 (36) points cut into panels of P = winograd_panel(K) output channels, so
+    that a thread computing some of the output channels reads a contiguous part of it. The shape tells the op which tile to run. At stride 2
     (tile=2 only): [4, 4, K / P, C, P], the 4 x 4 distinct matrices of its 25 points. A
     bfloat16 weight (tile=2, stride 1, even C) gives [16, K / P, C/2, P, 2] bfloat16: the
     rows of each panel in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
@@ -124,7 +129,7 @@ def winograd_weight(weight, tile=2, stride=1):
     points = len(rows) ** 2
     k, c = weight.shape[:2]
     u = u.reshape(points, c, k)
-    p = WINOGRAD_PANEL if k % WINOGRAD_PANEL == 0 else k
+    p = winograd_panel(k, weight.dtype)
     if bf16:  # [16, K / P, C / 2, P, 2]: each panel's rows in VNNI pairs
         u = u.to(torch.bfloat16).reshape(16, c // 2, 2, k // p, p)
         return u.permute(0, 3, 1, 4, 2).contiguous()
@@ -146,12 +151,27 @@ def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *
                                                    assume_finite=assume_finite)
 
 
-CONV1X1_PANEL = 64  # output channels per weight panel (csrc/cpu/conv1x1.cpp)
+CONV1X1_PANEL = 64  # output channels per product block (csrc/cpu/conv1x1.cpp)
+
+# oneDNN's levels (ONEDNN_MAX_CPU_ISA) from which its brgemm runs AVX-512 code.
+_ONEDNN_WIDE_ISAS = ("ALL", "DEFAULT", "AVX512", "AVX10")
 
 
-def conv1x1_weight(weight):
-    """A [K, C, 1, 1] float32 weight as conv1x1's panels of 64 output channels,
-    [K / 64, C, 64] (K a multiple of 64); made once, at fold time."""
+def brgemm_panel():
+    """Output channels per weight panel for the products of conv1x1 and
+    winograd_conv3x3 here: 64 where our kernels and oneDNN's brgemm both run AVX-512
+    code, else 32. oneDNN's AVX2 brgemm multiplies ~1.35x faster from 32-wide panels
+    than from 64-wide ones; its AVX-512 one runs both alike (csrc/cpu/conv1x1_epilogue.h
+    gives the figures)."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    wide = _extension.cpu_isa() == "avx512" and onednn.startswith(_ONEDNN_WIDE_ISAS)
+    return 64 if wide else 32
+
+
+def conv1x1_weight(weight, panel=None):
+    """A [K, C, 1, 1] float32 weight as conv1x1's panels of P output channels,
+    [K / P, C, P], P = panel (32 or 64; default brgemm_panel()), K a multiple of 64;
+    made once, at fold time."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (1, 1):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"conv1x1_weight: expected a [K, C, 1, 1] weight, got {got}")
@@ -159,7 +179,10 @@ def conv1x1_weight(weight):
     if k % CONV1X1_PANEL:
         raise ValueError(f"conv1x1_weight: expected a multiple of {CONV1X1_PANEL} output "
                          f"channels, got {k}")
-    return weight.reshape(k // CONV1X1_PANEL, CONV1X1_PANEL, c).transpose(1, 2).contiguous()
+    p = brgemm_panel() if panel is None else panel
+    if p not in (32, 64):
+        raise ValueError(f"conv1x1_weight: expected panel 32 or 64, got {panel!r}")
+    return weight.reshape(k // p, p, c).transpose(1, 2).contiguous()
 
 
 def conv1x1(input, weight, weight_panels, bias=None, residual=None, *, relu=True, stride=1):

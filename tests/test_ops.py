@@ -339,9 +339,9 @@ WINOGRAD_CASES = [ConvCase(c, k, h, w, R=3, padding=1, N=n) for n, c, k, h, w in
     (2, 17, 5, 2, 3), (1, 3, 1, 1, 1), (5, 32, 48, 1, 6), (1, 32, 192, 6, 6), (1, 20, 128, 5, 7)]]
 
 
-def winograd_weight_shape(case, tile):
-    # [alpha^2, K / P, C, P]: panels of 64 output channels where 64 divides K.
-    p = ops.WINOGRAD_PANEL if case.K % ops.WINOGRAD_PANEL == 0 else case.K
+def winograd_weight_shape(case, tile, dtype=torch.float32):
+    # [alpha^2, K / P, C, P]: panels of 64 (32 on AVX2) output channels where that divides K.
+    p = ops.winograd_panel(case.K, dtype)
     return ((tile + 2) ** 2, case.K // p, case.C, p)
 
 
@@ -358,11 +358,13 @@ class TestWinogradConv3x3:
     # directly (the 1x1, 2x3 and 1x6 cases take that path for F(4x4)). With few tiles
     # and a weight in several panels the threads split the output channels (the
     # 7x7, 3x3 and the last two cases, on 2 or more threads; 192 channels in
-    # slices of 128 and 64).
+    # slices of 128 and 64). Both panel widths (ops.brgemm_panel) on every CPU.
+    @pytest.mark.parametrize("panel", [64, 32])
     @pytest.mark.parametrize("tile", [2, 4], ids=["f2", "f4"])
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=ids)
-    def test_matches_fp64(self, case, channels_last, tile):
+    def test_matches_fp64(self, case, channels_last, tile, panel, monkeypatch):
+        monkeypatch.setattr(ops, "brgemm_panel", lambda: panel)
         x, w, b, res = case.tensors(channels_last=channels_last)
         u = ops.winograd_weight(w, tile)
         assert u.shape == winograd_weight_shape(case, tile) and u.dtype == torch.float32
@@ -451,19 +453,20 @@ class TestWinogradConv3x3:
     @pytest.mark.parametrize("change, message", [
         (dict(w=torch.randn(16, 8, 1, 1)), "expected a 3x3 weight"),
         (dict(u=torch.randn(16, 1, 16, 8)),
-         r"expected winograd_weight of shape \[16, 1, 8, 16\] \(F\(2x2, 3x3\)\) or "
-         r"\[36, 1, 8, 16\] \(F\(4x4, 3x3\)\): \[alpha\^2, K / P, C, P\].*got \[16, 1, 16, 8\]"),
-        (dict(u=torch.randn(25, 1, 8, 16)), r"or \[36, 1, 8, 16\].*got \[25, 1, 8, 16\]"),
+         r"expected winograd_weight of shape \[16, 16 / P, 8, P\] \(F\(2x2, 3x3\)\) or "
+         r"\[36, 16 / P, 8, P\] \(F\(4x4, 3x3\)\), the transformed weight in panels of P.*"
+         r"got \[16, 1, 16, 8\]"),
+        (dict(u=torch.randn(25, 1, 8, 16)), r"or \[36, 16 / P, 8, P\].*got \[25, 1, 8, 16\]"),
         (dict(u=torch.randn(16, 8, 16)), r"got \[16, 8, 16\]"),
         (dict(u=torch.randn(16, 1, 8, 16).double()), "expected winograd_weight float32"),
         (dict(x=torch.randn(2, 8, 5, 5).half(), w=torch.randn(16, 8, 3, 3).half(),
               b=None, r=None), "expected float32 or bfloat16 input"),
         (dict(x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(16, 8, 3, 3).bfloat16(),
               b=None, r=None), r"for bfloat16 input, expected winograd_weight of shape "
-                               r"\[16, 1, 4, 16, 2\] bfloat16"),
+                               r"\[16, 16 / P, 4, P, 2\] bfloat16"),
         (dict(x=torch.randn(2, 7, 5, 5)), "expected input with 8 channels"),
         (dict(stride=3), "expected stride 1 or 2, got 3"),
-        (dict(stride=2, r=None), r"at stride 2, expected winograd_weight of shape \[4, 4, 1, 8, 16\].*"
+        (dict(stride=2, r=None), r"at stride 2, expected winograd_weight of shape \[4, 4, 16 / P, 8, P\].*"
                          r"got \[16, 1, 8, 16\]"),
         (dict(stride=2, x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(16, 8, 3, 3).bfloat16(),
               b=None, r=None), "bfloat16 input runs at stride 1 only, got stride 2"),
@@ -494,7 +497,7 @@ class TestWinogradConv3x3:
         x = x.relu()  # ResNet's inputs to a 3x3 conv are ReLU outputs
         xb, wb, bb, rb = (t.bfloat16() for t in (x, w, b, res))
         u = ops.winograd_weight(wb)
-        p = winograd_weight_shape(case, 2)[3]
+        p = winograd_weight_shape(case, 2, torch.bfloat16)[3]
         assert u.shape == (16, case.K // p, case.C // 2, p, 2) and u.dtype == torch.bfloat16
         for bias, residual, relu in [(bb, None, True), (bb, rb, True), (None, rb, False)]:
             out = ops.winograd_conv3x3(xb, wb, u, bias, residual, relu=relu)
@@ -559,12 +562,14 @@ class TestConv1x1:
         if _extension.cpu_isa() != "none":
             assert _extension.conv1x1_kernel_available() == _extension.winograd_kernel_available()
 
+    # Both panel widths (ops.brgemm_panel picks one per CPU) on every CPU.
+    @pytest.mark.parametrize("panel", [64, 32])
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     @pytest.mark.parametrize("case", CONV1X1_CASES, ids=ids)
-    def test_matches_fp64(self, case, channels_last):
+    def test_matches_fp64(self, case, channels_last, panel):
         x, w, b, res = case.tensors(channels_last=channels_last)
-        p = ops.conv1x1_weight(w)
-        assert p.shape == (case.K // 64, case.C, 64)
+        p = ops.conv1x1_weight(w, panel)
+        assert p.shape == (case.K // panel, case.C, panel)
         for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
                                      (None, res, False), (None, None, True)]:
             ref = reference(x, w, bias, residual, case, relu)
@@ -677,6 +682,22 @@ class TestConv1x1:
             ops.conv1x1_weight(torch.randn(64, 2, 3, 3))
         with pytest.raises(ValueError, match="expected a multiple of 64 output channels, got 48"):
             ops.conv1x1_weight(torch.randn(48, 2, 1, 1))
+        with pytest.raises(ValueError, match="expected panel 32 or 64, got 16"):
+            ops.conv1x1_weight(torch.randn(64, 2, 1, 1), panel=16)
+
+    @pytest.mark.parametrize("isa, onednn, panel", [
+        ("avx512", None, 64), ("avx512", "AVX512_CORE", 64), ("avx512", "avx2", 32),
+        ("avx2", None, 32), ("none", None, 32)])
+    def test_brgemm_panel_follows_the_isa_brgemm_runs(self, monkeypatch, isa, onednn, panel):
+        monkeypatch.setattr(_extension, "cpu_isa", lambda: isa)
+        if onednn is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+        assert ops.brgemm_panel() == panel
+        assert ops.conv1x1_weight(torch.randn(128, 3, 1, 1)).shape == (128 // panel, 3, panel)
+        assert ops.winograd_panel(128) == panel and ops.winograd_panel(40) == 40
+        assert ops.winograd_panel(128, torch.bfloat16) == 64
 
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     def test_opcheck(self, channels_last):
@@ -713,12 +734,14 @@ def sum_ids(pair):
 
 
 class TestConv1x1Sum:
+    # The two weights in either panel width, the same or not.
+    @pytest.mark.parametrize("panels", [(64, 64), (32, 32), (32, 64)])
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
     @pytest.mark.parametrize("pair", CONV1X1_SUM_CASES, ids=sum_ids)
-    def test_matches_fp64(self, pair, channels_last):
+    def test_matches_fp64(self, pair, channels_last, panels):
         h, w, b, _ = pair[0].tensors(channels_last=channels_last)
         x2, w2, _, _ = pair[1].tensors(channels_last=channels_last, seed=1)
-        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        p, p2 = ops.conv1x1_weight(w, panels[0]), ops.conv1x1_weight(w2, panels[1])
         for bias, relu in [(b, True), (b, False), (None, True)]:
             out = ops.conv1x1_sum(h, w, p, x2, w2, p2, bias, stride2=pair[1].stride, relu=relu)
             assert out.shape == (pair[0].N, pair[0].K, pair[0].H, pair[0].W)

@@ -10,8 +10,9 @@
 // product are every s-th pixel of every s-th image row, gathered into contiguous memory
 // before their products (run() says how).
 //
-// The weight comes in panels of kPanel output channels (resnet_fused.ops.
-// conv1x1_weight: [K / kPanel, C, kPanel]). With few rows per thread (ResNet's
+// The weight comes in panels of kPanel or kNarrowPanel output channels (resnet_fused.ops.
+// conv1x1_weight: [K / P, C, P]; conv1x1_epilogue.h says why two); each product block
+// holds kPanel of them. With few rows per thread (ResNet's
 // layer3/4, and batch 1), the threads split the panels, so each reads only its share
 // of the weight, where oneDNN's convolution splits the rows and every thread reads
 // all of it; with many, or with a weight small beside the rows, they split the rows
@@ -42,6 +43,7 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
+using conv1x1::kNarrowPanel;
 using conv1x1::kPanel;
 constexpr int64_t kRowBlock = 128;  // output pixels per product (measured best of 32-256)
 
@@ -120,11 +122,11 @@ void gather_rows(const float* x, int64_t C, int64_t H, int64_t W, int64_t s, int
 }
 
 // One product of the sum run() computes: the channels_last input (N, C, H, W) read at
-// `stride`, and its weight in panels ([K / kPanel, C, kPanel]).
+// `stride`, and its weight in panels of P output channels ([K / P, C, P]).
 struct Operand {
   const float* x;
   const float* w;
-  int64_t C, H, W, stride;
+  int64_t C, H, W, stride, P;
 };
 
 // out = act(sum of the operands' products + bias [+ residual]); all channels_last-
@@ -133,15 +135,16 @@ void run(std::initializer_list<Operand> operands, const float* bias, const float
          Tensor& out, bool relu) {
   const int64_t K = out.size(1);
   const int64_t rows = out.numel() / K;
-  const int64_t n_panels = K / kPanel;
+  const int64_t col_blocks = K / kPanel;  // of kPanel output channels
   float* o = out.data_ptr<float>();
   static const conv1x1::EpilogueFn epilogue = pick_epilogue();
   std::vector<Operand> ops(operands);
   int64_t weight_bytes = 0;  // the largest operand's
   for (const auto& op : ops)
     weight_bytes = std::max(weight_bytes, op.C * K * static_cast<int64_t>(sizeof(float)));
-  // Items are (panel, row block) pairs; each thread takes a contiguous range of them,
-  // so the order decides what the threads split: panel-major the panels, else the rows.
+  // Items are (column block, row block) pairs; each thread takes a contiguous range of
+  // them, so the order decides what the threads split: column-major the weight's panels,
+  // else the rows.
   const int64_t threads = at::get_num_threads();
   const bool split_rows =
       rows / threads >= kSplitRowsFrom ||
@@ -169,14 +172,14 @@ void run(std::initializer_list<Operand> operands, const float* bias, const float
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       gather_rows(op.x, op.C, op.H, op.W, op.stride, r0, r1 - r0, sub + r0 * op.C);
     });
-    op = {sub, op.w, op.C, op.H, op.W, 1};
+    op = {sub, op.w, op.C, op.H, op.W, 1, op.P};
   }
-  at::parallel_for(0, n_panels * row_blocks, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t first, int64_t last) {
     float* block = thread_scratch(row_block * kPanel + gathered_floats);
     int64_t gathered_r0 = -1;
     for (int64_t item = first; item < last; ++item) {
-      const int64_t p = split_rows ? item % n_panels : item / row_blocks;
-      const int64_t r0 = (split_rows ? item / n_panels : item % row_blocks) * row_block;
+      const int64_t p = split_rows ? item % col_blocks : item / row_blocks;
+      const int64_t r0 = (split_rows ? item / col_blocks : item % row_blocks) * row_block;
       const int64_t n = std::min(row_block, rows - r0);
       float* gathered = block + row_block * kPanel;  // the block's input rows, where gathered
       for (size_t i = 0; i < ops.size(); ++i) {
@@ -189,9 +192,11 @@ void run(std::initializer_list<Operand> operands, const float* bias, const float
         }
         const int64_t chunk = op.C > kLongReduction ? kReductionChunk : op.C;
         for (int64_t c0 = 0; c0 < op.C; c0 += chunk) {
-          brgemm_f32(n, kPanel, std::min(chunk, op.C - c0), /*lda=*/op.C, /*ldb=*/kPanel,
-                     /*ldc=*/kPanel, a + c0, op.w + (p * op.C + c0) * kPanel, block,
-                     /*accumulate=*/i > 0 || c0 > 0);
+          for (int64_t j = 0; j < kPanel; j += op.P) {  // the block's panels
+            const float* w = op.w + ((p * kPanel + j) / op.P * op.C + c0) * op.P;
+            brgemm_f32(n, op.P, std::min(chunk, op.C - c0), /*lda=*/op.C, /*ldb=*/op.P,
+                       /*ldc=*/kPanel, a + c0, w, block + j, /*accumulate=*/i > 0 || c0 > 0);
+          }
         }
       }
       gathered_r0 = r0;
@@ -204,7 +209,7 @@ void run(std::initializer_list<Operand> operands, const float* bias, const float
 
 Operand operand(const Tensor& x, const Tensor& panels, int64_t stride) {
   return {x.const_data_ptr<float>(), panels.const_data_ptr<float>(), x.size(1), x.size(2),
-          x.size(3), stride};
+          x.size(3), stride, panels.size(2)};
 }
 
 void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor& panels,
@@ -224,7 +229,9 @@ void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor&
 
 // Whether the kernel computes this call (else conv_bias_act does).
 bool kernel_runs(const Tensor& input, const Tensor& panels) {
-  return input.scalar_type() == at::kFloat && panels.size(2) == kPanel && input.numel() > 0 &&
+  const int64_t P = panels.size(2);
+  return input.scalar_type() == at::kFloat && (P == kPanel || P == kNarrowPanel) &&
+         panels.size(0) * P % kPanel == 0 && input.numel() > 0 &&
          brgemm_f32_available();
 }
 

@@ -10,7 +10,15 @@
 namespace resnet_fused {
 namespace conv1x1 {
 
-constexpr int64_t kPanel = 64;  // output channels per weight panel and per product
+constexpr int64_t kPanel = 64;  // output channels per product block and epilogue
+
+// The weight comes in panels of kPanel or kPanel / 2 output channels (resnet_fused.ops.
+// conv1x1_weight says which): oneDNN's AVX2 brgemm runs a product of 32 columns from a
+// 32-wide panel at ~57 G multiply-adds/s per core, one of 64 from a 64-wide panel at
+// ~42, and 32 columns read from a 64-wide panel at ~43 (one thread, warm operands, 49-196
+// rows, 256-2048 channels; AMD EPYC Zen 4 capped by ONEDNN_MAX_CPU_ISA=AVX2). Its AVX-512
+// kernel runs both widths at ~58.
+constexpr int64_t kNarrowPanel = kPanel / 2;
 
 // c: rows x kPanel, dense; out and residual (may be null, may be out): rows ld apart;
 // bias: kPanel values or null. NaN stays NaN through the ReLU, as in torch.relu.

@@ -149,11 +149,9 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
 
 namespace {
 
-// Output channels per panel of the float32 winograd_weight, as resnet_fused.ops.
-// winograd_weight cuts it: 64 where that divides K, else one panel of all K.
-constexpr int64_t kPanel = 64;
-int64_t winograd_panel(int64_t K) { return K % kPanel == 0 ? kPanel : K; }
-
+// The weight comes in panels of P output channels (resnet_fused.ops.winograd_panel: 64,
+// or 32 where oneDNN's brgemm runs AVX2 code, where that divides K, else P = K); the
+// products take P from its shape.
 void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor& U,
                          const optional<Tensor>& bias, const optional<Tensor>& residual,
                          int64_t stride) {
@@ -171,32 +169,30 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
   if (input.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(stride == 1, "winograd_conv3x3: bfloat16 input runs at stride 1 only, got "
                 "stride ", stride);
-    const int64_t P = winograd_panel(K);
     TORCH_CHECK(U.dim() == 5 && U.size(0) == 16 && 2 * U.size(2) == C && U.size(3) > 0 &&
                     U.size(1) * U.size(3) == K && U.size(4) == 2 &&
                     U.scalar_type() == at::kBFloat16 && U.device().is_cpu(),
                 "winograd_conv3x3: for bfloat16 input, expected winograd_weight of shape [16, ",
-                K / P, ", ", C / 2, ", ", P, ", 2] bfloat16 (F(2x2, 3x3) in panels of P output "
+                K, " / P, ", C / 2, ", P, 2] bfloat16 (F(2x2, 3x3) in panels of P output "
                 "channels, rows in VNNI pairs, from resnet_fused.ops.winograd_weight of a bfloat16 "
                 "weight with an even C); got ", U.sizes(), " ", U.scalar_type());
     return;
   }
-  const int64_t P = winograd_panel(K);
   const auto panels_fit = [&](int64_t from) {
     return U.size(from + 1) == C && U.size(from + 2) > 0 && U.size(from) * U.size(from + 2) == K;
   };
   if (stride == 2) {
     TORCH_CHECK(U.dim() == 5 && U.size(0) == 4 && U.size(1) == 4 && panels_fit(2),
                 "winograd_conv3x3: at stride 2, expected winograd_weight of shape [4, 4, ",
-                K / P, ", ", C, ", ", P, "] (the 4 x 4 distinct matrices of F(2x2, 3x3) at "
+                K, " / P, ", C, ", P] (the 4 x 4 distinct matrices of F(2x2, 3x3) at "
                 "stride 2 in panels of P output channels, from resnet_fused.ops.winograd_weight("
                 "weight, tile=2, stride=2)); got ", U.sizes());
   } else {
     TORCH_CHECK(U.dim() == 4 && (U.size(0) == 16 || U.size(0) == 36) && panels_fit(1),
-                "winograd_conv3x3: expected winograd_weight of shape [16, ", K / P, ", ", C, ", ",
-                P, "] (F(2x2, 3x3)) or [36, ", K / P, ", ", C, ", ", P,
-                "] (F(4x4, 3x3)): [alpha^2, K / P, C, P], the transformed weight in panels of P "
-                "output channels, from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
+                "winograd_conv3x3: expected winograd_weight of shape [16, ", K, " / P, ", C,
+                ", P] (F(2x2, 3x3)) or [36, ", K, " / P, ", C,
+                ", P] (F(4x4, 3x3)), the transformed weight in panels of P output channels, "
+                "from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
                 U.sizes());
   }
   TORCH_CHECK(U.scalar_type() == at::kFloat && U.device().is_cpu(),
