@@ -445,7 +445,10 @@ def _conv1x1_fits(c):
 # 4.47-4.48 vs 5.04-5.11) and slower where they are few (batch 8 at 7x7: 4.05-4.13 vs
 # 4.45-4.56 with the residual; at batch 1, 0.46 ms less over all 33 calls): so there it
 # takes them up to _CONV1X1_MAX_ROWS_PER_THREAD. (Before its epilogue was
-# vectorized per ISA it lost at 28x28 and 56x56 on AVX-512 too.)
+# vectorized per ISA it lost at 28x28 and 56x56 on AVX-512 too.) Those AVX2 figures are
+# from 64-wide weight panels; in 32-wide ones (ops.brgemm_panel) conv1x1 for every
+# stride-1 1x1 conv tied with this rule at batch 8 (ResNet-50 256.00 vs 255.18 ms, two
+# models alternating), so the rule stays.
 #
 # At stride 2 (ResNet's downsample convs at the start of layer2-4) it also takes them up
 # to that many output rows per thread, on either ISA, its strided rows gathered into
