@@ -296,15 +296,18 @@ def _winograd_fits(c):
 # its tiles per thread; below that F(2x2) (16 matrices) pays from 24 of its tiles per
 # thread, if its weight (64 * C * K bytes) is small enough to come from L3 (up to
 # 256x256 channels); below that oneDNN's direct kernel is faster. With more channels
-# only F(4x4) pays, and only on AVX-512. Measured on AMD EPYC Zen 4, 2 threads, in
-# ResNet-50 and alone (benchmarks/cpu_kernels.py), before the split existed, ms:
+# only F(4x4) pays (with AVX2 since its weight comes in 32-wide panels, ops.brgemm_panel:
+# 512 channels at 14x14, batch 16, warm, F(4x4) 34.1 ms against oneDNN's 67.2 and F(2x2)'s
+# 35.5; AVX-512 33.3 / 61.3 / 34.3; in 64-wide panels AVX2 had lost there). Measured on AMD
+# EPYC Zen 4, 2 threads, in ResNet-50 and alone (benchmarks/cpu_kernels.py), before the
+# split existed, ms:
 #                                    tiles/thread  F(4x4)  F(2x2)  oneDNN
 #   256 ch, 14x14, batch 1, in the model   8 / 24     0.91       -    1.02
 #     (ResNet-18 batch 1: 15.2 ms with F(2x2) there, 16.8 with F(4x4))
 #   512 ch, 7x7, batch 8, in the model    16 / 64      5.6       -     7.2
 # Those weight-bound shapes now split, and the cost model below picks for them.
 _WINOGRAD_MIN_TILES_PER_THREAD = {4: 16, 2: 24}
-_WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2), and AVX2 at all, pay
+_WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2) pays
 
 
 # winograd_conv3x3 computes an image smaller than one tile, and F(4x4) with fewer
@@ -409,7 +412,7 @@ def _winograd_tile(x, weight, stride=1):
                       for t, count in tiles.items()})
         return min(costs, key=costs.get)
     for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():
-        if tile not in tiles or (not small and (tile == 2 or _extension.cpu_isa() != "avx512")):
+        if tile not in tiles or (not small and tile == 2):
             continue
         if tiles[tile] >= needed * threads:
             return tile

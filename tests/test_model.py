@@ -283,15 +283,16 @@ def test_cpu_fp32_weight_bound_winograd_on_two_threads(arch, counts):
 
 
 # ResNet's batch-1 layer4 (512 channels at 7x7, 16 tiles) and layer3 (256 at 14x14, 49
-# tiles) take F(2x2) on both ISAs: with AVX2 in 32-wide weight panels (ops.brgemm_panel),
-# whose products with few tiles run as fast as AVX-512's.
+# tiles) take F(2x2) on both ISAs, and a 512-channel weight too large to split at batch 16
+# F(4x4): with AVX2 in 32-wide weight panels (ops.brgemm_panel), whose products run as
+# fast as AVX-512's.
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_few_tile_winograd_on_both_isas(monkeypatch, isa):
+def test_winograd_tiles_alike_on_both_isas(monkeypatch, isa):
     monkeypatch.setattr(_extension, "cpu_isa", lambda: isa)
     with num_threads(2):
-        for c, size, tile in [(512, 7, 2), (256, 14, 2)]:
-            x, w = torch.empty(1, c, size, size), torch.empty(c, c, 3, 3)
-            assert dispatch._winograd_tile(x, w) == tile, (isa, c)
+        for n, c, size, tile in [(1, 512, 7, 2), (1, 256, 14, 2), (16, 512, 14, 4)]:
+            x, w = torch.empty(n, c, size, size), torch.empty(c, c, 3, 3)
+            assert dispatch._winograd_tile(x, w) == tile, (isa, n, c)
 
 
 # CUDA convs with fewer input channels than a 16-byte vector (the stem) may append zero
