@@ -106,10 +106,11 @@ def winograd_weight(weight, tile=2, stride=1):
     winograd_conv3x3, computed in float64 (once, at fold time). float32 at stride 1:
     [16, K / P, C, P] for tile=2, [36, K / P, C, P] for tile=4, the [C, K] matrix of each
     of the 16 (36) points cut into panels of P = winograd_panel(K) output channels, so
-    that a thread computing some of the output channels reads a contiguous part of it. The shape tells the op which tile to run. At stride 2
-    (tile=2 only): [4, 4, K / P, C, P], the 4 x 4 distinct matrices of its 25 points. A
-    bfloat16 weight (tile=2, stride 1, even C) gives [16, K / P, C/2, P, 2] bfloat16: the
-    rows of each panel in the interleaved pairs (VNNI) of the bfloat16 GEMM."""
+    that a thread computing some of the output channels reads a contiguous part of it.
+    The shape tells the op which tile to run. At stride 2 (tile=2 only): [4, 4, K / P,
+    C, P], the 4 x 4 distinct matrices of its 25 points. A bfloat16 weight (tile=2,
+    stride 1, even C) gives [16, K / P, C/2, P, 2] bfloat16: the rows of each panel in the
+    interleaved pairs (VNNI) of the bfloat16 GEMM."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")

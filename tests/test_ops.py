@@ -358,7 +358,8 @@ class TestWinogradConv3x3:
     # directly (the 1x1, 2x3 and 1x6 cases take that path for F(4x4)). With few tiles
     # and a weight in several panels the threads split the output channels (the
     # 7x7, 3x3 and the last two cases, on 2 or more threads; 192 channels in
-    # slices of 128 and 64). Both panel widths (ops.brgemm_panel) on every CPU.
+    # slices of 128 and 64 in 64-wide panels, 96 and 96 in 32-wide ones). Both panel
+    # widths (ops.brgemm_panel) on every CPU.
     @pytest.mark.parametrize("panel", [64, 32])
     @pytest.mark.parametrize("tile", [2, 4], ids=["f2", "f4"])
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
