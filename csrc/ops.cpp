@@ -6,6 +6,7 @@
 #include <torch/version.h>
 
 #include "cpu/brgemm.h"
+#include "cpu/conv1x1.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/grouped_conv.h"
 #include "cpu/winograd.h"
@@ -45,7 +46,8 @@ TORCH_LIBRARY(resnet_fused, m) {
       "Tensor? residual, *, int stride=1, bool relu=True, bool assume_finite=False) -> Tensor");
   // conv_bias_act for a 1x1, unpadded, ungrouped conv, computed on CPU as one matrix
   // product on oneDNN's brgemm micro-kernel. weight_panels is
-  // resnet_fused.ops.conv1x1_weight(weight): the weight as [K / 64, C, 64] panels.
+  // resnet_fused.ops.conv1x1_weight(weight): the weight in panels of P output channels,
+  // [K / P, C, P], or [K / P, C/2, P, 2] bfloat16 (VNNI pairs).
   m.def(
       "conv1x1(Tensor input, Tensor weight, Tensor weight_panels, Tensor? bias, "
       "Tensor? residual, *, bool relu=True, int stride=1) -> Tensor");
@@ -103,6 +105,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddIntConstant(m, "conv1x1_kernel", resnet_fused::brgemm_f32_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "grouped_conv_kernel",
                           resnet_fused::grouped_conv_kernel_available() ? 1 : 0);
+  PyModule_AddIntConstant(m, "conv1x1_bf16_kernel",
+                          resnet_fused::conv1x1_bf16_kernel_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "winograd_bf16_kernel",
                           resnet_fused::winograd_bf16_kernel_available() ? 1 : 0);
 #ifdef RESNET_FUSED_WITH_CUDA

@@ -88,6 +88,12 @@ def conv1x1_kernel_available():
     return available() and bool(getattr(_C, "conv1x1_kernel", 0))
 
 
+def conv1x1_bf16_kernel_available():
+    """Whether conv1x1 runs its own kernel for bfloat16 too (AVX-512 with a bfloat16
+    brgemm that runs: AVX512_BF16 or AMX)."""
+    return available() and bool(getattr(_C, "conv1x1_bf16_kernel", 0))
+
+
 def grouped_conv_kernel_available():
     """Whether grouped_conv3x3 runs its own kernel here (AVX2+FMA or AVX-512); else it
     computes through conv_bias_act."""

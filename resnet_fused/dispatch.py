@@ -262,15 +262,17 @@ def prepare(weight, bias, conv, dtype, cached=True):
 
 # ---- Winograd rules ------------------------------------------------------------
 
-# bfloat16 Winograd's thresholds were measured where oneDNN's bfloat16 convolutions run
-# on AVX512_BF16. With AMX, oneDNN's run on the tile unit at several times that rate,
-# and our kernel has not been measured there (nor its brgemm's AMX path run), so on
-# AMX CPUs oneDNN keeps them unless RESNET_FUSED_BF16_WINOGRAD_ON_AMX=1 (or oneDNN is
-# capped below AMX by ONEDNN_MAX_CPU_ISA, as on the CPUs they were measured on).
+# Our bfloat16 kernels (Winograd, conv1x1) were measured where oneDNN's bfloat16
+# convolutions run on AVX512_BF16. With AMX, oneDNN's run on the tile unit at several
+# times that rate, and ours have not been measured there (nor their brgemm's AMX path
+# run), so on AMX CPUs oneDNN keeps those convs unless RESNET_FUSED_BF16_ON_AMX=1 (or
+# the older RESNET_FUSED_BF16_WINOGRAD_ON_AMX=1; or oneDNN is capped below AMX by
+# ONEDNN_MAX_CPU_ISA, as on the CPUs they were measured on).
 _ONEDNN_ISA = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
 _AMX = (bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
         and (_ONEDNN_ISA in ("ALL", "DEFAULT") or "AMX" in _ONEDNN_ISA))
-_BF16_WINOGRAD_ON_AMX = os.environ.get("RESNET_FUSED_BF16_WINOGRAD_ON_AMX", "") == "1"
+_BF16_ON_AMX = "1" in (os.environ.get("RESNET_FUSED_BF16_ON_AMX", ""),
+                       os.environ.get("RESNET_FUSED_BF16_WINOGRAD_ON_AMX", ""))
 
 
 def _winograd_fits(c):
@@ -280,7 +282,7 @@ def _winograd_fits(c):
     # stride 1 on AVX-512, with whole 16-channel vectors (winograd.cpp), not on AMX.
     k, cin = c.weight.shape[:2]
     bf16 = (c.dtype == torch.bfloat16 and _extension.winograd_bf16_kernel_available()
-            and (not _AMX or _BF16_WINOGRAD_ON_AMX) and k % 16 == 0 and cin % 16 == 0)
+            and (not _AMX or _BF16_ON_AMX) and k % 16 == 0 and cin % 16 == 0)
     strides = ((1, 1), (2, 2)) if c.dtype == torch.float32 else ((1, 1),)
     return (c.weight.device.type == "cpu" and (c.dtype == torch.float32 or bf16)
             and tuple(c.weight.shape[2:]) == (3, 3) and c.stride in strides
@@ -422,10 +424,13 @@ def _winograd_tile(x, weight, stride=1):
 # ---- conv1x1 rules ---------------------------------------------------------------
 
 def _conv1x1_fits(c):
-    # Unpadded 1x1 float32 convs (stride 1, or the same stride along both axes) with
-    # whole 64-channel weight panels (conv1x1.cpp).
+    # Unpadded 1x1 convs (stride 1, or the same stride along both axes) with whole
+    # 64-channel weight panels (conv1x1.cpp): float32, and bfloat16 with an even number
+    # of input channels on AVX-512 (not on AMX, as for Winograd above).
     k, cin = c.weight.shape[:2]
-    return (c.weight.device.type == "cpu" and c.dtype == torch.float32
+    bf16 = (c.dtype == torch.bfloat16 and _extension.conv1x1_bf16_kernel_available()
+            and (not _AMX or _BF16_ON_AMX) and cin % 2 == 0)
+    return (c.weight.device.type == "cpu" and (c.dtype == torch.float32 or bf16)
             and tuple(c.weight.shape[2:]) == (1, 1) and c.stride[0] == c.stride[1]
             and c.padding == (0, 0) and c.groups == 1 and k % ops.CONV1X1_PANEL == 0
             and _extension.conv1x1_kernel_available())
@@ -467,8 +472,15 @@ def _conv1x1_fits(c):
 _CONV1X1_MAX_ROWS_PER_THREAD = 2047
 
 
+# bfloat16 (AVX-512 only) follows the same rows-per-thread rule at either stride:
+# `python benchmarks/cpu_conv1x1.py --dtype bfloat16 --batch-sizes 1,8 --repeats 20` (AMD
+# EPYC Zen 4 with AVX512_BF16, 2 threads, against oneDNN's bfloat16 convolution on its
+# packed weight) has it faster on every ResNet-50 shape at batch 1 (at most 1568 rows per
+# thread; cold 1.11-1.41x, warm 0.96-1.15x) and at batch 8 at 14x14 and 7x7 (784 and 196
+# rows; cold 1.01-1.08x), slower at 56x56 (12544 rows; 0.83-0.97x) and level at 28x28
+# (3136; 0.95-1.04x).
 def _conv1x1_pays(x, stride):
-    if stride == 1 and _extension.cpu_isa() == "avx512":
+    if stride == 1 and x.dtype == torch.float32 and _extension.cpu_isa() == "avx512":
         return True
     n, _, h, w = x.shape
     rows = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)

@@ -172,7 +172,9 @@ def brgemm_panel():
 def conv1x1_weight(weight, panel=None):
     """A [K, C, 1, 1] float32 weight as conv1x1's panels of P output channels,
     [K / P, C, P], P = panel (32 or 64; default brgemm_panel()), K a multiple of 64;
-    made once, at fold time."""
+    made once, at fold time. A bfloat16 weight (even C) gives [K / P, C / 2, P, 2]: each
+    panel's rows in the interleaved pairs (VNNI) of the bfloat16 GEMM, P = 64 by default
+    (its brgemm multiplies 32- and 64-wide panels alike)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (1, 1):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"conv1x1_weight: expected a [K, C, 1, 1] weight, got {got}")
@@ -180,10 +182,17 @@ def conv1x1_weight(weight, panel=None):
     if k % CONV1X1_PANEL:
         raise ValueError(f"conv1x1_weight: expected a multiple of {CONV1X1_PANEL} output "
                          f"channels, got {k}")
-    p = brgemm_panel() if panel is None else panel
+    bf16 = weight.dtype == torch.bfloat16
+    if bf16 and c % 2:
+        raise ValueError(f"conv1x1_weight: a bfloat16 weight needs an even number of input "
+                         f"channels (its rows go in pairs), got {c}")
+    p = (64 if bf16 else brgemm_panel()) if panel is None else panel
     if p not in (32, 64):
         raise ValueError(f"conv1x1_weight: expected panel 32 or 64, got {panel!r}")
-    return weight.reshape(k // p, p, c).transpose(1, 2).contiguous()
+    panels = weight.reshape(k // p, p, c).transpose(1, 2)  # [K / P, C, P]
+    if bf16:
+        return panels.reshape(k // p, c // 2, 2, p).transpose(2, 3).contiguous()
+    return panels.contiguous()
 
 
 def conv1x1(input, weight, weight_panels, bias=None, residual=None, *, relu=True, stride=1):

@@ -347,7 +347,7 @@ def test_an_unknown_cuda_try_name_is_named():
 # bfloat16 Winograd (F(2x2) only) runs on AVX-512 CPUs whose bfloat16 brgemm runs,
 # except AMX ones (dispatch._AMX).
 BF16_WINOGRAD_KERNEL = BF16 and _extension.winograd_bf16_kernel_available()
-BF16_WINOGRAD = BF16_WINOGRAD_KERNEL and (not dispatch._AMX or dispatch._BF16_WINOGRAD_ON_AMX)
+BF16_WINOGRAD = BF16_WINOGRAD_KERNEL and (not dispatch._AMX or dispatch._BF16_ON_AMX)
 _FLAGS = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
 
 
@@ -385,11 +385,12 @@ def test_cpu_bf16_runs_winograd_where_it_pays(arch, f2):
 
 @pytest.mark.skipif(not BF16, reason="no bfloat16 convolutions on this CPU")
 @pytest.mark.parametrize("on_amx", [False, True])
-def test_cpu_bf16_leaves_3x3_convs_to_onednn_on_amx(monkeypatch, on_amx):
-    # Where the CPU has AMX (here pretended), bfloat16 Winograd is not chosen: it was
-    # measured against oneDNN's AVX512_BF16 kernels only.
+def test_cpu_bf16_leaves_convs_to_onednn_on_amx(monkeypatch, on_amx):
+    # Where the CPU has AMX (here pretended), our bfloat16 kernels (Winograd, conv1x1)
+    # are not chosen unless asked for: they were measured against oneDNN's AVX512_BF16
+    # kernels only.
     monkeypatch.setattr(dispatch, "_AMX", True)
-    monkeypatch.setattr(dispatch, "_BF16_WINOGRAD_ON_AMX", on_amx)
+    monkeypatch.setattr(dispatch, "_BF16_ON_AMX", on_amx)
     fused = fuse(tv_model("resnet18")).to(torch.bfloat16)
     x = torch.randn(2, 3, 64, 64)
     threads = torch.get_num_threads()
@@ -400,11 +401,12 @@ def test_cpu_bf16_leaves_3x3_convs_to_onednn_on_amx(monkeypatch, on_amx):
     finally:
         torch.set_num_threads(threads)
     names = [e.name for e in prof.events()]
-    expect_winograd = on_amx and BF16_WINOGRAD_KERNEL
-    assert ("resnet_fused::winograd_conv3x3" in names) == expect_winograd
-    assert names.count("resnet_fused::conv_bias_act") + names.count(
-        "resnet_fused::conv_bias_add_relu_") + names.count(
-        "resnet_fused::winograd_conv3x3") == 20  # every conv fused, whichever kernel
+    assert ("resnet_fused::winograd_conv3x3" in names) == (on_amx and BF16_WINOGRAD_KERNEL)
+    assert ("resnet_fused::conv1x1" in names) == (
+        on_amx and _extension.conv1x1_bf16_kernel_available())
+    # Every conv fused, whichever kernel.
+    assert sum(names.count("resnet_fused::" + op) for op in (
+        "conv_bias_act", "conv_bias_add_relu_", "winograd_conv3x3", "conv1x1")) == 20
     ref = tv_model("resnet18").double()(x.double())
     theirs = tv_model("resnet18").to(torch.bfloat16)(x.bfloat16())
     assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
@@ -571,6 +573,27 @@ def test_a_bottleneck_downsample_sums_with_the_last_conv(arch):
     names = [e.name for e in prof.events()]
     expected = 4 if arch == "resnet50" and _extension.conv1x1_kernel_available() else 0
     assert names.count("resnet_fused::conv1x1_sum") == expected
+
+
+@pytest.mark.skipif(not BF16, reason="no bfloat16 convolutions on this CPU")
+def test_cpu_bf16_runs_every_1x1_conv_on_conv1x1():
+    # ResNet-50's 36 1x1 convs in bfloat16: on conv1x1's kernel where it runs (AVX-512
+    # with a bfloat16 brgemm, not AMX unless asked for), each stage's first downsample
+    # summed with its block's last conv; else on oneDNN's, each a conv_bias_act call.
+    fused = fuse(tv_model("resnet50")).to(torch.bfloat16)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ours = fused(x.bfloat16())
+    names = [e.name for e in prof.events()]
+    ones = (names.count("resnet_fused::conv1x1") + names.count("resnet_fused::conv1x1_add_relu_")
+            + 2 * names.count("resnet_fused::conv1x1_sum"))
+    runs = _extension.conv1x1_bf16_kernel_available() and (
+        not dispatch._AMX or dispatch._BF16_ON_AMX)
+    assert ones == (36 if runs else 0)
+    assert names.count("resnet_fused::conv1x1_sum") == (4 if runs else 0)
+    ref = tv_model("resnet50").double()(x.double())
+    theirs = tv_model("resnet50").to(torch.bfloat16)(x.bfloat16())
+    assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
 
 
 @pytest.mark.parametrize("batch", [1, 8])

@@ -559,6 +559,31 @@ CONV1X1_CASES = [ConvCase(c, k, h, w, N=n, stride=s) for n, c, k, h, w, s in [
     (1, 2600, 128, 3, 4, 1)]]  # a reduction summed in chunks (conv1x1.cpp's kLongReduction)
 
 
+BF16_CONV1X1 = _extension.conv1x1_bf16_kernel_available()
+requires_bf16_conv1x1 = pytest.mark.skipif(
+    not BF16_CONV1X1, reason="conv1x1's bfloat16 kernel needs AVX-512 and a bfloat16 brgemm")
+
+
+def assert_rounded_once(out, ref, size, reduction):
+    """bfloat16 `out` against `ref`, the fp64 result of the same bfloat16 operands: their
+    products are exact in float32, so out is ref summed in float32 (error at most
+    (reduction + 2) * 2^-24 * size, size the sum of the terms' magnitudes, in any order)
+    and rounded once to bfloat16 (at most 2^-8 relative). Rounding twice, the product
+    and then its sum with the residual, can exceed that."""
+    assert out.dtype == torch.bfloat16
+    acc = (reduction + 2) * 2.0 ** -24 * size
+    err = (out.double() - ref).abs()
+    ratio = (err / (acc + 2.0 ** -8 * (ref.abs() + acc))).max().item()
+    assert ratio <= 1, f"error {ratio:.3g}x the bound of one rounding"
+
+
+def bf16_operands(case, channels_last=False, seed=0):
+    """case.tensors() in bfloat16, and the magnitude of each output's sum, fp64."""
+    x, w, b, res = (t.bfloat16() for t in case.tensors(channels_last=channels_last, seed=seed))
+    size = reference(x.abs(), w.abs(), b.abs(), res.abs(), case, False)
+    return (x, w, b, res), size
+
+
 class TestConv1x1:
     def test_kernel_runs_where_winograd_does(self):
         # Both run on this torch's fp32 brgemm.
@@ -594,15 +619,19 @@ class TestConv1x1:
         ops.conv1x1_add_relu_(x, x, w, ops.conv1x1_weight(w), b)
         assert_matches(x, ref, torch.float32, case.reduction)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     @pytest.mark.parametrize("where", ["input", "input_inf", "residual", "weight", "bias",
                                        "bias_inf"])
-    def test_nan_and_inf_propagate_like_torch(self, where):
+    def test_nan_and_inf_propagate_like_torch(self, where, dtype):
+        if dtype == torch.bfloat16 and not BF16_CONV1X1:
+            pytest.skip("conv1x1's bfloat16 kernel needs AVX-512 and a bfloat16 brgemm")
         case = ConvCase(32, 64, 10, 10)
         x, w, b, res = case.tensors()
         if where == "weight":
             w[7, 0, 0, 0] = float("nan")
         else:
             put_nonfinite(where, x, w, b, res)
+        x, w, b, res = (t.to(dtype) for t in (x, w, b, res))
         p = ops.conv1x1_weight(w)
         for relu in (True, False):
             out = ops.conv1x1(x, w, p, b, res, relu=relu)
@@ -652,14 +681,60 @@ class TestConv1x1:
         torch.testing.assert_close(one, many, rtol=0, atol=0)
         assert_matches(one, reference(x, w, b, res, case, True), torch.float32, case.reduction)
 
-    def test_batch_zero_and_bfloat16_go_to_conv_bias_act(self):
+    def test_batch_zero_goes_to_conv_bias_act(self):
         x, w, b, res = ConvCase(16, 64, 5, 5, N=0).tensors()
         assert ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res).shape == (0, 64, 5, 5)
-        case = ConvCase(16, 64, 5, 5)
-        x, w, b, res = (t.bfloat16() for t in case.tensors())
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            out = ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res)
-            torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, res), rtol=0, atol=0)
+
+    @pytest.mark.skipif(BF16_CONV1X1 or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                        reason="needs a CPU with bfloat16 convolutions, without conv1x1's "
+                               "bfloat16 kernel")
+    def test_bf16_without_its_kernel_goes_to_conv_bias_act(self):
+        x, w, b, res = (t.bfloat16() for t in ConvCase(16, 64, 5, 5).tensors())
+        out = ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res)
+        torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, res), rtol=0, atol=0)
+
+    # bfloat16 (AVX-512 with a bfloat16 brgemm): C even, so every case but one.
+    @requires_bf16_conv1x1
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", [c for c in CONV1X1_CASES if c.C % 2 == 0], ids=ids)
+    def test_bf16_rounds_the_sum_once(self, case, channels_last):
+        (x, w, b, res), size = bf16_operands(case, channels_last)
+        p = ops.conv1x1_weight(w)
+        assert p.shape == (case.K // 64, case.C // 2, 64, 2) and p.dtype == torch.bfloat16
+        for bias, residual, relu in [(b, None, True), (b, res, True), (None, res, False)]:
+            out = ops.conv1x1(x, w, p, bias, residual, relu=relu, stride=case.stride)
+            assert out.is_contiguous(memory_format=fmt_of(channels_last))
+            assert_rounded_once(out, reference(x, w, bias, residual, case, relu), size,
+                                case.reduction)
+        if case.stride == 1:
+            ref = reference(x, w, b, res, case, True)
+            r = res.clone(memory_format=CL)
+            assert ops.conv1x1_add_relu_(r, x, w, p, b) is r
+            assert_rounded_once(r, ref, size, case.reduction)
+
+    @requires_bf16_conv1x1
+    def test_bf16_threads_and_panel_widths_agree(self):
+        # 3 x 11 x 13 rows, 128 output channels: one thread and two split the work
+        # differently, 32- and 64-wide panels multiply in different pieces; each output
+        # is the same float32 sum, rounded the same way.
+        case = ConvCase(96, 128, 11, 13, N=3)
+        (x, w, b, res), _ = bf16_operands(case, channels_last=True)
+        p = ops.conv1x1_weight(w)
+        one, many = one_and_more_threads(lambda: ops.conv1x1(x, w, p, b, res))
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+        narrow = ops.conv1x1(x, w, ops.conv1x1_weight(w, 32), b, res)
+        torch.testing.assert_close(narrow, one, rtol=0, atol=0)
+
+    def test_bf16_conv1x1_weight_is_vnni_paired(self):
+        w = torch.randn(128, 6, 1, 1).bfloat16()
+        p, p32 = ops.conv1x1_weight(w), ops.conv1x1_weight(w.float(), 64)
+        assert p.shape == (2, 3, 64, 2)
+        assert torch.equal(p[..., 0], p32[:, 0::2].bfloat16())
+        assert torch.equal(p[..., 1], p32[:, 1::2].bfloat16())
+        assert ops.conv1x1_weight(w, 32).shape == (4, 3, 32, 2)
+        with pytest.raises(ValueError, match="a bfloat16 weight needs an even number of input "
+                                             "channels .* got 5"):
+            ops.conv1x1_weight(torch.randn(64, 5, 1, 1).bfloat16())
 
     @pytest.mark.parametrize("change, message", [
         (dict(w=torch.randn(64, 8, 3, 3)), r"expected a 1x1 weight \(K, C, 1, 1\)"),
@@ -671,6 +746,11 @@ class TestConv1x1:
         (dict(b=torch.randn(63)), r"expected bias of shape \[64\]"),
         (dict(s=0), r"conv1x1: expected stride > 0, got \[0, 0\]"),
         (dict(s=2), r"expected residual of the output's shape \[2, 64, 3, 3\]"),
+        (dict(x=torch.randn(2, 8, 5, 5).bfloat16(), w=torch.randn(64, 8, 1, 1).bfloat16(),
+              b=None, r=None), r"expected weight_panels of shape \[K / P, 4, P, 2\] with "
+                               r"P \* \(K / P\) = 64, BFloat16 on cpu .* got \[1, 8, 64\] Float"),
+        (dict(x=torch.randn(2, 7, 5, 5).bfloat16(), w=torch.randn(64, 7, 1, 1).bfloat16(),
+              b=None, r=None), "expected an even number of input channels for bfloat16 .* got 7"),
     ])
     def test_bad_input_is_named(self, change, message):
         a = dict(x=torch.randn(2, 8, 5, 5), w=torch.randn(64, 8, 1, 1), b=torch.randn(64),
@@ -804,19 +884,32 @@ class TestConv1x1Sum:
         for ours, their in zip(leaves, theirs):
             torch.testing.assert_close(ours.grad, their.grad, rtol=1e-4, atol=1e-4)
 
-    def test_batch_zero_and_bfloat16_take_two_convolutions(self):
+    def test_batch_zero_and_bfloat16_without_its_kernel_take_two_convolutions(self):
         pair = CONV1X1_SUM_CASES[1]
         h, w, b, _ = ConvCase(128, 512, 7, 5, N=0).tensors()
         x2, w2, _, _ = ConvCase(256, 512, 14, 10, N=0, stride=2).tensors()
         p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
         assert ops.conv1x1_sum(h, w, p, x2, w2, p2, b, stride2=2).shape == (0, 512, 7, 5)
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported() and not BF16_CONV1X1:
             h, w, b, _ = (t.bfloat16() for t in pair[0].tensors())
             x2, w2, _, _ = (t.bfloat16() for t in pair[1].tensors(seed=1))
             p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
             other = ops.conv_bias_act(x2, w2, None, None, 2, relu=False)
             torch.testing.assert_close(ops.conv1x1_sum(h, w, p, x2, w2, p2, b, stride2=2),
                                        ops.conv_bias_act(h, w, b, other), rtol=0, atol=0)
+
+    # bfloat16: both products summed in float32, rounded once.
+    @requires_bf16_conv1x1
+    @pytest.mark.parametrize("pair", CONV1X1_SUM_CASES, ids=sum_ids)
+    def test_bf16_rounds_the_sum_once(self, pair):
+        (h, w, b, _), _ = bf16_operands(pair[0], channels_last=True)
+        (x2, w2, _, _), _ = bf16_operands(pair[1], channels_last=True, seed=1)
+        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        size = sum_reference(h.abs(), w.abs(), x2.abs(), w2.abs(), b.abs(), pair, False)
+        for bias, relu in [(b, True), (b, False)]:
+            out = ops.conv1x1_sum(h, w, p, x2, w2, p2, bias, stride2=pair[1].stride, relu=relu)
+            assert_rounded_once(out, sum_reference(h, w, x2, w2, bias, pair, relu), size,
+                                pair[0].reduction + pair[1].reduction)
 
     @pytest.mark.parametrize("change, message", [
         (dict(x2=torch.randn(2, 16, 9, 9), s=1), r"conv1x1_sum: expected the two convolutions to give "

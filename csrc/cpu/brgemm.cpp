@@ -26,8 +26,8 @@ void brgemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64
 }
 
 void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
-                 const c10::BFloat16* a, const c10::BFloat16* b, float* c) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/false, a, b, c,
+                 const c10::BFloat16* a, const c10::BFloat16* b, float* c, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/accumulate, a, b, c,
                               /*is_vnni=*/true);
 }
 
@@ -73,7 +73,7 @@ bool brgemm_bf16_available() { return false; }
 void brgemm_f32(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
                 float*, bool) {}
 void brgemm_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*,
-                 const c10::BFloat16*, float*) {}
+                 const c10::BFloat16*, float*, bool) {}
 void brgemm_release() {}
 #endif
 

@@ -19,7 +19,8 @@ bool brgemm_bf16_available();
 void brgemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
                 const float* a, const float* b, float* c, bool accumulate = false);
 void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
-                 const c10::BFloat16* a, const c10::BFloat16* b, float* c);
+                 const c10::BFloat16* a, const c10::BFloat16* b, float* c,
+                 bool accumulate = false);
 
 // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
 void brgemm_release();

@@ -19,19 +19,25 @@
 // (kSplitRowsFrom, kSplitRowsSmallWeightFrom). dispatch.py says where
 // the model uses it.
 //
+// bfloat16 runs the same blocks on oneDNN's bfloat16 brgemm (the weight's rows in VNNI
+// pairs), summed in float32 and rounded once, in the epilogue, where ATen's convolution
+// rounds its product and then its sum with the residual; AVX-512 only (conv1x1.h).
+//
 // NaN and Inf propagate as in torch (the ReLU keeps NaN), so no operand is scanned.
-// Without the fp32 brgemm, for bfloat16 and for a weight in other panels, the call goes
-// to conv_bias_act.
+// Where the kernel does not run (no brgemm for the dtype, a weight in other panels), the
+// call goes to conv_bias_act.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <initializer_list>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/brgemm.h"
+#include "cpu/conv1x1.h"
 #include "cpu/conv1x1_epilogue.h"
 #include "cpu/conv_bias_act.h"
 #include "cpu/cpu_isa.h"
@@ -96,6 +102,10 @@ void conv1x1::epilogue_plain(const float* c, const float* bias, const float* res
   }
 }
 
+bool conv1x1_bf16_kernel_available() {
+  return cpu_isa() == CpuIsa::kAvx512 && brgemm_f32_available() && brgemm_bf16_available();
+}
+
 namespace {
 
 // The ISA's own epilogue where the CPU has one (conv1x1_epilogue.h).
@@ -110,10 +120,11 @@ conv1x1::EpilogueFn pick_epilogue() {
   return &conv1x1::epilogue_plain;
 }
 
-// Copies the input pixels of output rows [r0, r0 + n) at stride s, C floats each, to
+// Copies the input pixels of output rows [r0, r0 + n) at stride s, C elements each, to
 // `rows` (contiguous).
-void gather_rows(const float* x, int64_t C, int64_t H, int64_t W, int64_t s, int64_t r0, int64_t n,
-                 float* rows) {
+template <class T>
+void gather_rows(const T* x, int64_t C, int64_t H, int64_t W, int64_t s, int64_t r0, int64_t n,
+                 T* rows) {
   const int64_t OH = (H - 1) / s + 1, OW = (W - 1) / s + 1;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = r0 + i, ow = r % OW, oh = r / OW % OH, img = r / (OW * OH);
@@ -122,26 +133,56 @@ void gather_rows(const float* x, int64_t C, int64_t H, int64_t W, int64_t s, int
 }
 
 // One product of the sum run() computes: the channels_last input (N, C, H, W) read at
-// `stride`, and its weight in panels of P output channels ([K / P, C, P]).
+// `stride`, and its weight in panels of P output channels ([K / P, C, P]; bfloat16 in
+// VNNI row pairs, [K / P, C / 2, P, 2], the same offsets counted in elements).
+template <class T>
 struct Operand {
-  const float* x;
-  const float* w;
+  const T* x;
+  const T* w;
   int64_t C, H, W, stride, P;
 };
 
+// The product block's 64 columns from the operand's panels, rows [c0, c0 + k) of its
+// reduction: block (+)= a @ w.
+void product(int64_t n, int64_t k, const Operand<float>& op, const float* a, const float* w,
+             float* block, bool accumulate) {
+  for (int64_t j = 0; j < kPanel; j += op.P)
+    brgemm_f32(n, op.P, k, /*lda=*/op.C, /*ldb=*/op.P, /*ldc=*/kPanel, a, w + j * op.C, block + j,
+               accumulate);
+}
+
+void product(int64_t n, int64_t k, const Operand<c10::BFloat16>& op, const c10::BFloat16* a,
+             const c10::BFloat16* w, float* block, bool accumulate) {
+  for (int64_t j = 0; j < kPanel; j += op.P)
+    brgemm_bf16(n, op.P, k, /*lda=*/op.C, /*ldb=*/op.P, /*ldc=*/kPanel, a, w + j * op.C,
+                block + j, accumulate);
+}
+
+void epilogue(const float* c, const float* bias, const float* residual, float* out, int64_t rows,
+              int64_t ld, bool relu) {
+  static const conv1x1::EpilogueFn fn = pick_epilogue();
+  fn(c, bias, residual, out, rows, ld, relu);
+}
+
+void epilogue(const float* c, const c10::BFloat16* bias, const c10::BFloat16* residual,
+              c10::BFloat16* out, int64_t rows, int64_t ld, bool relu) {
+  const auto bits = [](const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
+  conv1x1::epilogue_bf16_avx512(c, bits(bias), bits(residual), reinterpret_cast<uint16_t*>(out),
+                                rows, ld, relu);
+}
+
 // out = act(sum of the operands' products + bias [+ residual]); all channels_last-
-// contiguous float32, every operand giving out's rows; out may be residual.
-void run(std::initializer_list<Operand> operands, const float* bias, const float* residual,
-         Tensor& out, bool relu) {
+// contiguous, of element type T (float, or bfloat16 summed in float32), every operand
+// giving out's rows; out may be residual.
+template <class T>
+void run(std::vector<Operand<T>> ops, const T* bias, const T* residual, Tensor& out, bool relu) {
   const int64_t K = out.size(1);
   const int64_t rows = out.numel() / K;
   const int64_t col_blocks = K / kPanel;  // of kPanel output channels
-  float* o = out.data_ptr<float>();
-  static const conv1x1::EpilogueFn epilogue = pick_epilogue();
-  std::vector<Operand> ops(operands);
+  T* o = out.data_ptr<T>();
   int64_t weight_bytes = 0;  // the largest operand's
   for (const auto& op : ops)
-    weight_bytes = std::max(weight_bytes, op.C * K * static_cast<int64_t>(sizeof(float)));
+    weight_bytes = std::max(weight_bytes, op.C * K * static_cast<int64_t>(sizeof(T)));
   // Items are (column block, row block) pairs; each thread takes a contiguous range of
   // them, so the order decides what the threads split: column-major the weight's panels,
   // else the rows.
@@ -159,21 +200,22 @@ void run(std::initializer_list<Operand> operands, const float* bias, const float
   // scratch. Split by panels, every thread reads every row block (once per panel it
   // takes), so the rows are gathered once, before the products, into a shared copy.
   std::vector<Tensor> subsampled;
-  int64_t gathered_floats = 0;  // per thread, split by rows
+  int64_t gathered_elems = 0;  // per thread, split by rows
   for (auto& op : ops) {
     if (op.stride == 1) continue;
     if (split_rows) {
-      gathered_floats += row_block * op.C;
+      gathered_elems += row_block * op.C;
       continue;
     }
     subsampled.push_back(at::empty({rows, op.C}, out.options().memory_format(
                                                      at::MemoryFormat::Contiguous)));
-    float* sub = subsampled.back().data_ptr<float>();
+    T* sub = subsampled.back().data_ptr<T>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       gather_rows(op.x, op.C, op.H, op.W, op.stride, r0, r1 - r0, sub + r0 * op.C);
     });
     op = {sub, op.w, op.C, op.H, op.W, 1, op.P};
   }
+  const int64_t gathered_floats = (gathered_elems * sizeof(T) + sizeof(float) - 1) / sizeof(float);
   at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t first, int64_t last) {
     float* block = thread_scratch(row_block * kPanel + gathered_floats);
     int64_t gathered_r0 = -1;
@@ -181,10 +223,11 @@ void run(std::initializer_list<Operand> operands, const float* bias, const float
       const int64_t p = split_rows ? item % col_blocks : item / row_blocks;
       const int64_t r0 = (split_rows ? item / col_blocks : item % row_blocks) * row_block;
       const int64_t n = std::min(row_block, rows - r0);
-      float* gathered = block + row_block * kPanel;  // the block's input rows, where gathered
+      // the block's input rows, where gathered
+      T* gathered = reinterpret_cast<T*>(block + row_block * kPanel);
       for (size_t i = 0; i < ops.size(); ++i) {
-        const Operand& op = ops[i];
-        const float* a = op.x + r0 * op.C;
+        const Operand<T>& op = ops[i];
+        const T* a = op.x + r0 * op.C;
         if (op.stride > 1) {
           if (r0 != gathered_r0) gather_rows(op.x, op.C, op.H, op.W, op.stride, r0, n, gathered);
           a = gathered;
@@ -192,24 +235,47 @@ void run(std::initializer_list<Operand> operands, const float* bias, const float
         }
         const int64_t chunk = op.C > kLongReduction ? kReductionChunk : op.C;
         for (int64_t c0 = 0; c0 < op.C; c0 += chunk) {
-          for (int64_t j = 0; j < kPanel; j += op.P) {  // the block's panels
-            const float* w = op.w + ((p * kPanel + j) / op.P * op.C + c0) * op.P;
-            brgemm_f32(n, op.P, std::min(chunk, op.C - c0), /*lda=*/op.C, /*ldb=*/op.P,
-                       /*ldc=*/kPanel, a + c0, w, block + j, /*accumulate=*/i > 0 || c0 > 0);
-          }
+          const T* w = op.w + (p * kPanel / op.P * op.C + c0) * op.P;  // the block's first panel
+          product(n, std::min(chunk, op.C - c0), op, a + c0, w, block,
+                  /*accumulate=*/i > 0 || c0 > 0);
         }
       }
       gathered_r0 = r0;
       const int64_t at = r0 * K + p * kPanel;
-      epilogue(block, bias ? bias + p * kPanel : nullptr,
-               residual ? residual + at : nullptr, o + at, n, K, relu);
+      epilogue(block, bias ? bias + p * kPanel : nullptr, residual ? residual + at : nullptr,
+               o + at, n, K, relu);
     }
+    // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
+    if (std::is_same<T, c10::BFloat16>::value) brgemm_release();
   });
 }
 
-Operand operand(const Tensor& x, const Tensor& panels, int64_t stride) {
-  return {x.const_data_ptr<float>(), panels.const_data_ptr<float>(), x.size(1), x.size(2),
-          x.size(3), stride, panels.size(2)};
+// One product's input and weight panels, channels_last- and plain-contiguous.
+struct Input {
+  const Tensor& x;
+  const Tensor& panels;
+  int64_t stride;
+};
+
+template <class T>
+void run_typed(const std::vector<Input>& inputs, const optional<Tensor>& bias,
+               const Tensor& residual, Tensor& out, bool relu) {
+  std::vector<Operand<T>> ops;
+  for (const Input& in : inputs)
+    ops.push_back({in.x.const_data_ptr<T>(), in.panels.const_data_ptr<T>(), in.x.size(1),
+                   in.x.size(2), in.x.size(3), in.stride, in.panels.size(2)});
+  run<T>(std::move(ops), bias ? bias->const_data_ptr<T>() : nullptr,
+         residual.defined() ? residual.const_data_ptr<T>() : nullptr, out, relu);
+}
+
+// run() in out's element type; residual undefined for none.
+void run(const std::vector<Input>& inputs, const optional<Tensor>& bias, const Tensor& residual,
+         Tensor& out, bool relu) {
+  if (out.scalar_type() == at::kBFloat16) {
+    run_typed<c10::BFloat16>(inputs, bias, residual, out, relu);
+  } else {
+    run_typed<float>(inputs, bias, residual, out, relu);
+  }
 }
 
 void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor& panels,
@@ -220,8 +286,19 @@ void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor&
   check_conv_bias_act_args(input, weight, bias, residual, {stride, stride}, {0, 0}, {1, 1}, 1, op);
   TORCH_CHECK(input.device().is_cpu(), op, ": expected input on cpu, got ", input.device());
   const int64_t K = weight.size(0), C = weight.size(1);
-  TORCH_CHECK(panels.dim() == 3 && panels.size(0) * panels.size(2) == K && panels.size(1) == C &&
-                  panels.scalar_type() == weight.scalar_type() && panels.device().is_cpu(),
+  const bool typed = panels.scalar_type() == weight.scalar_type() && panels.device().is_cpu();
+  if (weight.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(C % 2 == 0, op, ": expected an even number of input channels for bfloat16 (its "
+                "weight panels hold rows in pairs), got ", C);
+    TORCH_CHECK(typed && panels.dim() == 4 && panels.size(0) * panels.size(2) == K &&
+                    panels.size(1) == C / 2 && panels.size(3) == 2,
+                op, ": expected weight_panels of shape [K / P, ", C / 2,
+                ", P, 2] with P * (K / P) = ", K, ", BFloat16 on cpu (resnet_fused.ops.conv1x1_weight(weight)); got ",
+                panels.sizes(), " ", panels.scalar_type(), " on ", panels.device());
+    return;
+  }
+  TORCH_CHECK(typed && panels.dim() == 3 && panels.size(0) * panels.size(2) == K &&
+                  panels.size(1) == C,
               op, ": expected weight_panels of shape [K / P, ", C, ", P] with P * (K / P) = ", K,
               ", ", weight.scalar_type(), " on cpu (resnet_fused.ops.conv1x1_weight(weight)); got ",
               panels.sizes(), " ", panels.scalar_type(), " on ", panels.device());
@@ -230,9 +307,11 @@ void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor&
 // Whether the kernel computes this call (else conv_bias_act does).
 bool kernel_runs(const Tensor& input, const Tensor& panels) {
   const int64_t P = panels.size(2);
-  return input.scalar_type() == at::kFloat && (P == kPanel || P == kNarrowPanel) &&
-         panels.size(0) * P % kPanel == 0 && input.numel() > 0 &&
-         brgemm_f32_available();
+  const auto dt = input.scalar_type();
+  const bool runs = dt == at::kFloat ? brgemm_f32_available()
+                                     : dt == at::kBFloat16 && conv1x1_bf16_kernel_available();
+  return runs && (P == kPanel || P == kNarrowPanel) && panels.size(0) * P % kPanel == 0 &&
+         input.numel() > 0;
 }
 
 Tensor conv1x1_cpu(const Tensor& input, const Tensor& weight, const Tensor& panels,
@@ -252,8 +331,7 @@ Tensor conv1x1_cpu(const Tensor& input, const Tensor& weight, const Tensor& pane
   Tensor out = at::empty({input.size(0), weight.size(0), (input.size(2) - 1) / stride + 1,
                           (input.size(3) - 1) / stride + 1},
                          input.options().memory_format(cl));
-  run({operand(x, w, stride)}, b ? b->const_data_ptr<float>() : nullptr,
-      residual ? r.const_data_ptr<float>() : nullptr, out, relu);
+  run({{x, w, stride}}, b, r, out, relu);
   return out.contiguous(output_memory_format(input));
 }
 
@@ -274,8 +352,7 @@ void conv1x1_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& 
   }
   const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
   const Tensor x = input.contiguous(cl), w = panels.contiguous();
-  run({operand(x, w, 1)}, b ? b->const_data_ptr<float>() : nullptr,
-      residual.const_data_ptr<float>(), residual, /*relu=*/true);
+  run({{x, w, 1}}, b, residual, residual, /*relu=*/true);
 }
 
 // act(conv1x1(input) + conv1x1(input2, stride2) + bias): both products summed in one
@@ -310,8 +387,7 @@ Tensor conv1x1_sum_cpu(const Tensor& input, const Tensor& weight, const Tensor& 
   const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
   Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
                          input.options().memory_format(cl));
-  run({operand(x, w, 1), operand(x2, w2, stride2)}, b ? b->const_data_ptr<float>() : nullptr,
-      nullptr, out, relu);
+  run({{x, w, 1}, {x2, w2, stride2}}, b, Tensor(), out, relu);
   return out.contiguous(output_memory_format(input));
 }
 

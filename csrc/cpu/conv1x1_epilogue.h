@@ -1,5 +1,5 @@
 // The epilogue of conv1x1's products: out = act(product + bias [+ residual]) for one
-// block of rows x kConv1x1Panel output channels, as a plain loop (any CPU) and
+// block of rows x kPanel output channels, as a plain loop (any CPU) and
 // compiled per vector ISA (kernels_avx2.cpp, kernels_avx512.cpp; the library itself
 // is built for baseline x86-64, where the plain loop runs on 4-lane SSE: at 64-128
 // input channels that was ~1/5 of the op). All of them give the same bits.
@@ -31,6 +31,11 @@ void epilogue_avx2(const float* c, const float* bias, const float* residual, flo
                    int64_t rows, int64_t ld, bool relu);
 void epilogue_avx512(const float* c, const float* bias, const float* residual, float* out,
                      int64_t rows, int64_t ld, bool relu);
+
+// The same for bfloat16 bias, residual and out (raw bits): the sum in float32, rounded
+// once, to nearest even, as torch rounds. AVX-512 only, as is conv1x1's bfloat16 kernel.
+void epilogue_bf16_avx512(const float* c, const uint16_t* bias, const uint16_t* residual,
+                          uint16_t* out, int64_t rows, int64_t ld, bool relu);
 
 }  // namespace conv1x1
 }  // namespace resnet_fused

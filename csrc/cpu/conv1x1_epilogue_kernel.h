@@ -8,16 +8,17 @@
 namespace resnet_fused {
 namespace conv1x1 {
 
-template <class V>
-void epilogue(const float* c, const float* bias, const float* residual, float* out, int64_t rows,
-              int64_t ld, bool relu) {
+// T: float, or uint16_t holding bfloat16 (where V loads and stores it).
+template <class V, class T>
+void epilogue(const float* c, const T* bias, const T* residual, T* out, int64_t rows, int64_t ld,
+              bool relu) {
   constexpr int64_t kL = V::kLanes, kRegs = kPanel / kL;
   typename V::Reg b[kRegs];
   for (int64_t j = 0; j < kRegs; ++j) b[j] = bias ? V::load(bias + j * kL, kL) : V::zero();
   for (int64_t r = 0; r < rows; ++r) {
     const float* cr = c + r * kPanel;
-    const float* res = residual ? residual + r * ld : nullptr;
-    float* o = out + r * ld;
+    const T* res = residual ? residual + r * ld : nullptr;
+    T* o = out + r * ld;
     for (int64_t j = 0; j < kRegs; ++j) {
       typename V::Reg v = V::add(V::load(cr + j * kL, kL), b[j]);
       if (res) v = V::add(v, V::load(res + j * kL, kL));

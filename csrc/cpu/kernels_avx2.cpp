@@ -31,7 +31,7 @@ void winograd::run_blocks_avx2(const Problem& p, int64_t first, int64_t last, fl
 
 void conv1x1::epilogue_avx2(const float* c, const float* bias, const float* residual, float* out,
                            int64_t rows, int64_t ld, bool relu) {
-  epilogue<vec::Avx2>(c, bias, residual, out, rows, ld, relu);
+  epilogue<vec::Avx2, float>(c, bias, residual, out, rows, ld, relu);
 }
 
 void grouped_conv::run_rows_avx2(const Problem& p, int64_t first, int64_t last) {

@@ -31,7 +31,12 @@ void winograd::run_blocks_avx512(const Problem& p, int64_t first, int64_t last, 
 
 void conv1x1::epilogue_avx512(const float* c, const float* bias, const float* residual, float* out,
                            int64_t rows, int64_t ld, bool relu) {
-  epilogue<vec::Avx512>(c, bias, residual, out, rows, ld, relu);
+  epilogue<vec::Avx512, float>(c, bias, residual, out, rows, ld, relu);
+}
+
+void conv1x1::epilogue_bf16_avx512(const float* c, const uint16_t* bias, const uint16_t* residual,
+                                   uint16_t* out, int64_t rows, int64_t ld, bool relu) {
+  epilogue<vec::Avx512, uint16_t>(c, bias, residual, out, rows, ld, relu);
 }
 
 void grouped_conv::run_rows_avx512(const Problem& p, int64_t first, int64_t last) {

@@ -14,6 +14,9 @@ struct Avx512 {
   static constexpr int64_t kLanes = 16;
   static constexpr bool kBf16 = true;
 
+  // The maskz forms of intrinsics with all lanes on (kAll): GCC 12 warns on the plain
+  // ones' internals.
+  static constexpr __mmask16 kAll = 0xFFFF;
   static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static Reg load(const float* p, int64_t n) {
     return n >= kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask(n), p);
@@ -25,21 +28,23 @@ struct Avx512 {
       _mm512_mask_storeu_ps(p, mask(n), v);
     }
   }
-  // bfloat16 (raw bits), 16 at a time: the op runs bfloat16 only with C and K
-  // multiples of 16, so n is always 16 here.
+  // bfloat16 (raw bits), 16 at a time: the ops run bfloat16 only on whole vectors
+  // (Winograd: C and K multiples of 16; conv1x1: 64-channel blocks), so n is always 16.
   static Reg load(const uint16_t* p, int64_t) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m512i w = _mm512_maskz_cvtepu16_epi32(kAll, h);
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, w, 16));
   }
   // Rounded to nearest even, as torch rounds to bfloat16; NaN stays NaN (quieted).
   static void store(uint16_t* p, Reg v, int64_t) {
     const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i lsb =
+        _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x00400000)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+                        _mm512_maskz_cvtepi32_epi16(kAll, _mm512_maskz_srli_epi32(kAll, r, 16)));
   }
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
