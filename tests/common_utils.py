@@ -214,6 +214,21 @@ def assert_matches(out, ref, dtype, n, what=""):
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
 
 
+def assert_rounded_once(out, ref, size, reduction):
+    """bfloat16 `out` against `ref`, the fp64 result of the same bfloat16 operands: their
+    products are exact in float32, so out is ref summed in float32 (error at most
+    (reduction + 2) * 2^-24 * size, size the sum of the terms' magnitudes, in any order)
+    and rounded once to bfloat16 (at most 2^-8 relative). Rounding twice, the product
+    and then its sum with the residual, can exceed that."""
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    acc = (reduction + 2) * 2.0 ** -24 * size
+    err, bound = (out.double() - ref).abs(), acc + 2.0 ** -8 * (ref.abs() + acc)
+    worst = (err - bound).flatten().argmax() if err.numel() else None
+    assert worst is None or err.flatten()[worst] <= bound.flatten()[worst], (
+        f"error {err.flatten()[worst]:.3g} > {bound.flatten()[worst]:.3g}, the bound of one "
+        f"rounding (out {out.flatten()[worst]}, ref {ref.flatten()[worst]})")
+
+
 # ---- opcheck -------------------------------------------------------------------------
 
 

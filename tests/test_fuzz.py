@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import resnet_fused
 from resnet_fused import ops
 
-from common_utils import ConvCase, assert_matches, dtypes_for, num_threads, reference, tol
+from common_utils import (ConvCase, assert_matches, assert_rounded_once, dtypes_for, num_threads,
+                          reference, tol)
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 EXAMPLES = int(os.environ.get("RESNET_FUSED_FUZZ_EXAMPLES", "150"))
@@ -39,6 +40,9 @@ def _layout(t, how, draw):
 
 
 LAYOUTS = ["contiguous", "channels_last", "permuted", "offset", "sliced"]
+# conv1x1's bfloat16 kernel: AVX-512 with a bfloat16 brgemm.
+CONV1X1_DTYPES = [torch.float32] + (
+    [torch.bfloat16] if resnet_fused._extension.conv1x1_bf16_kernel_available() else [])
 
 
 def _assert_fp32_matches(out, x, wt, b, res, conv, relu, what):
@@ -206,28 +210,36 @@ def test_winograd_conv3x3_bf16_fuzz(n, c, k, h, w, x_layout, residual, relu, bia
        h=st.integers(1, 17), w=st.integers(1, 17), x_layout=st.sampled_from(LAYOUTS),
        residual=st.sampled_from([None, "out_of_place", "in_place"]), relu=st.booleans(),
        bias=st.booleans(), threads=st.sampled_from([1, 2, 3]), stride=st.sampled_from([1, 2, 3]),
-       seed=st.integers(0, 2**31 - 1))
-def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, threads, stride, seed):
-    # Row counts across the 128-row product blocks, any channel count, 1-3 weight
-    # panels split over other thread counts, strides that leave a remainder; errors as
-    # in the Winograd fuzz test. The in-place op has stride 1 only.
+       dtype=st.sampled_from(CONV1X1_DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_conv1x1_fuzz(n, c, panels, h, w, x_layout, residual, relu, bias, threads, stride, dtype,
+                      seed):
+    # Row counts across the 128-row product blocks, any channel count (even for
+    # bfloat16), 1-3 weight panels split over other thread counts, strides that leave a
+    # remainder; errors as in the Winograd fuzz test, bfloat16 rounded once. The in-place
+    # op has stride 1 only.
     g = torch.Generator().manual_seed(seed)
     k = 64 * panels
+    c += c % 2 if dtype == torch.bfloat16 else 0
     stride = 1 if residual == "in_place" else stride
     conv = ConvCase(c, k, h, w, N=n, stride=stride)
-    x = torch.randn(n, c, h, w, generator=g)
-    wt = torch.randn(k, c, 1, 1, generator=g) / c ** 0.5
-    b = torch.randn(k, generator=g) if bias else None
-    res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    wt = (torch.randn(k, c, 1, 1, generator=g) / c ** 0.5).to(dtype)
+    b = torch.randn(k, generator=g).to(dtype) if bias else None
+    res = torch.randn(n, k, *conv.out_hw, generator=g).to(dtype) if residual else None
     relu = relu or residual == "in_place"
     p = ops.conv1x1_weight(wt)
     with num_threads(threads):
         if residual == "in_place":
-            out = ops.conv1x1_add_relu_(res.contiguous(memory_format=torch.channels_last),
+            out = ops.conv1x1_add_relu_(res.clone(memory_format=torch.channels_last),
                                         _layout(x, x_layout, None), wt, p, b)
         else:
             out = ops.conv1x1(_layout(x, x_layout, None), wt, p, b, res, relu=relu, stride=stride)
-    _assert_fp32_matches(out, x, wt, b, res, conv, relu, "conv1x1")
+    if dtype == torch.float32:
+        _assert_fp32_matches(out, x, wt, b, res, conv, relu, "conv1x1")
+        return
+    size = reference(x.abs(), wt.abs(), None if b is None else b.abs(),
+                     None if res is None else res.abs(), conv, False)
+    assert_rounded_once(out, reference(x, wt, b, res, conv, relu), size, conv.reduction)
 
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,

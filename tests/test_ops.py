@@ -7,9 +7,9 @@ import torch
 
 from resnet_fused import _extension, ops
 
-from common_utils import (ConvCase, assert_matches, devices, dtypes_for, num_threads,
-                          one_and_more_threads, opcheck, put_nonfinite, reference, rel_err,
-                          requires_extension, skip_unless_dtype, NONFINITE_KINDS)
+from common_utils import (ConvCase, assert_matches, assert_rounded_once, devices, dtypes_for,
+                          num_threads, one_and_more_threads, opcheck, put_nonfinite, reference,
+                          rel_err, requires_extension, skip_unless_dtype, NONFINITE_KINDS)
 
 pytestmark = requires_extension
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -562,19 +562,6 @@ CONV1X1_CASES = [ConvCase(c, k, h, w, N=n, stride=s) for n, c, k, h, w, s in [
 BF16_CONV1X1 = _extension.conv1x1_bf16_kernel_available()
 requires_bf16_conv1x1 = pytest.mark.skipif(
     not BF16_CONV1X1, reason="conv1x1's bfloat16 kernel needs AVX-512 and a bfloat16 brgemm")
-
-
-def assert_rounded_once(out, ref, size, reduction):
-    """bfloat16 `out` against `ref`, the fp64 result of the same bfloat16 operands: their
-    products are exact in float32, so out is ref summed in float32 (error at most
-    (reduction + 2) * 2^-24 * size, size the sum of the terms' magnitudes, in any order)
-    and rounded once to bfloat16 (at most 2^-8 relative). Rounding twice, the product
-    and then its sum with the residual, can exceed that."""
-    assert out.dtype == torch.bfloat16
-    acc = (reduction + 2) * 2.0 ** -24 * size
-    err = (out.double() - ref).abs()
-    ratio = (err / (acc + 2.0 ** -8 * (ref.abs() + acc))).max().item()
-    assert ratio <= 1, f"error {ratio:.3g}x the bound of one rounding"
 
 
 def bf16_operands(case, channels_last=False, seed=0):
