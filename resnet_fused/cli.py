@@ -1,4 +1,4 @@
-"""Command line: python -m resnet_fused {verify,bench,profile,predict} (also `resnet-fused`)."""
+"""Command line: python -m resnet_fused {verify,bench,profile,predict,info} (also `resnet-fused`)."""
 
 import argparse
 import copy
@@ -9,7 +9,7 @@ import sys
 import torch
 import torchvision
 
-from . import _extension, benchmark, dispatch, predict
+from . import _extension, benchmark, dispatch, info, predict
 from .builders import ARCHS, torchvision_model
 from .model import STAGES, fuse
 from .testing import DETECTION, SEGMENTATION, realistic_, task_model
@@ -485,7 +485,15 @@ def build_parser():
                     help="also redo the images recorded with an error")
     pd.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     pd.set_defaults(fn=cmd_predict, parser=pd)
+
+    i = sub.add_parser("info", help="which of our kernels run here, and why not where one does not")
+    i.set_defaults(fn=cmd_info)
     return p
+
+
+def cmd_info(args):
+    info.print_rows()
+    return 0
 
 
 def _check_paths(parser, args):

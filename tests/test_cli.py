@@ -184,3 +184,41 @@ def test_profile_without_matplotlib_says_how_to_get_the_chart(tmp_path, monkeypa
                  "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
     assert "pip install resnet_fused[cli] for the chart" in capsys.readouterr().out
     assert (tmp_path / "trace_fused.json").stat().st_size > 0
+
+
+def _info_rows(capsys):
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return {line[:line.index("  ")]: line[line.index("  "):].strip() for line in lines}
+
+
+def test_info_says_which_kernels_run(monkeypatch, capsys):
+    from resnet_fused import _extension
+    rows = _info_rows(capsys)
+    assert rows["torch"] == torch.__version__
+    assert rows["cpu vector ISA (our kernels)"] == _extension.cpu_isa()
+    assert rows["conv1x1 float32"].startswith(
+        "yes" if _extension.conv1x1_kernel_available() else "no (")
+    # A kernel that does not run says so and why; on an AMX CPU our bfloat16 kernels give
+    # way to oneDNN's unless asked for.
+    monkeypatch.setattr(_extension, "winograd_kernel_available", lambda: False)
+    monkeypatch.setattr(_extension, "conv1x1_bf16_kernel_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_AMX", True)
+    monkeypatch.setattr(dispatch, "_BF16_ON_AMX", False)
+    monkeypatch.setenv("RESNET_FUSED_CPU_ISA", "avx2")
+    rows = _info_rows(capsys)
+    assert rows["winograd_conv3x3 float32"].startswith("no (needs AVX2+FMA or AVX-512")
+    assert rows["AMX"] == "yes" and rows["RESNET_FUSED_CPU_ISA"] == "avx2"
+    if torch.bfloat16 in dispatch.CPU_DTYPES:
+        assert "unless RESNET_FUSED_BF16_ON_AMX=1" in rows["conv1x1 bfloat16"]
+        monkeypatch.setattr(dispatch, "_BF16_ON_AMX", True)
+        assert _info_rows(capsys)["conv1x1 bfloat16"] == "yes"
+
+
+def test_info_without_the_extension_says_why(monkeypatch, capsys):
+    from resnet_fused import _extension
+    monkeypatch.setattr(_extension, "available", lambda: False)
+    monkeypatch.setattr(_extension, "load_error", lambda: "ImportError: no _C here")
+    rows = _info_rows(capsys)
+    assert rows["extension"] == "not built: ImportError: no _C here"
+    assert "conv1x1 float32" not in rows
