@@ -618,7 +618,9 @@ def conv_sum_relu(x, c, x2, c2):
     stored alone: the downsample's output is not written and read back as the residual.
     ResNet-50, two models alternating (AMD EPYC Zen 4, 2 threads, ad hoc): 33.29 vs 33.64
     and 33.54 vs 33.75 ms at batch 1, 250.2 vs 258.1 at batch 8; with AVX2 36.54 vs
-    36.68 at batch 1."""
+    36.68 at batch 1. The op takes one bias in the input's dtype: in bfloat16 the two
+    are summed and rounded to bfloat16 once, here (at most 2^-9 of their sum more
+    error)."""
     kind, w = c.kernel_for(x)
     kind2, w2 = c2.kernel_for(x2)
     if kind != "conv1x1" or kind2 != "conv1x1" or c.stride != (1, 1):

@@ -510,6 +510,18 @@ class TestWinogradConv3x3:
             assert rel_err(out, ref) <= 2 * rel_err(direct, ref), (rel_err(out, ref),
                                                                    rel_err(direct, ref))
 
+    @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                        reason="no bfloat16 convolution on this CPU")
+    def test_bf16_with_onednn_off_computes_directly(self):
+        # ATen's bfloat16 brgemm throws while oneDNN is turned off; the op then takes its
+        # direct path, as conv_bias_act computes under the same flags.
+        x, w, b, res = (t.bfloat16() for t in ConvCase(64, 64, 14, 14, R=3, padding=1).tensors())
+        u = ops.winograd_weight(w)
+        with torch.backends.mkldnn.flags(enabled=False):
+            out = ops.winograd_conv3x3(x, w, u, b, res)
+            torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, res, 1, 1), rtol=0,
+                                       atol=0)
+
     def test_bf16_winograd_weight_is_vnni_paired(self, monkeypatch):
         # Small integers: every Winograd-domain value is a multiple of 1/4 below 64, exact
         # in bfloat16, so the two must agree bit for bit. 128 output channels: 2 panels
@@ -680,10 +692,10 @@ class TestConv1x1:
         out = ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res)
         torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, res), rtol=0, atol=0)
 
-    # bfloat16 (AVX-512 with a bfloat16 brgemm): C even, so every case but one.
+    # bfloat16 (AVX-512 with a bfloat16 brgemm; every case's C is even, as it needs).
     @requires_bf16_conv1x1
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-    @pytest.mark.parametrize("case", [c for c in CONV1X1_CASES if c.C % 2 == 0], ids=ids)
+    @pytest.mark.parametrize("case", CONV1X1_CASES, ids=ids)
     def test_bf16_rounds_the_sum_once(self, case, channels_last):
         (x, w, b, res), size = bf16_operands(case, channels_last)
         p = ops.conv1x1_weight(w)
@@ -711,6 +723,17 @@ class TestConv1x1:
         torch.testing.assert_close(one, many, rtol=0, atol=0)
         narrow = ops.conv1x1(x, w, ops.conv1x1_weight(w, 32), b, res)
         torch.testing.assert_close(narrow, one, rtol=0, atol=0)
+
+    @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                        reason="no bfloat16 convolution on this CPU")
+    def test_bf16_with_onednn_off_goes_to_conv_bias_act(self):
+        # ATen's bfloat16 brgemm throws while oneDNN is turned off; the op then computes
+        # as conv_bias_act does under the same flags.
+        x, w, b, res = (t.bfloat16() for t in ConvCase(64, 128, 5, 5).tensors())
+        p = ops.conv1x1_weight(w)
+        with torch.backends.mkldnn.flags(enabled=False):
+            out = ops.conv1x1(x, w, p, b, res)
+            torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, res), rtol=0, atol=0)
 
     def test_bf16_conv1x1_weight_is_vnni_paired(self):
         w = torch.randn(128, 6, 1, 1).bfloat16()

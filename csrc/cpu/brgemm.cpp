@@ -1,5 +1,6 @@
 #include "cpu/brgemm.h"
 
+#include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/version.h>
 
@@ -67,9 +68,14 @@ bool brgemm_bf16_available() {
   static const bool ok = product_of_ones_runs<c10::BFloat16>();
   return ok;
 }
+
+bool brgemm_bf16_enabled() {
+  return brgemm_bf16_available() && at::globalContext().userEnabledMkldnn();
+}
 #else
 bool brgemm_f32_available() { return false; }
 bool brgemm_bf16_available() { return false; }
+bool brgemm_bf16_enabled() { return false; }
 void brgemm_f32(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
                 float*, bool) {}
 void brgemm_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*,

@@ -22,6 +22,10 @@ void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int6
                  const c10::BFloat16* a, const c10::BFloat16* b, float* c,
                  bool accumulate = false);
 
+// Whether the bfloat16 brgemm may be called now: available, and oneDNN not turned off
+// (under torch.backends.mkldnn.flags(enabled=False) ATen's bfloat16 brgemm throws).
+bool brgemm_bf16_enabled();
+
 // On AMX CPUs the bfloat16 brgemm holds the tile registers until released.
 void brgemm_release();
 

@@ -166,9 +166,15 @@ void epilogue(const float* c, const float* bias, const float* residual, float* o
 
 void epilogue(const float* c, const c10::BFloat16* bias, const c10::BFloat16* residual,
               c10::BFloat16* out, int64_t rows, int64_t ld, bool relu) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   const auto bits = [](const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
   conv1x1::epilogue_bf16_avx512(c, bits(bias), bits(residual), reinterpret_cast<uint16_t*>(out),
                                 rows, ld, relu);
+#else
+  // The AVX-512 kernels are built for x86-64 with GCC or Clang only; elsewhere cpu_isa()
+  // is kNone, conv1x1_bf16_kernel_available() is false and bfloat16 never gets here.
+  TORCH_CHECK(false, "conv1x1: the bfloat16 kernel is not built on this platform");
+#endif
 }
 
 // out = act(sum of the operands' products + bias [+ residual]); all channels_last-
@@ -309,7 +315,8 @@ bool kernel_runs(const Tensor& input, const Tensor& panels) {
   const int64_t P = panels.size(2);
   const auto dt = input.scalar_type();
   const bool runs = dt == at::kFloat ? brgemm_f32_available()
-                                     : dt == at::kBFloat16 && conv1x1_bf16_kernel_available();
+                                     : dt == at::kBFloat16 && conv1x1_bf16_kernel_available() &&
+                                           brgemm_bf16_enabled();
   return runs && (P == kPanel || P == kNarrowPanel) && panels.size(0) * P % kPanel == 0 &&
          input.numel() > 0;
 }

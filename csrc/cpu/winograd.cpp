@@ -224,10 +224,11 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
   const int64_t out_h = (input.size(2) - 1) / stride + 1, out_w = (input.size(3) - 1) / stride + 1;
   const bool sub_tile = out_h < tile || out_w < tile;
   const bool short_reduction = tile == 4 && input.size(1) < kMinChannelsF4;
-  // bfloat16: AVX-512 with the bfloat16 brgemm, whole 16-lane vectors of channels.
+  // bfloat16: AVX-512 with the bfloat16 brgemm (oneDNN not turned off), whole 16-lane
+  // vectors of channels.
   const bool bf16 = input.scalar_type() == at::kBFloat16;
-  const bool bf16_ok = !bf16 || (winograd_bf16_kernel_available() && input.size(1) % 16 == 0 &&
-                                 weight.size(0) % 16 == 0);
+  const bool bf16_ok = !bf16 || (winograd_bf16_kernel_available() && brgemm_bf16_enabled() &&
+                                 input.size(1) % 16 == 0 && weight.size(0) % 16 == 0);
   if (!winograd_kernel_available() || !bf16_ok || !finite || sub_tile || short_reduction ||
       input.numel() == 0 || weight.size(0) == 0) {
     return direct(input, weight, bias, residual, relu, assume_finite, stride);
