@@ -512,6 +512,7 @@ class TestWinogradConv3x3:
 
     @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                         reason="no bfloat16 convolution on this CPU")
+    @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # flags() warns
     def test_bf16_with_onednn_off_computes_directly(self):
         # ATen's bfloat16 brgemm throws while oneDNN is turned off; the op then takes its
         # direct path, as conv_bias_act computes under the same flags.
@@ -726,6 +727,7 @@ class TestConv1x1:
 
     @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                         reason="no bfloat16 convolution on this CPU")
+    @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # flags() warns
     def test_bf16_with_onednn_off_goes_to_conv_bias_act(self):
         # ATen's bfloat16 brgemm throws while oneDNN is turned off; the op then computes
         # as conv_bias_act does under the same flags.
