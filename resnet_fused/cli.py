@@ -1,4 +1,4 @@
-"""Command line: python -m resnet_fused {verify,bench,profile,predict,info} (also `resnet-fused`)."""
+"""Command line: python -m resnet_fused {verify,bench,profile,predict,info}, or resnet-fused."""
 
 import argparse
 import copy

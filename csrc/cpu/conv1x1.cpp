@@ -299,8 +299,9 @@ void check_conv1x1_args(const Tensor& input, const Tensor& weight, const Tensor&
     TORCH_CHECK(typed && panels.dim() == 4 && panels.size(0) * panels.size(2) == K &&
                     panels.size(1) == C / 2 && panels.size(3) == 2,
                 op, ": expected weight_panels of shape [K / P, ", C / 2,
-                ", P, 2] with P * (K / P) = ", K, ", BFloat16 on cpu (resnet_fused.ops.conv1x1_weight(weight)); got ",
-                panels.sizes(), " ", panels.scalar_type(), " on ", panels.device());
+                ", P, 2] with P * (K / P) = ", K,
+                ", BFloat16 on cpu (resnet_fused.ops.conv1x1_weight(weight)); got ", panels.sizes(),
+                " ", panels.scalar_type(), " on ", panels.device());
     return;
   }
   TORCH_CHECK(typed && panels.dim() == 3 && panels.size(0) * panels.size(2) == K &&
