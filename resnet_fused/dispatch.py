@@ -16,6 +16,7 @@ import torch
 import torch.nn.modules.module as _module
 
 from . import _extension, ops
+from .huge_pages import to_huge_pages
 
 
 def compiling():
@@ -192,11 +193,12 @@ class PreparedConv:
             return "winograd", u
         if self.conv1x1_fits and not tracing() and _conv1x1_pays(x, self.stride[0]):
             if self.conv1x1_panels is None:
-                self.conv1x1_panels = ops.conv1x1_weight(self.weight)
+                self.conv1x1_panels = to_huge_pages(ops.conv1x1_weight(self.weight))
             return "conv1x1", self.conv1x1_panels
         if self.grouped_fits and not tracing():
             if self.grouped_weight is None:
-                self.grouped_weight = ops.grouped_conv_weight(self.weight, self.groups)
+                self.grouped_weight = to_huge_pages(ops.grouped_conv_weight(self.weight,
+                                                                            self.groups))
             return "grouped", self.grouped_weight
         # (x's channel count is checked by the op; a wrong one must still reach it.)
         if (self.pad_to and "pad_channels" in CUDA_TRY and not tracing() and x.is_cuda
@@ -236,8 +238,8 @@ class PreparedConv:
             return None
         u = self.winograd.get(tile)
         if u is None:
-            u = self.winograd[tile] = ops.winograd_weight(self.weight, tile=tile,
-                                                          stride=self.stride[0])
+            u = ops.winograd_weight(self.weight, tile=tile, stride=self.stride[0])
+            u = self.winograd[tile] = to_huge_pages(u)
         return u
 
 

@@ -5,13 +5,14 @@ import os
 
 import torch
 
-from . import _extension, dispatch
+from . import _extension, dispatch, huge_pages
 from .benchmark import cpu_model
 
 # Environment variables that change what runs (README), shown when set.
 SETTINGS = ("RESNET_FUSED_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
             "RESNET_FUSED_BF16_ON_AMX", "RESNET_FUSED_BF16_WINOGRAD_ON_AMX",
-            "RESNET_FUSED_CUDA_TRY", "RESNET_FUSED_CUDA_TILE")
+            "RESNET_FUSED_HUGE_PAGES", "RESNET_FUSED_KEEP_HEAP", "RESNET_FUSED_CUDA_TRY",
+            "RESNET_FUSED_CUDA_TILE")
 
 
 def _yes(runs, why_not):
@@ -50,6 +51,8 @@ def rows():
                "needs AVX-512 and a bfloat16 brgemm: AVX512_BF16 or AMX" if not runs else
                amx_off)
         out.append((name, _yes(runs and mine_bf16, why)))
+    out.append(("large weights in huge pages", _yes(huge_pages.why_off() is None,
+                                                    huge_pages.why_off())))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             dev = torch.device("cuda", i)

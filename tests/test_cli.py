@@ -213,6 +213,10 @@ def test_info_says_which_kernels_run(monkeypatch, capsys):
         assert "unless RESNET_FUSED_BF16_ON_AMX=1" in rows["conv1x1 bfloat16"]
         monkeypatch.setattr(dispatch, "_BF16_ON_AMX", True)
         assert _info_rows(capsys)["conv1x1 bfloat16"] == "yes"
+    monkeypatch.setenv("RESNET_FUSED_HUGE_PAGES", "0")
+    rows = _info_rows(capsys)
+    assert rows["large weights in huge pages"] == "no (RESNET_FUSED_HUGE_PAGES=0)"
+    assert rows["RESNET_FUSED_HUGE_PAGES"] == "0"
 
 
 def test_info_without_the_extension_says_why(monkeypatch, capsys):
