@@ -66,8 +66,12 @@ def has_kernel(op_name, device_type):
     if not available():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"resnet_fused::{op_name}", key)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{op_name}", key)
+    except RuntimeError:  # a build older than the op: "operator ... does not exist"
+        return False
 
 
 def cpu_isa():

@@ -446,6 +446,13 @@ def _register_fakes():
                              f"{tuple(input.shape)} and {tuple(weight.shape)}")
         return input.new_empty((input.shape[0], weight.shape[0]))
 
+    @torch.library.register_fake(lib + "huge_page_copy")
+    def _(input, huge_page_bytes):
+        torch._check(huge_page_bytes > 0 and huge_page_bytes & (huge_page_bytes - 1) == 0,
+                     lambda: f"huge_page_copy: expected huge_page_bytes a power of two, got "
+                             f"{huge_page_bytes}")
+        return torch.empty_like(input)  # the op's strides are empty_like's
+
     @torch.library.register_fake(lib + "pack_weight")
     def _(weight, stride, padding, dilation, groups, input_size):
         # CUDA packs to KRSC = channels_last; CPU's oneDNN layout is opaque.
