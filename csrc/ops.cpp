@@ -79,7 +79,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   // before running the kernels with assume_finite.
   m.def("all_finite(Tensor input) -> bool");
   // A copy of input in memory backed by transparent huge pages where the OS offers them
-  // (CPU; at fold time, for the large pre-transformed weights).
+  // (CPU; for the large pre-transformed weights, when the model makes them).
   m.def("huge_page_copy(Tensor input, int huge_page_bytes) -> Tensor");
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).

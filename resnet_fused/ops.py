@@ -448,9 +448,10 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "huge_page_copy")
     def _(input, huge_page_bytes):
-        torch._check(huge_page_bytes > 0 and huge_page_bytes & (huge_page_bytes - 1) == 0,
-                     lambda: f"huge_page_copy: expected huge_page_bytes a power of two, got "
-                             f"{huge_page_bytes}")
+        power_of_two = huge_page_bytes & (huge_page_bytes - 1) == 0
+        torch._check(0 < huge_page_bytes <= 1 << 30 and power_of_two,
+                     lambda: f"huge_page_copy: expected huge_page_bytes a power of two up to 2^30, "
+                             f"got {huge_page_bytes}")
         return torch.empty_like(input)  # the op's strides are empty_like's
 
     @torch.library.register_fake(lib + "pack_weight")

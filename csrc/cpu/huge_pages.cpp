@@ -45,7 +45,9 @@ Tensor huge_page_copy_cpu(const Tensor& input, int64_t huge_page_bytes) {
     const uintptr_t start = (first + huge - 1) / huge * huge;
     const uintptr_t stop = first + length + huge;
     if (start > first) munmap(base, start - first);
-    if (stop > start + length) munmap(reinterpret_cast<void*>(start + length), stop - start - length);
+    if (stop > start + length) {
+      munmap(reinterpret_cast<void*>(start + length), stop - start - length);
+    }
     void* data = reinterpret_cast<void*>(start);
     // Refused (THP "never", an old kernel): small pages, still a correct copy.
     madvise(data, length, MADV_HUGEPAGE);
