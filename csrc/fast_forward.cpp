@@ -12,6 +12,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -93,8 +94,12 @@ PyObject* fast_forward(PyObject*, PyObject* args) {
   // the recorded forward took. (torch.compile never gets here: model.py checks first.)
   if (!THPVariable_CheckExact(input)) Py_RETURN_NONE;
   const at::Tensor& x = THPVariable_Unpack(input);
+  // Nor a torch.func transform (its layers put this key in the thread's dispatch state)
+  // or a forward-mode AD tangent, for which the ops have no rules.
   if (!x.device().is_cpu() || x.layout() != at::kStrided || c10::GradMode::is_enabled() ||
-      torch::jit::tracer::isTracing() || at::autocast::is_autocast_enabled(at::kCPU)) {
+      torch::jit::tracer::isTracing() || at::autocast::is_autocast_enabled(at::kCPU) ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      x._fw_grad(/*level=*/0).defined()) {
     Py_RETURN_NONE;
   }
   const int allowed = python_state_allows(state, x);

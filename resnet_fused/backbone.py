@@ -43,6 +43,10 @@ class FusedBody(_Folding, IntermediateLayerGetter):
 
     def fused_status(self, x):
         """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        try:
+            self._check_input(x)
+        except (TypeError, ValueError) as e:
+            return False, f"forward(x) would raise: {e}"
         ok, why = self._status(x)
         return self._structure_status() if ok else (ok, why)
 
@@ -56,7 +60,10 @@ class FusedBody(_Folding, IntermediateLayerGetter):
         return self._kernel_status(x)
 
     def forward(self, x):
-        prepared = None if torch.onnx.is_in_onnx_export() else self._prepare_fused(x)
+        if torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        self._check_input(x)
+        prepared = self._prepare_fused(x)
         if prepared is None:
             return super().forward(x)
         x, fold, finite = prepared

@@ -26,14 +26,34 @@ def _usage_error(message):
 
 def _device(name):
     if name == "auto":
+        if torch.cuda.is_available() and "cuda" not in dispatch.KERNEL_DEVICES:
+            print("note: --device auto chose cpu: a CUDA GPU is present but this build of "
+                  "resnet_fused has no CUDA kernels", file=sys.stderr)
+            return torch.device("cpu")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError as e:
-        _usage_error(f"--device: {e}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        _usage_error("--device cuda was asked for but no CUDA GPU is available")
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        _usage_error(f"argument --device: expected auto, cpu or cuda[:N], got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            _usage_error("argument --device: expected a CUDA GPU for cuda, got none available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _usage_error(f"argument --device: expected cuda:0 to cuda:"
+                         f"{torch.cuda.device_count() - 1}, got {name!r}")
     return dev
+
+
+def _fused_here(device, dtype):
+    """Exits with a usage error where the fused model would run torchvision's math on
+    device in dtype: its figures would be torchvision's under our name."""
+    why = ((None if _extension.available() else _extension.load_error())
+           or dispatch.unsupported(device, dtype))
+    if why:
+        _usage_error(f"resnet_fused cannot run its kernels on {device} in "
+                     f"{str(dtype).replace('torch.', '')}: {why}")
 
 
 def load_models(arch, weights, device):
@@ -66,6 +86,7 @@ def verify_arch(arch, weights, device, batch, size, seed=0):
         # Copies, so that each dtype starts from the original weights; converted
         # outside inference_mode, so that params stay normal tensors.
         tv_d, fused_d = copy.deepcopy(tv).to(dtype), copy.deepcopy(fused).to(dtype)
+        fused_ok, why = fused_d.fused_status(x.to(dtype))
         with torch.inference_mode():
             ours = fused_d(x.to(dtype)).float()
             theirs = tv_d(x.to(dtype)).float()
@@ -79,8 +100,10 @@ def verify_arch(arch, weights, device, batch, size, seed=0):
             # Half precision (and TF32) may err at most 2x what torchvision's own
             # reduced-precision path errs against the fp64 reference.
             ok = err <= 2 * tv_err + 1e-6 * scale
+        # Unfused, the comparison would be torchvision against itself.
         rows.append(dict(arch=arch, dtype=str(dtype).replace("torch.", ""), max_abs=err,
-                         rel=err / scale, torchvision_rel=tv_err / scale, top1=top1, ok=ok))
+                         rel=err / scale, torchvision_rel=tv_err / scale, top1=top1,
+                         ok=ok and fused_ok, unfused=why))
     return rows, desc
 
 
@@ -98,14 +121,19 @@ def cmd_verify(args):
     bad = 0
     for arch in archs:
         rows, desc = verify_arch(arch, args.weights, device, args.batch, args.size)
+        if not rows:
+            bad += 1
+            print(f"{arch:18} no dtype: resnet_fused has no kernels on {device}")
         for r in rows:
             bad += not r["ok"]
+            result = (f"UNFUSED ({r['unfused']})" if r["unfused"]
+                      else "ok" if r["ok"] else "MISMATCH")
             print(f"{r['arch']:18} {r['dtype']:9} {r['max_abs']:12.3e} {r['rel']:10.2e} "
-                  f"{r['torchvision_rel']:10.2e} {r['top1']:11.2%}  {'ok' if r['ok'] else 'MISMATCH'}")
+                  f"{r['torchvision_rel']:10.2e} {r['top1']:11.2%}  {result}")
     print(f"weights: {desc}")
     if not _extension.available():
         print(f"note: {_extension.load_error()}")
-    print("all match" if not bad else f"{bad} mismatch(es)")
+    print("all match" if not bad else f"{bad} failed (mismatch or unfused)")
     return 1 if bad else 0
 
 
@@ -119,6 +147,7 @@ def cmd_bench(args):
     dtype = getattr(torch, args.dtype)
     batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1, 8])
     tv, fused, desc = load_models(args.arch, args.weights, device)
+    _fused_here(device, dtype)
     variants, notes = benchmark.torch_variants(tv, fused, dtype, args.compile)
     if args.peers:
         if device.type != "cpu":
@@ -244,6 +273,7 @@ def cmd_profile(args):
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     tv, fused, desc = load_models(args.arch, args.weights, device)
+    _fused_here(device, dtype)
     tv, fused = tv.to(dtype), fused.to(dtype)  # outside inference_mode: see verify_arch
     x = torch.randn(args.batch, 3, *args.size, device=device, dtype=dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -374,7 +404,10 @@ def _print_predictions(model, files, settings, device, categories):
 
 
 def _size(text):
-    parts = [int(v) for v in text.lower().replace("x", ",").split(",") if v]
+    try:
+        parts = [int(v) for v in text.lower().replace("x", ",").split(",") if v]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 1:
@@ -499,10 +532,18 @@ def cmd_info(args):
 def _check_paths(parser, args):
     """Output paths that cannot be written, refused before any work (exit 2)."""
     json_path = getattr(args, "json", None)
+    if json_path and os.path.isdir(json_path):
+        parser.error(f"argument --json: expected a file path, got the folder {json_path}")
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         parser.error(f"argument --json: expected a file in an existing folder, got {json_path}")
-    if args.fn is cmd_profile and os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"argument --out: expected a folder, got the file {args.out}")
+    if args.fn is cmd_profile:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            parser.error(f"argument --out: expected a folder, got the file {args.out}")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            parser.error(f"argument --out: expected a folder that can be made, got {args.out} "
+                         f"({e.strerror})")
 
 
 def main(argv=None):

@@ -500,6 +500,8 @@ class GraphFused(_Folding):
         """(True, "") if forward(x, ...) would run the fused graph, else (False, reason)."""
         if self.training:
             return False, "train mode runs the original forward (batch statistics)"
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return False, "the input is not a 4-D tensor: the original forward runs"
         ok, why = self._kernel_status(x)
         if not ok:
             return ok, why
@@ -520,7 +522,8 @@ class GraphFused(_Folding):
         rewrite = self.__dict__.get("_graph_rewrite")  # absent in copies made by __init__
         x = None if rewrite is None else args[0] if args else kwargs.get(rewrite.input_name)
         prepared = None
-        if isinstance(x, torch.Tensor) and not torch.onnx.is_in_onnx_export():
+        # Not 4-D: the model's own forward, whatever it makes of it (or its own error).
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and not torch.onnx.is_in_onnx_export():
             prepared = self._prepare_fused(x)
         if prepared is None:
             return super().forward(*args, **kwargs)

@@ -46,6 +46,7 @@ class _Fold:
     unfusable: str = None  # why the model is not one the fused forward computes, if so
     fc_packs: dict = field(default_factory=dict)  # fc's weight packed for oneDNN (dispatch.linear)
     plans: dict = field(default_factory=dict)  # input key -> op_plan.record's plan, or None
+    bns: tuple = ()  # (name, module) of the trunk's BatchNorm2d modules (not frozen ones)
 
 
 class _NotFusable(Exception):
@@ -64,6 +65,9 @@ def _check_conv_bn(conv, bn, name):
     if getattr(bn, "running_mean", None) is None:
         raise _NotFusable(f"the BatchNorm after {name} has no running statistics "
                           "(track_running_stats=False)")
+    if bn.running_mean.numel() != conv.out_channels:
+        raise _NotFusable(f"the BatchNorm after {name} has {bn.running_mean.numel()} channels "
+                          f"where {name} has {conv.out_channels} output channels")
 
 
 def _check_relu(relu, name):
@@ -71,12 +75,41 @@ def _check_relu(relu, name):
         raise _NotFusable(f"{name} is {type(relu).__name__}, not ReLU")
 
 
+# The forwards the fused forward computes in their place, as imported (a forward
+# replaced on the class, as some libraries do, computes something else).
+_OWN_FORWARDS = {cls: cls.forward for cls in (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d,
+                                              nn.ReLU, nn.MaxPool2d, nn.Sequential, BasicBlock,
+                                              Bottleneck)}
+
+
 def _check_no_hooks(module, name):
-    # The fused forward calls none of the trunk's modules, so their hooks would not run.
+    # The fused forward calls none of the trunk's modules, so their hooks, or a forward
+    # of their own, would not run.
     for sub_name, sub in module.named_modules(prefix=name):
         if sub._forward_pre_hooks or sub._forward_hooks:
             raise _NotFusable(f"{sub_name} has a forward hook, which the fused forward "
                               "would not run")
+        own = _OWN_FORWARDS.get(type(sub))
+        if "forward" in vars(sub) or (own is not None and type(sub).forward is not own):
+            raise _NotFusable(f"{sub_name}.forward is replaced, which the fused forward "
+                              "would not run")
+
+
+def _forward_ad_or_func():
+    """A forward-mode AD level (torch.autograd.forward_ad) or a torch.func transform
+    (vmap, grad, jvp) is active."""
+    from torch.autograd import forward_ad
+    return (getattr(forward_ad, "_current_level", -1) >= 0
+            or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def _train_mode_bn(bns):
+    """The name of the first BatchNorm2d in train mode (batch statistics, and its running
+    statistics updated), or None."""
+    for name, bn in bns:
+        if bn.training:
+            return name
+    return None
 
 
 class _Folding:
@@ -90,6 +123,7 @@ class _Folding:
         state = self.__dict__.copy()
         state["_fold_cache"] = {}
         state.pop("_fast", None)
+        state.pop("_fast_bns", None)
         return state
 
     def __prepare_scriptable__(self):
@@ -120,6 +154,7 @@ class _Folding:
     def _drop_folds(self):
         self._fold_cache = {}
         self.__dict__.pop("_fast", None)  # FusedResNet's replay of its fold (forward)
+        self.__dict__.pop("_fast_bns", None)
 
     def _prepare_fused(self, x):
         """(x, fold, finite) for a fused forward, or None when torchvision's math must
@@ -141,8 +176,12 @@ class _Folding:
 
     def _structure_status(self):
         try:
-            for _ in self._pairs():
-                pass
+            for name, pairs in self._pairs():
+                for key, _, bn in pairs:
+                    if isinstance(bn, nn.BatchNorm2d) and bn.training:
+                        where = "conv1" if key == "stem" else f"{name}.{key}"
+                        return False, (f"the BatchNorm after {where} is in train mode (batch "
+                                       "statistics)")
         except _NotFusable as e:
             return False, str(e)
         return True, ""
@@ -152,6 +191,9 @@ class _Folding:
         hook wants to see the modules they replace, else (False, reason)."""
         if not _extension.available():
             return False, _extension.load_error()
+        if _forward_ad_or_func():
+            return False, ("forward-mode AD or a torch.func transform is active; the fused ops "
+                           "have no rules for them")
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return False, ("a global forward hook is registered (torch.nn.modules.module."
                            "register_module_forward_hook or _pre_hook), which the fused forward "
@@ -189,10 +231,16 @@ class _Folding:
                 fold = self._inline_fold(dtype, differentiable=grad)
             except _NotFusable as e:
                 return self._unfused(str(e))
+            training = _train_mode_bn(fold.bns)
+            if training:
+                return self._unfused(f"{training} is in train mode (batch statistics)")
             return x.to(dtype), fold, False
         fold = self._cached_fold(x.device, dtype)
         if getattr(fold, "unfusable", None):
             return self._unfused(fold.unfusable)
+        training = _train_mode_bn(fold.bns)
+        if training:
+            return self._unfused(f"{training} is in train mode (batch statistics)")
         if not fold.finite:
             # NaN/Inf in a parameter or BN statistic: torchvision's math is exact.
             _warn_once("nonfinite", f"{type(self).__name__}: a folded weight or bias is NaN/Inf "
@@ -235,6 +283,7 @@ class _Folding:
                 if (head and finite and not keep and fold.plans[key] and "head" in outputs
                         and fold.watch.compiled is not None):
                     # FusedResNet's forward replays it from C while nothing changes.
+                    self._fast_bns = tuple(bn for _, bn in fold.bns)
                     self._fast = (fold.watch, fold.watch.compiled, state_watch.assignments,
                                   torch.autograd.profiler, (_module._global_forward_hooks,
                                                             _module._global_forward_pre_hooks),
@@ -273,8 +322,9 @@ class _Folding:
         _NotFusable where the trunk is not what the fused forward computes."""
         _check_conv_bn(self.conv1, self.bn1, "conv1")
         _check_relu(self.relu, "relu")
-        for name in ("conv1", "bn1", "relu"):
+        for name in ("conv1", "bn1", "relu", "maxpool"):
             _check_no_hooks(getattr(self, name), name)
+        dtype = self.conv1.weight.dtype
         yield "stem", [("stem", self.conv1, self.bn1)]
         for layer_name in self._layer_names():
             layer = getattr(self, layer_name)
@@ -299,14 +349,21 @@ class _Folding:
                     pairs.append(("downsample", ds[0], ds[1]))
                 for key, conv, bn in pairs:
                     _check_conv_bn(conv, bn, f"{name}.{key}")
+                    if conv.weight.dtype != dtype:  # torchvision's forward would raise
+                        raise _NotFusable(f"{name}.{key} is {conv.weight.dtype} where conv1 is "
+                                          f"{dtype}")
                 yield name, pairs
 
     def _fold(self, dtype, watch, check_range, differentiable=False):
         stem, blocks = None, {n: [] for n in self._layer_names()}
+        bns = []
         for name, pairs in self._pairs():
             convs = {}
             for key, conv, bn in pairs:
                 label = name if key == "stem" else f"{name}.{key}"
+                if isinstance(bn, nn.BatchNorm2d):
+                    where = "conv1" if key == "stem" else label
+                    bns.append((f"the BatchNorm after {where}", bn))
                 w, b = fold_conv_bn(conv, bn, label, differentiable)
                 if check_range:
                     w, b, cdt = cast_folded(w, b, dtype, label)
@@ -320,7 +377,7 @@ class _Folding:
         finite = check_range and all(
             bool(torch.isfinite(c.weight).all() and torch.isfinite(c.bias).all())
             for c in [stem] + [c for b in blocks.values() for convs in b for c in convs.values()])
-        return _Fold(watch, stem, list(blocks.items()), finite)
+        return _Fold(watch, stem, list(blocks.items()), finite, bns=tuple(bns))
 
     def _cached_fold(self, device, dtype):
         key = (device, dtype)
@@ -357,7 +414,8 @@ class _Folding:
 
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"FusedResNet: expected a Tensor input, got {type(x).__name__}")
+            raise TypeError(f"{type(self).__name__}: expected a Tensor input, got "
+                            f"{type(x).__name__}")
         cin = self.conv1.in_channels
         if torch.jit.is_tracing():
             # The size is a traced value there, and comparing it warns that the trace
@@ -368,17 +426,18 @@ class _Folding:
                 bad_shape = x.dim() != 4 or bool(x.shape[1] != cin)
         else:
             bad_shape = x.dim() != 4 or x.shape[1] != cin
+        me = type(self).__name__
         if bad_shape:
-            raise ValueError(f"FusedResNet: expected input of shape (N, {cin}, H, W), "
+            raise ValueError(f"{me}: expected input of shape (N, {cin}, H, W), "
                              f"got {tuple(x.shape)}")
         w = self.conv1.weight
         if x.device != w.device:
-            raise ValueError(f"FusedResNet: input is on {x.device} but the model is on "
+            raise ValueError(f"{me}: input is on {x.device} but the model is on "
                              f"{w.device}; move one of them")
         if not x.is_floating_point():
-            raise TypeError(f"FusedResNet: expected a floating-point input, got {x.dtype}")
+            raise TypeError(f"{me}: expected a floating-point input, got {x.dtype}")
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"FusedResNet: input dtype {x.dtype} differs from the model's "
+            raise TypeError(f"{me}: input dtype {x.dtype} differs from the model's "
                             f"{w.dtype}; convert one of them (or use torch.autocast)")
 
 
@@ -408,6 +467,10 @@ class FusedResNet(_Folding, ResNet):
 
     def fused_status(self, x):
         """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        try:
+            self._check_input(x)
+        except (TypeError, ValueError) as e:
+            return False, f"forward(x) would raise: {e}"
         ok, why = self._status(x)
         return self._structure_status() if ok else (ok, why)
 
@@ -431,7 +494,10 @@ class FusedResNet(_Folding, ResNet):
         # (csrc/fast_forward.cpp says what it checks; where it cannot, None). Dynamo
         # traces the Python forward instead.
         fast = self.__dict__.get("_fast")
-        if fast is not None and not self.training and not dispatch.compiling():
+        # A BatchNorm in train mode inside an eval model: the train() of a submodule is no
+        # change the fold's watch sees.
+        if (fast is not None and not self.training and not dispatch.compiling()
+                and not any(bn.training for bn in self._fast_bns)):
             out = _extension._C.fast_forward(fast, x)
             if out is not None:
                 return out
@@ -514,6 +580,15 @@ def fuse(model, inplace=False):
     values; in any other model (detection, segmentation), every ResNet and every
     IntermediateLayerGetter body over one (resnet_fused.backbone.FusedBody). With
     inplace=False (default) the given model is left untouched."""
+    if not isinstance(model, nn.Module):
+        hint = (f"; call it first: fuse({model.__name__}())" if callable(model)
+                and not isinstance(model, type) else
+                f"; build one first, e.g. resnet_fused.build({model!r})" if isinstance(model, str)
+                else "")
+        raise TypeError(f"fuse: expected model to be an nn.Module (e.g. "
+                        f"torchvision.models.resnet50()), got {type(model).__name__}{hint}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"fuse: expected inplace to be True or False, got {inplace!r}")
     if isinstance(model, FusedResNet):
         return model if inplace else copy.deepcopy(model)
     if not isinstance(model, ResNet):

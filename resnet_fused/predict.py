@@ -263,6 +263,26 @@ def read_records(path):
     return records
 
 
+def _foreign_line(path):
+    """Where the file at path holds a complete line that is not a result record (e.g.
+    "line 1"), or "" (no such file, or only records and maybe a torn last line)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    for number, line in enumerate(data[:_complete_lines(data)].splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not (isinstance(rec, dict) and "path" in rec and "config" in rec):
+            return f"line {number}"
+    if data and not _complete_lines(data) and not data.lstrip().startswith(b"{"):
+        return "line 1"  # one unterminated line that is no record's beginning
+    return ""
+
+
 def _complete_lines(data):
     """The length of `data` up to and including its last newline."""
     return data.rfind(b"\n") + 1
@@ -297,6 +317,12 @@ class Store:
         for p in (self.out, folder):
             if os.path.exists(p) and not os.access(p, os.W_OK):
                 raise UsageError("--out", "a writable file", f"{out!r} ({p} is not writable)")
+        other = _foreign_line(self.out)
+        if other:
+            # The merge rewrites OUT: anything else in it would be lost.
+            raise UsageError("--out", "a new file or one of resnet-fused's results (JSON lines "
+                             'with "path" and "config")',
+                             f"{out!r}, which holds other data ({other}); choose another --out")
 
     def part(self, rank):
         return os.path.join(self.parts, f"rank{rank:05d}.jsonl")
@@ -440,12 +466,24 @@ def load_features(out, records):
     their order; a convenience for reading the shards back."""
     folder = os.path.dirname(os.path.abspath(out))
     cache, rows = {}, []
+    if not records:
+        raise ValueError("load_features: expected at least one record, got none")
     for rec in records:
+        if "features" not in rec:
+            why = (f"its image failed: {rec['error']}" if "error" in rec
+                   else "not a --features run's record")
+            raise ValueError(f"load_features: expected records with features, got one for "
+                             f"{rec.get('path')!r} without ({why}); pass only the records "
+                             f"without \"error\"")
         file = rec["features"]["file"]
         if file not in cache:
             path = os.path.join(folder, file)
             if file.endswith(".safetensors"):
-                from safetensors.numpy import load_file
+                try:
+                    from safetensors.numpy import load_file
+                except ImportError:
+                    raise ImportError("load_features: reading .safetensors shards needs the "
+                                      "safetensors package: pip install safetensors") from None
                 cache[file] = load_file(path)["features"]
             else:
                 cache[file] = np.load(path)

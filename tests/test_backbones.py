@@ -98,6 +98,24 @@ def test_segmentation_matches(name):
         assert rel_err(ours[k], theirs[k]) <= 1e-5, k
 
 
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(1, 1, 64, 64), ValueError, r"FusedBody: expected input of shape \(N, 3, H, W\), "
+                                            r"got \(1, 1, 64, 64\)"),
+    (torch.randn(3, 64, 64), ValueError, "FusedBody: expected input of shape"),
+    ([1.0], TypeError, "FusedBody: expected a Tensor input, got list"),
+    (torch.randn(1, 3, 64, 64, dtype=torch.bfloat16), TypeError,
+     "FusedBody: input dtype torch.bfloat16 differs from the model's torch.float32"),
+])
+def test_body_names_a_bad_input(x, error, message):
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from common_utils import tv_model
+    body = fuse(IntermediateLayerGetter(tv_model("resnet18"), {"layer2": "c3"}).eval())
+    assert not body.fused_status(x)[0]
+    with pytest.raises(error, match=message), torch.inference_mode():
+        body(x)
+
+
 def test_nothing_to_fuse_is_an_error():
     with pytest.raises(TypeError, match="found no torchvision ResNet.*in Sequential"):
         fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))

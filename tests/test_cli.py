@@ -120,6 +120,8 @@ def test_predict_interrupted_without_out_exits_130(tmp_path, capsys, monkeypatch
                                   ["verify", "--batch", "0"], ["bench", "--repeats", "0"],
                                   ["profile", "--warmup", "-1"],
                                   ["bench", "--json", "/nonexistent-folder/x.json"],
+                                  ["bench", "--json", "/tmp"], ["bench", "--size", "abc"],
+                                  ["profile", "--out", "/proc/no-such-folder"],
                                   ["profile", "--out", __file__]])
 def test_bad_arguments_exit_2(argv):
     r = subprocess.run([sys.executable, "-m", "resnet_fused", *argv], capture_output=True, text=True)
@@ -129,7 +131,10 @@ def test_bad_arguments_exit_2(argv):
 def test_bad_weights_or_device_is_clear(capsys):
     for argv, message in ((["--weights", "NOPE", "--device", "cpu"],
                            "neither a file nor a torchvision weights name"),
-                          (["--device", "nodevice"], "--device: ")):
+                          (["--device", "nodevice"], "argument --device: expected auto, cpu or "
+                                                     "cuda[:N], got 'nodevice'"),
+                          (["--device", "meta"], "argument --device: expected auto, cpu or "
+                                                 "cuda[:N], got 'meta'")):
         with pytest.raises(SystemExit) as e:
             main(["verify", "--arch", "resnet18", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err  # 1: images failed
@@ -226,3 +231,22 @@ def test_info_without_the_extension_says_why(monkeypatch, capsys):
     rows = _info_rows(capsys)
     assert rows["extension"] == "not built: ImportError: no _C here"
     assert "conv1x1 float32" not in rows
+
+
+def test_verify_fails_where_the_kernels_did_not_run(monkeypatch, capsys):
+    # Unfused, verify would compare torchvision with itself: each row says so and fails.
+    monkeypatch.setattr(dispatch, "KERNEL_DEVICES", frozenset())
+    assert main(["verify", "--arch", "resnet18", "--size", "32", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "UNFUSED (resnet_fused has no cpu kernels in this build)" in out
+    assert "all match" not in out
+
+
+@pytest.mark.parametrize("command", ["bench", "profile"])
+def test_bench_and_profile_refuse_a_dtype_without_kernels(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--arch", "resnet18", "--size", "32", "--device", "cpu",
+              "--dtype", "float16"])
+    assert e.value.code == 2
+    assert ("resnet_fused cannot run its kernels on cpu in float16: the cpu kernels support "
+            in capsys.readouterr().err)

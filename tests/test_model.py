@@ -440,6 +440,41 @@ def test_fuse_names_what_it_does_not_compute(build, change, why):
         fuse(tv)
 
 
+def test_fuse_names_a_bn_of_the_wrong_width():
+    tv = tv_model("resnet18")
+    tv.layer2[0].bn1 = nn.BatchNorm2d(64)
+    with pytest.raises(TypeError, match="the BatchNorm after layer2.0.conv1 has 64 channels "
+                                        "where layer2.0.conv1 has 128 output channels"):
+        fuse(tv)
+
+
+@pytest.mark.parametrize("model, hint", [
+    (torchvision.models.resnet18, "call it first: fuse(resnet18())"),
+    ("resnet18", "build one first, e.g. resnet_fused.build('resnet18')"),
+    (None, "got NoneType"),
+])
+def test_fuse_of_no_module_says_what_it_expected(model, hint):
+    with pytest.raises(TypeError, match="fuse: expected model to be an nn.Module") as e:
+        fuse(model)
+    assert hint in str(e.value)
+
+
+def test_fuse_inplace_must_be_a_bool():
+    with pytest.raises(TypeError, match="fuse: expected inplace to be True or False, got 'no'"):
+        fuse(tv_model("resnet18"), inplace="no")
+
+
+def test_a_partly_converted_model_runs_torchvisions_math():
+    # layer4 in fp16 inside an fp32 model: torchvision's forward raises, and so must ours
+    # rather than fold the rounded weights back to fp32.
+    fused = fuse(tv_model("resnet18"))
+    fused.layer4.half()
+    assert "layer4.0.conv1 is torch.float16 where conv1 is torch.float32" in \
+        fused.fused_status(torch.randn(1, 3, 32, 32))[1]
+    with pytest.raises(RuntimeError), torch.inference_mode():
+        fused(torch.randn(1, 3, 32, 32))
+
+
 def _relu_to_gelu(m):
     m.relu = nn.GELU()
 

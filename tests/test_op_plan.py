@@ -272,3 +272,76 @@ def test_the_c_forward_is_not_traced():
     x2 = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert rel_err(traced(x2), fused.to_torchvision()(x2)) <= 1e-5
+
+
+@pytest.mark.parametrize("which", ["bn1", "layer3"])
+def test_a_batchnorm_in_train_mode_runs_torchvisions_math(which):
+    # model.eval() then one BatchNorm (or a layer) back in train mode, as test-time BN
+    # adaptation does: batch statistics, and running statistics updated.
+    fused, x = _recorded()
+    tv = fused.to_torchvision()
+    for model in (fused, tv):
+        getattr(model, which).train()
+    assert "train mode" in fused.fused_status(x)[1]
+    with torch.inference_mode():
+        for _ in range(2):
+            assert rel_err(fused(x), tv(x)) <= 1e-5
+    assert torch.equal(fused.state_dict()["layer3.0.bn1.running_mean"] if which == "layer3"
+                       else fused.bn1.running_mean,
+                       tv.state_dict()["layer3.0.bn1.running_mean"] if which == "layer3"
+                       else tv.bn1.running_mean)
+    getattr(fused, which).eval()
+    with torch.inference_mode():
+        fused(x), fused(x)
+        assert fused.__dict__.get("_fast") is not None  # fused again
+
+
+@pytest.mark.parametrize("how", ["jvp", "forward_ad"])
+def test_forward_mode_ad_gets_torchvisions_tangent(how):
+    fused, x = _recorded()
+    tv = fused.to_torchvision()
+    t = torch.randn_like(x)
+    if how == "jvp":
+        with torch.no_grad():
+            (_, ours), (_, theirs) = (torch.func.jvp(m, (x,), (t,)) for m in (fused, tv))
+    else:
+        import torch.autograd.forward_ad as fwAD
+        with torch.no_grad(), fwAD.dual_level():
+            ours, theirs = (fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent for m in (fused, tv))
+    assert theirs.abs().max() > 0
+    assert rel_err(ours, theirs) <= 1e-5
+    with torch.inference_mode():
+        assert _fast_forward(fused, x) is not None  # outside the transforms, fused as before
+
+
+def test_a_hook_on_the_max_pool_runs_every_call():
+    fused, x = _recorded()
+    fused.maxpool = torch.nn.Identity()  # as CIFAR-style ResNets have it
+    tv = fused.to_torchvision()
+    seen = []  # a hook that calls no op (one that did would keep the forward from a plan)
+    fused.maxpool.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.inference_mode():
+        ours = [fused(x) for _ in range(4)]  # walked, recorded, then the replays
+        ref = tv(x)
+    assert all(rel_err(out, ref) <= 1e-5 for out in ours)
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_a_replaced_forward_is_not_fused_over(where, monkeypatch):
+    from torchvision.models.resnet import BasicBlock
+    fused, x = _recorded()
+    fused.refresh_fold()  # a replaced forward is no change the fold's watch sees
+
+    def doubled(self, t, forward=BasicBlock.forward):
+        return 2 * forward(self, t)
+
+    if where == "instance":
+        block = fused.layer3[1]
+        block.forward = doubled.__get__(block)
+    else:
+        monkeypatch.setattr(BasicBlock, "forward", doubled)
+    tv = fused.to_torchvision()
+    assert "forward is replaced" in fused.fused_status(x)[1]
+    with torch.inference_mode():
+        assert rel_err(fused(x), tv(x)) <= 1e-5

@@ -337,6 +337,28 @@ def test_bad_arguments_name_the_argument(args, message, image_dir, tmp_path, cap
     assert message.format(**names) in err and len(err.strip().splitlines()[-1]) < 300
 
 
+@pytest.mark.parametrize("content", [b"notes\nmore notes\n", b"\xff\xd8\xff\xe0 a jpeg",
+                                     b'{"path": "/a.jpg"}\n'])
+def test_out_holding_other_data_is_refused_and_kept(content, image_dir, tmp_path, capsys):
+    # The merge rewrites --out: a file that is not a results file would be lost.
+    out = tmp_path / "important.txt"
+    out.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(image_dir / "b"), "--out", str(out), *FAST])
+    assert e.value.code == 2
+    assert "argument --out: expected a new file or one of resnet-fused's results" in \
+        capsys.readouterr().err
+    assert out.read_bytes() == content
+
+
+def test_load_features_names_a_record_without_features(tmp_path):
+    with pytest.raises(ValueError, match="its image failed: cannot decode"):
+        predict.load_features(str(tmp_path / "r.jsonl"),
+                              [{"path": "/a.jpg", "error": "cannot decode: bad"}])
+    with pytest.raises(ValueError, match="expected at least one record"):
+        predict.load_features(str(tmp_path / "r.jsonl"), [])
+
+
 def test_eval_sizes_follow_the_weights():
     import argparse
 
