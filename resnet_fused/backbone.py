@@ -48,7 +48,7 @@ class FusedBody(_Folding, IntermediateLayerGetter):
         except (TypeError, ValueError) as e:
             return False, f"forward(x) would raise: {e}"
         ok, why = self._status(x)
-        return self._structure_status() if ok else (ok, why)
+        return self._forward_status() if ok else (ok, why)
 
     def _status(self, x):
         if self.training and not self._frozen():

@@ -6,6 +6,7 @@ to a state_dict file saved from the torchvision model.
 """
 
 import os
+import pickle
 
 import torch
 from torchvision import models as tvm
@@ -23,13 +24,26 @@ def load_state_dict_file(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"weights file not found: {path}") from None
     except Exception as e:  # pickle/zip errors: a corrupt or foreign file
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            # A whole pickled module (torch.save(model)), which weights_only refuses to run.
+            raise ValueError(f"weights file {path} holds pickled Python objects (e.g. a whole "
+                             "model saved with torch.save(model)), not a state_dict; save "
+                             "model.state_dict() instead") from None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
         raise ValueError(f"could not read weights file {path}: it is not a PyTorch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+                         f"({type(e).__name__}: {first})") from None
+    # Training checkpoints wrap the state_dict ({"model": ..., "epoch": ...}, torchvision's
+    # reference scripts; {"state_dict": ...}, others).
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = f" with keys {', '.join(map(str, list(obj)[:6]))}" if isinstance(obj, dict) else ""
         raise ValueError(f"weights file {path} does not hold a state_dict (a dict of tensors), "
-                         f"got {type(obj).__name__}")
+                         f"got {type(obj).__name__}{keys}")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
 
@@ -49,18 +63,31 @@ def torchvision_model(arch, weights=None, progress=True, **kwargs):
         path, weights = os.fspath(weights), None
     if weights is not None:
         # Resolves enums and strings, and checks num_classes against the weights.
+        enum = tvm.get_model_weights(arch)
+        names = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        if not isinstance(weights, (str, enum)):
+            hint = ("; a state_dict object goes to model.load_state_dict(state_dict)"
+                    if isinstance(weights, dict) else "")
+            raise TypeError(f"weights: expected None, a {enum.__name__} value, one of {names}, "
+                            f"or a state_dict file path, got {type(weights).__name__} "
+                            f"{weights!r:.80}{hint}")
         try:
-            weights = tvm.get_model_weights(arch).verify(weights)
+            weights = enum.verify(weights)
         except (ValueError, KeyError) as e:
             raise ValueError(f"weights {weights!r} is neither a file nor a torchvision weights "
-                             f"name for {arch}: {e}") from None
+                             f"name for {arch} (expected one of {names}): {e}") from None
+    state = None
+    if path is not None:
+        state = load_state_dict_file(path)
+        fc = state.get("fc.weight")
+        if "num_classes" not in kwargs and fc is not None and fc.dim() == 2:
+            kwargs["num_classes"] = fc.shape[0]  # a fine-tuned checkpoint's own head
     try:
         model = getattr(tvm, arch)(weights=weights, progress=progress, **kwargs)
     except OSError as e:  # download failed (offline, proxy, ...)
         raise RuntimeError(f"could not download {weights} for {arch}: {e}. Offline, pass a "
                            "path to a saved state_dict instead (weights='path/to/file.pth')") from None
-    if path is not None:
-        state = load_state_dict_file(path)
+    if state is not None:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:

@@ -176,6 +176,16 @@ class _Folding:
 
     def _structure_status(self):
         try:
+            for _ in self._pairs():
+                pass
+        except _NotFusable as e:
+            return False, str(e)
+        return True, ""
+
+    def _forward_status(self):
+        """_structure_status, and no BatchNorm2d of the trunk in train mode (as after
+        model.eval() and bn.train()): what a forward in eval mode needs."""
+        try:
             for name, pairs in self._pairs():
                 for key, _, bn in pairs:
                     if isinstance(bn, nn.BatchNorm2d) and bn.training:
@@ -191,7 +201,7 @@ class _Folding:
         hook wants to see the modules they replace, else (False, reason)."""
         if not _extension.available():
             return False, _extension.load_error()
-        if _forward_ad_or_func():
+        if not dispatch.compiling() and _forward_ad_or_func():
             return False, ("forward-mode AD or a torch.func transform is active; the fused ops "
                            "have no rules for them")
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
@@ -472,7 +482,7 @@ class FusedResNet(_Folding, ResNet):
         except (TypeError, ValueError) as e:
             return False, f"forward(x) would raise: {e}"
         ok, why = self._status(x)
-        return self._structure_status() if ok else (ok, why)
+        return self._forward_status() if ok else (ok, why)
 
     def _status(self, x):
         if self.training:

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -85,6 +86,38 @@ def test_weights_file_and_bad_files(tmp_path):
         resnet_fused.resnet50(weights=str(path))
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         resnet_fused.resnet18(weights=str(tmp_path / "missing.pth"))
+
+
+def test_weights_files_as_training_leaves_them(tmp_path):
+    # A fine-tuned head, a training checkpoint's wrapper, DataParallel's prefix: loaded as
+    # torchvision's model would take them; a whole pickled model is named as such.
+    tv = tv_model("resnet18", num_classes=10)
+    state = tv.state_dict()
+    x = torch.randn(1, 3, 64, 64)
+    for name, obj in (("head", state), ("wrapped", {"model": state, "epoch": 3}),
+                      ("ddp", {f"module.{k}": v for k, v in state.items()})):
+        path = tmp_path / f"{name}.pth"
+        torch.save(obj, path)
+        fused = resnet_fused.resnet18(weights=str(path)).eval()
+        with torch.inference_mode():
+            assert fused(x).shape == (1, 10) and rel_err(fused(x), tv(x)) <= 1e-5, name
+    path = tmp_path / "pickled.pth"
+    torch.save(tv, path)
+    with pytest.raises(ValueError, match="holds pickled Python objects .* save "
+                                         "model.state_dict"):
+        resnet_fused.resnet18(weights=str(path))
+
+
+@pytest.mark.parametrize("weights, error, message", [
+    ("IMAGENET1K_V2", ValueError, "expected one of DEFAULT, IMAGENET1K_V1"),
+    (torchvision.models.ResNet50_Weights.IMAGENET1K_V2, TypeError,
+     "expected None, a ResNet18_Weights value, one of DEFAULT, IMAGENET1K_V1, or a state_dict "
+     "file path, got ResNet50_Weights"),
+    ({}, TypeError, "a state_dict object goes to model.load_state_dict"),
+])
+def test_bad_weights_name_the_choices(weights, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        resnet_fused.resnet18(weights=weights)
 
 
 def test_train_mode_is_torchvision():
