@@ -10,18 +10,40 @@ from torch._prims_common import suggest_memory_format
 from . import _extension
 
 
+def _int(v):
+    # Python and numpy integers (not bool, not float), as plain ints.
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError
+    return v.__index__()
+
+
 def _pair(v, name):
-    if isinstance(v, int):
-        return [v, v]
-    v = list(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return v
+    try:
+        if isinstance(v, (str, torch.Tensor)):
+            raise TypeError
+        pair = [_int(v)] * 2 if hasattr(v, "__index__") and not isinstance(v, bool) else [
+            _int(i) for i in v]
+        if len(pair) != 2:
+            raise TypeError
+    except TypeError:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}") from None
+    return pair
 
 
 def _require():
     if not _extension.available():
         raise RuntimeError(_extension.load_error())
+
+
+def _no_backward(op, alternative, **tensors):
+    # The in-place ops have no backward formula: a gradient through them would be
+    # silently wrong, so recording one is refused.
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"{op}: expected no operand that requires grad (the in-place "
+                                   f"op has no backward), got {name} requiring grad; use "
+                                   f"{alternative}, or call it under torch.no_grad()")
 
 
 def conv_bias_act(input, weight, bias=None, residual=None, stride=1, padding=0, dilation=1,
@@ -40,6 +62,8 @@ def conv_bias_add_relu_(residual, input, weight, bias=None, stride=1, padding=0,
                         groups=1, *, assume_finite=False):
     """residual = relu(residual + conv2d(input, weight) + bias), in place."""
     _require()
+    _no_backward("conv_bias_add_relu_", "conv_bias_act(input, weight, bias, residual, ...)",
+                 residual=residual, input=input, weight=weight, bias=bias)
     torch.ops.resnet_fused.conv_bias_add_relu_(
         residual, input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), groups, assume_finite=assume_finite)
@@ -55,6 +79,7 @@ def add_relu(a, b):
 def add_relu_(a, b):
     """a = relu(a + b), in place."""
     _require()
+    _no_backward("add_relu_", "add_relu(a, b)", a=a, b=b)
     torch.ops.resnet_fused.add_relu_(a, b)
     return a
 
@@ -208,6 +233,8 @@ def conv1x1(input, weight, weight_panels, bias=None, residual=None, *, relu=True
 def conv1x1_add_relu_(residual, input, weight, weight_panels, bias=None):
     """residual = relu(residual + conv1x1(input, weight) + bias), in place."""
     _require()
+    _no_backward("conv1x1_add_relu_", "conv1x1(input, weight, weight_panels, bias, residual)",
+                 residual=residual, input=input, weight=weight, bias=bias)
     torch.ops.resnet_fused.conv1x1_add_relu_(residual, input, weight, weight_panels, bias)
     return residual
 
@@ -272,7 +299,9 @@ def grouped_conv3x3(input, weight, packed_weight, bias=None, residual=None, *, s
     groups=C / weight.size(1), relu=relu) for a 3x3 float32 weight, computed on CPU by a
     direct kernel for grouped convs (ResNeXt's), the weight read as `packed_weight`
     (grouped_conv_weight(weight, groups)). NaN and Inf propagate as in torch; a tap on
-    the padding is a product with zero, as in torch's float64 convolution."""
+    the padding is a product with zero, as in torch's float64 convolution. Only
+    packed_weight's shape is checked: packed for other groups (or another weight) it
+    gives wrong results, as any pre-packed weight would."""
     _require()
     return torch.ops.resnet_fused.grouped_conv3x3(input, weight, packed_weight, bias, residual,
                                                   stride=stride, relu=relu)

@@ -44,6 +44,23 @@ def test_add_relu_gradcheck():
     assert torch.autograd.gradcheck(ops.add_relu, (a, b))
 
 
+@pytest.mark.parametrize("op", ["add_relu_", "conv_bias_add_relu_", "conv1x1_add_relu_"])
+def test_in_place_ops_refuse_operands_that_require_grad(op):
+    # They have no backward: a gradient through them would be silently wrong.
+    x = torch.randn(1, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 1, 1)
+    y = (torch.randn(1, 64, 4, 4, requires_grad=True) * 2).contiguous(
+        memory_format=torch.channels_last)
+    call = {"add_relu_": lambda: ops.add_relu_(y, x),
+            "conv_bias_add_relu_": lambda: ops.conv_bias_add_relu_(y, x, w),
+            "conv1x1_add_relu_": lambda: ops.conv1x1_add_relu_(y, x, w, ops.conv1x1_weight(w))}[op]
+    with pytest.raises(RuntimeError, match=f"{op}: expected no operand that requires grad .* got "
+                                           f"(a|residual) requiring grad"):
+        call()
+    with torch.no_grad():
+        call()  # no graph recorded: allowed
+
+
 @pytest.mark.parametrize("tile, stride", [(2, 1), (4, 1), (2, 2)])
 def test_winograd_conv3x3_grads_match_the_direct_conv(tile, stride):
     # fp32 only (the kernel's dtype): its gradients must equal conv_bias_act's, which

@@ -269,6 +269,14 @@ def test_pack_weight_gives_the_same_results(device, case):
     assert_matches(acc, ref, torch.float32, case.reduction)
 
 
+def test_pack_weight_names_an_input_size_of_other_channels():
+    w = torch.randn(8, 4, 3, 3)
+    with pytest.raises(RuntimeError, match=r"pack_weight: expected input_size\[1\] = "
+                                           r"weight.size\(1\) \* groups = 4 \* 2 input channels, "
+                                           r"got input_size \[1, 4, 8, 8\]"):
+        ops.pack_weight(w, 1, 1, 1, 2, (1, 4, 8, 8))
+
+
 @pytest.mark.parametrize("device", devices())
 class TestAddRelu:
     @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)
@@ -1146,7 +1154,7 @@ class TestMaxPool2d:
         from torch._subclasses.fake_tensor import FakeTensorMode
         with FakeTensorMode(), pytest.raises(RuntimeError, match="smaller than the kernel"):
             ops.max_pool2d(torch.randn(1, 4, 2, 2), 5, 1, 1)  # the fake kernel, as traced
-        with pytest.raises(ValueError, match="kernel_size must be an int or a pair"):
+        with pytest.raises(ValueError, match="kernel_size: expected an int or a pair of ints, got"):
             ops.max_pool2d(x, (3, 3, 3), 2, 1)
 
     def test_opcheck(self):
