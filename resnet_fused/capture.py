@@ -25,8 +25,10 @@ def _batch_shape(batch_shape, channels):
     except (TypeError, ValueError):
         shape = None
     if shape is None or len(shape) != 4 or min(shape) < 1 or shape[1] != channels:
+        got = (f"a tensor of shape {tuple(batch_shape.shape)} (pass its .shape)"
+               if isinstance(batch_shape, torch.Tensor) else f"{batch_shape!r:.100}")
         raise ValueError(f"capture: expected batch_shape (N, {channels}, H, W) of positive ints, "
-                         f"got {batch_shape!r}")
+                         f"got {got}")
     return shape
 
 
@@ -50,14 +52,25 @@ class CapturedForward:
     """
 
     def __init__(self, model, batch_shape, dtype=None, device=None, warmup=3):
-        first = model.conv1.weight
+        conv1 = getattr(model, "conv1", None)
+        if not isinstance(model, torch.nn.Module) or not isinstance(conv1, torch.nn.Conv2d):
+            raise TypeError(f"capture: expected a ResNet (e.g. resnet_fused.resnet50() or "
+                            f"fuse(model)), got {type(model).__name__}")
+        first = conv1.weight
         self.model = model
         self.batch_shape = _batch_shape(batch_shape, model.conv1.in_channels)
         self.dtype = first.dtype if dtype is None else dtype
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"capture: expected dtype a torch.dtype (e.g. {first.dtype}), got "
+                            f"{type(dtype).__name__} {dtype!r}")
         if self.dtype != first.dtype:
             raise TypeError(f"capture: expected dtype {first.dtype} (the model's; convert the "
                             f"model with .to(dtype)), got {dtype}")
-        self.device = first.device if device is None else torch.device(device)
+        try:
+            self.device = first.device if device is None else torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"capture: expected device a torch.device or a name such as "
+                             f"'cpu' or 'cuda:0', got {device!r}") from None
         if self.device.index is None and self.device.type == first.device.type:
             self.device = first.device  # "cuda" means the model's GPU
         if self.device != first.device:

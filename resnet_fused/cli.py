@@ -322,6 +322,10 @@ def cmd_predict(args):
     fail = args.parser.error  # argparse's message and exit code 2
     if args.features and args.out is None:
         fail("argument --features: expected --out too (the shards go next to it), got no --out")
+    if args.features and args.topk is not None:
+        fail("argument --topk: expected no --topk with --features (embeddings, not classes), "
+             f"got --topk {args.topk}")
+    args.topk = 5 if args.topk is None else args.topk
     try:
         files = predict.list_images(args.paths)
         store = predict.Store(args.out) if args.out else None
@@ -500,7 +504,7 @@ def build_parser():
     pd.add_argument("--out", default=None,
                     help="JSON-lines file of the results (default: print them); a rerun skips "
                          "the images already in it")
-    pd.add_argument("--topk", type=_positive, default=5, help="classes per image (default 5)")
+    pd.add_argument("--topk", type=_positive, default=None, help="classes per image (default 5)")
     pd.add_argument("--features", choices=["npy", "safetensors"], default=None,
                     help="write the pooled embedding (fc's input) instead of classes, as shards "
                          "in OUT.features/")

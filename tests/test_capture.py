@@ -14,6 +14,7 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused import fuse
+from resnet_fused.capture import CapturedForward
 
 from common_utils import devices, rel_err, tf32_convs, tv_model
 
@@ -129,6 +130,15 @@ def test_capture_refuses_bad_arguments():
         fused.capture(SHAPE, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"expected device cpu \(the model's.*got meta"):
         fused.capture(SHAPE, device="meta")
+    with pytest.raises(ValueError, match=r"got a tensor of shape \(2, 3, 64, 64\) \(pass its "
+                                         r"\.shape\)"):
+        fused.capture(torch.zeros(SHAPE))
+    with pytest.raises(TypeError, match="expected dtype a torch.dtype .*got str 'float32'"):
+        fused.capture(SHAPE, dtype="float32")
+    with pytest.raises(ValueError, match="expected device a torch.device or a name .*got 'bogus'"):
+        fused.capture(SHAPE, device="bogus")
+    with pytest.raises(TypeError, match="capture: expected a ResNet .*got Linear"):
+        CapturedForward(torch.nn.Linear(2, 2), SHAPE)
     for warmup in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=r"expected warmup an int >= 1, got"):
             fused.capture(SHAPE, warmup=warmup)

@@ -325,6 +325,8 @@ def test_safetensors_missing_says_how_to_install(image_dir, tmp_path, monkeypatc
     (["{images}", "--out", "{empty}"], "argument --out: expected a file path, got '{empty}', "
                                        "which is a folder"),
     (["{images}", "--features", "npy"], "argument --features: expected --out too"),
+    (["{images}", "--features", "npy", "--out", "{missing}.jsonl", "--topk", "3"],
+     "argument --topk: expected no --topk with --features"),
 ])
 def test_bad_arguments_name_the_argument(args, message, image_dir, tmp_path, capsys):
     names = dict(missing=str(tmp_path / "missing"), empty=str(tmp_path / "empty"),
