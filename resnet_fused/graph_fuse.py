@@ -475,6 +475,7 @@ class _GraphFold:
     watch: StateWatch  # what the fold was made from (None for an inline fold)
     convs: dict    # key -> dispatch.PreparedConv
     finite: bool   # every folded weight and bias is finite
+    bns = ()       # none for _Folding to check: fused_status checks each BN's mode per call
 
 
 class GraphFused(_Folding):

@@ -29,6 +29,7 @@ _warned = set()
 # fold.plans values besides a plan: the key's first walk ran, so record the next one.
 _WALKED_ONCE = "walked once"
 _MAX_PLANS = 4  # input keys per fold with a plan (or the walk's None)
+_RECORD_TRIES = 3  # recordings of one input key before its walk is taken as unreplayable
 
 
 def _warn_once(key, message):
@@ -47,6 +48,7 @@ class _Fold:
     fc_packs: dict = field(default_factory=dict)  # fc's weight packed for oneDNN (dispatch.linear)
     plans: dict = field(default_factory=dict)  # input key -> op_plan.record's plan, or None
     bns: tuple = ()  # (name, module) of the trunk's BatchNorm2d modules (not frozen ones)
+    record_failures: dict = field(default_factory=dict)  # input key -> recordings that failed
 
 
 class _NotFusable(Exception):
@@ -65,7 +67,8 @@ def _check_conv_bn(conv, bn, name):
     if getattr(bn, "running_mean", None) is None:
         raise _NotFusable(f"the BatchNorm after {name} has no running statistics "
                           "(track_running_stats=False)")
-    if bn.running_mean.numel() != conv.out_channels:
+    # (Not while traced: there the size is a traced value, and fuse() checked it.)
+    if not torch.jit.is_tracing() and bn.running_mean.numel() != conv.out_channels:
         raise _NotFusable(f"the BatchNorm after {name} has {bn.running_mean.numel()} channels "
                           f"where {name} has {conv.out_channels} output channels")
 
@@ -123,7 +126,6 @@ class _Folding:
         state = self.__dict__.copy()
         state["_fold_cache"] = {}
         state.pop("_fast", None)
-        state.pop("_fast_bns", None)
         return state
 
     def __prepare_scriptable__(self):
@@ -154,7 +156,6 @@ class _Folding:
     def _drop_folds(self):
         self._fold_cache = {}
         self.__dict__.pop("_fast", None)  # FusedResNet's replay of its fold (forward)
-        self.__dict__.pop("_fast_bns", None)
 
     def _prepare_fused(self, x):
         """(x, fold, finite) for a fused forward, or None when torchvision's math must
@@ -288,17 +289,26 @@ class _Folding:
             # Recording checks the replay against the walk, which syncs: not while a
             # CUDA graph is being captured (that call walks; a later one records).
             if plan is _WALKED_ONCE and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-                outputs, fold.plans[key] = op_plan.record(
+                outputs, plan = op_plan.record(
                     lambda t: self._run_layers(t, fold, finite, stage, keep, head), x)
-                if (head and finite and not keep and fold.plans[key] and "head" in outputs
+                failures = fold.record_failures.get(key, 0)
+                if plan is None and failures + 1 < _RECORD_TRIES:
+                    # Threads racing the first calls: another thread's first walk may have
+                    # made a weight inside this recording. Try again at the next call.
+                    fold.record_failures[key] = failures + 1
+                    plan = _WALKED_ONCE
+                fold.plans[key] = plan
+                if (head and finite and not keep and callable(plan) and "head" in outputs
                         and fold.watch.compiled is not None):
-                    # FusedResNet's forward replays it from C while nothing changes.
-                    self._fast_bns = tuple(bn for _, bn in fold.bns)
-                    self._fast = (fold.watch, fold.watch.compiled, state_watch.assignments,
-                                  torch.autograd.profiler, (_module._global_forward_hooks,
-                                                            _module._global_forward_pre_hooks),
-                                  fold.plans[key].handle, tuple(x.shape), x.dtype,
-                                  torch.get_num_threads(), list(outputs).index("head"))
+                    # FusedResNet's forward replays it from C while nothing changes: the C
+                    # call's state, and the trunk's BatchNorms (a submodule's train() is no
+                    # change the watch sees), in one attribute.
+                    self._fast = ((fold.watch, fold.watch.compiled, state_watch.assignments,
+                                   torch.autograd.profiler, (_module._global_forward_hooks,
+                                                             _module._global_forward_pre_hooks),
+                                   plan.handle, tuple(x.shape), x.dtype,
+                                   torch.get_num_threads(), list(outputs).index("head")),
+                                  tuple(bn for _, bn in fold.bns))
                 return outputs
             if key not in fold.plans and len(fold.plans) < _MAX_PLANS:
                 fold.plans[key] = _WALKED_ONCE
@@ -504,11 +514,9 @@ class FusedResNet(_Folding, ResNet):
         # (csrc/fast_forward.cpp says what it checks; where it cannot, None). Dynamo
         # traces the Python forward instead.
         fast = self.__dict__.get("_fast")
-        # A BatchNorm in train mode inside an eval model: the train() of a submodule is no
-        # change the fold's watch sees.
         if (fast is not None and not self.training and not dispatch.compiling()
-                and not any(bn.training for bn in self._fast_bns)):
-            out = _extension._C.fast_forward(fast, x)
+                and not any(bn.training for bn in fast[1])):
+            out = _extension._C.fast_forward(fast[0], x)
             if out is not None:
                 return out
         self._check_input(x)

@@ -175,7 +175,7 @@ class _Subclass(torch.Tensor):
 
 
 def _fast_forward(fused, x):
-    return resnet_fused._extension._C.fast_forward(fused._fast, x)
+    return resnet_fused._extension._C.fast_forward(fused._fast[0], x)
 
 
 def test_the_c_forward_gives_the_replays_output():
@@ -345,3 +345,30 @@ def test_a_replaced_forward_is_not_fused_over(where, monkeypatch):
     assert "forward is replaced" in fused.fused_status(x)[1]
     with torch.inference_mode():
         assert rel_err(fused(x), tv(x)) <= 1e-5
+
+
+def test_a_failed_recording_is_tried_again_a_few_times(monkeypatch):
+    # Threads racing the first calls can make a weight inside another thread's recording,
+    # which then fails once; a walk that never replays stops being recorded.
+    record, calls = op_plan.record, []
+
+    def fails_first(walk, x):
+        calls.append(1)
+        outputs, plan = record(walk, x)
+        return outputs, (None if len(calls) == 1 else plan)
+
+    fused = fuse(tv_model("resnet18"))
+    x = torch.randn(1, 3, 64, 64)
+    monkeypatch.setattr(op_plan, "record", fails_first)
+    with torch.inference_mode():
+        for _ in range(4):  # walk, recording (fails), recording, replay
+            fused(x)
+    assert len(calls) == 2 and [callable(p) for p in _plans(fused).values()] == [True]
+    monkeypatch.setattr(op_plan, "record", lambda walk, x: (calls.append(1), (walk(x), None))[1])
+    fused.refresh_fold()
+    calls.clear()
+    with torch.inference_mode():
+        for _ in range(8):
+            fused(x)
+    assert len(calls) == resnet_fused.model._RECORD_TRIES
+    assert list(_plans(fused).values()) == [None]
