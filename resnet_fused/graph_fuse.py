@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch._prims_common import suggest_memory_format
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import dispatch, ops
 from .fold import cast_folded, fold_conv_bn
-from .model import _Folding
+from .model import _Folding, _NotFusable, _train_mode_bn
 from .state_watch import StateWatch
 
 _BATCH_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
@@ -62,11 +63,18 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
 
 def _mutates(node, modules):
     """Whether node may write into one of its operands (x.add_(y), relu(x, inplace=True),
-    nn.ReLU(inplace=True), x += y, x[i] = y, ...)."""
+    nn.ReLU(inplace=True), x += y, x[i] = y, torch.mul(a, b, out=a), ...). A submodule
+    kept as one call whose code was not traced (a leaf of the model's own, an already fused
+    part) may do anything: counted as writing."""
+    if "out" in node.kwargs:
+        return True
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("__")
     if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
+        module = modules.get(node.target)
+        if getattr(module, "inplace", False) is True:
+            return True
+        return not type(module).__module__.startswith(("torch.nn.", "torchvision.ops."))
     if node.op != "call_function":
         return False
     target = node.target
@@ -134,14 +142,47 @@ def _trace(model):
     try:
         while True:  # each failure makes one more submodule a leaf
             try:
-                return _Tracer(model, set(untraced)).trace(model), untraced
+                with _storing_check(model):
+                    return _Tracer(model, set(untraced)).trace(model), untraced
             except _Stopped as e:
+                if not e.path or e.path in untraced:  # the model itself: nothing to fuse
+                    raise
                 untraced[e.path] = e.reason
             except Exception as e:
                 raise _Stopped("", e) from e
     finally:
         for m, training in flags:
             m.training = training
+
+
+class _storing_check:
+    """Around a trace: a forward that stores a traced value on a module (self.feat = y)
+    does something the graph cannot (it has no node for it), and left a Proxy there. Such
+    attributes are put back, and the innermost module that stored one is named (_Stopped):
+    it is then kept as one call, or, if it is the model itself, nothing is fused."""
+
+    def __init__(self, model):
+        self.model = model
+        self.before = [(name, m, dict(vars(m))) for name, m in model.named_modules()]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        stored = []
+        for path, m, before in self.before:
+            for name, value in list(vars(m).items()):
+                if isinstance(value, fx.Proxy):
+                    stored.append((path, name))
+                    if name in before:
+                        setattr(m, name, before[name])
+                    else:
+                        delattr(m, name)
+        if stored and exc[0] is None:
+            path, name = max(stored, key=lambda s: s[0].count(".") + bool(s[0]))
+            raise _Stopped(path, RuntimeError(f"its forward stores a computed value on "
+                                              f"self.{name}, which a traced graph cannot"))
+        return False
 
 
 # ---- patterns -------------------------------------------------------------------
@@ -158,7 +199,7 @@ def _is_relu_of(node, x, modules):
     if not all(isinstance(a, bool) for a in node.args[1:]) or set(node.kwargs) - {"inplace"}:
         return False
     if node.op == "call_module":
-        return type(modules[node.target]) is nn.ReLU
+        return _plain_relu(modules[node.target])
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
@@ -182,25 +223,35 @@ def _has_hooks(module):
     return bool(module._forward_pre_hooks or module._forward_hooks)
 
 
+def _foldable(conv, bn):
+    """Whether conv then bn fold into one conv. Conv subclasses (e.g. weight
+    standardization) compute something else, so only plain Conv2d counts."""
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+            and type(bn) in _BATCH_NORMS and getattr(bn, "running_mean", None) is not None
+            and not _has_hooks(conv) and not _has_hooks(bn) and not isinstance(conv.padding, str)
+            and bn.running_mean.numel() == conv.out_channels
+            and "forward" not in vars(conv) and "forward" not in vars(bn))
+
+
 def _foldable_pairs(graph, modules):
     """{BN node: conv node} for each conv whose only use is a BatchNorm with running
-    statistics. Conv subclasses (e.g. weight standardization) compute something
-    else, so only plain Conv2d counts."""
+    statistics, the two foldable."""
     pairs = {}
     for node in graph.nodes:
         bn = modules.get(node.target) if node.op == "call_module" else None
-        if type(bn) not in _BATCH_NORMS or getattr(bn, "running_mean", None) is None:
+        if type(bn) not in _BATCH_NORMS:
             continue
         conv_node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         conv = (modules.get(conv_node.target) if isinstance(conv_node, fx.Node)
                 and conv_node.op == "call_module" else None)
-        if (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-                and not _has_hooks(conv) and not _has_hooks(bn)
-                and not isinstance(conv.padding, str) and _only_user(conv_node) is node
-                and len(conv_node.args) == 1 and not conv_node.kwargs
-                and bn.running_mean.numel() == conv.out_channels):
+        if (_foldable(conv, bn) and _only_user(conv_node) is node
+                and len(conv_node.args) == 1 and not conv_node.kwargs):
             pairs[node] = conv_node
     return pairs
+
+
+def _plain_relu(module):
+    return type(module) is nn.ReLU and not _has_hooks(module) and "forward" not in vars(module)
 
 
 @dataclass
@@ -301,6 +352,7 @@ def _mark_scan_free(graph, modules, model_input, run_node):
 class _Rewrite:
     graph_module: fx.GraphModule  # forward(model, run, *the model's arguments)
     pairs: list                   # (key, conv name, BN name) of each folded pair
+    relus: list                   # names of the ReLU modules the fused ops stand for
     counts: dict                  # pattern -> how many were rewritten
     input_name: str               # forward's first parameter: checked for NaN/Inf
     untraced: dict = field(default_factory=dict)  # submodule -> why tracing stopped there
@@ -312,6 +364,8 @@ def _rewrite(model, graph, untraced):
     pairs, plans = _plans(graph, modules)
     with graph.inserting_before(next(iter(graph.nodes))):
         model_node, run_node = graph.placeholder("model"), graph.placeholder("run")
+    relus = sorted({p.relu.target for p in plans if p.relu is not None
+                    and p.relu.op == "call_module"})
     folded, counts = _replace(graph, pairs, plans, run_node)
     for node in graph.nodes:
         # The residual may be overwritten when it is a conv-BN output used only here,
@@ -326,8 +380,8 @@ def _rewrite(model, graph, untraced):
         _restore_layout_where_seen(graph, model_input)
     _look_up_on(model_node, graph)
     graph.lint()
-    return _Rewrite(fx.GraphModule(nn.Module(), graph, class_name="FusedGraph"), folded, counts,
-                    model_input and model_input.target, untraced)
+    return _Rewrite(fx.GraphModule(nn.Module(), graph, class_name="FusedGraph"), folded, relus,
+                    counts, model_input and model_input.target, untraced)
 
 
 def _replace(graph, pairs, plans, run_node):
@@ -381,8 +435,16 @@ def _restore_layout_where_seen(graph, model_input):
         elif node.target in (_conv_bn, _conv_bn_add_relu) or any(
                 a in derived for a in node.all_input_nodes):
             derived.add(node)
-            if node.op == "call_method" and node.target == "view" and node.args[0] in derived:
+            if ((node.op == "call_method" and node.target in _LAYOUT_METHODS
+                 or node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS)
+                    and node.args and node.args[0] in derived):
                 node.update_arg(0, _restored(graph, node.args[0], node, model_input))
+
+
+# Where the layout of a value shows in the result: `view` needs a layout it can
+# reinterpret; `as_strided` reads the memory as laid out.
+_LAYOUT_METHODS = ("view", "view_as", "as_strided")
+_LAYOUT_FUNCTIONS = (torch.as_strided,)
 
 
 def _restored(graph, value, user, model_input):
@@ -448,10 +510,11 @@ def _conv_bn_add_relu(run, key, x, residual, inplace=False, scan_free=False):
 
 
 def _original_layout(t, like):
-    """t as the unfused model would lay it out: contiguous when the model's input is
-    (eager convs keep their input's layout; the fused ones return channels_last)."""
-    if (isinstance(t, torch.Tensor) and t.dim() == 4 and isinstance(like, torch.Tensor)
-            and like.dim() == 4 and like.is_contiguous()):
+    """t as the unfused model would lay it out: contiguous unless the model's input is
+    channels_last (eager convs return channels_last only for a channels_last input; the
+    fused ones always do)."""
+    if (isinstance(t, torch.Tensor) and t.dim() >= 3 and isinstance(like, torch.Tensor)
+            and like.dim() == 4 and suggest_memory_format(like) == torch.contiguous_format):
         return t.contiguous()
     return t
 
@@ -475,7 +538,7 @@ class _GraphFold:
     watch: StateWatch  # what the fold was made from (None for an inline fold)
     convs: dict    # key -> dispatch.PreparedConv
     finite: bool   # every folded weight and bias is finite
-    bns = ()       # none for _Folding to check: fused_status checks each BN's mode per call
+    bns: tuple     # (reason, module) of every submodule, whose train mode stops the graph
 
 
 class GraphFused(_Folding):
@@ -499,6 +562,41 @@ class GraphFused(_Folding):
 
     def fused_status(self, x):
         """(True, "") if forward(x, ...) would run the fused graph, else (False, reason)."""
+        ok, why = self._status(x)
+        if not ok:
+            return ok, why
+        try:
+            self._check_rewrite()
+        except _NotFusable as e:
+            return False, str(e)
+        return (False, why) if (why := _train_mode_bn(self._modes())) else (True, "")
+
+    def _modes(self):
+        """(reason, module) of every submodule: one in train mode takes branches that the
+        graph, traced in eval mode, does not have."""
+        return tuple((f"{name} ({type(m).__name__}) is in train mode; the fused graph was "
+                      "traced in eval mode", m) for name, m in self.named_modules() if name)
+
+    def _check_rewrite(self):
+        """Raises _NotFusable where a module the fused ops stand for changed since fuse()
+        (replaced, a hook added, a forward replaced), or a folded conv's dtype is not the
+        first's: the graph would not compute what the model now does."""
+        dtype = None
+        for key, conv_name, bn_name in self._graph_rewrite.pairs:
+            conv, bn = self.get_submodule(conv_name), self.get_submodule(bn_name)
+            if not _foldable(conv, bn):
+                raise _NotFusable(f"{conv_name} and {bn_name} are no longer a conv and a "
+                                  "BatchNorm that fold into one (replaced, or a hook added)")
+            dtype = dtype or conv.weight.dtype
+            if conv.weight.dtype != dtype:
+                raise _NotFusable(f"{conv_name} is {conv.weight.dtype} where the first folded "
+                                  f"conv is {dtype}")
+        for name in self._graph_rewrite.relus:
+            if not _plain_relu(self.get_submodule(name)):
+                raise _NotFusable(f"{name} is no longer a plain ReLU (replaced, or a hook "
+                                  "added)")
+
+    def _status(self, x):
         if self.training:
             return False, "train mode runs the original forward (batch statistics)"
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -537,6 +635,10 @@ class GraphFused(_Folding):
             yield key, [(key, self.get_submodule(conv), self.get_submodule(bn))]
 
     def _fold(self, dtype, watch, check_range, differentiable=False):
+        try:
+            self._check_rewrite()
+        except AttributeError as e:  # a module deleted
+            raise _NotFusable(f"a module the fused graph stands for is gone ({e})") from None
         convs = {}
         for key, [(_, conv, bn)] in self._pairs():
             w, b = fold_conv_bn(conv, bn, key, differentiable)
@@ -546,7 +648,7 @@ class GraphFused(_Folding):
         finite = check_range and all(bool(torch.isfinite(c.weight).all()
                                           and torch.isfinite(c.bias).all())
                                      for c in convs.values())
-        return _GraphFold(watch, convs, finite)
+        return _GraphFold(watch, convs, finite, self._modes())
 
     def __reduce_ex__(self, protocol):
         # The fused class is made at run time: a pickle (or copy) names the model's own.

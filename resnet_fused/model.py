@@ -47,7 +47,7 @@ class _Fold:
     unfusable: str = None  # why the model is not one the fused forward computes, if so
     fc_packs: dict = field(default_factory=dict)  # fc's weight packed for oneDNN (dispatch.linear)
     plans: dict = field(default_factory=dict)  # input key -> op_plan.record's plan, or None
-    bns: tuple = ()  # (name, module) of the trunk's BatchNorm2d modules (not frozen ones)
+    bns: tuple = ()  # (reason, module) of the trunk's BatchNorm2d modules (not frozen ones)
     record_failures: dict = field(default_factory=dict)  # input key -> recordings that failed
 
 
@@ -106,12 +106,12 @@ def _forward_ad_or_func():
             or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
-def _train_mode_bn(bns):
-    """The name of the first BatchNorm2d in train mode (batch statistics, and its running
-    statistics updated), or None."""
-    for name, bn in bns:
-        if bn.training:
-            return name
+def _train_mode_bn(modules):
+    """The reason given for the first of (reason, module) whose module is in train mode
+    (a BatchNorm's batch statistics, its running statistics updated), or None."""
+    for reason, module in modules:
+        if module.training:
+            return reason
     return None
 
 
@@ -244,14 +244,14 @@ class _Folding:
                 return self._unfused(str(e))
             training = _train_mode_bn(fold.bns)
             if training:
-                return self._unfused(f"{training} is in train mode (batch statistics)")
+                return self._unfused(training)
             return x.to(dtype), fold, False
         fold = self._cached_fold(x.device, dtype)
         if getattr(fold, "unfusable", None):
             return self._unfused(fold.unfusable)
         training = _train_mode_bn(fold.bns)
         if training:
-            return self._unfused(f"{training} is in train mode (batch statistics)")
+            return self._unfused(training)
         if not fold.finite:
             # NaN/Inf in a parameter or BN statistic: torchvision's math is exact.
             _warn_once("nonfinite", f"{type(self).__name__}: a folded weight or bias is NaN/Inf "
@@ -383,7 +383,8 @@ class _Folding:
                 label = name if key == "stem" else f"{name}.{key}"
                 if isinstance(bn, nn.BatchNorm2d):
                     where = "conv1" if key == "stem" else label
-                    bns.append((f"the BatchNorm after {where}", bn))
+                    bns.append((f"the BatchNorm after {where} is in train mode (batch "
+                                "statistics)", bn))
                 w, b = fold_conv_bn(conv, bn, label, differentiable)
                 if check_range:
                     w, b, cdt = cast_folded(w, b, dtype, label)

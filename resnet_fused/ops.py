@@ -512,7 +512,9 @@ def _register_autograd():
     lib = "resnet_fused::"
 
     def save(ctx, inputs, output, relu, bias, residual):
-        ctx.save_for_backward(inputs[0], inputs[1], output)
+        # The output only for the ReLU's mask: without the ReLU an in-place op on the
+        # output (an activation with inplace=True after conv-BN) must not break backward.
+        ctx.save_for_backward(inputs[0], inputs[1], output if relu else None)
         ctx.relu, ctx.has_bias, ctx.has_residual = relu, bias is not None, residual is not None
 
     def conv_setup(ctx, inputs, keyword_only_inputs, output):
@@ -551,8 +553,9 @@ def _register_autograd():
 
     # Each product's gradients as conv1x1's; the panels get none.
     def conv1x1_sum_setup(ctx, inputs, keyword_only_inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1], inputs[3], inputs[4], output)
         ctx.relu = keyword_only_inputs.get("relu", True)
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[3], inputs[4],
+                              output if ctx.relu else None)
         ctx.stride2 = keyword_only_inputs.get("stride2", 1)
         ctx.has_bias = inputs[6] is not None
 

@@ -600,3 +600,157 @@ def test_values_keep_the_original_layout_where_it_shows():
         (ours, ours_map), (theirs, theirs_map) = fused(x), model(x)
     assert rel_err(ours, theirs) <= 1e-5 and rel_err(ours_map, theirs_map) <= 1e-5
     assert ours_map.is_contiguous() and theirs_map.is_contiguous()  # a returned feature map
+
+
+@pytest.mark.parametrize("how", ["view_as", "as_strided", "strided input"])
+def test_layout_shows_through_view_as_as_strided_and_a_strided_input(how):
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+            self.register_buffer("like", torch.empty(2, 8 * 16), persistent=False)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            n = y.size(0)
+            if how == "view_as":
+                return y.view_as(self.like)
+            if how == "as_strided":
+                return y.as_strided((n, 8 * 16), (8 * 16, 1))
+            return y.view(n, -1)
+
+    model = realistic_(Head()).eval()
+    fused = fused_quietly(model)
+    x = torch.randn(2, 3, 4, 8)[..., ::2] if how == "strided input" else torch.randn(2, 3, 4, 4)
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+class HiddenWrites(nn.Module):
+    """An operand of a pattern written between its conv and its ReLU by an op whose
+    write the graph does not name: `out=`, or a submodule kept as one call."""
+
+    class Scales(nn.Module):  # a leaf of the model's own (fx cannot trace its branch)
+        def forward(self, y):
+            if y.sum() > -1e30:
+                y.mul_(0.5).sub_(0.3)
+            return y
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.scales = mode, self.Scales()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(y))
+        if self.mode == "out=":
+            torch.mul(y, -0.5, out=y)
+        else:
+            self.scales(y)
+        return torch.relu(out + y)
+
+
+@pytest.mark.parametrize("mode", ["out=", "leaf"])
+def test_a_write_the_graph_does_not_name_keeps_the_pattern_unfused(mode):
+    model = realistic_(HiddenWrites(mode)).eval()
+    if mode == "leaf":
+        with pytest.warns(RuntimeWarning, match="HiddenWrites.scales .* kept as one call"):
+            fused = fuse(model)
+    else:
+        fused = fused_quietly(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def test_changes_after_fuse_to_what_the_fused_ops_stand_for_run_the_original():
+    # A hook added, a module replaced, a padding mode changed after fuse(): the graph no
+    # longer computes the model, which then runs its own forward (with a warning).
+    changes = [
+        lambda m: m.bn2.register_forward_hook(lambda mod, i, o: o * 3),
+        lambda m: m.conv1.register_forward_pre_hook(lambda mod, i: (i[0] - 1,)),
+        lambda m: setattr(m, "bn2", nn.Identity()),
+        lambda m: (setattr(m.conv2, "padding_mode", "reflect"),
+                   isinstance(m, GraphFused) and m.refresh_fold()),
+    ]
+    x = torch.randn(2, 3, 8, 8)
+    for change in changes:
+        model = realistic_(SelfResidualNet()).eval()
+        fused = fused_quietly(model)
+        with torch.inference_mode():
+            fused(x)
+        for m in (model, fused):
+            change(m)
+        assert not fused.fused_status(x)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with torch.inference_mode():
+                assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+class TrainBranch(nn.Module):
+    """A block whose forward branches on its own training flag."""
+
+    class Block(nn.Module):
+        def forward(self, y):
+            return y * 2 if self.training else y
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.blk = self.Block()
+
+    def forward(self, x):
+        return self.blk(torch.relu(self.bn(self.conv(x))))
+
+
+def test_a_submodule_in_train_mode_runs_the_original():
+    model = realistic_(TrainBranch()).eval()
+    fused = fused_quietly(model)
+    x = torch.randn(2, 3, 8, 8)
+    for m in (model, fused):
+        m.blk.train()  # no BatchNorm: a branch the trace took as in eval mode
+    assert "blk (Block) is in train mode" in fused.fused_status(x)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with torch.inference_mode():
+            assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+class FeatureStore(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.feat = None
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        self.feat = y  # kept for inspection, as Grad-CAM code does
+        return y.mean((2, 3))
+
+
+def test_a_forward_that_stores_a_value_on_the_model_is_not_rewritten():
+    model = realistic_(FeatureStore()).eval()
+    with pytest.warns(RuntimeWarning, match="stores a computed value on self.feat"):
+        fused = fuse(model)
+    assert not isinstance(fused, GraphFused) and fused.feat is None
+    with torch.inference_mode():
+        fused(torch.randn(1, 3, 8, 8))
+    assert fused.feat.shape == (1, 8, 8, 8)
+    pickle.dumps(fused)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True)])
+def test_an_in_place_activation_after_conv_bn_keeps_backward(act):
+    model = realistic_(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
+                                     act, nn.Conv2d(8, 4, 1))).eval()
+    fused = fused_quietly(model)
+    grads = []
+    for m in (fused, model):
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0),
+                        requires_grad=True)
+        m(x).square().sum().backward()
+        grads.append(x.grad)
+    assert rel_err(grads[0], grads[1]) <= 1e-5
