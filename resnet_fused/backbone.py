@@ -41,15 +41,6 @@ class FusedBody(_Folding, IntermediateLayerGetter):
     def _frozen(self):
         return all(not isinstance(m, nn.BatchNorm2d) for m in self.modules())
 
-    def fused_status(self, x):
-        """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
-        try:
-            self._check_input(x)
-        except (TypeError, ValueError) as e:
-            return False, f"forward(x) would raise: {e}"
-        ok, why = self._status(x)
-        return self._forward_status() if ok else (ok, why)
-
     def _status(self, x):
         if self.training and not self._frozen():
             return False, "train mode with BatchNorm2d runs torchvision's math (batch statistics)"

@@ -106,6 +106,11 @@ def _forward_ad_or_func():
             or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
+def _bn_in_train_mode(name, key):
+    where = "conv1" if key == "stem" else f"{name}.{key}"
+    return f"the BatchNorm after {where} is in train mode (batch statistics)"
+
+
 def _train_mode_bn(modules):
     """The reason given for the first of (reason, module) whose module is in train mode
     (a BatchNorm's batch statistics, its running statistics updated), or None."""
@@ -171,9 +176,19 @@ class _Folding:
         _warn_once(why, f"{type(self).__name__}: running the unfused forward: {why}.")
         return None
 
+    def fused_status(self, x):
+        """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
+        try:
+            self._check_input(x)
+        except (TypeError, ValueError) as e:
+            return False, f"forward(x) would raise: {e}"
+        ok, why = self._status(x)
+        return self._forward_status() if ok else (ok, why)
+
     def _status(self, x):
-        """fused_status(x) without the model's structure, which the fold checks."""
-        return self.fused_status(x)
+        """fused_status(x) without the input's checks and the model's structure, which
+        the forward and the fold check: (True, "") or (False, reason)."""
+        raise NotImplementedError
 
     def _structure_status(self):
         try:
@@ -187,15 +202,12 @@ class _Folding:
         """_structure_status, and no BatchNorm2d of the trunk in train mode (as after
         model.eval() and bn.train()): what a forward in eval mode needs."""
         try:
-            for name, pairs in self._pairs():
-                for key, _, bn in pairs:
-                    if isinstance(bn, nn.BatchNorm2d) and bn.training:
-                        where = "conv1" if key == "stem" else f"{name}.{key}"
-                        return False, (f"the BatchNorm after {where} is in train mode (batch "
-                                       "statistics)")
+            why = _train_mode_bn([(_bn_in_train_mode(name, key), bn)
+                                  for name, pairs in self._pairs() for key, _, bn in pairs
+                                  if isinstance(bn, nn.BatchNorm2d)])
         except _NotFusable as e:
             return False, str(e)
-        return True, ""
+        return (False, why) if why else (True, "")
 
     def _kernel_status(self, x):
         """(True, "") if the kernels can run x's device and dtype and no global forward
@@ -382,9 +394,7 @@ class _Folding:
             for key, conv, bn in pairs:
                 label = name if key == "stem" else f"{name}.{key}"
                 if isinstance(bn, nn.BatchNorm2d):
-                    where = "conv1" if key == "stem" else label
-                    bns.append((f"the BatchNorm after {where} is in train mode (batch "
-                                "statistics)", bn))
+                    bns.append((_bn_in_train_mode(name, key), bn))
                 w, b = fold_conv_bn(conv, bn, label, differentiable)
                 if check_range:
                     w, b, cdt = cast_folded(w, b, dtype, label)
@@ -485,15 +495,6 @@ class FusedResNet(_Folding, ResNet):
         model.__class__ = ResNet
         del model._fold_cache
         return model
-
-    def fused_status(self, x):
-        """(True, "") if forward(x) would run the fused kernels, else (False, reason)."""
-        try:
-            self._check_input(x)
-        except (TypeError, ValueError) as e:
-            return False, f"forward(x) would raise: {e}"
-        ok, why = self._status(x)
-        return self._forward_status() if ok else (ok, why)
 
     def _status(self, x):
         if self.training:
