@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import sys
@@ -326,6 +327,12 @@ def cmd_predict(args):
         fail("argument --topk: expected no --topk with --features (embeddings, not classes), "
              f"got --topk {args.topk}")
     args.topk = 5 if args.topk is None else args.topk
+    if args.features == "safetensors":  # refused before any file is made
+        try:
+            importlib.import_module("safetensors.numpy")
+        except ImportError:
+            fail("argument --features: expected safetensors installed (pip install safetensors), "
+                 "or --features npy, got no safetensors module")
     try:
         files = predict.list_images(args.paths)
         store = predict.Store(args.out) if args.out else None

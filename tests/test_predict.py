@@ -308,6 +308,7 @@ def test_safetensors_missing_says_how_to_install(image_dir, tmp_path, monkeypatc
               "safetensors", *FAST])
     assert e.value.code == 2
     assert "pip install safetensors" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before any file was made
 
 
 # ---------------------------------------------------------------- bad arguments
