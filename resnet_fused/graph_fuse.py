@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch._prims_common import suggest_memory_format
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import dispatch, ops
@@ -162,7 +161,6 @@ class _storing_check:
     it is then kept as one call, or, if it is the model itself, nothing is fused."""
 
     def __init__(self, model):
-        self.model = model
         self.before = [(name, m, dict(vars(m))) for name, m in model.named_modules()]
 
     def __enter__(self):
@@ -229,7 +227,7 @@ def _foldable(conv, bn):
     return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
             and type(bn) in _BATCH_NORMS and getattr(bn, "running_mean", None) is not None
             and not _has_hooks(conv) and not _has_hooks(bn) and not isinstance(conv.padding, str)
-            and bn.running_mean.numel() == conv.out_channels
+            and (torch.jit.is_tracing() or bn.running_mean.numel() == conv.out_channels)
             and "forward" not in vars(conv) and "forward" not in vars(bn))
 
 
@@ -514,7 +512,8 @@ def _original_layout(t, like):
     channels_last (eager convs return channels_last only for a channels_last input; the
     fused ones always do)."""
     if (isinstance(t, torch.Tensor) and t.dim() >= 3 and isinstance(like, torch.Tensor)
-            and like.dim() == 4 and suggest_memory_format(like) == torch.contiguous_format):
+            and like.dim() == 4 and not (like.is_contiguous(memory_format=torch.channels_last)
+                                         and not like.is_contiguous())):
         return t.contiguous()
     return t
 
@@ -562,13 +561,13 @@ class GraphFused(_Folding):
 
     def fused_status(self, x):
         """(True, "") if forward(x, ...) would run the fused graph, else (False, reason)."""
+        try:
+            self._check_rewrite()  # first: a module gone is named here, not in _status
+        except _NotFusable as e:
+            return False, str(e)
         ok, why = self._status(x)
         if not ok:
             return ok, why
-        try:
-            self._check_rewrite()
-        except _NotFusable as e:
-            return False, str(e)
         return (False, why) if (why := _train_mode_bn(self._modes())) else (True, "")
 
     def _modes(self):
@@ -583,7 +582,10 @@ class GraphFused(_Folding):
         first's: the graph would not compute what the model now does."""
         dtype = None
         for key, conv_name, bn_name in self._graph_rewrite.pairs:
-            conv, bn = self.get_submodule(conv_name), self.get_submodule(bn_name)
+            try:
+                conv, bn = self.get_submodule(conv_name), self.get_submodule(bn_name)
+            except AttributeError as e:  # deleted
+                raise _NotFusable(f"a module the fused graph stands for is gone ({e})") from None
             if not _foldable(conv, bn):
                 raise _NotFusable(f"{conv_name} and {bn_name} are no longer a conv and a "
                                   "BatchNorm that fold into one (replaced, or a hook added)")
@@ -592,7 +594,11 @@ class GraphFused(_Folding):
                 raise _NotFusable(f"{conv_name} is {conv.weight.dtype} where the first folded "
                                   f"conv is {dtype}")
         for name in self._graph_rewrite.relus:
-            if not _plain_relu(self.get_submodule(name)):
+            try:
+                relu = self.get_submodule(name)
+            except AttributeError as e:
+                raise _NotFusable(f"a module the fused graph stands for is gone ({e})") from None
+            if not _plain_relu(relu):
                 raise _NotFusable(f"{name} is no longer a plain ReLU (replaced, or a hook "
                                   "added)")
 
@@ -635,10 +641,7 @@ class GraphFused(_Folding):
             yield key, [(key, self.get_submodule(conv), self.get_submodule(bn))]
 
     def _fold(self, dtype, watch, check_range, differentiable=False):
-        try:
-            self._check_rewrite()
-        except AttributeError as e:  # a module deleted
-            raise _NotFusable(f"a module the fused graph stands for is gone ({e})") from None
+        self._check_rewrite()
         convs = {}
         for key, [(_, conv, bn)] in self._pairs():
             w, b = fold_conv_bn(conv, bn, key, differentiable)

@@ -754,3 +754,16 @@ def test_an_in_place_activation_after_conv_bn_keeps_backward(act):
         m(x).square().sum().backward()
         grads.append(x.grad)
     assert rel_err(grads[0], grads[1]) <= 1e-5
+
+
+def test_trace_and_a_deleted_module_after_fuse():
+    model = realistic_(ViewHead()).eval()
+    fused = fused_quietly(model)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        traced = torch.jit.trace(fused, x, check_trace=False, strict=False)
+    with torch.inference_mode():
+        assert rel_err(traced(x)[0], model(x)[0]) <= 1e-5
+    del fused.bn
+    assert "a module the fused graph stands for is gone" in fused.fused_status(x)[1]
