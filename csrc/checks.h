@@ -76,6 +76,19 @@ inline void check_conv_bias_act_args(
   }
 }
 
+// pack_weight's arguments: a 4-D weight and the 4-D input size it will see, whose
+// channels must match weight.size(1) * groups.
+inline void check_pack_weight_args(const at::Tensor& weight, int64_t groups,
+                                   at::IntArrayRef input_size) {
+  TORCH_CHECK(weight.dim() == 4, "pack_weight: expected a 4-D weight, got shape ", weight.sizes());
+  TORCH_CHECK(input_size.size() == 4, "pack_weight: expected a 4-D input_size, got ", input_size);
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "pack_weight: expected groups >= 1 ",
+              "dividing weight.size(0) (", weight.size(0), " output channels), got groups=", groups);
+  TORCH_CHECK(input_size[1] == weight.size(1) * groups, "pack_weight: expected ",
+              "input_size[1] = weight.size(1) * groups = ", weight.size(1), " * ", groups,
+              " input channels, got input_size ", input_size);
+}
+
 inline void check_add_relu_args(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.sizes() == b.sizes(), "add_relu: expected b of a's shape ", a.sizes(), ", got ",
               b.sizes());

@@ -277,6 +277,13 @@ def test_pack_weight_names_an_input_size_of_other_channels():
         ops.pack_weight(w, 1, 1, 1, 2, (1, 4, 8, 8))
 
 
+def test_pack_weight_names_groups_that_do_not_divide_the_output_channels():
+    w = torch.randn(9, 4, 3, 3)
+    with pytest.raises(RuntimeError, match=r"pack_weight: expected groups >= 1 dividing "
+                                           r"weight.size\(0\) \(9 output channels\), got groups=2"):
+        ops.pack_weight(w, 1, 1, 1, 2, (1, 8, 8, 8))
+
+
 @pytest.mark.parametrize("device", devices())
 class TestAddRelu:
     @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)

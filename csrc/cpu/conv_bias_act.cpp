@@ -241,11 +241,7 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
 
 Tensor pack_weight_cpu(const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
-  TORCH_CHECK(weight.dim() == 4, "pack_weight: expected a 4-D weight, got shape ", weight.sizes());
-  TORCH_CHECK(input_size.size() == 4, "pack_weight: expected a 4-D input_size, got ", input_size);
-  TORCH_CHECK(groups >= 1 && input_size[1] == weight.size(1) * groups, "pack_weight: expected ",
-              "input_size[1] = weight.size(1) * groups = ", weight.size(1), " * ", groups,
-              " input channels, got input_size ", input_size);
+  check_pack_weight_args(weight, groups, input_size);
   if (!at::hasMKLDNN() || !use_onednn(weight)) {
     return weight.contiguous(at::MemoryFormat::ChannelsLast);  // nothing better to pack into
   }

@@ -373,10 +373,7 @@ void conv_bias_add_relu_cuda_(Tensor& residual, const Tensor& input, const Tenso
 // kernels read; the logical shape is unchanged, so an unpacked weight works too.
 Tensor pack_weight_cuda(const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
-  TORCH_CHECK(weight.dim() == 4, "pack_weight: expected a 4-D weight, got shape ", weight.sizes());
-  TORCH_CHECK(input_size.size() == 4, "pack_weight: expected a 4-D input_size, got ", input_size);
-  TORCH_CHECK(groups > 0 && weight.size(0) % groups == 0, "pack_weight: expected weight.size(0) (",
-              weight.size(0), ") divisible by groups=", groups);
+  check_pack_weight_args(weight, groups, input_size);
   (void)stride;
   (void)padding;
   (void)dilation;
