@@ -65,7 +65,10 @@ def time_interleaved(fns, device, warmup, repeats, block=5):
     clock speed or machine load hits every variant alike, each block still runs with
     that model's caches warm, and no variant always follows the same one (in a fixed
     order, the same model timed twice as A B A B measured the second up to 7% faster on
-    an AMD EPYC Zen 4; as A B B A, 0.2-1.9%)."""
+    an AMD EPYC Zen 4; as A B B A, 0.2-1.9%). Each block starts with one untimed run,
+    which takes the previous variant's leftovers: its data in the caches and its idle
+    threads (ONNX Runtime's spin for 10-50 ms after a run and, there, doubled the time
+    of ResNet-50's next forward at batch 1)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -74,7 +77,10 @@ def time_interleaved(fns, device, warmup, repeats, block=5):
     order = list(fns.items())
     while any(len(t) < repeats for t in times.values()):
         for name, fn in order:
-            for _ in range(min(block, repeats - len(times[name]))):
+            runs = min(block, repeats - len(times[name]))
+            if runs:
+                time_once(fn, device)
+            for _ in range(runs):
                 times[name].append(time_once(fn, device))
         order.reverse()
     return {name: statistics.median(t) for name, t in times.items()}
@@ -154,7 +160,9 @@ def peer_variants(tv, example, dtype, threads):
     # Both run torchvision's graph exported by torch.onnx, which needs the onnx package.
     wanted = (["onnxruntime"] if dtype == torch.float32 else []) + ["openvino", "onnx"]
     missing = [m for m in wanted if importlib.util.find_spec(m) is None]
-    skipped = [f"{m}: not installed (pip install resnet_fused[peers])" for m in missing]
+    skipped = [f"{m}: not installed (pip install onnx onnxruntime openvino)" for m in missing]
+    if dtype != torch.float32:
+        skipped.append("onnxruntime: fp32 only (its CPU provider has no bfloat16 convolutions)")
     if "onnx" in missing or set(wanted) - set(missing) == {"onnx"}:
         return variants, skipped
     # The file is needed only while the peers load it: both keep their own copy.
@@ -195,8 +203,8 @@ def onnxruntime_runner(path, threads):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    # Idle threads that spin would take cores from the next variant in the round-robin.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Its threads spin between ops (its default): 1-2% faster at batch 1 than without,
+    # and the spin ends too soon after a run to slow the next variant measurably.
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
     def run(x):

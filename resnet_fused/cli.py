@@ -225,6 +225,7 @@ def cmd_bench_task(args):
         return 2
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
+    _fused_here(device, dtype)
     batches = args.batch_sizes or [1]
     tv = task_model(args.model).to(device=device, dtype=dtype)
     fused = fuse(tv)
@@ -273,12 +274,16 @@ def cmd_profile(args):
 
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
-    tv, fused, desc = load_models(args.arch, args.weights, device)
     _fused_here(device, dtype)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        _usage_error(f"argument --out: expected a folder that can be made, got {args.out} "
+                     f"({e.strerror})")
+    tv, fused, desc = load_models(args.arch, args.weights, device)
     tv, fused = tv.to(dtype), fused.to(dtype)  # outside inference_mode: see verify_arch
     x = torch.randn(args.batch, 3, *args.size, device=device, dtype=dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    os.makedirs(args.out, exist_ok=True)
     per_stage = {}
     with torch.inference_mode():
         for name, model in (("unfused", tv), ("fused", fused)):
@@ -484,7 +489,7 @@ def build_parser():
     b.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision), default and with freezing")
     b.add_argument("--peers", action="store_true",
                    help="also time ONNX Runtime and OpenVINO on torchvision's graph (CPU; "
-                        "pip install resnet_fused[peers])")
+                        "pip install onnx onnxruntime openvino)")
     b.add_argument("--warmup", type=_non_negative, default=3)
     b.add_argument("--repeats", type=_positive, default=10)
     b.add_argument("--json", default=None, help="also write the results to this file")
@@ -550,11 +555,14 @@ def _check_paths(parser, args):
     if args.fn is cmd_profile:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             parser.error(f"argument --out: expected a folder, got the file {args.out}")
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            parser.error(f"argument --out: expected a folder that can be made, got {args.out} "
-                         f"({e.strerror})")
+        # Made only once the run is known to go ahead (cmd_profile), so that a refused
+        # run leaves nothing behind: here the nearest existing folder must be writable.
+        existing = os.path.abspath(args.out)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(f"argument --out: expected a folder that can be written, got "
+                         f"{args.out} ({existing} is not a writable folder)")
 
 
 def main(argv=None):

@@ -80,11 +80,12 @@ def test_bench_model_refuses_options_that_do_not_apply(capsys):
 
 
 def test_bench_timing_alternates_the_order_of_its_rounds():
-    # Blocks of 2 runs per variant, the rounds in turn forward and reversed.
+    # Blocks of 2 timed runs per variant after an untimed one, the rounds in turn
+    # forward and reversed.
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
     benchmark.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=4, block=2)
-    assert "".join(calls) == "ABC" + "AABBCC" + "CCBBAA"
+    assert "".join(calls) == "ABC" + "AAABBBCCC" + "CCCBBBAAA"
 
 
 def test_profile_writes_traces_and_chart(tmp_path):
@@ -121,7 +122,7 @@ def test_predict_interrupted_without_out_exits_130(tmp_path, capsys, monkeypatch
                                   ["profile", "--warmup", "-1"],
                                   ["bench", "--json", "/nonexistent-folder/x.json"],
                                   ["bench", "--json", "/tmp"], ["bench", "--size", "abc"],
-                                  ["profile", "--out", "/proc/no-such-folder"],
+                                  ["profile", "--out", __file__ + "/sub"],
                                   ["profile", "--out", __file__]])
 def test_bad_arguments_exit_2(argv):
     r = subprocess.run([sys.executable, "-m", "resnet_fused", *argv], capture_output=True, text=True)
@@ -157,12 +158,14 @@ def test_bench_peers_rows_or_install_hint(dtype, capsys, tmp_path, monkeypatch):
     # bf16: error of 8-bit mantissas over the net's depth, ~1e-2 in torchvision itself.
     tol = 1e-5 if dtype == "float32" else 0.1
     peers = [("onnxruntime", "onnxruntime")] if dtype == "float32" else []
+    if dtype != "float32":
+        assert "onnxruntime: fp32 only (its CPU provider has no bfloat16 convolutions)" in out
     peers.append((f"openvino {'f32' if dtype == 'float32' else 'bf16'}", "openvino"))
     for peer, module in peers:
         missing = [m for m in (module, "onnx") if importlib.util.find_spec(m) is None]
         if missing:
             for m in missing:
-                assert f"{m}: not installed (pip install resnet_fused[peers])" in out
+                assert f"{m}: not installed (pip install onnx onnxruntime openvino)" in out
         elif _imports(module):
             row = next(line for line in out.splitlines() if line.startswith(peer))
             assert float(row.split()[-1]) < tol  # its error against the fp64 reference
@@ -242,11 +245,21 @@ def test_verify_fails_where_the_kernels_did_not_run(monkeypatch, capsys):
     assert "all match" not in out
 
 
-@pytest.mark.parametrize("command", ["bench", "profile"])
-def test_bench_and_profile_refuse_a_dtype_without_kernels(command, capsys):
+@pytest.mark.parametrize("argv", [["bench", "--arch", "resnet18"], ["profile", "--arch", "resnet18"],
+                                  ["bench", "--model", "fcn_resnet50"]])
+def test_bench_and_profile_refuse_a_dtype_without_kernels(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        main([command, "--arch", "resnet18", "--size", "32", "--device", "cpu",
-              "--dtype", "float16"])
+        main([*argv, "--size", "32", "--device", "cpu", "--dtype", "float16"])
     assert e.value.code == 2
     assert ("resnet_fused cannot run its kernels on cpu in float16: the cpu kernels support "
+            in capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())  # profile's folder is made only for a run that goes ahead
+
+
+def test_profile_names_an_out_folder_that_cannot_be_made(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "--out", "/proc/no-such-folder", "--device", "cpu"])
+    assert e.value.code == 2
+    assert ("argument --out: expected a folder that can be made, got /proc/no-such-folder"
             in capsys.readouterr().err)
