@@ -214,6 +214,22 @@ def assert_matches(out, ref, dtype, n, what=""):
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
 
 
+def assert_nonfinite_matches(out, ref, dtype, n, what=""):
+    """`out` against an fp64 `ref` holding NaN/Inf: the same NaN and Inf positions, the
+    same Inf signs, and the finite values within tol, since a NaN or Inf operand sends
+    the kernels down other paths whose finite results must be right too."""
+    bound = tol(dtype, n, out.device)
+    out = out.detach().cpu().double()
+    assert ref.isnan().any() or ref.isinf().any(), f"{what}: the reference is all finite"
+    assert torch.equal(out.isnan(), ref.isnan()), f"{what}: NaN positions differ"
+    assert torch.equal(out.isinf(), ref.isinf()), f"{what}: Inf positions differ"
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()]), f"{what}: Inf signs differ"
+    finite = ref.isfinite()
+    assert finite.any(), f"{what}: no finite value left to compare"
+    err = rel_err(out[finite], ref[finite])
+    assert err <= bound, f"{what}: relative error of the finite values {err:.3g} > {bound:.3g}"
+
+
 def assert_rounded_once(out, ref, size, reduction):
     """bfloat16 `out` against `ref`, the fp64 result of the same bfloat16 operands: their
     products are exact in float32, so out is ref summed in float32 (error at most

@@ -21,11 +21,14 @@ def test_eight_threads_get_the_right_answers():
     inputs = [torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(i))
               for i in range(8)]
     with torch.inference_mode():
-        refs = [tv(x) for x in inputs]
+        fused(inputs[0])  # a fold that the change below makes stale
     # A parameter change right before the threads start: every thread races to
     # refold; none may see a half-built or stale fold.
     with torch.no_grad():
-        fused.layer1[0].conv1.weight.mul_(1.0)
+        for model in (tv, fused):
+            model.layer1[0].conv1.weight.mul_(0.5)
+    with torch.inference_mode():
+        refs = [tv(x) for x in inputs]
     errors, barrier = [None] * 8, threading.Barrier(8)
 
     def work(i):
