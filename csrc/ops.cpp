@@ -9,6 +9,7 @@
 #include "cpu/conv1x1.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/grouped_conv.h"
+#include "cpu/kernel_runs.h"
 #include "cpu/winograd.h"
 #include "fast_forward.h"
 #include "op_plan.h"
@@ -97,7 +98,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (m == nullptr) return nullptr;
   if (PyModule_AddFunctions(m, resnet_fused::state_watch_methods()) < 0 ||
       PyModule_AddFunctions(m, resnet_fused::op_plan_methods()) < 0 ||
-      PyModule_AddFunctions(m, resnet_fused::fast_forward_methods()) < 0) {
+      PyModule_AddFunctions(m, resnet_fused::fast_forward_methods()) < 0 ||
+      PyModule_AddFunctions(m, resnet_fused::kernel_runs_methods()) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -304,6 +304,17 @@ def put_nonfinite(where, x, w, b, res):
 
 
 @contextlib.contextmanager
+def kernel_runs():
+    """{op name: calls its CPU kernel computed itself} within the block, filled in on
+    exit; calls its conv_bias_act path took (same results) are not counted."""
+    from resnet_fused import _C
+
+    before, runs = _C.kernel_runs(), {}
+    yield runs
+    runs.update({op: n - before[op] for op, n in _C.kernel_runs().items()})
+
+
+@contextlib.contextmanager
 def exclusive_gpu_memory():
     """Runs a test that takes a large share of GPU memory alone among this
     machine's test processes (scripts/gpu_check.sh runs one per tile config side

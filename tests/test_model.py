@@ -16,7 +16,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused import FusedResNet, _extension, dispatch, fuse
 
-from common_utils import num_threads, rel_err, tv_model
+from common_utils import kernel_runs, num_threads, rel_err, tv_model
 from resnet_fused._extension import winograd_kernel_available
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -268,13 +268,14 @@ def winograd_tile_counts(arch, threads):
     fused = fuse(tv_model(arch))
     x = torch.randn(2, 3, 64, 64)
     with num_threads(threads), torch.inference_mode(), \
-            torch.profiler.profile(record_shapes=True) as prof:
+            torch.profiler.profile(record_shapes=True) as prof, kernel_runs() as runs:
         out = fused(x)
     assert rel_err(out, tv_model(arch)(x)) <= 1e-5
     # winograd_weight: [alpha^2, K / P, C, P], or [4, 4, K / P, C, P] at stride 2
     tiles = [e.input_shapes[2][0] for e in prof.events()
              if e.name == "resnet_fused::winograd_conv3x3"]
     assert len(tiles) == tiles.count(36) + tiles.count(16) + tiles.count(4)
+    assert runs["winograd_conv3x3"] == len(tiles)  # the kernel computed each call itself
     return tiles.count(36), tiles.count(16), tiles.count(4)
 
 
@@ -298,12 +299,12 @@ def test_cpu_fp32_runs_grouped_convs_on_their_kernel(arch):
         pytest.skip("no AVX2 or AVX-512 on this CPU: the grouped kernel does not run here")
     fused = fuse(tv_model(arch))
     x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode(), torch.profiler.profile() as prof:
+    with torch.inference_mode(), torch.profiler.profile() as prof, kernel_runs() as runs:
         out = fused(x)
     assert rel_err(out, tv_model(arch)(x)) <= 1e-5
     names = [e.name for e in prof.events()]
     blocks = sum(len(layer) for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4))
-    assert names.count("resnet_fused::grouped_conv3x3") == blocks
+    assert names.count("resnet_fused::grouped_conv3x3") == runs["grouped_conv3x3"] == blocks
 
 
 # On 2 threads the weight-bound convs split their output channels across the threads
@@ -634,13 +635,16 @@ def test_a_bottleneck_downsample_sums_with_the_last_conv(arch):
     tv = tv_model(arch)
     fused = fuse(tv)
     x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode(), torch.profiler.profile() as prof:
+    with torch.inference_mode(), torch.profiler.profile() as prof, kernel_runs() as runs:
         ours = fused(x)
+    with torch.inference_mode():
         ref = tv(x)
     assert rel_err(ours, ref) <= 1e-5
     names = [e.name for e in prof.events()]
     expected = 4 if arch == "resnet50" and _extension.conv1x1_kernel_available() else 0
-    assert names.count("resnet_fused::conv1x1_sum") == expected
+    assert names.count("resnet_fused::conv1x1_sum") == runs["conv1x1_sum"] == expected
+    # Every conv1x1 call the model makes, the kernel computes.
+    assert runs["conv1x1"] == names.count("resnet_fused::conv1x1")
 
 
 @pytest.mark.skipif(not BF16, reason="no bfloat16 convolutions on this CPU")
@@ -650,11 +654,13 @@ def test_cpu_bf16_runs_every_1x1_conv_on_conv1x1():
     # summed with its block's last conv; else on oneDNN's, each a conv_bias_act call.
     fused = fuse(tv_model("resnet50")).to(torch.bfloat16)
     x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode(), torch.profiler.profile() as prof:
+    with torch.inference_mode(), torch.profiler.profile() as prof, kernel_runs() as counted:
         ours = fused(x.bfloat16())
     names = [e.name for e in prof.events()]
     ones = (names.count("resnet_fused::conv1x1") + names.count("resnet_fused::conv1x1_add_relu_")
             + 2 * names.count("resnet_fused::conv1x1_sum"))
+    assert ones == (counted["conv1x1"] + counted["conv1x1_add_relu_"]
+                    + 2 * counted["conv1x1_sum"])  # each computed by the kernel itself
     runs = _extension.conv1x1_bf16_kernel_available() and (
         not dispatch._AMX or dispatch._BF16_ON_AMX)
     assert ones == (36 if runs else 0)

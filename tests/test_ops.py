@@ -8,8 +8,8 @@ import torch
 from resnet_fused import _extension, ops
 
 from common_utils import (ConvCase, assert_matches, assert_nonfinite_matches, assert_rounded_once,
-                          devices, dtypes_for, num_threads, one_and_more_threads, opcheck,
-                          put_nonfinite, reference, rel_err, requires_extension,
+                          devices, dtypes_for, kernel_runs, num_threads, one_and_more_threads,
+                          opcheck, put_nonfinite, reference, rel_err, requires_extension,
                           skip_unless_dtype, NONFINITE_KINDS)
 
 pytestmark = requires_extension
@@ -1282,3 +1282,78 @@ class TestAllFinite:
 def test_dtype_table_matches_the_kernels():
     assert torch.float32 in dtypes_for("cpu")
     assert (torch.bfloat16 in dtypes_for("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _kernel_cases():
+    """(id, op name, call, whether its kernel computes it on this CPU)."""
+    e = _extension
+    f32, bf16, nan = torch.float32, torch.bfloat16, float("nan")
+
+    def tensors(c, k, h, w, r, dtype=f32, groups=1, n=2):
+        x, w_, b, res = ConvCase(c, k, h, w, R=r, padding=r // 2, groups=groups,
+                                 N=n).tensors(dtype)
+        return x, w_, b, res
+
+    def winograd(c, h, w, tile=2, dtype=f32, poison=False):
+        x, wt, b, res = tensors(c, c, h, w, 3, dtype)
+        if poison:
+            x[0, 0, 0, 0] = nan
+        return lambda: ops.winograd_conv3x3(x, wt, ops.winograd_weight(wt, tile), b, res)
+
+    def conv1x1(c, k, dtype=f32, n=2):
+        x, w, b, res = tensors(c, k, 7, 9, 1, dtype, n=n)
+        return lambda: ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res)
+
+    def conv1x1_add_relu_(alias):
+        x, w, b, res = tensors(64, 64, 7, 9, 1)
+        acc = x if alias else res.contiguous(memory_format=CL)
+        return lambda: ops.conv1x1_add_relu_(acc, x, w, ops.conv1x1_weight(w), b)
+
+    def conv1x1_sum():
+        h, w, b, _ = tensors(32, 64, 5, 6, 1)
+        x2, w2, _, _ = tensors(16, 64, 10, 12, 1)
+        p, p2 = ops.conv1x1_weight(w), ops.conv1x1_weight(w2)
+        return lambda: ops.conv1x1_sum(h, w, p, x2, w2, p2, b, stride2=2)
+
+    def grouped(dtype=f32):
+        x, w, b, res = tensors(32, 32, 9, 11, 3, dtype, groups=8)
+        return lambda: ops.grouped_conv3x3(x, w, ops.grouped_conv_weight(w, 8), b, res)
+
+    bf16_ok = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return [
+        ("winograd_f2", "winograd_conv3x3", winograd(32, 10, 10), e.winograd_kernel_available()),
+        ("winograd_f4", "winograd_conv3x3", winograd(32, 10, 10, 4), e.winograd_kernel_available()),
+        ("winograd_nan_input", "winograd_conv3x3", winograd(32, 10, 10, poison=True), False),
+        ("winograd_sub_tile", "winograd_conv3x3", winograd(32, 1, 10), False),
+        ("winograd_f4_8_channels", "winograd_conv3x3", winograd(8, 10, 10, 4), False),
+        ("winograd_bf16", "winograd_conv3x3", winograd(32, 10, 10, dtype=bf16) if bf16_ok else None,
+         e.winograd_bf16_kernel_available()),
+        ("winograd_bf16_20_channels", "winograd_conv3x3",
+         winograd(20, 10, 10, dtype=bf16) if bf16_ok else None, False),
+        ("conv1x1", "conv1x1", conv1x1(32, 64), e.conv1x1_kernel_available()),
+        ("conv1x1_bf16", "conv1x1", conv1x1(32, 64, bf16) if bf16_ok else None,
+         e.conv1x1_bf16_kernel_available()),
+        ("conv1x1_batch_0", "conv1x1", conv1x1(32, 64, n=0), False),
+        ("conv1x1_add_relu_", "conv1x1_add_relu_", conv1x1_add_relu_(False),
+         e.conv1x1_kernel_available()),
+        ("conv1x1_add_relu_into_its_input", "conv1x1_add_relu_", conv1x1_add_relu_(True), False),
+        ("conv1x1_sum", "conv1x1_sum", conv1x1_sum(), e.conv1x1_kernel_available()),
+        ("grouped", "grouped_conv3x3", grouped(), e.grouped_conv_kernel_available()),
+        ("grouped_bf16", "grouped_conv3x3", grouped(bf16) if bf16_ok else None, False),
+    ]
+
+
+# The fallbacks compute the same results, so the op tests above would pass with a
+# kernel that never runs: its counter says whether it did, for the calls it should
+# take and for those it should leave to conv_bias_act.
+KERNEL_CASES = _kernel_cases()
+
+
+@pytest.mark.parametrize("op, call, runs", [c[1:] for c in KERNEL_CASES],
+                         ids=[c[0] for c in KERNEL_CASES])
+def test_each_kernel_computes_the_calls_it_takes(op, call, runs):
+    if call is None:
+        pytest.skip("no bfloat16 convolution on this CPU")
+    with kernel_runs() as counted:
+        call()
+    assert counted[op] == (1 if runs else 0), counted

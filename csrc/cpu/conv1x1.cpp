@@ -41,6 +41,7 @@
 #include "cpu/conv1x1_epilogue.h"
 #include "cpu/conv_bias_act.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/kernel_runs.h"
 #include "cpu/thread_scratch.h"
 
 namespace resnet_fused {
@@ -331,6 +332,7 @@ Tensor conv1x1_cpu(const Tensor& input, const Tensor& weight, const Tensor& pane
     return conv_bias_act_cpu(input, weight, bias, residual, {stride, stride}, {0, 0}, {1, 1}, 1,
                              relu, /*assume_finite=*/false);
   }
+  count_kernel_run(KernelRun::kConv1x1);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor w = panels.contiguous();
@@ -358,6 +360,7 @@ void conv1x1_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor& 
     residual.copy_(conv1x1_cpu(input, weight, panels, bias, residual, /*relu=*/true, 1));
     return;
   }
+  count_kernel_run(KernelRun::kConv1x1AddRelu);
   const optional<Tensor> b = bias ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
   const Tensor x = input.contiguous(cl), w = panels.contiguous();
   run({{x, w, 1}}, b, residual, residual, /*relu=*/true);
@@ -389,6 +392,7 @@ Tensor conv1x1_sum_cpu(const Tensor& input, const Tensor& weight, const Tensor& 
                                      /*relu=*/false, stride2);
     return conv1x1_cpu(input, weight, panels, bias, other, relu, 1);
   }
+  count_kernel_run(KernelRun::kConv1x1Sum);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl), x2 = input2.contiguous(cl);
   const Tensor w = panels.contiguous(), w2 = panels2.contiguous();

@@ -20,6 +20,7 @@
 #include "cpu/conv_bias_act.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/grouped_conv.h"
+#include "cpu/kernel_runs.h"
 #include "cpu/grouped_conv_problem.h"
 
 namespace resnet_fused {
@@ -66,6 +67,7 @@ Tensor grouped_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Tens
     return conv_bias_act_cpu(input, weight, bias, residual, {stride, stride}, {1, 1}, {1, 1},
                              groups, relu, /*assume_finite=*/false);
   }
+  count_kernel_run(KernelRun::kGroupedConv);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor w = packed.contiguous();

@@ -30,6 +30,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/conv_bias_act.h"
 #include "cpu/finite.h"
+#include "cpu/kernel_runs.h"
 #include "cpu/thread_scratch.h"
 #include "cpu/winograd.h"
 #include "cpu/winograd_problem.h"
@@ -233,6 +234,7 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
       input.numel() == 0 || weight.size(0) == 0) {
     return direct(input, weight, bias, residual, relu, assume_finite, stride);
   }
+  count_kernel_run(KernelRun::kWinograd);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor u = U.contiguous();
