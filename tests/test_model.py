@@ -696,3 +696,21 @@ def test_refresh_fold_repacks_the_fc():
     fused.refresh_fold()
     with torch.inference_mode():
         assert rel_err(fused(x), tv(x)) <= 1e-5
+
+
+def test_more_input_shapes_than_the_caches_keep():
+    # oneDNN-packed weights and kernel routes are kept for a few input shapes per conv
+    # (dispatch.FoldedConv.MAX_PACKED_SHAPES), recorded plans for a few per fold
+    # (model._MAX_PLANS): shapes beyond them take the plain weight and the Python walk,
+    # and every shape, early or late, first seen or replayed, still gets torchvision's answer.
+    tv = tv_model("resnet50")
+    fused = fuse(tv)
+    sizes = [(1, 48), (2, 48), (1, 56), (2, 64), (1, 72), (3, 40), (1, 80), (2, 56), (1, 96),
+             (2, 40)]
+    xs = [torch.randn(n, 3, s, s + 8, generator=torch.Generator().manual_seed(i))
+          for i, (n, s) in enumerate(sizes)]
+    with torch.inference_mode():
+        refs = [tv(x) for x in xs]
+        for _ in range(3):  # the second call of a shape records its plan, the third replays it
+            for x, ref in zip(xs, refs):
+                assert rel_err(fused(x), ref) <= 1e-5, tuple(x.shape)
