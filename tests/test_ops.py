@@ -1199,6 +1199,23 @@ class TestMeanLinear:
         one, many = one_and_more_threads(lambda: ops.mean_linear(x, weight, None))
         assert torch.equal(one, many)
 
+    def test_same_bits_on_every_vector_path(self):
+        # Each vector path this CPU has (baseline, AVX2, AVX-512), in a process of its
+        # own: the 16 interleaved partial sums are summed in one order on all of them.
+        import subprocess
+        import sys
+        script = ("import hashlib, torch; from resnet_fused import ops; "
+                  "g = torch.Generator().manual_seed(0); "
+                  "x = torch.randn(3, 2048, 7, 7, generator=g); "
+                  "w, b = torch.randn(1000, 2048, generator=g), torch.randn(1000, generator=g); "
+                  "print(hashlib.sha256(ops.mean_linear(x, w, b).numpy().tobytes()).hexdigest())")
+        digests = set()
+        for isa in ("none", "avx2", "avx512"):
+            env = dict(__import__("os").environ, RESNET_FUSED_CPU_ISA=isa)
+            digests.add(subprocess.run([sys.executable, "-c", script], check=True, env=env,
+                                       capture_output=True, text=True).stdout.strip())
+        assert len(digests) == 1, digests
+
     def test_nonfinite_propagates(self):
         x, weight, bias = torch.randn(2, 8, 3, 3), torch.randn(5, 8), torch.randn(5)
         x[0, 3, 1, 1] = float("nan")
