@@ -10,9 +10,9 @@
 // ms; one plain C function call reading the same memory takes a fraction of that.
 //
 // The Python objects are borrowed: the StateWatch that holds the capsule also holds
-// them (in lists the garbage collector sees, so the model they belong to can still be
-// collected). The tensors are held here as at::Tensor: an unchanged address then means
-// the same storage.
+// them (none of them the model or its __dict__, which holds the watch: a deleted model
+// is freed at once). The tensors are held here as at::Tensor: an unchanged address then
+// means the same storage.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -113,8 +113,8 @@ bool wrong_item(const char* expected, PyObject* item, Py_ssize_t i) {
 }
 
 // state_watch(tensors, slots, norms, module_dicts) -> capsule. slots: (dict, key, tensor)
-// tuples; norms: modules with an eps; module_dicts: the __dict__ of every module whose
-// hooks count.
+// tuples; norms: modules with an eps; module_dicts: for every module whose hooks count,
+// its __dict__ or a dict of its _forward_hooks and _forward_pre_hooks.
 PyObject* state_watch(PyObject*, PyObject* args) {
   PyObject *tensors_arg, *slots_arg, *norms_arg, *modules_arg;
   if (!PyArg_ParseTuple(args, "OOOO:state_watch", &tensors_arg, &slots_arg, &norms_arg,

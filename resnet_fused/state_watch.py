@@ -40,8 +40,10 @@ class StateWatch:
 
     The tensors are held, so their addresses cannot be reused by others while the
     watch lives: an unchanged address then means an unchanged tensor, and a graph
-    that reads them by address never reads freed memory. The model is not held (the
-    model holds its folds, and they their watch)."""
+    that reads them by address never reads freed memory. The model itself is not held,
+    neither is its __dict__ (only its hook dicts): the model holds its folds, and they
+    their watch, so that would be a reference cycle, and a deleted model with its
+    weights and folds would live until the garbage collector's rare full pass."""
 
     def __init__(self, model):
         self._model = weakref.ref(model)
@@ -53,15 +55,18 @@ class StateWatch:
                       if isinstance(getattr(m, "eps", None), (int, float))
                       and not isinstance(m.eps, bool)]
         # Forward hooks added or removed (a fused forward does not call the modules, so
-        # the model must decide again whether it may run fused).
-        self.modules = list(model.modules())
+        # the model must decide again whether it may run fused; a captured forward
+        # replays the model's own hooks too). The submodules, and the model's hooks
+        # through their dicts.
+        self.modules = list(model.modules())[1:]
+        self.hook_dicts = [{"_forward_hooks": model._forward_hooks,
+                            "_forward_pre_hooks": model._forward_pre_hooks}]
+        self.hook_dicts += [vars(m) for m in self.modules]
         self.assignments = assignments[0]
         if _extension.available():
-            # Reads the objects above and the modules' __dict__ (which this watch keeps
-            # alive) from C.
-            self.module_dicts = [vars(m) for m in self.modules]
+            # Reads the objects above from C (this watch keeps them alive).
             self.compiled = _extension._C.state_watch(self.tensors, self.slots, self.norms,
-                                                      self.module_dicts)
+                                                      self.hook_dicts)
         else:
             self.compiled = None
             # An inference tensor has no version counter (so in-place writes to it cannot
@@ -73,7 +78,8 @@ class StateWatch:
         return (tuple(t._version for t in self.versioned),
                 tuple(t.data_ptr() for t in self.tensors),
                 tuple(m.eps for m in self.norms),
-                tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules))
+                tuple(len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"])
+                      for d in self.hook_dicts))
 
     def _polled_change(self):
         """Whether a watched tensor, eps or hook count changed, or a slot holds another
@@ -94,7 +100,7 @@ class StateWatch:
                     for (d, k, t), (d0, k0, t0) in zip(now, self.slots)):
                 return True
             # A module without parameters replaced (model.relu = nn.GELU()).
-            modules = [] if model is None else list(model.modules())
+            modules = [] if model is None else list(model.modules())[1:]
             if len(modules) != len(self.modules) or any(
                     m is not m0 for m, m0 in zip(modules, self.modules)):
                 return True

@@ -35,9 +35,13 @@ def _changes():
     def hook(m):
         m[2].register_forward_hook(lambda *a: None)
 
+    def hook_on_the_model(m):  # watched through its hook dicts, not the model
+        m.register_forward_pre_hook(lambda *a: None)
+
     def replaced(m):
         m[2] = nn.GELU()
-    return [in_place, buffer_in_place, new_storage, assigned, set_to_none, eps, hook, replaced]
+    return [in_place, buffer_in_place, new_storage, assigned, set_to_none, eps, hook,
+            hook_on_the_model, replaced]
 
 
 @pytest.mark.parametrize("compiled", [True, False])
