@@ -141,6 +141,17 @@ def pad_channels(t, channels):
 
 # ---- one conv, prepared ------------------------------------------------------
 
+def _make_room(cache, cap):
+    """Drops a dict's oldest entries (insertion order: its users put an entry back last
+    on each use) until one more fits under cap; returns the keys dropped. Safe with
+    threads sharing the dict: list() copies it in one step, and pop tolerates a key
+    another thread dropped first."""
+    stale = list(cache)[:max(0, len(cache) - cap + 1)]
+    for key in stale:
+        cache.pop(key, None)
+    return stale
+
+
 @dataclass
 class PreparedConv:
     """A conv with its BN folded in, ready for the ops."""
@@ -166,8 +177,9 @@ class PreparedConv:
 
     # oneDNN's packed layout is chosen for one input shape; used with another it is
     # re-laid out on every call (measured: ResNet-50 batch 1 at 83 ms instead of 34
-    # with weights packed for batch 8). So packs are kept per shape, for a few
-    # shapes; beyond those the plain weight is used, still correct.
+    # with weights packed for batch 8). So packs are kept per shape, for the few
+    # shapes used last: a new one takes the place of the least recently used (a
+    # service's warm-up sizes must not leave its traffic on a re-laid-out weight).
     MAX_PACKED_SHAPES = 4
 
     def kernel_for(self, x):
@@ -182,9 +194,12 @@ class PreparedConv:
         route = self.routes.get(key)
         if route is None:
             route = self._choose(x)
-            cacheable = self.cached and x.device.type == "cpu"
-            if cacheable and len(self.routes) < 2 * self.MAX_PACKED_SHAPES:
-                self.routes[key] = route
+            if not (self.cached and x.device.type == "cpu"):
+                return route
+            _make_room(self.routes, 2 * self.MAX_PACKED_SHAPES)
+        else:
+            self.routes.pop(key, None)  # put back last: the most recently used
+        self.routes[key] = route
         return route
 
     def _choose(self, x):
@@ -220,11 +235,16 @@ class PreparedConv:
         shape = tuple(x.shape)
         w = self.packed.get(shape)
         if w is None:
-            if len(self.packed) >= self.MAX_PACKED_SHAPES:
-                return self.weight
             w = ops.pack_weight(self.weight, self.stride, self.padding, self.dilation,
                                 self.groups, shape)
-            self.packed[shape] = w
+            for old in _make_room(self.packed, self.MAX_PACKED_SHAPES):
+                # Routes hold their shape's pack: theirs go too, so that no more than
+                # MAX_PACKED_SHAPES packs per conv stay alive.
+                for key in [k for k in list(self.routes) if tuple(k[0]) == old]:
+                    self.routes.pop(key, None)
+        else:
+            self.packed.pop(shape, None)  # put back last: the most recently used
+        self.packed[shape] = w
         return w
 
     def winograd_for(self, x):

@@ -699,10 +699,11 @@ def test_refresh_fold_repacks_the_fc():
 
 
 def test_more_input_shapes_than_the_caches_keep():
-    # oneDNN-packed weights and kernel routes are kept for a few input shapes per conv
-    # (dispatch.FoldedConv.MAX_PACKED_SHAPES), recorded plans for a few per fold
-    # (model._MAX_PLANS): shapes beyond them take the plain weight and the Python walk,
-    # and every shape, early or late, first seen or replayed, still gets torchvision's answer.
+    # oneDNN-packed weights and kernel routes are kept for the few input shapes used
+    # last per conv (dispatch.PreparedConv.MAX_PACKED_SHAPES), recorded plans for the
+    # first few per fold (model._MAX_PLANS; later shapes take the Python walk): every
+    # shape, early or late, first seen or replayed, gets torchvision's answer, and the
+    # last shapes used have their packs.
     tv = tv_model("resnet50")
     fused = fuse(tv)
     sizes = [(1, 48), (2, 48), (1, 56), (2, 64), (1, 72), (3, 40), (1, 80), (2, 56), (1, 96),
@@ -714,3 +715,8 @@ def test_more_input_shapes_than_the_caches_keep():
         for _ in range(3):  # the second call of a shape records its plan, the third replays it
             for x, ref in zip(xs, refs):
                 assert rel_err(fused(x), ref) <= 1e-5, tuple(x.shape)
+    (fold,) = fused._fold_cache.values()
+    stem = fold.stem  # oneDNN's conv (conv_bias_act) at every size: packed per input shape
+    assert list(stem.packed) == [tuple(x.shape) for x in xs[-stem.MAX_PACKED_SHAPES:]]
+    assert len(stem.routes) <= 2 * stem.MAX_PACKED_SHAPES
+    assert {tuple(k[0]) for k in stem.routes} <= set(stem.packed)  # no pack outlives its slot
