@@ -54,8 +54,10 @@ def cast_folded(weight, bias, dtype, name="conv"):
         peak = max(weight.abs().max().item(), bias.abs().max().item() if bias.numel() else 0.0)
         problem = None
         if finite and peak > FP16_MAX:
-            problem = (f"the folded weight/bias reaches {peak:.3g}, beyond float16's range "
-                       f"({FP16_MAX:.0f}), e.g. from a tiny running_var")
+            # (No value in the text: a warning per distinct text would repeat at each
+            # refold of a model being fine-tuned.)
+            problem = (f"the folded weight/bias goes beyond float16's range ({FP16_MAX:.0f}), "
+                       "e.g. from a tiny running_var")
         else:
             # An output channel whose nonzero weights all flush to 0 in fp16 has
             # lost every significant bit (e.g. from a tiny gamma).
