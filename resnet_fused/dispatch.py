@@ -141,7 +141,7 @@ def pad_channels(t, channels):
 
 # ---- one conv, prepared ------------------------------------------------------
 
-def _make_room(cache, cap):
+def make_room(cache, cap):
     """Drops a dict's oldest entries (insertion order: its users put an entry back last
     on each use) until one more fits under cap; returns the keys dropped. Safe with
     threads sharing the dict: list() copies it in one step, and pop tolerates a key
@@ -196,7 +196,7 @@ class PreparedConv:
             route = self._choose(x)
             if not (self.cached and x.device.type == "cpu"):
                 return route
-            _make_room(self.routes, 2 * self.MAX_PACKED_SHAPES)
+            make_room(self.routes, 2 * self.MAX_PACKED_SHAPES)
         else:
             self.routes.pop(key, None)  # put back last: the most recently used
         self.routes[key] = route
@@ -237,7 +237,7 @@ class PreparedConv:
         if w is None:
             w = ops.pack_weight(self.weight, self.stride, self.padding, self.dilation,
                                 self.groups, shape)
-            for old in _make_room(self.packed, self.MAX_PACKED_SHAPES):
+            for old in make_room(self.packed, self.MAX_PACKED_SHAPES):
                 # Routes hold their shape's pack: theirs go too, so that no more than
                 # MAX_PACKED_SHAPES packs per conv stay alive.
                 for key in [k for k in list(self.routes) if tuple(k[0]) == old]:

@@ -28,7 +28,7 @@ _FOLD_LOCK = threading.Lock()
 _warned = set()
 # fold.plans values besides a plan: the key's first walk ran, so record the next one.
 _WALKED_ONCE = "walked once"
-_MAX_PLANS = 4  # input keys per fold with a plan (or the walk's None)
+_MAX_PLANS = 4  # input keys per fold with a plan (or the walk's None): the last used
 _RECORD_TRIES = 3  # recordings of one input key before its walk is taken as unreplayable
 
 
@@ -297,6 +297,7 @@ class _Folding:
                    dispatch.CUDA_TRY if x.is_cuda else None)
             plan = fold.plans.get(key)
             if callable(plan):
+                fold.plans[key] = fold.plans.pop(key, plan)  # the most recently used last
                 return plan(x)
             # Recording checks the replay against the walk, which syncs: not while a
             # CUDA graph is being captured (that call walks; a later one records).
@@ -322,7 +323,8 @@ class _Folding:
                                    torch.get_num_threads(), list(outputs).index("head")),
                                   tuple(bn for _, bn in fold.bns))
                 return outputs
-            if key not in fold.plans and len(fold.plans) < _MAX_PLANS:
+            if key not in fold.plans:
+                dispatch.make_room(fold.plans, _MAX_PLANS)  # the least recently used go
                 fold.plans[key] = _WALKED_ONCE
             return self._run_layers(x, fold, finite, stage, keep, head)
 

@@ -701,9 +701,9 @@ def test_refresh_fold_repacks_the_fc():
 def test_more_input_shapes_than_the_caches_keep():
     # oneDNN-packed weights and kernel routes are kept for the few input shapes used
     # last per conv (dispatch.PreparedConv.MAX_PACKED_SHAPES), recorded plans for the
-    # first few per fold (model._MAX_PLANS; later shapes take the Python walk): every
-    # shape, early or late, first seen or replayed, gets torchvision's answer, and the
-    # last shapes used have their packs.
+    # few used last per fold (model._MAX_PLANS): every shape, early or late, first seen
+    # or replayed, gets torchvision's answer, and the last shapes used have their packs
+    # and, once seen twice in a row, their plan.
     tv = tv_model("resnet50")
     fused = fuse(tv)
     sizes = [(1, 48), (2, 48), (1, 56), (2, 64), (1, 72), (3, 40), (1, 80), (2, 56), (1, 96),
@@ -720,3 +720,8 @@ def test_more_input_shapes_than_the_caches_keep():
     assert list(stem.packed) == [tuple(x.shape) for x in xs[-stem.MAX_PACKED_SHAPES:]]
     assert len(stem.routes) <= 2 * stem.MAX_PACKED_SHAPES
     assert {tuple(k[0]) for k in stem.routes} <= set(stem.packed)  # no pack outlives its slot
+    assert len(fold.plans) <= 4
+    with torch.inference_mode():
+        for _ in range(3):  # a late shape, now the traffic: walked, recorded, replayed
+            assert rel_err(fused(xs[5]), refs[5]) <= 1e-5
+    assert any(key[0] == xs[5].shape and callable(plan) for key, plan in fold.plans.items())
