@@ -199,6 +199,9 @@ class PreparedConv:
             make_room(self.routes, 2 * self.MAX_PACKED_SHAPES)
         else:
             self.routes.pop(key, None)  # put back last: the most recently used
+            pack = self.packed.pop(tuple(x.shape), None)  # and its shape's pack with it
+            if pack is not None:
+                self.packed[tuple(x.shape)] = pack
         self.routes[key] = route
         return route
 

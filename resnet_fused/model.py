@@ -49,6 +49,7 @@ class _Fold:
     plans: dict = field(default_factory=dict)  # input key -> op_plan.record's plan, or None
     bns: tuple = ()  # (reason, module) of the trunk's BatchNorm2d modules (not frozen ones)
     record_failures: dict = field(default_factory=dict)  # input key -> recordings that failed
+    fast_key: tuple = None  # the plans key whose plan the model's C fast path replays
 
 
 class _NotFusable(Exception):
@@ -316,6 +317,7 @@ class _Folding:
                     # FusedResNet's forward replays it from C while nothing changes: the C
                     # call's state, and the trunk's BatchNorms (a submodule's train() is no
                     # change the watch sees), in one attribute.
+                    fold.fast_key = key
                     self._fast = ((fold.watch, fold.watch.compiled, state_watch.assignments,
                                    torch.autograd.profiler, (_module._global_forward_hooks,
                                                              _module._global_forward_pre_hooks),
@@ -324,7 +326,12 @@ class _Folding:
                                   tuple(bn for _, bn in fold.bns))
                 return outputs
             if key not in fold.plans:
-                dispatch.make_room(fold.plans, _MAX_PLANS)  # the least recently used go
+                # The C fast path's calls never come here: count its key as just used.
+                fast = fold.plans.pop(fold.fast_key, None)
+                if fast is not None:
+                    fold.plans[fold.fast_key] = fast
+                for stale in dispatch.make_room(fold.plans, _MAX_PLANS):  # least recently used
+                    fold.record_failures.pop(stale, None)
                 fold.plans[key] = _WALKED_ONCE
             return self._run_layers(x, fold, finite, stage, keep, head)
 

@@ -51,7 +51,9 @@ class StateWatch:
         self.tensors = [t for _, _, t in self.slots]
         # BatchNorm, FrozenBatchNorm2d and any other norm layer a ResNet was built with
         # (an int eps counts: BatchNorm2d(eps=1) is valid).
-        self.norms = [m for m in model.modules()
+        # (Not the model itself, whose own eps a fused forward does not read, and which
+        # this watch must not hold.)
+        self.norms = [m for m in list(model.modules())[1:]
                       if isinstance(getattr(m, "eps", None), (int, float))
                       and not isinstance(m.eps, bool)]
         # Forward hooks added or removed (a fused forward does not call the modules, so
@@ -59,8 +61,9 @@ class StateWatch:
         # replays the model's own hooks too). The submodules, and the model's hooks
         # through their dicts.
         self.modules = list(model.modules())[1:]
-        self.hook_dicts = [{"_forward_hooks": model._forward_hooks,
-                            "_forward_pre_hooks": model._forward_pre_hooks}]
+        self.root_hooks = {"_forward_hooks": model._forward_hooks,
+                           "_forward_pre_hooks": model._forward_pre_hooks}
+        self.hook_dicts = [self.root_hooks]
         self.hook_dicts += [vars(m) for m in self.modules]
         self.assignments = assignments[0]
         if _extension.available():
@@ -92,8 +95,11 @@ class StateWatch:
     def changed(self):
         if self._polled_change():
             return True
+        model = self._model()
+        if model is not None and any(vars(model).get(name) is not hooks
+                                     for name, hooks in self.root_hooks.items()):
+            return True  # the model's hook dicts replaced (`model._forward_hooks = {}`)
         if assignments[0] != self.assignments:
-            model = self._model()
             now = [] if model is None else _slots(model)
             if len(now) != len(self.slots) or any(
                     d is not d0 or k != k0 or t is not t0

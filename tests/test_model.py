@@ -712,7 +712,7 @@ def test_more_input_shapes_than_the_caches_keep():
           for i, (n, s) in enumerate(sizes)]
     with torch.inference_mode():
         refs = [tv(x) for x in xs]
-        for _ in range(3):  # the second call of a shape records its plan, the third replays it
+        for _ in range(3):  # ten shapes in turn through four plan slots: walks only
             for x, ref in zip(xs, refs):
                 assert rel_err(fused(x), ref) <= 1e-5, tuple(x.shape)
     (fold,) = fused._fold_cache.values()
@@ -725,3 +725,9 @@ def test_more_input_shapes_than_the_caches_keep():
         for _ in range(3):  # a late shape, now the traffic: walked, recorded, replayed
             assert rel_err(fused(xs[5]), refs[5]) <= 1e-5
     assert any(key[0] == xs[5].shape and callable(plan) for key, plan in fold.plans.items())
+    # A shape in use keeps its pack when a new one comes: packs now of xs[7], 8, 9 and 5;
+    # xs[7] used again, then xs[0] new: xs[8]'s goes, the least recently used.
+    with torch.inference_mode():
+        fused(xs[7])
+        fused(xs[0])
+    assert list(stem.packed) == [tuple(x.shape) for x in (xs[9], xs[5], xs[7], xs[0])]

@@ -1354,6 +1354,8 @@ def _kernel_cases():
         ("conv1x1_add_relu_", "conv1x1_add_relu_", conv1x1_add_relu_(False),
          e.conv1x1_kernel_available()),
         ("conv1x1_add_relu_into_its_input", "conv1x1_add_relu_", conv1x1_add_relu_(True), False),
+        ("conv1x1_add_relu_into_its_input_out_of_place", "conv1x1", conv1x1_add_relu_(True),
+         e.conv1x1_kernel_available()),
         ("conv1x1_sum", "conv1x1_sum", conv1x1_sum(), e.conv1x1_kernel_available()),
         ("grouped", "grouped_conv3x3", grouped(), e.grouped_conv_kernel_available()),
         ("grouped_bf16", "grouped_conv3x3", grouped(bf16) if bf16_ok else None, False),

@@ -128,6 +128,7 @@ def _deletable(kind):
         return fuse(task_model("fcn_resnet50")), torch.randn(1, 3, 32, 32)
     small = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
                                 torch.nn.ReLU()).eval()
+    small.eps = 1e-6  # a number named eps on the model itself (its watch reads norms' eps)
     return fuse(small), torch.randn(1, 3, 8, 8)
 
 

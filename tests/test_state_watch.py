@@ -38,10 +38,13 @@ def _changes():
     def hook_on_the_model(m):  # watched through its hook dicts, not the model
         m.register_forward_pre_hook(lambda *a: None)
 
+    def hooks_of_the_model_replaced(m):
+        m._forward_hooks = type(m._forward_hooks)()
+
     def replaced(m):
         m[2] = nn.GELU()
     return [in_place, buffer_in_place, new_storage, assigned, set_to_none, eps, hook,
-            hook_on_the_model, replaced]
+            hook_on_the_model, hooks_of_the_model_replaced, replaced]
 
 
 @pytest.mark.parametrize("compiled", [True, False])
