@@ -203,8 +203,8 @@ def onnxruntime_runner(path, threads):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    # Its threads spin between ops (its default): 1-2% faster at batch 1 than without,
-    # and the spin ends too soon after a run to slow the next variant measurably.
+    # Its threads spin between ops (its default): 1-2% faster at batch 1 than without.
+    # They go on spinning after a run; time_interleaved's untimed run per block takes that.
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
     def run(x):
