@@ -1,5 +1,5 @@
-"""What the tests share: one encoding of a conv case, one fp64 reference, one error
-measure and its tolerance, the devices and dtypes to run on, one opcheck helper,
+"""What the tests share: one encoding of a conv case, one fp64 reference, the error
+measures and their tolerances, the devices and dtypes to run on, one opcheck helper,
 and realistic models.
 
 Tolerance rule (every op test): the error, max|out - ref| / max|ref| against an
@@ -15,6 +15,11 @@ kernel path: AVX2 or AVX-512, oneDNN's or ours. An indexing bug errs O(1).
 fp32 on CUDA with TF32 allowed for convs (PyTorch's default) rounds every
 operand to TF32 inside the kernel: eps_dtype is then TF32's, 2^-10 (10 mantissa
 bits; the expected error is about 0.4x that).
+
+Model rule (every whole-model fp32 test): the fused result may lie at most
+fp32_bound(model, x) from the model's own fp32 result, three times the model's own
+fp32 error against its fp64 copy on the same input (see fp32_bound), computed
+afresh for each test's model and input.
 """
 
 import contextlib
@@ -170,6 +175,48 @@ def rel_err(out, ref, device="cpu"):
     if ref.numel() == 0:
         return 0.0
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def grad_err(ours, ref):
+    """||ours - ref|| / ||ref||, in fp64: the measure for whole gradients, where a
+    pre-activation within rounding of a ReLU's kink may flip single elements."""
+    ours, ref = ours.detach().double(), ref.detach().double()
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def fp32_bound(model, *inputs, run=None, measure=None, within=2):
+    """How far a fused fp32 result may lie from `model`'s own fp32 result on `inputs`.
+
+    A fused ResNet's target is at most `within` = 2x the model's own error e against
+    its fp64 self (`verify` and test_model check it). By the triangle inequality the
+    two fp32 results then lie within (within + 1) * e of each other; eps_fp32 more
+    covers the rounding of each result to fp32 where e is near 0. e is computed here,
+    on copies of the model (its state untouched), for the inputs at hand and on this
+    CPU's kernels, so the bound follows the computation, not a constant tuned on one
+    machine.
+
+    `run(model, *inputs)` returns a tensor or a tree of them (default: the forward);
+    `measure(out, ref)` is the error measure the test uses (default rel_err). With
+    several tensors the largest error sets the bound."""
+    import copy
+
+    from torch.utils._pytree import tree_leaves
+
+    measure = measure or rel_err
+    grad_mode = torch.enable_grad() if run else torch.no_grad()
+    run = run or (lambda m, *xs: m(*xs))
+    results = []
+    # Outside any inference_mode of the caller: the copies are plain tensors.
+    with torch.inference_mode(False), grad_mode:
+        for dtype in (torch.float32, torch.float64):
+            m = copy.deepcopy(model).to(dtype)
+            xs = [x.detach().clone().to(dtype) if torch.is_tensor(x) and x.is_floating_point()
+                  else x for x in inputs]
+            results.append([t for t in tree_leaves(run(m, *xs))
+                            if torch.is_tensor(t) and t.is_floating_point()])
+    assert results[0], "fp32_bound: the run returned no floating-point tensor"
+    e = max(measure(a, b) for a, b in zip(*results))
+    return (within + 1) * e + torch.finfo(torch.float32).eps
 
 
 def tf32_conv_enabled():

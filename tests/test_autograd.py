@@ -16,7 +16,8 @@ import torch
 
 from resnet_fused import dispatch, fuse, ops
 
-from common_utils import ConvCase, rel_err, requires_extension, tol, tv_model
+from common_utils import (ConvCase, fp32_bound, grad_err, rel_err, requires_extension, tol,
+                          tv_model)
 
 pytestmark = requires_extension
 
@@ -117,11 +118,6 @@ def test_opcheck_with_gradients(dtype):
     torch.library.opcheck(torch.ops.resnet_fused.add_relu.default, (a, torch.randn(2, 3, 4)))
 
 
-def grad_err(ours, ref):
-    ours, ref = ours.double(), ref.double()
-    return ((ours - ref).norm() / ref.norm()).item()
-
-
 def _grads(model, x):
     out = model(x)
     (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
@@ -134,12 +130,13 @@ def _grads(model, x):
 # below any pre-activation's distance from the ReLU kink, so no element can flip:
 # a strict check of the whole backward. fp32 checks the production path on a model
 # small enough that flips have not been seen on AVX2 or AVX-512 CPUs; ResNet-50 in
-# fp32 has flipped elements on some CPUs (relative 2-norm 5e-4).
-@pytest.mark.parametrize("arch,dtype,tol", [("resnet18", torch.float32, 1e-5),
-                                            ("resnet18", torch.float64, 1e-10),
-                                            ("resnet50", torch.float64, 1e-10)])
-def test_eval_mode_with_gradients_runs_fused_and_matches_torchvision(arch, dtype, tol,
-                                                                     monkeypatch):
+# fp32 has flipped elements on some CPUs (relative 2-norm 5e-4). fp32 is held to
+# fp32_bound (torchvision's own fp32 error against fp64, for each measure), fp64 to
+# 1e-10 (~5e5 ulps: reduction order only, no kink flips).
+@pytest.mark.parametrize("arch,dtype", [("resnet18", torch.float32),
+                                        ("resnet18", torch.float64),
+                                        ("resnet50", torch.float64)])
+def test_eval_mode_with_gradients_runs_fused_and_matches_torchvision(arch, dtype, monkeypatch):
     monkeypatch.setattr(dispatch, "CPU_DTYPES", dispatch.CPU_DTYPES + (torch.float64,))
     tv = tv_model(arch).to(dtype)
     fused = fuse(tv).eval()
@@ -154,7 +151,13 @@ def test_eval_mode_with_gradients_runs_fused_and_matches_torchvision(arch, dtype
     calls = {e.key for e in prof.key_averages()}
     assert "resnet_fused::conv_bias_act" in calls
     theirs = _grads(tv, x2)
-    assert rel_err(ours[0], theirs[0]) <= tol
+    if dtype == torch.float32:
+        out_tol = fp32_bound(tv, x)
+        tol = fp32_bound(tv, x, run=lambda m, x: _grads(m, x.requires_grad_())[1:],
+                         measure=grad_err)
+    else:
+        out_tol = tol = 1e-10
+    assert rel_err(ours[0], theirs[0]) <= out_tol
     assert grad_err(ours[1], theirs[1]) <= tol
     assert ours[2].keys() == theirs[2].keys() and len(ours[2]) > 0
     for name in theirs[2]:
@@ -169,12 +172,13 @@ def test_saliency_with_frozen_parameters():
     tv = tv_model("resnet18").requires_grad_(False)
     fused = fuse(tv).eval()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    grads = []
-    for model in (fused, tv):
-        xi = x.clone().requires_grad_()
-        model(xi)[0, 3].backward()
-        grads.append(xi.grad)
-    assert grad_err(grads[0], grads[1]) <= 1e-5
+    def input_grad(model, x):
+        x = x.clone().requires_grad_()
+        model(x)[0, 3].backward()
+        return x.grad
+
+    bound = fp32_bound(tv, x, run=input_grad, measure=grad_err)
+    assert grad_err(input_grad(fused, x), input_grad(tv, x)) <= bound
 
 
 def test_no_grad_keeps_the_cached_fold():
@@ -196,8 +200,8 @@ def test_compiled_eval_mode_training_step():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     target = torch.tensor([1, 7])
 
-    def loss_of(model):
-        return torch.nn.functional.cross_entropy(model(x), target)
+    def loss_of(model, inp=x):
+        return torch.nn.functional.cross_entropy(model(inp), target)
 
     step = torch.compile(loss_of, fullgraph=True)
     step(fused)  # compiles
@@ -208,9 +212,17 @@ def test_compiled_eval_mode_training_step():
     assert "resnet_fused::conv_bias_act" in calls, "the compiled step did not run our op"
     theirs = loss_of(tv)
     theirs.backward()
-    assert rel_err(ours, theirs) <= 1e-5
+    assert rel_err(ours, theirs) <= fp32_bound(tv, x, run=loss_of)
+
+    def param_grads(model, x):
+        for p in model.parameters():
+            p.grad = None
+        loss_of(model, x).backward()
+        return [p.grad for p in model.parameters()]
+
+    bound = fp32_bound(tv, x, run=param_grads, measure=grad_err)
     for (name, p), (_, q) in zip(fused.named_parameters(), tv.named_parameters()):
-        assert grad_err(p.grad, q.grad) <= 1e-5, name
+        assert grad_err(p.grad, q.grad) <= bound, name
 
 
 @pytest.mark.parametrize("where", ["module", "global"])
@@ -244,5 +256,11 @@ def test_a_backward_hook_runs_torchvision(where, monkeypatch):
         grad = run(fused, "fused")
     ref = run(tv, "torchvision")
     assert counts["fused"] == counts["torchvision"] and counts["fused"]
-    assert rel_err(grad, ref) <= 1e-5
+
+    def input_grad(model, x):
+        x.requires_grad_()
+        model(x).square().sum().backward()
+        return x.grad
+
+    assert rel_err(grad, ref) <= fp32_bound(tv, x, run=input_grad)
     assert any("backward hook" in str(w.message) for w in caught)

@@ -10,7 +10,7 @@ from resnet_fused import fuse
 from resnet_fused.backbone import FusedBody
 from resnet_fused.testing import DETECTION, SEGMENTATION, task_model
 
-from common_utils import rel_err, requires_extension
+from common_utils import fp32_bound, grad_err, rel_err, requires_extension
 
 pytestmark = requires_extension
 
@@ -43,8 +43,9 @@ def test_detection_eval_matches(name):
     with torch.inference_mode():
         feats, feats_tv = fused.backbone.body(x[0][None]), tv.backbone.body(x[0][None])
         assert list(feats) == list(feats_tv)
+        bound = fp32_bound(tv.backbone.body, x[0][None])
         for k in feats:
-            assert rel_err(feats[k], feats_tv[k]) <= 1e-5, k
+            assert rel_err(feats[k], feats_tv[k]) <= bound, k
         ours, theirs = fused(x), tv(x)
     for o, t in zip(ours, theirs):
         assert o.keys() == t.keys()
@@ -73,6 +74,10 @@ def test_detection_frozen_bn_training_step_matches(name):
         loss = model(x, targets)
         sum(loss.values()).backward()
         losses.append({k: v.detach() for k, v in loss.items()})
+    # Not the model rule: the heads rank proposals whose scores lie ~1e-8 apart, so
+    # rounding-level feature differences may swap near-identical proposals in the
+    # sample (a loss moved by 2.5e-6 so, the features by 1e-6). 1e-5 (~80 ulps) still
+    # catches a wrong fold or layer, which moves the losses by 1e-3 and more.
     for k in losses[1]:
         assert rel_err(losses[0][k], losses[1][k]) <= 1e-5, k
     # The whole model's gradients also depend on which proposals/anchors the heads
@@ -80,18 +85,19 @@ def test_detection_frozen_bn_training_step_matches(name):
     # flip; so the backbone's gradients are compared for one fixed upstream gradient.
     batch = torch.stack([torch.nn.functional.pad(i, (0, 112 - i.shape[2], 0, 100 - i.shape[1]))
                          for i in x])
-    grads = []
-    for model in (fused, tv):
-        body = model.backbone.body
+
+    def body_grads(body, batch):
         body.zero_grad()
         feats = body(batch)
         g = torch.Generator().manual_seed(1)
         sum((f * torch.randn(f.shape, generator=g)).sum() for f in feats.values()).backward()
-        grads.append({n: p.grad for n, p in body.named_parameters() if p.grad is not None})
+        return {n: p.grad for n, p in body.named_parameters() if p.grad is not None}
+
+    grads = [body_grads(model.backbone.body, batch) for model in (fused, tv)]
     assert grads[0].keys() == grads[1].keys() and grads[1]
+    bound = fp32_bound(tv.backbone.body, batch, run=body_grads, measure=grad_err)
     for n, ref in grads[1].items():
-        ours, ref = grads[0][n].double(), ref.double()
-        assert ((ours - ref).norm() / ref.norm()).item() <= 1e-5, n
+        assert grad_err(grads[0][n], ref) <= bound, n
 
 
 @pytest.mark.parametrize("name", SEGMENTATION)
@@ -102,8 +108,9 @@ def test_segmentation_matches(name):
     x = torch.randn(1, 3, 64, 72, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours, theirs = fused(x), tv(x)
+    bound = fp32_bound(tv, x)
     for k in theirs:
-        assert rel_err(ours[k], theirs[k]) <= 1e-5, k
+        assert rel_err(ours[k], theirs[k]) <= bound, k
 
 
 @pytest.mark.parametrize("x, error, message", [
@@ -148,8 +155,9 @@ def test_body_returning_the_stem_keeps_it(arch):
     with torch.inference_mode():
         out, ref = fused(x), tv(x)
     assert list(out) == list(ref) == list(layers.values())
+    bound = fp32_bound(tv, x)
     for key in ref:
-        assert rel_err(out[key], ref[key]) <= 1e-5, key
+        assert rel_err(out[key], ref[key]) <= bound, key
 
 
 def test_body_refolds_when_a_frozen_bn_changes():
@@ -171,7 +179,7 @@ def test_body_refolds_when_a_frozen_bn_changes():
             fused(x)  # folded before the change
         change(tv), change(fused)
         with torch.inference_mode():
-            assert rel_err(fused(x)["out"], tv(x)["out"]) <= 1e-5
+            assert rel_err(fused(x)["out"], tv(x)["out"]) <= fp32_bound(tv, x)
 
 
 def test_body_returning_inside_the_stem_runs_unfused():
@@ -191,5 +199,6 @@ def test_body_returning_inside_the_stem_runs_unfused():
         out = fused(x)
     ref = tv(x)
     assert list(out) == list(ref)
+    bound = fp32_bound(tv, x)
     for key in ref:  # fuse() made the weights channels_last: oneDNN's order differs
-        assert rel_err(out[key], ref[key]) <= 1e-5, key
+        assert rel_err(out[key], ref[key]) <= bound, key

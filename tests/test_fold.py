@@ -60,9 +60,14 @@ def test_fp16_underflow_is_caught():
     with torch.no_grad():
         bn.weight[2] = 1e-12                    # channel 2 flushes to zero in fp16
     w, b = fold_conv_bn(conv, bn)
-    with pytest.warns(RuntimeWarning, match="underflow to zero in float16"):
+    with pytest.warns(RuntimeWarning, match="underflow to zero in float16") as first:
         _, _, dt = cast_folded(w, b, torch.float16, "layer1.0.conv1")
     assert dt == torch.float32
+    with torch.no_grad():
+        bn.weight[5] = 1e-12                    # one more channel at the next refold
+    with pytest.warns(RuntimeWarning) as again:  # the same text: shown once per process
+        cast_folded(*fold_conv_bn(conv, bn), torch.float16, "layer1.0.conv1")
+    assert str(again[0].message) == str(first[0].message)
 
 
 def test_benign_fp16_cast_is_silent(recwarn):

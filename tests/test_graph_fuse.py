@@ -20,7 +20,7 @@ from resnet_fused import fuse
 from resnet_fused.graph_fuse import ADD_RELU, CONV_BN, CONV_BN_ADD_RELU, CONV_BN_RELU, GraphFused
 from resnet_fused.testing import realistic_
 
-from common_utils import rel_err, requires_extension
+from common_utils import fp32_bound, rel_err, requires_extension
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from handwritten_resnet import SeedBlock, SeedResNet  # noqa: E402  (the benchmark's model)
@@ -228,6 +228,15 @@ MODEL_NAMES = [pytest.param(name, marks=pytest.mark.skipif(
     reason="this torch.fx cannot trace avg_pool2d(x, x.size()[3])")) for name in MODELS]
 
 
+def bound_of(model, *inputs, **kwargs):
+    """fp32_bound for these small models, whose outputs often come straight from a
+    Winograd F(4x4) layer: that kernel errs ~3x a direct conv per layer (README's
+    kernel table), which a ResNet averages over its depth and these do not; against
+    fp64 they measured up to 4.65x their original's error (max measure, 1.5x without
+    our kernels). So within 5x, not a ResNet's 2x."""
+    return fp32_bound(model, *inputs, within=5, **kwargs)
+
+
 def build(name, seed=0):
     cls, kwargs, shape, _ = MODELS[name]
     torch.manual_seed(seed)  # conv biases keep their default init
@@ -259,7 +268,7 @@ def test_fp32_matches_and_every_pattern_runs_fused(name):
     expected = MODELS[name][3]
     assert fused.fused_patterns == expected
     with torch.inference_mode():
-        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert rel_err(fused(x), model(x)) <= bound_of(model, x)
     # The rewritten graph runs: one fused conv per conv-BN pair, no BatchNorm left.
     calls = kernel_calls(fused, x)
     convs = sum(calls.get(f"resnet_fused::{op}", 0)
@@ -290,7 +299,7 @@ def test_state_dict_round_trip(name):
     back = build(name, seed=1)[0]
     back.load_state_dict(fused.state_dict(), strict=True)
     with torch.inference_mode():
-        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert rel_err(fused(x), model(x)) <= bound_of(model, x)
         assert torch.equal(back(x), model(x))
 
 
@@ -319,14 +328,17 @@ def test_eval_mode_gradients_run_fused_and_match():
     # conv weights and BN affine parameters as in the original's eval mode.
     model, x = build("seed")
     fused = fuse(model)
-    grads = []
-    for m in (fused, model):
+
+    def grads_of(m, x):
         xg = x.clone().requires_grad_()
         m(xg).square().sum().backward()
-        grads.append({"input": xg.grad, **{n: p.grad for n, p in m.named_parameters()}})
+        return {"input": xg.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+    bound = bound_of(model, x, run=grads_of)
+    grads = [grads_of(m, x) for m in (fused, model)]
     assert grads[0].keys() == grads[1].keys()
     for n in grads[1]:
-        assert rel_err(grads[0][n], grads[1][n]) <= 1e-5, n
+        assert rel_err(grads[0][n], grads[1][n]) <= bound, n
     x.requires_grad_()
     with torch.profiler.profile() as prof:
         fused(x)
@@ -345,16 +357,17 @@ def test_refolds_when_parameters_change(monkeypatch):
     with torch.inference_mode():
         after = fused(x)
         assert not torch.allclose(before, after)
-        assert rel_err(after, model(x)) <= 1e-5
+        assert rel_err(after, model(x)) <= bound_of(model, x)
     other = build("resnet_d", seed=1)[0]
     fused.load_state_dict(other.state_dict())
     with torch.inference_mode():
-        assert rel_err(fused(x), other(x)) <= 1e-5
+        assert rel_err(fused(x), other(x)) <= bound_of(other, x)
     fused.train()
     fused(x)                                       # train mode updates the running stats
     fused.eval()
     with torch.inference_mode():
-        assert rel_err(fused(x), fused.to_unfused()(x)) <= 1e-5
+        unfused = fused.to_unfused()
+        assert rel_err(fused(x), unfused(x)) <= bound_of(unfused, x)
     fused.double()
     # The fallback warns once per reason and process: forget earlier tests' warnings.
     monkeypatch.setattr(resnet_fused.model, "_warned", set())
@@ -367,10 +380,11 @@ def test_pickle_copy_and_to_unfused():
     fused = fuse(model)
     unfused = fused.to_unfused()
     assert type(unfused) is ResNetD and not isinstance(unfused, GraphFused)
+    bound = bound_of(model, x)
     with torch.inference_mode():
         ref = model(x)
         for m in (pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused), unfused):
-            assert rel_err(m(x), ref) <= 1e-5
+            assert rel_err(m(x), ref) <= bound
     assert fuse(fused).fused_patterns == fused.fused_patterns
 
 
@@ -425,7 +439,7 @@ def test_residual_that_is_the_conv_input(shape):
     assert fused.fused_patterns == counts(conv_bn_relu=1, conv_bn_add_relu=1)
     x = torch.randn(shape)
     with torch.inference_mode():
-        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert rel_err(fused(x), model(x)) <= bound_of(model, x)
 
 
 class GatedBlock(nn.Module):
@@ -473,7 +487,7 @@ def test_untraceable_submodule_runs_unfused_and_the_rest_fused():
     assert fused.fused_patterns == counts(conv_bn_relu=2, conv_bn_add_relu=1)
     x = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
-        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert rel_err(fused(x), model(x)) <= bound_of(model, x)
 
 
 def test_no_pattern_is_an_error():
@@ -495,7 +509,7 @@ def test_a_model_around_fused_parts_is_not_an_error():
     model, x = build("seed")
     around = fused_quietly(Around(fuse(model)))
     with torch.inference_mode():
-        assert rel_err(around(x), 2 * model(x)) <= 1e-5
+        assert rel_err(around(x), 2 * model(x)) <= bound_of(model, x)
 
 
 # ---- graphs whose rewrite could change what they compute ------------------------------
@@ -532,8 +546,9 @@ def test_a_write_inside_a_pattern_keeps_it_unfused(mode):
     x = torch.randn(2, 3, 8, 8)
     with torch.inference_mode():
         ours, theirs = fused(x), model(x)
+    bound = bound_of(model, x)
     for a, b in zip(ours if mode == "add" else [ours], theirs if mode == "add" else [theirs]):
-        assert rel_err(a, b) <= 1e-5
+        assert rel_err(a, b) <= bound
 
 
 class NonFiniteInside(nn.Module):
@@ -575,7 +590,7 @@ def test_hooked_convs_and_bns_are_not_folded():
     assert fused.fused_patterns == counts(add_relu=1)  # neither pair, the add-ReLU only
     x = torch.randn(2, 3, 8, 8)
     with torch.inference_mode():
-        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert rel_err(fused(x), model(x)) <= bound_of(model, x)
 
 
 class ViewHead(nn.Module):
@@ -598,7 +613,8 @@ def test_values_keep_the_original_layout_where_it_shows():
     x = torch.randn(2, 3, 8, 8)
     with torch.inference_mode():
         (ours, ours_map), (theirs, theirs_map) = fused(x), model(x)
-    assert rel_err(ours, theirs) <= 1e-5 and rel_err(ours_map, theirs_map) <= 1e-5
+    bound = bound_of(model, x)
+    assert rel_err(ours, theirs) <= bound and rel_err(ours_map, theirs_map) <= bound
     assert ours_map.is_contiguous() and theirs_map.is_contiguous()  # a returned feature map
 
 
@@ -623,7 +639,7 @@ def test_layout_shows_through_view_as_as_strided_and_a_strided_input(how):
     fused = fused_quietly(model)
     x = torch.randn(2, 3, 4, 8)[..., ::2] if how == "strided input" else torch.randn(2, 3, 4, 4)
     with torch.inference_mode():
-        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert rel_err(fused(x), model(x)) <= bound_of(model, x)
 
 
 class HiddenWrites(nn.Module):
@@ -662,7 +678,7 @@ def test_a_write_the_graph_does_not_name_keeps_the_pattern_unfused(mode):
         fused = fused_quietly(model)
     x = torch.randn(2, 3, 8, 8)
     with torch.inference_mode():
-        assert rel_err(fused(x), model(x)) <= 1e-5
+        assert rel_err(fused(x), model(x)) <= bound_of(model, x)
 
 
 def test_changes_after_fuse_to_what_the_fused_ops_stand_for_run_the_original():
@@ -687,7 +703,7 @@ def test_changes_after_fuse_to_what_the_fused_ops_stand_for_run_the_original():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             with torch.inference_mode():
-                assert rel_err(fused(x), model(x)) <= 1e-5
+                assert rel_err(fused(x), model(x)) <= bound_of(model, x)
 
 
 class TrainBranch(nn.Module):
@@ -716,7 +732,7 @@ def test_a_submodule_in_train_mode_runs_the_original():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with torch.inference_mode():
-            assert rel_err(fused(x), model(x)) <= 1e-5
+            assert rel_err(fused(x), model(x)) <= bound_of(model, x)
 
 
 class FeatureStore(nn.Module):
@@ -747,13 +763,15 @@ def test_an_in_place_activation_after_conv_bn_keeps_backward(act):
     model = realistic_(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
                                      act, nn.Conv2d(8, 4, 1))).eval()
     fused = fused_quietly(model)
-    grads = []
-    for m in (fused, model):
-        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0),
-                        requires_grad=True)
+
+    def input_grad(m, x):
+        x = x.clone().requires_grad_()
         m(x).square().sum().backward()
-        grads.append(x.grad)
-    assert rel_err(grads[0], grads[1]) <= 1e-5
+        return x.grad
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert rel_err(input_grad(fused, x), input_grad(model, x)) <= bound_of(model, x,
+                                                                          run=input_grad)
 
 
 def test_trace_and_a_deleted_module_after_fuse():
@@ -764,6 +782,6 @@ def test_trace_and_a_deleted_module_after_fuse():
         warnings.simplefilter("ignore")  # the tracer's own warnings
         traced = torch.jit.trace(fused, x, check_trace=False, strict=False)
     with torch.inference_mode():
-        assert rel_err(traced(x)[0], model(x)[0]) <= 1e-5
+        assert rel_err(traced(x)[0], model(x)[0]) <= bound_of(model, x)
     del fused.bn
     assert "a module the fused graph stands for is gone" in fused.fused_status(x)[1]

@@ -16,7 +16,8 @@ from torch import nn
 import resnet_fused
 from resnet_fused import FusedResNet, _extension, dispatch, fuse
 
-from common_utils import kernel_runs, num_threads, rel_err, tv_model
+from common_utils import (assert_matches, fp32_bound, kernel_runs, num_threads, rel_err,
+                          tv_model)
 from resnet_fused._extension import winograd_kernel_available
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -36,7 +37,7 @@ def test_every_builder_matches_torchvision(arch):
     with torch.inference_mode():
         for x in cases:
             ref = tv(x)
-            assert rel_err(fused(x), ref) <= 1e-5
+            assert rel_err(fused(x), ref) <= fp32_bound(tv, x)
         if BF16:
             # bf16 may err at most 2x torchvision's own bf16 error against fp32.
             x = cases[1]
@@ -52,7 +53,7 @@ def test_fuse_keeps_custom_configurations():
         fused = fuse(tv)
         x = torch.randn(2, 3, 75, 75)
         with torch.inference_mode():
-            assert rel_err(fused(x), tv(x)) <= 1e-5, kwargs
+            assert rel_err(fused(x), tv(x)) <= fp32_bound(tv, x), kwargs
     assert fuse(tv) is not tv and type(tv) is torchvision.models.ResNet
 
 
@@ -67,7 +68,7 @@ def test_state_dict_round_trip_and_to_torchvision():
     assert type(plain) is torchvision.models.ResNet
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
-        assert rel_err(plain.eval()(x), fused.eval()(x)) <= 1e-5
+        assert rel_err(fused.eval()(x), plain.eval()(x)) <= fp32_bound(plain, x)
 
 
 def test_weights_file_and_bad_files(tmp_path):
@@ -77,7 +78,7 @@ def test_weights_file_and_bad_files(tmp_path):
     fused = resnet_fused.resnet18(weights=str(path)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
-        assert rel_err(fused(x), tv(x)) <= 1e-5
+        assert rel_err(fused(x), tv(x)) <= fp32_bound(tv, x)
     corrupt = tmp_path / "bad.pth"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
@@ -100,7 +101,7 @@ def test_weights_files_as_training_leaves_them(tmp_path):
         torch.save(obj, path)
         fused = resnet_fused.resnet18(weights=str(path)).eval()
         with torch.inference_mode():
-            assert fused(x).shape == (1, 10) and rel_err(fused(x), tv(x)) <= 1e-5, name
+            assert fused(x).shape == (1, 10) and rel_err(fused(x), tv(x)) <= fp32_bound(tv, x), name
     path = tmp_path / "pickled.pth"
     torch.save(tv, path)
     with pytest.raises(ValueError, match="holds pickled Python objects .* save "
@@ -149,15 +150,17 @@ def test_fold_is_refreshed_when_parameters_change():
     with torch.inference_mode():
         after = fused(x)
         assert not torch.allclose(before, after)
-        assert rel_err(after, tv(x)) <= 1e-5
-    fused.load_state_dict(tv_model("resnet18", seed=1).state_dict())   # copies in place
+        assert rel_err(after, tv(x)) <= fp32_bound(tv, x)
+    other = tv_model("resnet18", seed=1)
+    fused.load_state_dict(other.state_dict())   # copies in place
     with torch.inference_mode():
-        assert rel_err(fused(x), tv_model("resnet18", seed=1)(x)) <= 1e-5
+        assert rel_err(fused(x), other(x)) <= fp32_bound(other, x)
     fused.train()                                   # running stats change in train mode
     fused(torch.randn(4, 3, 64, 64))
     fused.eval()
     with torch.inference_mode():
-        assert rel_err(fused(x), fused.to_torchvision().eval()(x)) <= 1e-5
+        plain = fused.to_torchvision().eval()
+        assert rel_err(fused(x), plain(x)) <= fp32_bound(plain, x)
         fused.to(torch.float64)                       # dtype change: unfused fallback, right
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -196,7 +199,7 @@ def test_fold_is_refreshed_when_a_parameter_is_removed(change):
         fused(x)
     apply(tv), apply(fused)
     with torch.inference_mode():
-        assert rel_err(fused(x), tv(x)) <= 1e-5
+        assert rel_err(fused(x), tv(x)) <= fp32_bound(tv, x)
 
 
 def test_compile_fullgraph():
@@ -205,7 +208,7 @@ def test_compile_fullgraph():
     compiled = torch.compile(fused, fullgraph=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert rel_err(compiled(x), tv(x)) <= 1e-5
+        assert rel_err(compiled(x), tv(x)) <= fp32_bound(tv, x)
 
 
 def test_bad_input_and_unfoldable_bn():
@@ -237,7 +240,7 @@ def test_nan_propagates_like_torchvision():
         ref, out = tv(x), fused(x)
     assert torch.equal(ref.isnan(), out.isnan())
     assert out[0].isnan().all() and not out[1].isnan().any()
-    assert rel_err(out[1], ref[1]) <= 1e-5
+    assert rel_err(out[1], ref[1]) <= fp32_bound(tv, x[1:])
 
 
 def test_hub_entry_point():
@@ -270,7 +273,8 @@ def winograd_tile_counts(arch, threads):
     with num_threads(threads), torch.inference_mode(), \
             torch.profiler.profile(record_shapes=True) as prof, kernel_runs() as runs:
         out = fused(x)
-    assert rel_err(out, tv_model(arch)(x)) <= 1e-5
+    tv = tv_model(arch)
+    assert rel_err(out, tv(x)) <= fp32_bound(tv, x)
     # winograd_weight: [alpha^2, K / P, C, P], or [4, 4, K / P, C, P] at stride 2
     tiles = [e.input_shapes[2][0] for e in prof.events()
              if e.name == "resnet_fused::winograd_conv3x3"]
@@ -301,7 +305,8 @@ def test_cpu_fp32_runs_grouped_convs_on_their_kernel(arch):
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode(), torch.profiler.profile() as prof, kernel_runs() as runs:
         out = fused(x)
-    assert rel_err(out, tv_model(arch)(x)) <= 1e-5
+    tv = tv_model(arch)
+    assert rel_err(out, tv(x)) <= fp32_bound(tv, x)
     names = [e.name for e in prof.events()]
     blocks = sum(len(layer) for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4))
     assert names.count("resnet_fused::grouped_conv3x3") == runs["grouped_conv3x3"] == blocks
@@ -345,7 +350,7 @@ def test_padded_channels_give_the_same_conv(dtype, channels):
     assert torch.equal(xp[:, :3], x) and not xp[:, 3:].any() and not wp[:, 3:].any()
     ref = torch.nn.functional.conv2d(x.double(), w.double(), stride=2, padding=3)
     out = resnet_fused.ops.conv_bias_act(xp, wp, None, None, 2, 3, relu=False)
-    assert rel_err(out, ref) < 1e-5
+    assert_matches(out, ref, torch.float32, 3 * 7 * 7)
 
 
 def test_tf32_flag_read_as_the_cuda_kernel_reads_it():
@@ -542,7 +547,7 @@ def test_a_change_it_does_not_compute_runs_torchvision(change, why):
         fused(x)
         change(tv), change(fused)
         ours = fused(x)
-        assert rel_err(ours, tv(x)) <= 1e-6
+        assert torch.equal(ours, tv(x))  # torchvision's own forward
     assert any("running the unfused forward" in str(w.message) and why in str(w.message)
                for w in caught)
     ok, reason = fused.fused_status(x)
@@ -573,7 +578,7 @@ def test_the_max_pool_is_the_models(change):
     x = torch.randn(2, 3, 64, 64)  # 32x32 after the stem: ceil_mode pools to 17x17, not 16x16
     with torch.inference_mode(), torch.profiler.profile() as prof:
         ours = fused(x)
-    assert rel_err(ours, tv(x)) <= 1e-5
+    assert rel_err(ours, tv(x)) <= fp32_bound(tv, x)
     ran = any(e.name == "resnet_fused::max_pool2d" for e in prof.events())
     assert ran == (change is None)
 
@@ -613,7 +618,7 @@ def test_the_fc_is_the_models(change, dtype):
         ours = fused(x)
         ref = tv(x)
     if dtype == torch.float32:
-        assert rel_err(ours, ref) <= 1e-5
+        assert rel_err(ours, ref) <= fp32_bound(tv, x)
     else:  # within twice torchvision's own bf16 error against fp32
         exact = tv_model("resnet18")
         if change is not None:
@@ -639,7 +644,7 @@ def test_a_bottleneck_downsample_sums_with_the_last_conv(arch):
         ours = fused(x)
     with torch.inference_mode():
         ref = tv(x)
-    assert rel_err(ours, ref) <= 1e-5
+    assert rel_err(ours, ref) <= fp32_bound(tv, x)
     names = [e.name for e in prof.events()]
     expected = 4 if arch == "resnet50" and _extension.conv1x1_kernel_available() else 0
     assert names.count("resnet_fused::conv1x1_sum") == runs["conv1x1_sum"] == expected
@@ -695,7 +700,7 @@ def test_refresh_fold_repacks_the_fc():
         m.fc.weight.data.mul_(-1.0)
     fused.refresh_fold()
     with torch.inference_mode():
-        assert rel_err(fused(x), tv(x)) <= 1e-5
+        assert rel_err(fused(x), tv(x)) <= fp32_bound(tv, x)
 
 
 def test_more_input_shapes_than_the_caches_keep():
@@ -712,9 +717,11 @@ def test_more_input_shapes_than_the_caches_keep():
           for i, (n, s) in enumerate(sizes)]
     with torch.inference_mode():
         refs = [tv(x) for x in xs]
+    bounds = [fp32_bound(tv, x) for x in xs]
+    with torch.inference_mode():
         for _ in range(3):  # ten shapes in turn through four plan slots: walks only
-            for x, ref in zip(xs, refs):
-                assert rel_err(fused(x), ref) <= 1e-5, tuple(x.shape)
+            for x, ref, bound in zip(xs, refs, bounds):
+                assert rel_err(fused(x), ref) <= bound, tuple(x.shape)
     (fold,) = fused._fold_cache.values()
     stem = fold.stem  # oneDNN's conv (conv_bias_act) at every size: packed per input shape
     assert list(stem.packed) == [tuple(x.shape) for x in xs[-stem.MAX_PACKED_SHAPES:]]
@@ -723,7 +730,7 @@ def test_more_input_shapes_than_the_caches_keep():
     assert len(fold.plans) <= 4
     with torch.inference_mode():
         for _ in range(3):  # a late shape, now the traffic: walked, recorded, replayed
-            assert rel_err(fused(xs[5]), refs[5]) <= 1e-5
+            assert rel_err(fused(xs[5]), refs[5]) <= bounds[5]
     assert any(key[0] == xs[5].shape and callable(plan) for key, plan in fold.plans.items())
     # A shape in use keeps its pack when a new one comes: packs now of xs[7], 8, 9 and 5;
     # xs[7] used again, then xs[0] new: xs[8]'s goes, the least recently used.
