@@ -95,21 +95,14 @@ def verify_arch(arch, weights, device, batch, size, seed=0):
         err = (ours - ref64).abs().max().item()
         tv_err = (theirs - ref64).abs().max().item()
         top1 = (ours.argmax(1) == theirs.argmax(1)).float().mean().item()
-        if dtype == torch.float32 and not _tf32(device):
-            ok = err <= 1e-5 * scale + 1e-6 and (ours - theirs).abs().max().item() <= 1e-5 * scale + 1e-6
-        else:
-            # Half precision (and TF32) may err at most 2x what torchvision's own
-            # reduced-precision path errs against the fp64 reference.
-            ok = err <= 2 * tv_err + 1e-6 * scale
+        # In every dtype (TF32 too) at most 2x what torchvision's own path in that
+        # dtype errs against the fp64 reference, plus one fp32 rounding of the output.
+        ok = err <= 2 * tv_err + torch.finfo(torch.float32).eps * scale
         # Unfused, the comparison would be torchvision against itself.
         rows.append(dict(arch=arch, dtype=str(dtype).replace("torch.", ""), max_abs=err,
                          rel=err / scale, torchvision_rel=tv_err / scale, top1=top1,
                          ok=ok and fused_ok, unfused=why))
     return rows, desc
-
-
-def _tf32(device):
-    return device.type == "cuda" and torch.backends.cudnn.allow_tf32
 
 
 def cmd_verify(args):
@@ -187,9 +180,14 @@ def cmd_bench(args):
     for r in results:
         eager = base[r["batch"]]
         r["speedup_vs_eager_nchw"] = eager["ms"] / r["ms"]
-        # verify's rule for reduced precision: at most 2x torchvision's own error (and
-        # fp32 noise). A wrong variant's time is shown but compared with nothing.
-        r["wrong"] = not r["rel_err"] <= max(2 * eager["rel_err"], 1e-5)
+        # Ours: verify's rule, at most 2x torchvision's own error (+ one fp32 rounding).
+        # A peer also passes up to 1e-5 in fp32, where OpenVINO measured up to ~3x
+        # torchvision's error without being wrong. A wrong variant's time is shown but
+        # compared with nothing.
+        bound = 2 * eager["rel_err"] + torch.finfo(torch.float32).eps
+        if r["variant"] != "resnet_fused":
+            bound = max(bound, 1e-5)
+        r["wrong"] = not r["rel_err"] <= bound
         if r["variant"] not in (benchmark.EAGER, "resnet_fused") and not r["wrong"]:
             fastest_peer[r["batch"]] = min(fastest_peer.get(r["batch"], float("inf")), r["ms"])
     print(f"\n{'variant':34} {'batch':>5} {'ms/batch':>10} {'images/s':>10} "

@@ -23,6 +23,18 @@ def test_verify_passes_and_reports(capsys):
     assert "float32" in out and "all match" in out and "seeded random weights" in out
 
 
+def test_verify_fails_past_twice_torchvisions_error(monkeypatch, capsys):
+    # fp32 outputs off by 2e-6 relative (~10x torchvision's own error against fp64
+    # here, and within the 1e-5 a fixed tolerance would allow) fail.
+    forward = resnet_fused.FusedResNet.forward
+    monkeypatch.setattr(resnet_fused.FusedResNet, "forward",
+                        lambda self, x: forward(self, x) * (1 + 2e-6))
+    assert main(["verify", "--arch", "resnet18", "--size", "64", "--device", "cpu"]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("resnet18")]
+    assert [r[1] for r in rows if r[-1] == "MISMATCH"] == ["float32"], rows
+
+
 def test_bench_prints_table_and_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--arch", "resnet18", "--batch-sizes", "1,2", "--size", "64",
