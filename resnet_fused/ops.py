@@ -170,7 +170,9 @@ def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *
     stride 1: F(2x2, 3x3) (2.25x fewer multiplies) or, in float32, F(4x4, 3x3) (4x
     fewer); `winograd_weight` must be winograd_weight(weight, tile=2) or
     winograd_weight(weight, tile=4), its shape selects which. At stride 2 (float32):
-    F(2x2, 3x3) (1.44x fewer), with winograd_weight(weight, tile=2, stride=2)."""
+    F(2x2, 3x3) (1.44x fewer), with winograd_weight(weight, tile=2, stride=2). Only
+    winograd_weight's shape is checked: made from another weight, it gives wrong results
+    (checking its values would cost the transform it saves)."""
     _require()
     return torch.ops.resnet_fused.winograd_conv3x3(input, weight, winograd_weight, bias, residual,
                                                    stride=stride, relu=relu,
@@ -223,8 +225,8 @@ def conv1x1_weight(weight, panel=None):
 def conv1x1(input, weight, weight_panels, bias=None, residual=None, *, relu=True, stride=1):
     """conv_bias_act(input, weight, bias, residual, stride, relu=relu) for an unpadded 1x1
     conv, computed on CPU as one matrix product on oneDNN's brgemm micro-kernel, the
-    weight read as `weight_panels` (conv1x1_weight(weight)). NaN and Inf propagate as in
-    torch."""
+    weight read as `weight_panels` (conv1x1_weight(weight)); only their shape is checked.
+    NaN and Inf propagate as in torch."""
     _require()
     return torch.ops.resnet_fused.conv1x1(input, weight, weight_panels, bias, residual, relu=relu,
                                           stride=stride)
