@@ -329,11 +329,11 @@ def _finite_constants(node):
 def _mark_scan_free(graph, modules, model_input, run_node):
     """Sets scan_free on each fused conv whose operands come from `model_input`
     through finite-preserving ops only. A write that may put NaN/Inf into a value
-    already counted finite (x.log_(), x.div_(0), possibly through a view) turns it
-    off everywhere."""
+    already counted finite (x.log_(), x.div_(0), possibly through a view; a submodule
+    kept as one call) turns it off for every fused conv after it. The nodes run in
+    the graph's order, so the convs before the first such write read nothing it wrote."""
     finite = {model_input, run_node}
     unsafe_write = False
-    fused = []
     for node in graph.nodes:
         if (_keeps_finite(node, modules) and _finite_constants(node)
                 and all(a in finite for a in node.all_input_nodes)):
@@ -341,9 +341,7 @@ def _mark_scan_free(graph, modules, model_input, run_node):
         elif _mutates(node, modules) and node.target not in _FUSED_FUNCTIONS:
             unsafe_write = True  # (a fused in-place op writes only a dead conv-BN output)
         if node.target in (_conv_bn, _conv_bn_add_relu):
-            fused.append(node)
-    for node in fused:
-        node.update_kwarg("scan_free", node in finite and not unsafe_write)
+            node.update_kwarg("scan_free", node in finite and not unsafe_write)
 
 
 @dataclass

@@ -580,6 +580,50 @@ def test_nan_made_inside_the_graph_propagates(mode):
     assert theirs.isnan().any() and torch.equal(ours.isnan(), theirs.isnan())
 
 
+class PoisoningLeaf(nn.Module):
+    """Untraceable (data-dependent control flow), so kept as one call: writes NaN
+    into its input in place."""
+
+    def forward(self, x):
+        if x.sum() != 0:
+            x[:, 2] = float("nan")
+        return x
+
+
+class WriteAfterFirstConv(nn.Module):
+    """Two branches on one value; the leaf writes into it between their convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.leaf = PoisoningLeaf()
+        # 1x1: oneDNN's kernel, whose ReLU post-op would turn NaN into 0 without a scan
+        self.c2, self.b2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.relu(self.bn0(self.stem(x)))
+        a = torch.relu(self.b1(self.c1(y)))
+        self.leaf(y)
+        return a, torch.relu(self.b2(self.c2(y)))
+
+
+def test_a_write_skips_the_scan_before_it_only():
+    # The convs that run before a write the trace cannot see into (a leaf) skip their
+    # operands' NaN/Inf scan; the ones after it scan, and see the NaN it wrote.
+    model = realistic_(WriteAfterFirstConv()).eval()
+    with pytest.warns(RuntimeWarning, match="cannot trace WriteAfterFirstConv.leaf"):
+        fused = fuse(model)
+    graph = fused._graph_rewrite.graph_module.graph
+    scans = [n.kwargs["scan_free"] for n in graph.nodes if "scan_free" in n.kwargs]
+    assert scans == [True, True, False]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        (a, b), (ra, rb) = fused(x), model(x)
+    assert not a.isnan().any() and rel_err(a, ra) <= bound_of(model, x, run=lambda m, x: m(x)[0])
+    assert rb.isnan().any() and torch.equal(b.isnan(), rb.isnan())
+
+
 def test_hooked_convs_and_bns_are_not_folded():
     # A hook may change a module's input, output or weight (pruning, weight_norm):
     # a folded pair would skip it.
