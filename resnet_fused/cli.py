@@ -82,7 +82,7 @@ def verify_arch(arch, weights, device, batch, size, seed=0):
     x = torch.randn(batch, 3, *size, generator=g).to(device)
     rows = []
     with torch.inference_mode():
-        ref64 = tv.double()(x.double()).float()
+        ref64 = tv.double()(x.double())
     for dtype in dispatch.dtypes_for(device.type):
         # Copies, so that each dtype starts from the original weights; converted
         # outside inference_mode, so that params stay normal tensors.

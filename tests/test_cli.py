@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -168,13 +167,15 @@ def test_bench_peers_rows_or_install_hint(dtype, capsys, tmp_path, monkeypatch):
     assert main(["bench", "--arch", "resnet18", "--batch-sizes", "1", "--size", "64", "--warmup",
                  "1", "--repeats", "1", "--device", "cpu", "--peers", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
-    # Errors against fp64: ours at most 2x torchvision's own in the same dtype (the
-    # target verify checks); a peer on the same weights and input is not marked WRONG.
-    rows = re.findall(r"^(\S.*?)\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+(\S+)", out, re.M)
-    errors = {variant: float(err) for variant, err in rows}
+    # Errors against fp64: torchvision's own of its dtype's order (8-bit mantissas over
+    # the net's depth: ~1e-2 in bf16), ours at most 2x it plus one fp32 rounding (the
+    # target verify checks), and no peer on the same weights and input marked WRONG.
+    report = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    errors = {r["variant"]: r["rel_err"] for r in report["results"]}
     tv_err = errors["torchvision eager (NCHW)"]
-    assert 0 < tv_err and errors["resnet_fused"] <= 2 * tv_err, errors
-    assert "WRONG" not in out
+    assert 0 < tv_err < (1e-5 if dtype == "float32" else 0.1), errors
+    assert errors["resnet_fused"] <= 2 * tv_err + torch.finfo(torch.float32).eps, errors
+    assert "WRONG" not in out and not any(r["wrong"] for r in report["results"])
     peers = [("onnxruntime", "onnxruntime")] if dtype == "float32" else []
     if dtype != "float32":
         assert "onnxruntime: fp32 only (its CPU provider has no bfloat16 convolutions)" in out

@@ -10,7 +10,7 @@ import resnet_fused
 from resnet_fused import fuse, op_plan
 from resnet_fused.backbone import FusedBody
 
-from common_utils import fp32_bound, num_threads, rel_err, tv_model
+from common_utils import fp32_bound, fp32_bounds, num_threads, rel_err, tv_model
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
 
@@ -46,14 +46,14 @@ def test_backbone_replay_keeps_the_returned_layers():
     with torch.inference_mode():
         ref = getter(x)
         runs = [fused(x) for _ in range(3)]
-    bound = fp32_bound(getter, x)
+    bounds = fp32_bounds(getter, x)
     with torch.inference_mode():
         assert [callable(p) for p in _plans(fused).values()] == [True]
         for out in runs:
             assert list(out) == ["a", "b", "c"]
             for name in out:
                 assert torch.equal(out[name], runs[0][name])
-                assert rel_err(out[name], ref[name]) <= bound
+                assert rel_err(out[name], ref[name]) <= bounds[name]
 
 
 def test_replay_follows_weight_changes():
