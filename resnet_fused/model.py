@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import _extension, dispatch, heap, op_plan, ops, state_watch
+from . import _extension, dispatch, heap, op_plan, ops, quantizable, state_watch
 from .dispatch import tracing as _tracing
 from .fold import cast_folded, fold_conv_bn
 from .state_watch import StateWatch
@@ -58,10 +58,11 @@ class _NotFusable(Exception):
 
 
 def _check_conv_bn(conv, bn, name):
-    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding,
-                                                                                  str):
-        raise _NotFusable(f"{name} is {type(conv).__name__} with padding {conv.padding!r} "
-                          f"({getattr(conv, 'padding_mode', '?')}), not a zero-padded Conv2d")
+    if type(conv) is not nn.Conv2d:
+        raise _NotFusable(f"{name} is {type(conv).__name__}, not a zero-padded Conv2d")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise _NotFusable(f"{name} is a Conv2d with padding {conv.padding!r} "
+                          f"({conv.padding_mode}), not a zero-padded Conv2d")
     if type(bn) not in (nn.BatchNorm2d, FrozenBatchNorm2d):
         raise _NotFusable(f"the norm after {name} is {type(bn).__name__}, not BatchNorm2d or "
                           "FrozenBatchNorm2d")
@@ -83,7 +84,7 @@ def _check_relu(relu, name):
 # replaced on the class, as some libraries do, computes something else).
 _OWN_FORWARDS = {cls: cls.forward for cls in (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d,
                                               nn.ReLU, nn.MaxPool2d, nn.Sequential, BasicBlock,
-                                              Bottleneck)}
+                                              Bottleneck, *quantizable.BLOCKS)}
 
 
 def _check_no_hooks(module, name):
@@ -361,6 +362,10 @@ class _Folding:
     def _pairs(self):
         """(name, [(key, conv, bn), ...]) per stem and block, in forward order. Raises
         _NotFusable where the trunk is not what the fused forward computes."""
+        if getattr(self, "_torchvision_class", None) is quantizable.QuantizableResNet:
+            why = quantizable.stubs_status(self)
+            if why:
+                raise _NotFusable(why)
         _check_conv_bn(self.conv1, self.bn1, "conv1")
         _check_relu(self.relu, "relu")
         for name in ("conv1", "bn1", "relu", "maxpool"):
@@ -375,10 +380,18 @@ class _Folding:
             _check_no_hooks(layer, layer_name)
             for bi, block in enumerate(layer):
                 name = f"{layer_name}.{bi}"
-                if type(block) not in (BasicBlock, Bottleneck):
+                if type(block) in quantizable.BLOCKS:
+                    why = quantizable.float_sum_status(block, name)
+                    if why:
+                        raise _NotFusable(why)
+                    relus = quantizable.BLOCK_RELUS[type(block)]
+                elif type(block) in (BasicBlock, Bottleneck):
+                    relus = ("relu",)
+                else:
                     raise _NotFusable(f"{name} is {type(block).__name__}, not torchvision's "
                                       "BasicBlock or Bottleneck")
-                _check_relu(block.relu, f"{name}.relu")
+                for relu in relus:
+                    _check_relu(getattr(block, relu), f"{name}.{relu}")
                 n = 3 if isinstance(block, Bottleneck) else 2
                 pairs = [(f"conv{i}", getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
                          for i in range(1, n + 1)]
@@ -492,6 +505,9 @@ class FusedResNet(_Folding, ResNet):
     resnet_fused.fuse(model). `to_torchvision()` gives the unfused model back.
     """
 
+    # The class the model had before fuse(): its forward is the unfused one.
+    _torchvision_class = ResNet
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._fold_cache = {}
@@ -499,11 +515,16 @@ class FusedResNet(_Folding, ResNet):
     # ---- public API -------------------------------------------------------
 
     def to_torchvision(self):
-        """A plain torchvision ResNet with the same parameters (a copy)."""
+        """The torchvision model it was made from (ResNet, or QuantizableResNet),
+        with the same parameters (a copy)."""
         model = copy.deepcopy(self)
-        model.__class__ = ResNet
+        model.__class__ = self._torchvision_class
         del model._fold_cache
+        model.__dict__.pop("_torchvision_class", None)
         return model
+
+    def _unfused_forward(self, x):
+        return self._torchvision_class.forward(self, x)
 
     def _status(self, x):
         if self.training:
@@ -535,10 +556,10 @@ class FusedResNet(_Folding, ResNet):
             # ONNX has no fused op of ours; its runtimes fold BN themselves.
             _warn_once("onnx", "FusedResNet: ONNX export exports torchvision's graph "
                                "(same as exporting model.to_torchvision()).")
-            return super().forward(x)
+            return self._unfused_forward(x)
         prepared = self._prepare_fused(x)
         if prepared is None:
-            return super().forward(x)
+            return self._unfused_forward(x)
         x, fold, finite = prepared
         stage = _stage_labeller()
         outputs = self._run_fused(x, fold, finite, stage, head=True)
@@ -624,11 +645,20 @@ def fuse(model, inplace=False):
         # A model holding ResNets or backbone bodies over one (detection, segmentation).
         from .backbone import fuse_any
         return fuse_any(model, inplace)
+    why = quantizable.quantization_error(model)
+    if why:
+        raise TypeError(f"fuse: this ResNet is not one the fused forward computes: {why}")
     if not inplace:
         model = copy.deepcopy(model)
+    original = type(model)
     model.__class__ = FusedResNet
     model._fold_cache = {}
+    if quantizable.is_quantizable_class(original):
+        model._torchvision_class = original
     ok, why = model._structure_status()  # now rather than at the first forward
     if not ok:
+        model.__class__ = original  # inplace=True leaves the model as it was
+        del model._fold_cache
+        model.__dict__.pop("_torchvision_class", None)
         raise TypeError(f"fuse: this ResNet is not one the fused forward computes: {why}")
     return model
