@@ -10,13 +10,13 @@
 
 namespace resnet_fused {
 
-// Output spatial size of a convolution, or a clear error when the (padded)
-// input is smaller than the dilated kernel.
+// Output size (N, K, spatial...) of a convolution, or a clear error when the
+// (padded) input is smaller than the dilated kernel.
 inline std::vector<int64_t> conv_output_size(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, const char* op = "conv_bias_act") {
   std::vector<int64_t> out{input.size(0), weight.size(0)};
-  for (int d = 0; d < 2; ++d) {
+  for (int64_t d = 0; d < input.dim() - 2; ++d) {
     const int64_t in = input.size(d + 2) + 2 * padding[d];
     const int64_t k = dilation[d] * (weight.size(d + 2) - 1) + 1;
     TORCH_CHECK(in >= k, op, ": input spatial size ", input.sizes().slice(2),
@@ -27,24 +27,36 @@ inline std::vector<int64_t> conv_output_size(
   return out;
 }
 
+// volumes: 3-D convolutions (5-D tensors) are accepted too (the CPU backend's).
 inline void check_conv_bias_act_args(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const char* op = "conv_bias_act") {
-  TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ",
-              input.dim(), "-D with shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 4, op, ": expected weight to be 4-D (K, C/groups, R, S), got ",
-              weight.dim(), "-D with shape ", weight.sizes());
+    at::IntArrayRef dilation, int64_t groups, const char* op = "conv_bias_act",
+    bool volumes = false) {
+  if (volumes) {
+    TORCH_CHECK(input.dim() == 4 || input.dim() == 5, op,
+                ": expected input to be 4-D (N, C, H, W) or 5-D (N, C, D, H, W), got ",
+                input.dim(), "-D with shape ", input.sizes());
+  } else {
+    TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ",
+                input.dim(), "-D with shape ", input.sizes());
+  }
+  const int64_t dims = input.dim() - 2;
+  TORCH_CHECK(weight.dim() == input.dim(), op, ": expected weight to be ", input.dim(),
+              dims == 2 ? "-D (K, C/groups, R, S)" : "-D (K, C/groups, T, R, S)",
+              " like the input, got ", weight.dim(), "-D with shape ", weight.sizes());
   TORCH_CHECK(input.is_floating_point(), op, ": expected a floating-point input, got ",
               input.scalar_type());
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": expected weight dtype ",
               input.scalar_type(), " (the input's), got ", weight.scalar_type());
   TORCH_CHECK(weight.device() == input.device(), op, ": expected weight on ",
               input.device(), " (the input's device), got ", weight.device());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              op, ": expected stride, padding and dilation of length 2, got ", stride,
-              ", ", padding, ", ", dilation);
-  for (int d = 0; d < 2; ++d) {
+  TORCH_CHECK(static_cast<int64_t>(stride.size()) == dims &&
+                  static_cast<int64_t>(padding.size()) == dims &&
+                  static_cast<int64_t>(dilation.size()) == dims,
+              op, ": expected stride, padding and dilation of length ", dims,
+              " (the input's spatial dimensions), got ", stride, ", ", padding, ", ", dilation);
+  for (int64_t d = 0; d < dims; ++d) {
     TORCH_CHECK(stride[d] > 0, op, ": expected stride > 0, got ", stride);
     TORCH_CHECK(dilation[d] > 0, op, ": expected dilation > 0, got ", dilation);
     TORCH_CHECK(padding[d] >= 0, op, ": expected padding >= 0, got ", padding);
@@ -76,12 +88,15 @@ inline void check_conv_bias_act_args(
   }
 }
 
-// pack_weight's arguments: a 4-D weight and the 4-D input size it will see, whose
-// channels must match weight.size(1) * groups.
+// pack_weight's arguments: a weight and the input size it will see, whose channels
+// must match weight.size(1) * groups.
+// volumes: 5-D ones too (the CPU backend's).
 inline void check_pack_weight_args(const at::Tensor& weight, int64_t groups,
-                                   at::IntArrayRef input_size) {
-  TORCH_CHECK(weight.dim() == 4, "pack_weight: expected a 4-D weight, got shape ", weight.sizes());
-  TORCH_CHECK(input_size.size() == 4, "pack_weight: expected a 4-D input_size, got ", input_size);
+                                   at::IntArrayRef input_size, bool volumes = false) {
+  TORCH_CHECK(weight.dim() == 4 || (volumes && weight.dim() == 5), "pack_weight: expected a ",
+              volumes ? "4-D or 5-D" : "4-D", " weight, got shape ", weight.sizes());
+  TORCH_CHECK(static_cast<int64_t>(input_size.size()) == weight.dim(), "pack_weight: expected a ",
+              weight.dim(), "-D input_size (the weight's), got ", input_size);
   TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "pack_weight: expected groups >= 1 ",
               "dividing weight.size(0) (", weight.size(0), " output channels), got groups=", groups);
   TORCH_CHECK(input_size[1] == weight.size(1) * groups, "pack_weight: expected ",

@@ -18,19 +18,20 @@
 TORCH_LIBRARY(resnet_fused, m) {
   // act(conv2d(input, weight) + bias [+ residual]), act = relu or identity.
   // With BatchNorm folded into weight and bias this is conv-BN-ReLU, conv-BN and
-  // conv-BN-add-ReLU. weight may be a pack_weight() result on CPU.
+  // conv-BN-add-ReLU. weight may be a pack_weight() result on CPU. On CPU the
+  // convolution may be 3-D (5-D input and weight, stride/padding/dilation of 3).
   // assume_finite: the caller guarantees input and residual hold no NaN/Inf,
   // which spares the CPU kernel the scan it needs to propagate NaN through its
   // ReLU exactly (FusedResNet checks its own input once instead).
   m.def(
       "conv_bias_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, *, bool relu=True, "
+      "int[] stride, int[] padding, int[] dilation, int groups, *, bool relu=True, "
       "bool assume_finite=False) -> Tensor");
   // residual = relu(residual + conv2d(input, weight) + bias), in place: the end of
   // a residual block when the identity tensor is not needed afterwards.
   m.def(
       "conv_bias_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, Tensor? bias, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, *, "
+      "int[] stride, int[] padding, int[] dilation, int groups, *, "
       "bool assume_finite=False) -> ()");
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
   // In-place ops return nothing: functionalization (torch.compile) supports
@@ -85,7 +86,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   // Re-lays a folded weight out for the backend's kernel, once, at fold time.
   // input_size is a representative input shape (the layout may depend on it).
   m.def(
-      "pack_weight(Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "pack_weight(Tensor weight, int[] stride, int[] padding, int[] dilation, int groups, "
       "int[] input_size) -> Tensor");
 }
 

@@ -266,11 +266,19 @@ class PreparedConv:
         return u
 
 
-def prepare(weight, bias, conv, dtype, cached=True):
+def prepare(weight, bias, conv, dtype, cached=True, direct=False):
     """A PreparedConv of a folded (weight, bias) for `conv`'s geometry, computing in
     `dtype`. cached=False (a fold made for one forward: traced, or carrying
     gradients) skips what pays only across forwards: the Winograd weight and
-    oneDNN's packed weights."""
+    oneDNN's packed weights. A 3-D conv (5-D weight) gets a conv3d.Prepared3d, whose
+    direct form is the PreparedConv made here with direct=True."""
+    if weight.dim() == 5 and not direct:
+        from . import conv3d
+        return conv3d.prepare(weight, bias, conv, dtype, cached)
+    if weight.dim() == 5:
+        return PreparedConv(weight.contiguous(memory_format=torch.channels_last_3d), bias,
+                            tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                            conv.groups, dtype, cached=cached)
     c = PreparedConv(weight.contiguous(memory_format=torch.channels_last), bias,
                      tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
                      dtype, cached=cached)
@@ -538,6 +546,9 @@ _OPS = torch.ops.resnet_fused
 
 def conv(x, c, *, relu, finite, residual=None):
     """act(conv(x) + bias [+ residual]) with the kernel that suits x and c."""
+    if x.dim() == 5 and not isinstance(c, PreparedConv):
+        from . import conv3d
+        return conv3d.conv(x, c, relu=relu, finite=finite, residual=residual)
     dt = x.dtype
     if c.dtype != dt:  # fp16 layer kept in fp32 (see fold.cast_folded)
         x = x.to(c.dtype)
@@ -660,6 +671,9 @@ def conv_sum_relu(x, c, x2, c2):
 def conv_add_relu_(identity, x, c, *, finite):
     """relu(conv(x) + bias + identity), accumulated into `identity` where a kernel can
     (identity must be dead after this call); returns the result."""
+    if x.dim() == 5 and not isinstance(c, PreparedConv):
+        from . import conv3d
+        return conv3d.conv_add_relu_(identity, x, c, finite=finite)
     needs_grad = torch.is_grad_enabled() and (identity.requires_grad or x.requires_grad
                                               or c.weight.requires_grad)
     if c.dtype != x.dtype or needs_grad:

@@ -42,7 +42,7 @@ def fold_conv_bn(conv, bn, name="conv", differentiable=False):
         bias = beta - mean * scale
         if conv.bias is not None:
             bias = bias + keep(conv.bias) * scale
-        return w * scale.reshape(-1, 1, 1, 1), bias
+        return w * scale.reshape(-1, *[1] * (w.dim() - 1)), bias
 
 
 def cast_folded(weight, bias, dtype, name="conv"):

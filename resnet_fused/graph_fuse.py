@@ -9,6 +9,9 @@ graph are rewritten into the fused ops:
     Conv2d -> BatchNorm2d -> add(other) -> ReLU                conv_bias_act with a residual
     add(a, b) -> ReLU                                          add_relu
 
+and the same with Conv3d -> BatchNorm3d (torchvision's video ResNets; their fused
+ops run on the CPU only).
+
 with ReLU as nn.ReLU, F.relu, torch.relu or Tensor.relu(_), and the add in either
 operand order (`out += shortcut` traces as `out + shortcut`).
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.models.video.resnet import Conv3DNoTemporal, Conv3DSimple
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import dispatch, ops
@@ -38,7 +42,11 @@ from .fold import cast_folded, fold_conv_bn
 from .model import _Folding, _NotFusable, _train_mode_bn
 from .state_watch import StateWatch
 
-_BATCH_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+# The norms each conv class folds with. torchvision's video ResNets make their 3-D
+# convs as Conv3d subclasses that only set the arguments (checked in _foldable).
+_CONV_NORMS = {nn.Conv2d: (nn.BatchNorm2d, FrozenBatchNorm2d), nn.Conv3d: (nn.BatchNorm3d,),
+               Conv3DSimple: (nn.BatchNorm3d,), Conv3DNoTemporal: (nn.BatchNorm3d,)}
+_BATCH_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d, nn.BatchNorm3d)
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, torch.add)
 
@@ -48,9 +56,11 @@ _ADD_FUNCTIONS = (operator.add, torch.add)
 # may skip its own per-op scan (measured on a ResNet-34 of benchmarks/
 # handwritten_resnet.py: the scans cost 1.5% of a forward at batch 8, 5.5% at batch 1).
 _FINITE_MODULES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                   nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
+                   nn.AdaptiveMaxPool2d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
+                   nn.AdaptiveMaxPool3d, nn.Identity, nn.Dropout, nn.Flatten)
 _FINITE_FUNCTIONS = {*_RELU_FUNCTIONS, *_ADD_FUNCTIONS, F.max_pool2d, F.avg_pool2d,
-                     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.cat,
+                     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool3d, F.avg_pool3d,
+                     F.adaptive_avg_pool3d, F.adaptive_max_pool3d, torch.flatten, torch.cat,
                      operator.getitem}
 _FINITE_METHODS = {"relu", "relu_", "add", "add_", "view", "reshape", "flatten", "contiguous"}
 
@@ -105,8 +115,9 @@ class _Stopped(Exception):
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer with BatchNorms, already fused models and the submodules in
-    `leaves` kept as calls, and failures attributed to the innermost submodule."""
+    """fx's tracer with BatchNorms, the convs of _CONV_NORMS, already fused models and
+    the submodules in `leaves` kept as calls, and failures attributed to the innermost
+    submodule."""
 
     def __init__(self, root=None, leaves=()):
         # Unpickling a rewritten graph re-traces its code with this class (no
@@ -115,7 +126,7 @@ class _Tracer(fx.Tracer):
         self.traced_root, self.leaves = root, leaves
 
     def is_leaf_module(self, m, qualified_name):
-        return (qualified_name in self.leaves or isinstance(m, FrozenBatchNorm2d)
+        return (qualified_name in self.leaves or type(m) in (FrozenBatchNorm2d, *_CONV_NORMS)
                 or (isinstance(m, GraphFused) and m is not self.traced_root)
                 or super().is_leaf_module(m, qualified_name))
 
@@ -223,9 +234,13 @@ def _has_hooks(module):
 
 def _foldable(conv, bn):
     """Whether conv then bn fold into one conv. Conv subclasses (e.g. weight
-    standardization) compute something else, so only plain Conv2d counts."""
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-            and type(bn) in _BATCH_NORMS and getattr(bn, "running_mean", None) is not None
+    standardization) compute something else, so only plain Conv2d and Conv3d count
+    (and _CONV_NORMS' subclasses, with their class's forward)."""
+    base = nn.Conv3d if isinstance(conv, nn.Conv3d) else nn.Conv2d
+    return (type(bn) in _CONV_NORMS.get(type(conv), ()) and conv.padding_mode == "zeros"
+            and type(conv).forward is base.forward
+            and type(conv)._conv_forward is base._conv_forward
+            and getattr(bn, "running_mean", None) is not None
             and not _has_hooks(conv) and not _has_hooks(bn) and not isinstance(conv.padding, str)
             and (torch.jit.is_tracing() or bn.running_mean.numel() == conv.out_channels)
             and "forward" not in vars(conv) and "forward" not in vars(bn))
@@ -482,10 +497,14 @@ def _call_module(model, name, *args, **kwargs):
     return _get_attr(model, name)(*args, **kwargs)
 
 
+def _channels_last(t):
+    return torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+
+
 def _conv_input(x, run):
     # The prepared weights are channels_last; a layout change costs once, at the
     # first conv, as later ops keep it.
-    return x.to(run.dtype).contiguous(memory_format=torch.channels_last)
+    return x.to(run.dtype).contiguous(memory_format=_channels_last(x))
 
 
 def _conv_bn(run, key, x, relu, scan_free=False):
@@ -510,7 +529,7 @@ def _original_layout(t, like):
     channels_last (eager convs return channels_last only for a channels_last input; the
     fused ones always do)."""
     if (isinstance(t, torch.Tensor) and t.dim() >= 3 and isinstance(like, torch.Tensor)
-            and like.dim() == 4 and not (like.is_contiguous(memory_format=torch.channels_last)
+            and like.dim() in (4, 5) and not (like.is_contiguous(memory_format=_channels_last(like))
                                          and not like.is_contiguous())):
         return t.contiguous()
     return t
@@ -603,12 +622,17 @@ class GraphFused(_Folding):
     def _status(self, x):
         if self.training:
             return False, "train mode runs the original forward (batch statistics)"
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            return False, "the input is not a 4-D tensor: the original forward runs"
+        if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+            return False, "the input is not a 4-D or 5-D tensor: the original forward runs"
         ok, why = self._kernel_status(x)
         if not ok:
             return ok, why
         pairs = self._graph_rewrite.pairs
+        if x.device.type != "cpu":
+            for _, conv, _ in pairs:
+                if self.get_submodule(conv).weight.dim() == 5:
+                    return False, (f"{conv} is a 3-D convolution, which the fused ops compute "
+                                   "on the CPU only")
         for _, conv, _ in pairs[:1]:  # the model's own error is clearer than the kernels'
             w = self.get_submodule(conv).weight
             if w.device != x.device:
@@ -617,7 +641,7 @@ class GraphFused(_Folding):
                 return False, f"the input is {x.dtype} but {conv} is {w.dtype}"
         for _, _, name in pairs:
             bn = self.get_submodule(name)
-            if isinstance(bn, nn.BatchNorm2d) and bn.training:
+            if isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)) and bn.training:
                 return False, f"{name} is in train mode (batch statistics)"
         return True, ""
 
@@ -625,8 +649,9 @@ class GraphFused(_Folding):
         rewrite = self.__dict__.get("_graph_rewrite")  # absent in copies made by __init__
         x = None if rewrite is None else args[0] if args else kwargs.get(rewrite.input_name)
         prepared = None
-        # Not 4-D: the model's own forward, whatever it makes of it (or its own error).
-        if isinstance(x, torch.Tensor) and x.dim() == 4 and not torch.onnx.is_in_onnx_export():
+        # Neither 4-D nor 5-D: the model's own forward, whatever it makes of it (or its own error).
+        if (isinstance(x, torch.Tensor) and x.dim() in (4, 5)
+                and not torch.onnx.is_in_onnx_export()):
             prepared = self._prepare_fused(x)
         if prepared is None:
             return super().forward(*args, **kwargs)

@@ -17,17 +17,24 @@ def _int(v):
     return v.__index__()
 
 
-def _pair(v, name):
+def _ints(v, name, n=2):
+    """v as a list of n ints (one per spatial dimension); an int is repeated."""
     try:
         if isinstance(v, (str, torch.Tensor)):
             raise TypeError
-        pair = [_int(v)] * 2 if hasattr(v, "__index__") and not isinstance(v, bool) else [
+        pair = [_int(v)] * n if hasattr(v, "__index__") and not isinstance(v, bool) else [
             _int(i) for i in v]
-        if len(pair) != 2:
+        if len(pair) != n:
             raise TypeError
     except TypeError:
-        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}") from None
+        what = "a pair of ints" if n == 2 else f"{n} ints"
+        raise ValueError(f"{name}: expected an int or {what}, got {v!r}") from None
     return pair
+
+
+def _spatial_dims(t):
+    # A 3-D convolution's (5-D input): 3; anything else is the op's to reject.
+    return 3 if isinstance(t, torch.Tensor) and t.dim() == 5 else 2
 
 
 def _require():
@@ -50,23 +57,27 @@ def conv_bias_act(input, weight, bias=None, residual=None, stride=1, padding=0, 
                   groups=1, *, relu=True, assume_finite=False):
     """act(conv2d(input, weight, stride, padding, dilation, groups) + bias [+ residual]),
     act = ReLU if `relu` else identity, in one pass. Returns the input's memory format.
+    On CPU, a 5-D input and weight make it conv3d (stride, padding, dilation: 3 each).
     assume_finite=True promises input and residual hold no NaN/Inf (saves a scan on CPU;
     with a NaN present the ReLU may then turn it into 0)."""
     _require()
+    n = _spatial_dims(input)
     return torch.ops.resnet_fused.conv_bias_act(
-        input, weight, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), groups, relu=relu, assume_finite=assume_finite)
+        input, weight, bias, residual, _ints(stride, "stride", n), _ints(padding, "padding", n),
+        _ints(dilation, "dilation", n), groups, relu=relu, assume_finite=assume_finite)
 
 
 def conv_bias_add_relu_(residual, input, weight, bias=None, stride=1, padding=0, dilation=1,
                         groups=1, *, assume_finite=False):
-    """residual = relu(residual + conv2d(input, weight) + bias), in place."""
+    """residual = relu(residual + conv2d(input, weight) + bias), in place (conv3d for a
+    5-D input on CPU, as conv_bias_act)."""
     _require()
     _no_backward("conv_bias_add_relu_", "conv_bias_act(input, weight, bias, residual, ...)",
                  residual=residual, input=input, weight=weight, bias=bias)
+    n = _spatial_dims(input)
     torch.ops.resnet_fused.conv_bias_add_relu_(
-        residual, input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), groups, assume_finite=assume_finite)
+        residual, input, weight, bias, _ints(stride, "stride", n), _ints(padding, "padding", n),
+        _ints(dilation, "dilation", n), groups, assume_finite=assume_finite)
     return residual
 
 
@@ -317,8 +328,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0):
     _require()
     if stride is None or (not isinstance(stride, int) and len(stride) == 0):
         stride = kernel_size
-    return torch.ops.resnet_fused.max_pool2d(input, _pair(kernel_size, "kernel_size"),
-                                             _pair(stride, "stride"), _pair(padding, "padding"))
+    return torch.ops.resnet_fused.max_pool2d(input, _ints(kernel_size, "kernel_size"),
+                                             _ints(stride, "stride"), _ints(padding, "padding"))
 
 
 def mean_linear(input, weight, bias=None):
@@ -332,17 +343,17 @@ def mean_linear(input, weight, bias=None):
 def pack_weight(weight, stride, padding, dilation, groups, input_size):
     """The weight re-laid out for the backend's kernel (done once, at fold time)."""
     _require()
+    n = _spatial_dims(weight)
     return torch.ops.resnet_fused.pack_weight(
-        weight, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
-        groups, list(input_size))
+        weight, _ints(stride, "stride", n), _ints(padding, "padding", n),
+        _ints(dilation, "dilation", n), groups, list(input_size))
 
 
 def _conv_out_shape(input, weight, stride, padding, dilation):
-    n, _, h, w = input.shape
-    k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return (n, k, p, q)
+    return (input.shape[0], weight.shape[0],
+            *((size + 2 * p - d * (k - 1) - 1) // s + 1
+              for size, k, s, p, d in zip(input.shape[2:], weight.shape[2:], stride, padding,
+                                          dilation)))
 
 
 def _strided_out(input, weight, stride):
@@ -369,8 +380,8 @@ def _register_fakes():
     def _(input, weight, bias, residual, stride, padding, dilation, groups, *, relu=True,
           assume_finite=False):
         _same_device("conv_bias_act", input, weight=weight, bias=bias, residual=residual)
-        torch._check(input.dim() == 4 and weight.dim() == 4,
-                     lambda: "conv_bias_act: input and weight must be 4-D")
+        torch._check(input.dim() in (4, 5) and weight.dim() == input.dim(),
+                     lambda: "conv_bias_act: input and weight must be 4-D, or 5-D on CPU")
         torch._check(input.shape[1] == weight.shape[1] * groups,
                      lambda: f"conv_bias_act: expected input with {weight.shape[1] * groups} "
                              f"channels, got {input.shape[1]}")
@@ -488,7 +499,8 @@ def _register_fakes():
     @torch.library.register_fake(lib + "pack_weight")
     def _(weight, stride, padding, dilation, groups, input_size):
         # CUDA packs to KRSC = channels_last; CPU's oneDNN layout is opaque.
-        return torch.empty_like(weight, memory_format=torch.channels_last)
+        return torch.empty_like(weight, memory_format=torch.channels_last if weight.dim() == 4
+                                else torch.channels_last_3d)
 
 
 def _relu_grad(grad, out, relu):
@@ -506,7 +518,7 @@ def _conv_backward(ctx, grad, geometry):
     need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias
     gi, gw, gb = torch.ops.aten.convolution_backward(
         g, input, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
-        dilation, False, [0, 0], groups, [need_in, need_w, need_b])
+        dilation, False, [0] * len(stride), groups, [need_in, need_w, need_b])
     return gi, gw, gb, (g if ctx.has_residual else None)
 
 

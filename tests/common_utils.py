@@ -193,7 +193,8 @@ def fp32_bounds(model, *inputs, run=None, measure=None, within=2):
     A fused ResNet's target is at most `within` = 2x the model's own error e against
     its fp64 self. By the triangle inequality the two fp32 results then lie within
     (within + 1) * e of each other; eps_fp32 more is a floor where e happens to be near
-    0. e is the larger of the model's errors run NCHW and run channels_last: oneDNN's
+    0. e is the largest of the model's errors run NCHW and run channels_last (or
+    channels_last_3d, for 3-D convs; a layout the model cannot run is left out): oneDNN's
     channels_last kernels, which the fused model's convs share, err up to ~3x its NCHW
     ones per conv (within the op rule), which a network's feature maps show and its
     logits mostly average out. e is computed here, on copies of the model (its state
@@ -210,16 +211,16 @@ def fp32_bounds(model, *inputs, run=None, measure=None, within=2):
     measure = measure or rel_err
     grad_mode = torch.enable_grad if run else torch.no_grad
     run = run or (lambda m, *xs: m(*xs))
-    cl = torch.channels_last
+    layout_dims = {torch.channels_last: 4, torch.channels_last_3d: 5}
 
     def results(dtype, layout):
         m = copy.deepcopy(model).to(dtype)
         xs = tree_map(lambda x: x.detach().clone().to(dtype)
                       if torch.is_tensor(x) and x.is_floating_point() else x, inputs)
-        if layout == cl:
-            m = m.to(memory_format=cl)
-            xs = tree_map(lambda x: x.contiguous(memory_format=cl)
-                          if torch.is_tensor(x) and x.dim() == 4 else x, xs)
+        if layout in layout_dims:
+            m = m.to(memory_format=layout)
+            xs = tree_map(lambda x: x.contiguous(memory_format=layout)
+                          if torch.is_tensor(x) and x.dim() == layout_dims[layout] else x, xs)
         # Outside any inference_mode of the caller: the copies are plain tensors.
         with torch.random.fork_rng(), torch.inference_mode(False), grad_mode():
             torch.manual_seed(0)
@@ -227,10 +228,11 @@ def fp32_bounds(model, *inputs, run=None, measure=None, within=2):
 
     ref, spec = results(torch.float64, torch.contiguous_format)
     runs = [results(torch.float32, torch.contiguous_format)[0]]
-    try:
-        runs.append(results(torch.float32, cl)[0])
-    except RuntimeError:  # a model that cannot run channels_last (x.view of a conv output)
-        pass
+    for layout in layout_dims:
+        try:
+            runs.append(results(torch.float32, layout)[0])
+        except RuntimeError:  # a model that cannot run it (x.view of a conv output; 2-D convs
+            pass              # channels_last_3d, 3-D ones channels_last)
     assert all(len(r) == len(ref) for r in runs), "fp32_bounds: runs differ in outputs"
     eps = torch.finfo(torch.float32).eps
     bounds = []

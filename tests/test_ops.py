@@ -306,6 +306,110 @@ def test_pack_weight_names_groups_that_do_not_divide_the_output_channels():
         ops.pack_weight(w, 1, 1, 1, 2, (1, 8, 8, 8))
 
 
+# 3-D convolutions (torchvision's video ResNets), on the CPU: (C, K, (D, H, W),
+# kernel, stride, padding, dilation, groups).
+CASES_3D = [
+    (3, 16, (4, 17, 15), (3, 7, 7), (1, 2, 2), (1, 3, 3), 1, 1),     # r3d_18's stem
+    (16, 16, (3, 9, 9), (3, 3, 3), 1, 1, 1, 1),                     # Conv3DSimple
+    (16, 32, (4, 9, 8), (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, 1),     # Conv3DNoTemporal
+    (24, 16, (5, 6, 6), (3, 1, 1), 1, (1, 0, 0), 1, 1),             # R(2+1)D's temporal conv
+    (16, 32, (4, 9, 9), 1, 2, 0, 1, 1),                              # downsample
+    (16, 16, (3, 7, 7), 3, 1, 2, 2, 4),                              # dilated, grouped
+]
+
+
+def _case_3d(case, dtype, channels_last, g):
+    c, k, size, kernel, stride, padding, dilation, groups = case
+    kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    x = torch.randn(2, c, *size, generator=g)
+    w = torch.randn(k, c // groups, *kernel, generator=g) / math.sqrt(c // groups * math.prod(kernel))
+    b = torch.randn(k, generator=g)
+    ref_conv = torch.nn.functional.conv3d(x.double(), w.double(), b.double(), stride, padding,
+                                          dilation, groups)
+    res = torch.randn(ref_conv.shape, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    geometry = (stride, padding, dilation, groups)
+    n = c // groups * math.prod(kernel)
+    return [t.to(dtype) for t in (x, w, b, res)], ref_conv, geometry, n
+
+
+class TestConvBiasAct3d:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "ndhwc"])
+    @pytest.mark.parametrize("case", CASES_3D, ids=ids)
+    def test_matches_fp64(self, case, channels_last, dtype):
+        skip_unless_dtype("cpu", dtype)
+        (x, w, b, res), conv, geometry, n = _case_3d(case, dtype, channels_last,
+                                                     torch.Generator().manual_seed(0))
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        packed = ops.pack_weight(w, *geometry[:3], geometry[3], x.shape)
+        for weight in (w, packed):
+            for residual, relu in [(None, True), (None, False), (res, True), (res, False)]:
+                out = ops.conv_bias_act(x, weight, b, residual, *geometry, relu=relu)
+                ref = conv + (0 if residual is None else residual.double())
+                ref = ref.relu() if relu else ref
+                assert out.dtype == dtype and out.shape == ref.shape
+                assert out.is_contiguous(memory_format=fmt)
+                assert_matches(out, ref, dtype, n, f"residual={residual is not None} relu={relu}")
+            acc = res.clone().contiguous(memory_format=torch.channels_last_3d)
+            ops.conv_bias_add_relu_(acc, x, weight, b, *geometry)
+            assert_matches(acc, (conv + res.double()).relu(), dtype, n, "in place")
+
+    @pytest.mark.parametrize("where", ["input", "weight", "bias", "residual"])
+    def test_nan_and_inf_propagate_like_torch(self, where):
+        (x, w, b, res), _, geometry, n = _case_3d(CASES_3D[1], torch.float32, True,
+                                                  torch.Generator().manual_seed(1))
+        target = dict(input=x, weight=w, bias=b, residual=res)[where]
+        if where == "weight":  # at the centre tap, which no output reads in the padding
+            w[3, 5, 1, 1, 1], w[7, 2, 1, 1, 1] = float("nan"), float("inf")
+        else:
+            for at, value in ((2, float("nan")), (3, float("inf"))):
+                target[torch.unravel_index(torch.tensor(target.numel() // at),
+                                           target.shape)] = value
+        ref = torch.relu(torch.nn.functional.conv3d(x.double(), w.double(), b.double(),
+                                                    *geometry) + res.double())
+        assert_nonfinite_matches(ops.conv_bias_act(x, w, b, res, *geometry), ref,
+                                 torch.float32, n)
+        acc = res.clone().contiguous(memory_format=torch.channels_last_3d)
+        ops.conv_bias_add_relu_(acc, x, w, b, *geometry)
+        assert_nonfinite_matches(acc, ref, torch.float32, n, "in place")
+
+    def test_gradients_match_fp64_autograd(self):
+        (x, w, b, res), _, geometry, _ = _case_3d(CASES_3D[2], torch.float64, True,
+                                                  torch.Generator().manual_seed(2))
+        ops_args = [t.detach().requires_grad_() for t in (x, w, b, res)]
+        ref_args = [t.detach().requires_grad_() for t in (x, w, b, res)]
+        out = ops.conv_bias_act(*ops_args, *geometry)
+        ref = torch.relu(torch.nn.functional.conv3d(*ref_args[:3], *geometry) + ref_args[3])
+        grad = torch.randn(out.shape, dtype=torch.float64)
+        for a, r in zip(torch.autograd.grad(out, ops_args, grad),
+                        torch.autograd.grad(ref, ref_args, grad)):
+            assert rel_err(a, r) <= 1e-12
+
+    @pytest.mark.parametrize("change, message", [
+        (dict(w=(16, 8, 3, 3)), r"expected weight to be 5-D \(K, C/groups, T, R, S\) like the "
+                                "input, got 4-D"),
+        (dict(stride=(1, 1)), r"stride: expected an int or 3 ints, got \(1, 1\)"),
+        (dict(x=(2, 8, 1, 5, 5)), "smaller than the kernel"),
+        (dict(r=(2, 16, 3, 5, 5)), "expected residual of the output's shape"),
+    ])
+    def test_bad_input_is_named(self, change, message):
+        a = dict(x=(2, 8, 3, 5, 5), w=(16, 8, 3, 3, 3), r=(2, 16, 1, 3, 3), stride=1)
+        a.update(change)
+        x, w, r = (torch.randn(a[k]) for k in ("x", "w", "r"))
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            ops.conv_bias_act(x, w, None, r, a["stride"], 0)
+
+    def test_opcheck(self):
+        (x, w, b, res), _, geometry, _ = _case_3d(CASES_3D[1], torch.float32, True,
+                                                  torch.Generator().manual_seed(3))
+        s, p, d = ([v] * 3 if isinstance(v, int) else list(v) for v in geometry[:3])
+        g = geometry[3]
+        op = torch.ops.resnet_fused.conv_bias_act.default
+        opcheck(op, (x, w, b, res, s, p, d, g), dict(relu=True))
+
+
 @pytest.mark.parametrize("device", devices())
 class TestAddRelu:
     @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ids)

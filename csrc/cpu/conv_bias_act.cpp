@@ -73,12 +73,17 @@ void check_cpu(const Tensor& input, const Tensor& weight, const char* op) {
 // path (all_finite, finite.h). A packed weight is not scanned: packing happens at
 // fold time, where FusedResNet checks the folded weights once.
 
+// channels_last for 4-D tensors, channels_last_3d for 5-D ones (3-D convolutions).
+at::MemoryFormat channels_last(const Tensor& t) {
+  return t.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
 // oneDNN fuses the in-place sum only when it sees the input as channels_last;
 // a 1x1-spatial input is also plain-contiguous and reads as NCHW to it, unless
 // the weight is already packed.
 bool sum_fuses(const Tensor& x_channels_last, const Tensor& weight) {
   return weight.is_mkldnn() ||
-         x_channels_last.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+         x_channels_last.suggest_memory_format() == channels_last(x_channels_last);
 }
 
 // The oneDNN that torch 2.14 ships gets some shapes outside ResNet's wrong, or
@@ -94,20 +99,23 @@ bool sum_fuses(const Tensor& x_channels_last, const Tensor& weight) {
 // ATen's plain convolution on NCHW input, which is right on them (on
 // channels_last input it too crashed on an over-padded grouped 1x1 conv); bf16
 // ones in fp32 as well.
+// 3-D convolutions are treated alike (an output extent of 1 along any axis).
 bool onednn_fusion_unsafe(const Tensor& weight, at::IntArrayRef out_size, at::IntArrayRef padding,
                           at::IntArrayRef dilation) {
-  for (int d = 0; d < 2; ++d) {
+  for (int64_t d = 0; d + 2 < weight.dim(); ++d) {
     const int64_t span = dilation[d] * (weight.size(d + 2) - 1) + 1;
     if (2 * padding[d] > span - 1) return true;
   }
-  return weight.size(0) == 1 && out_size[2] * out_size[3] == 1;
+  return weight.size(0) == 1 && c10::multiply_integers(out_size.slice(2)) == 1;
 }
 
 bool bf16_needs_fp32(const Tensor& input, const Tensor& weight, at::IntArrayRef out_size,
                      at::IntArrayRef padding, at::IntArrayRef dilation) {
-  return input.scalar_type() == at::kBFloat16 &&
-         (out_size[2] == 1 || out_size[3] == 1 ||
-          onednn_fusion_unsafe(weight, out_size, padding, dilation));
+  if (input.scalar_type() != at::kBFloat16) return false;
+  for (const int64_t extent : out_size.slice(2)) {
+    if (extent == 1) return true;
+  }
+  return onednn_fusion_unsafe(weight, out_size, padding, dilation);
 }
 
 Tensor to_float(const Tensor& t) { return (t.is_mkldnn() ? t.to_dense() : t).to(at::kFloat); }
@@ -133,7 +141,8 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
                          const optional<Tensor>& residual, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                          bool relu, bool assume_finite) {
-  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups);
+  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups,
+                           "conv_bias_act", /*volumes=*/true);
   check_cpu(input, weight, "conv_bias_act");
   const auto fmt = output_memory_format(input);
   const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
@@ -143,7 +152,11 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
     // padding) sums nothing: act(bias [+ residual]).
     Tensor out = at::zeros(out_size, input.options().memory_format(fmt));
     if (out.numel() != 0) {
-      if (bias.has_value()) out.add_(bias->reshape({1, -1, 1, 1}));
+      if (bias.has_value()) {
+        std::vector<int64_t> shape(out.dim(), 1);
+        shape[1] = -1;
+        out.add_(bias->reshape(shape));
+      }
       residual_relu_inplace(out, residual, relu);
     }
     return out;
@@ -166,12 +179,12 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
         .to(at::kBFloat16);
   }
   // The residual sum needs a channels_last input; the plain path takes either.
-  const Tensor x = residual.has_value() ? input.contiguous(at::MemoryFormat::ChannelsLast) : input;
+  const Tensor x = residual.has_value() ? input.contiguous(channels_last(input)) : input;
   const bool unsafe = onednn_fusion_unsafe(weight, out_size, padding, dilation);
   if (!use_onednn(input) || !finite || unsafe || (residual.has_value() && !sum_fuses(x, weight))) {
     const Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
     Tensor out = at::convolution(unsafe ? input.contiguous() : input, w, bias, stride, padding,
-                                 dilation, false, {0, 0}, groups);
+                                 dilation, false, std::vector<int64_t>(input.dim() - 2, 0), groups);
     residual_relu_inplace(out, residual, relu);
     return out.contiguous(fmt);
   }
@@ -186,7 +199,7 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   // oneDNN's out-of-place binary post-op measured slower than its in-place sum
   // post-op, so the residual is copied into the output, which the convolution
   // then accumulates into. The residual must be channels_last for the sum to fuse.
-  Tensor out = at::empty(out_size, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor out = at::empty(out_size, input.options().memory_format(channels_last(input)));
   out.copy_(*residual);
   if (relu) {
     o.sum_relu->call(out, x, weight, b, padding, stride, dilation, groups, "add", c10::nullopt,
@@ -205,7 +218,8 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 bool assume_finite) {
   constexpr const char* op = "conv_bias_add_relu_";
-  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups, op);
+  check_conv_bias_act_args(input, weight, bias, residual, stride, padding, dilation, groups, op,
+                           /*volumes=*/true);
   check_cpu(input, weight, op);
   if (residual.numel() == 0) return;
   const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
@@ -214,7 +228,7 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
                                      groups, /*relu=*/true, assume_finite));
     return;
   }
-  const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor x = input.contiguous(channels_last(input));
   // oneDNN's sum post-op writes the output while the convolution still reads x, the
   // weight and the bias: sharing memory with any of them, it would read overwritten
   // values. Its ReLU turns NaN into 0, so every operand must be finite.
@@ -223,7 +237,7 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
                        (bias.has_value() && residual.is_alias_of(*bias));
   const bool fusable = use_onednn(input) && sum_fuses(x, weight) && !aliased &&
                        !onednn_fusion_unsafe(weight, out_size, padding, dilation) &&
-                       residual.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                       residual.is_contiguous(channels_last(residual)) &&
                        (assume_finite ||
                         (all_finite(input) && all_finite(residual) &&
                          (weight.is_mkldnn() || all_finite(weight)) &&
@@ -241,9 +255,13 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
 
 Tensor pack_weight_cpu(const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
-  check_pack_weight_args(weight, groups, input_size);
+  check_pack_weight_args(weight, groups, input_size, /*volumes=*/true);
   if (!at::hasMKLDNN() || !use_onednn(weight)) {
-    return weight.contiguous(at::MemoryFormat::ChannelsLast);  // nothing better to pack into
+    return weight.contiguous(channels_last(weight));  // nothing better to pack into
+  }
+  if (weight.dim() == 5) {
+    return at::mkldnn_reorder_conv3d_weight(weight.contiguous().to_mkldnn(), padding, stride,
+                                            dilation, groups, input_size);
   }
   return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding, stride,
                                           dilation, groups, input_size);

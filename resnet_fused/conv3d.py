@@ -1,0 +1,131 @@
+"""3-D convolutions (torchvision's video ResNets) on the 2-D kernels, on the CPU.
+
+A channels_last_3d tensor (N, C, T, H, W) lies in memory as N*T channels_last frames.
+So a conv with one temporal tap (kernel (1, R, S): mc3_18's Conv3DNoTemporal, R(2+1)D's
+spatial halves, the 1x1x1 downsamples) is a 2-D conv over those frames, and dispatch
+picks its kernel as for a ResNet's (Winograd, conv1x1, oneDNN). A conv with kt
+temporal taps is the sum of kt 2-D convs, tap j over the frames shifted by j: where
+those take the Winograd kernel (3x3, stride 1), the sum costs fewer multiplies than
+oneDNN's direct 3-D conv. Measured one conv at a time (AMD EPYC Zen 4, 2 threads,
+fp32, batch 1, 3x3x3 with padding 1; ms): 64 channels at 16x56x56 46.6 direct
+against 22.0 as taps, 128 at 8x28x28 22.0 against 8.5, 256 at 4x14x14 9.5 against
+5.5; 512 at 2x7x7 3.9 against 4.5 (a third of its taps read padding frames), and at
+stride 2 (64 to 128 at 16x56x56) 12.4 against 12.1. Other 3-D convs take
+conv_bias_act's 3-D path: oneDNN's direct conv, one op.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+
+# The taps read zero frames at the temporal padding; below this share of useful tap
+# work the direct conv was faster (2 frames: 4 of 6 taps useful, measured slower; 4
+# frames: 10 of 12, faster).
+_MIN_USEFUL_TAP_SHARE = 0.8
+
+
+@dataclass
+class Prepared3d:
+    """A folded Conv3d: its direct form and its 2-D taps."""
+    direct: dispatch.PreparedConv  # the 5-D weight, for conv_bias_act's 3-D path
+    taps: list                     # dispatch.PreparedConv per temporal tap (bias on the first)
+    t_kernel: int
+    t_stride: int
+    t_padding: int
+    t_dilation: int
+    dtype: torch.dtype
+
+    # The direct form's, as a PreparedConv's.
+    weight = property(lambda self: self.direct.weight)
+    bias = property(lambda self: self.direct.bias)
+    stride = property(lambda self: self.direct.stride)
+    padding = property(lambda self: self.direct.padding)
+    dilation = property(lambda self: self.direct.dilation)
+
+
+class _Geometry2d:
+    """The spatial part of a Conv3d's geometry, as dispatch.prepare reads a conv."""
+
+    def __init__(self, conv):
+        self.stride, self.padding = tuple(conv.stride[1:]), tuple(conv.padding[1:])
+        self.dilation, self.groups = tuple(conv.dilation[1:]), conv.groups
+
+
+def prepare(weight, bias, conv, dtype, cached=True):
+    kt = weight.shape[2]
+    geometry = _Geometry2d(conv)
+    taps = [dispatch.prepare(weight[:, :, j].contiguous(), bias if j == 0 else None, geometry,
+                             dtype, cached=cached) for j in range(kt)]
+    direct = dispatch.prepare(weight, bias, conv, dtype, cached=cached, direct=True)
+    return Prepared3d(direct, taps, kt, conv.stride[0], conv.padding[0], conv.dilation[0], dtype)
+
+
+def _frames(x):
+    """(N, C, T, H, W) as (N*T, C, H, W) channels_last: a view of a channels_last_3d x."""
+    n, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(n * t, c, h, w).contiguous(memory_format=torch.channels_last)
+
+
+def _volume(y, n):
+    """_frames' inverse: (N*T, K, H, W) channels_last as (N, K, T, H, W) channels_last_3d."""
+    return y.unflatten(0, (n, -1)).transpose(1, 2)
+
+
+def _out_frames(c, t):
+    return (t + 2 * c.t_padding - c.t_dilation * (c.t_kernel - 1) - 1) // c.t_stride + 1
+
+
+def _taps_pay(c, x):
+    """Whether the sum of 2-D taps beats the direct conv on x (see the module docstring)."""
+    if c.t_kernel == 1 or c.t_stride != 1 or x.dtype != torch.float32:
+        return False
+    t, t_out = x.shape[2], _out_frames(c, x.shape[2])
+    if t_out < 1:
+        return False
+    useful = sum(min(t_out, t + c.t_padding - j * c.t_dilation)
+                 - max(0, c.t_padding - j * c.t_dilation) for j in range(c.t_kernel))
+    if useful < _MIN_USEFUL_TAP_SHARE * c.t_kernel * t_out:
+        return False
+    # kernel_for reads only the frames' shape, dtype and device.
+    n, ch, _, h, w = x.shape
+    frames = x.new_empty(()).expand(n * t_out, ch, h, w)
+    return c.taps[0].kernel_for(frames)[0] == "winograd"
+
+
+def conv(x, c, *, relu, finite, residual=None):
+    """act(conv3d(x) + bias [+ residual]), as dispatch.conv for a 5-D x; channels_last_3d,
+    as the graph keeps its values."""
+    n, x = x.shape[0], x.contiguous(memory_format=torch.channels_last_3d)
+    if c.t_kernel == 1 and c.t_padding == 0:
+        frames = _frames(x[:, :, ::c.t_stride] if c.t_stride > 1 else x)
+        res = None if residual is None else _frames(residual)
+        return _volume(dispatch.conv(frames, c.taps[0], relu=relu, finite=finite, residual=res), n)
+    if not _taps_pay(c, x):
+        return dispatch.conv(x, c.direct, relu=relu, finite=finite, residual=residual)
+    t_out, p = _out_frames(c, x.shape[2]), c.t_padding
+    xp = F.pad(x, (0, 0, 0, 0, p, p)).contiguous(memory_format=torch.channels_last_3d) if p else x
+    acc = None if residual is None else _frames(residual)
+    for j, tap in enumerate(c.taps):
+        start = j * c.t_dilation
+        frames = _frames(xp[:, :, start:start + c.t_stride * (t_out - 1) + 1:c.t_stride])
+        last = j == c.t_kernel - 1
+        acc = dispatch.conv(frames, tap, relu=relu and last, finite=finite, residual=acc)
+    return _volume(acc, n)
+
+
+def conv_add_relu_(identity, x, c, *, finite):
+    """relu(conv3d(x) + bias + identity), as dispatch.conv_add_relu_ for a 5-D x:
+    accumulated into identity's frames where the 2-D op can (identity must be dead
+    after this call); returns the result."""
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    if c.t_kernel == 1 and c.t_padding == 0:
+        frames = _frames(x[:, :, ::c.t_stride] if c.t_stride > 1 else x)
+        out = dispatch.conv_add_relu_(_frames(identity), frames, c.taps[0], finite=finite)
+        return _volume(out, x.shape[0])
+    if not _taps_pay(c, x):
+        return dispatch.conv_add_relu_(identity, x, c.direct, finite=finite)
+    return conv(x, c, relu=True, finite=finite, residual=identity)
+

@@ -1,0 +1,95 @@
+"""resnet_fused.conv3d: 3-D convs on the 2-D kernels (frames, temporal taps) and on
+conv_bias_act's direct 3-D path, against F.conv3d in fp64. Tolerances as
+tests/test_ops.py's: 2 * sqrt(C/groups * T * R * S) * eps_fp32 + eps, relative to
+max|ref|."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnet_fused import _extension, conv3d, dispatch
+
+from common_utils import assert_matches, requires_extension
+
+pytestmark = requires_extension
+CL3D = torch.channels_last_3d
+
+# (C, K, (T, H, W), kernel, stride, padding, dilation, N)
+CASES = [
+    (16, 16, (5, 10, 10), 3, 1, 1, 1, 1),                           # Conv3DSimple
+    (16, 24, (5, 9, 9), 3, (1, 1, 1), (2, 1, 1), (2, 1, 1), 2),     # dilated in time, batch 2
+    (16, 16, (6, 9, 8), 3, 2, 1, 1, 1),                              # r3d's stride-2 blocks
+    (16, 32, (4, 9, 8), (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, 2),     # Conv3DNoTemporal
+    (24, 16, (5, 6, 6), (3, 1, 1), (2, 1, 1), (1, 0, 0), 1, 1),     # R(2+1)D's temporal half
+    (16, 32, (4, 9, 9), 1, 2, 0, 1, 2),                              # downsample
+]
+
+
+def _triple(v):
+    return (v,) * 3 if isinstance(v, int) else tuple(v)
+
+
+def _prepared(case, seed=0):
+    c, k, size, kernel, stride, padding, dilation, n = case
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv3d(c, k, kernel, stride, padding, dilation)
+    kernel = _triple(kernel)
+    w = torch.randn(k, c, *kernel, generator=g) / math.sqrt(c * math.prod(kernel))
+    b = torch.randn(k, generator=g)
+    x = torch.randn(n, c, *size, generator=g)
+    conv_ref = F.conv3d(x.double(), w.double(), b.double(), conv.stride, conv.padding,
+                        conv.dilation)
+    res = torch.randn(conv_ref.shape, generator=g)
+    return dispatch.prepare(w, b, conv, torch.float32), x, res, conv_ref, c * math.prod(kernel)
+
+
+@pytest.mark.parametrize("taps", [False, True], ids=["direct", "taps"])
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_fp64(monkeypatch, case, layout, taps):
+    # Both forms of the multi-tap convs, whichever the rule would pick here.
+    monkeypatch.setattr(conv3d, "_taps_pay", lambda c, x: taps)
+    c, x, res, conv_ref, n = _prepared(case)
+    assert isinstance(c, conv3d.Prepared3d)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=CL3D)
+    for residual, relu in [(None, True), (None, False), (res, True), (res, False)]:
+        for finite in (True, False):
+            out = dispatch.conv(x, c, relu=relu, finite=finite, residual=residual)
+            ref = conv_ref + (0 if residual is None else residual.double())
+            ref = ref.relu() if relu else ref
+            assert out.shape == ref.shape and out.is_contiguous(memory_format=CL3D)
+            assert_matches(out, ref, torch.float32, n, f"residual={residual is not None} "
+                                                       f"relu={relu} finite={finite}")
+    for identity in (res.clone(), res.clone().contiguous(memory_format=CL3D)):
+        out = dispatch.conv_add_relu_(identity, x, c, finite=True)
+        assert_matches(out, (conv_ref + res.double()).relu(), torch.float32, n, "in place")
+
+
+def test_nan_propagates_through_the_taps(monkeypatch):
+    monkeypatch.setattr(conv3d, "_taps_pay", lambda c, x: True)
+    c, x, res, _, _ = _prepared(CASES[0], seed=1)
+    x[0, 3, 2, 5, 5] = float("nan")
+    out = dispatch.conv(x, c, relu=True, finite=False, residual=res)
+    ref = torch.relu(F.conv3d(x.double(), c.weight.double(), c.bias.double(), 1, 1)
+                     + res.double())
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+
+
+@pytest.mark.skipif(not _extension.winograd_kernel_available(),
+                    reason="no Winograd kernel on this CPU")
+def test_the_taps_are_taken_where_they_were_measured_faster():
+    def pays(c, k, t, hw, stride=1, dtype=torch.float32):
+        conv = nn.Conv3d(c, k, 3, stride, 1)
+        p = dispatch.prepare(torch.randn(k, c, 3, 3, 3), torch.randn(k), conv, dtype)
+        return conv3d._taps_pay(p, torch.randn(1, c, t, hw, hw, dtype=dtype))
+
+    # r3d_18's layer1 and layer2 3x3x3 convs at 16 frames of 112x112: the taps.
+    assert pays(64, 64, 16, 56) and pays(128, 128, 8, 28)
+    # A third of the taps' work on padding frames, stride 2, bfloat16: direct.
+    assert not pays(512, 512, 2, 7)
+    assert not pays(64, 128, 16, 56, stride=2)
+    assert not pays(64, 64, 16, 56, dtype=torch.bfloat16)
