@@ -42,7 +42,7 @@ demo: build
 # Inductor's on-disk cache does not tell ATEN_CPU_CAPABILITY settings apart: code
 # compiled in the first pass, reused under the cap, computes garbage or corrupts the
 # heap (README, Known issues). So the emulated pass compiles into a cache of its own.
-EMULATED_TESTS := tests/test_ops.py tests/test_model.py tests/test_fuzz.py tests/test_graph_fuse.py
+EMULATED_TESTS := tests/test_ops.py tests/test_model.py tests/test_fuzz.py tests/test_graph_fuse.py tests/test_conv3d.py tests/test_video.py
 # pyflakes first: undefined names in code that skips here (the CUDA tests) fail now,
 # not on the first GPU.
 test: build
@@ -51,7 +51,7 @@ test: build
 	cache=$$(mktemp -d) && TORCHINDUCTOR_CACHE_DIR=$$cache \
 		ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 RESNET_FUSED_CPU_ISA=avx2 \
 		$(PY) -m pytest -q $(EMULATED_TESTS); status=$$?; rm -rf $$cache; exit $$status
-	RESNET_FUSED_CPU_ISA=none $(PY) -m pytest -q tests/test_ops.py
+	RESNET_FUSED_CPU_ISA=none $(PY) -m pytest -q tests/test_ops.py tests/test_conv3d.py
 
 clean:
 	rm -rf build *.egg-info resnet_fused/_C*.so

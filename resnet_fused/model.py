@@ -626,10 +626,12 @@ class _stage_labeller:
 
 def fuse(model, inplace=False):
     """Converts a torchvision ResNet (any depth/width/groups, custom num_classes,
-    dilation, zero_init_residual) into a FusedResNet sharing its parameters'
-    values; in any other model (detection, segmentation), every ResNet and every
-    IntermediateLayerGetter body over one (resnet_fused.backbone.FusedBody). With
-    inplace=False (default) the given model is left untouched."""
+    dilation, zero_init_residual; the quantizable ones in float) into a FusedResNet
+    sharing its parameters' values; in any other model (detection, segmentation),
+    every ResNet and every IntermediateLayerGetter body over one
+    (resnet_fused.backbone.FusedBody); a model holding neither (hand-written ResNets,
+    torchvision's video ResNets) is rewritten by torch.fx (resnet_fused.graph_fuse).
+    With inplace=False (default) the given model is left untouched."""
     if not isinstance(model, nn.Module):
         hint = (f"; call it first: fuse({model.__name__}())" if callable(model)
                 and not isinstance(model, type) else
