@@ -80,7 +80,8 @@ def _out_frames(c, t):
 
 def _taps_pay(c, x):
     """Whether the sum of 2-D taps beats the direct conv on x (see the module docstring)."""
-    if c.t_kernel == 1 or c.t_stride != 1 or x.dtype != torch.float32:
+    if (c.t_kernel == 1 or c.t_stride != 1 or x.dtype != torch.float32
+            or dispatch.tracing()):  # traced: no Winograd (PreparedConv.kernel_for)
         return False
     t, t_out = x.shape[2], _out_frames(c, x.shape[2])
     if t_out < 1:

@@ -134,3 +134,16 @@ def test_a_conv3d_with_its_own_forward_is_not_folded():
     x = _clip(frames=3, size=8)
     with torch.inference_mode():
         assert rel_err(fused(x), model(x)) <= fp32_bounds(model, x)
+
+
+def test_compile_and_export_trace_the_fused_graph():
+    model = _video("r3d_18")
+    fused = fuse(model)
+    x = _clip(frames=2, size=16, seed=5)
+    with torch.inference_mode():
+        ref = model(x)
+        bound = fp32_bounds(model, x)
+        assert rel_err(torch.compile(fused, fullgraph=True)(x), ref) <= bound
+    exported = torch.export.export(fused, (x,))
+    with torch.inference_mode():
+        assert rel_err(exported.module()(x), ref) <= bound
