@@ -46,6 +46,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, *, int stride=1, bool relu=True, bool assume_finite=False) -> Tensor");
+  // out = act(out + conv(input) + bias) by winograd_conv3x3, in place: a sum of convs
+  // over the same output (a 3-D conv as 2-D ones, one per temporal tap) accumulated
+  // without a new output per term.
+  m.def(
+      "winograd_conv3x3_add_(Tensor(a!) out, Tensor input, Tensor weight, Tensor winograd_weight, "
+      "Tensor? bias, *, int stride=1, bool relu=False, bool assume_finite=False) -> ()");
   // conv_bias_act for a 1x1, unpadded, ungrouped conv, computed on CPU as one matrix
   // product on oneDNN's brgemm micro-kernel. weight_panels is
   // resnet_fused.ops.conv1x1_weight(weight): the weight in panels of P output channels,

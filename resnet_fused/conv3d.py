@@ -6,12 +6,15 @@ spatial halves, the 1x1x1 downsamples) is a 2-D conv over those frames, and disp
 picks its kernel as for a ResNet's (Winograd, conv1x1, oneDNN). A conv with kt
 temporal taps is the sum of kt 2-D convs, tap j over the frames shifted by j: where
 those take the Winograd kernel (3x3, stride 1), the sum costs fewer multiplies than
-oneDNN's direct 3-D conv. Measured one conv at a time (AMD EPYC Zen 4, 2 threads,
-fp32, batch 1, 3x3x3 with padding 1; ms): 64 channels at 16x56x56 46.6 direct
-against 22.0 as taps, 128 at 8x28x28 22.0 against 8.5, 256 at 4x14x14 9.5 against
-5.5; 512 at 2x7x7 3.9 against 4.5 (a third of its taps read padding frames), and at
-stride 2 (64 to 128 at 16x56x56) 12.4 against 12.1. Other 3-D convs take
-conv_bias_act's 3-D path: oneDNN's direct conv, one op.
+oneDNN's direct 3-D conv. Measured one conv at a time with a residual and ReLU (AMD EPYC
+Zen 4, 2 threads, fp32, batch 1, 3x3x3 with padding 1; ms, direct against the taps
+accumulated in place, _taps_in_place): 64 channels at 16x56x56 47.2 against 20.6, 128 at
+8x28x28 22.4 against 8.1, 256 at 4x14x14 9.7 against 4.4, 512 at 4x7x7 9.9 against 4.9,
+512 at 2x7x7 4.2 against 3.4, 128 at 2x28x28 4.0 against 1.6. The out-of-place taps
+over zero-padded frames (_padded_taps, when gradients are needed) measured 22.9, 8.8,
+5.6, 5.8, 4.7 and 2.4: slower than direct where a third of the taps' frames are
+padding. At stride 2 (64 to 128 at 16x56x56) the padded taps measured 12.1 against
+12.4. Other 3-D convs take conv_bias_act's 3-D path: oneDNN's direct conv, one op.
 """
 
 from dataclasses import dataclass
@@ -19,10 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, ops
 
-# The taps read zero frames at the temporal padding; below this share of useful tap
-# work the direct conv was faster (2 frames: 4 of 6 taps useful, measured slower; 4
+# _padded_taps read zero frames at the temporal padding; below this share of useful
+# tap work the direct conv was faster (2 frames: 4 of 6 taps useful, measured slower; 4
 # frames: 10 of 12, faster).
 _MIN_USEFUL_TAP_SHARE = 0.8
 
@@ -54,11 +57,19 @@ class _Geometry2d:
         self.dilation, self.groups = tuple(conv.dilation[1:]), conv.groups
 
 
+def _centre(kt, padding, dilation):
+    """The tap that reads frame t for output frame t (every output frame, with 'same'
+    temporal padding), or 0 where none does."""
+    j, off = divmod(padding, dilation)
+    return j if off == 0 and j < kt else 0
+
+
 def prepare(weight, bias, conv, dtype, cached=True):
     kt = weight.shape[2]
     geometry = _Geometry2d(conv)
-    taps = [dispatch.prepare(weight[:, :, j].contiguous(), bias if j == 0 else None, geometry,
-                             dtype, cached=cached) for j in range(kt)]
+    centre = _centre(kt, conv.padding[0], conv.dilation[0])  # holds the bias
+    taps = [dispatch.prepare(weight[:, :, j].contiguous(), bias if j == centre else None,
+                             geometry, dtype, cached=cached) for j in range(kt)]
     direct = dispatch.prepare(weight, bias, conv, dtype, cached=cached, direct=True)
     return Prepared3d(direct, taps, kt, conv.stride[0], conv.padding[0], conv.dilation[0], dtype)
 
@@ -78,8 +89,9 @@ def _out_frames(c, t):
     return (t + 2 * c.t_padding - c.t_dilation * (c.t_kernel - 1) - 1) // c.t_stride + 1
 
 
-def _taps_pay(c, x):
-    """Whether the sum of 2-D taps beats the direct conv on x (see the module docstring)."""
+def _taps_pay(c, x, in_place):
+    """Whether the sum of 2-D taps (accumulated in place, or out of place over padded
+    frames) beats the direct conv on x (see the module docstring)."""
     if (c.t_kernel == 1 or c.t_stride != 1 or x.dtype != torch.float32
             or dispatch.tracing()):  # traced: no Winograd (PreparedConv.kernel_for)
         return False
@@ -88,7 +100,7 @@ def _taps_pay(c, x):
         return False
     useful = sum(min(t_out, t + c.t_padding - j * c.t_dilation)
                  - max(0, c.t_padding - j * c.t_dilation) for j in range(c.t_kernel))
-    if useful < _MIN_USEFUL_TAP_SHARE * c.t_kernel * t_out:
+    if not in_place and useful < _MIN_USEFUL_TAP_SHARE * c.t_kernel * t_out:
         return False
     # kernel_for reads only the frames' shape, dtype and device.
     n, ch, _, h, w = x.shape
@@ -104,9 +116,30 @@ def conv(x, c, *, relu, finite, residual=None):
         frames = _frames(x[:, :, ::c.t_stride] if c.t_stride > 1 else x)
         res = None if residual is None else _frames(residual)
         return _volume(dispatch.conv(frames, c.taps[0], relu=relu, finite=finite, residual=res), n)
-    if not _taps_pay(c, x):
+    route = _route(c, x, residual)
+    if route == "direct":
         return dispatch.conv(x, c.direct, relu=relu, finite=finite, residual=residual)
-    t_out, p = _out_frames(c, x.shape[2]), c.t_padding
+    if route == "taps in place":
+        return _taps_in_place(x, c, relu, finite, residual)
+    return _padded_taps(x, c, relu, finite, residual)
+
+
+def _route(c, x, residual):
+    """How a conv with several temporal taps runs x: "taps in place" (stride 1, 'same'
+    temporal padding, no gradients), "padded taps" or "direct"."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, c.weight, c.bias))
+    in_place = (not needs_grad and c.t_stride == 1 and _out_frames(c, x.shape[2]) == x.shape[2]
+                and _centre(c.t_kernel, c.t_padding, c.t_dilation) * c.t_dilation == c.t_padding)
+    if not _taps_pay(c, x, in_place):
+        return "direct"
+    return "taps in place" if in_place else "padded taps"
+
+
+def _padded_taps(x, c, relu, finite, residual):
+    """The taps over zero-padded frames, out of place: every tap covers every output
+    frame (any stride; differentiable)."""
+    n, t_out, p = x.shape[0], _out_frames(c, x.shape[2]), c.t_padding
     xp = F.pad(x, (0, 0, 0, 0, p, p)).contiguous(memory_format=torch.channels_last_3d) if p else x
     acc = None if residual is None else _frames(residual)
     for j, tap in enumerate(c.taps):
@@ -115,6 +148,43 @@ def conv(x, c, *, relu, finite, residual=None):
         last = j == c.t_kernel - 1
         acc = dispatch.conv(frames, tap, relu=relu and last, finite=finite, residual=acc)
     return _volume(acc, n)
+
+
+def _taps_in_place(x, c, relu, finite, residual):
+    """The taps at stride 1 with 'same' temporal padding: the centre tap (every output
+    frame, with the bias and residual) first, then each other tap accumulated in place
+    into the output frames it reaches (no padding frames read or computed, no output per
+    tap); the last one applies the ReLU, the frames it does not reach get theirs after."""
+    n, t = x.shape[0], x.shape[2]
+    frames = _frames(x)
+    centre = _centre(c.t_kernel, c.t_padding, c.t_dilation)
+    acc = dispatch.conv(frames, c.taps[centre], relu=relu and c.t_kernel == 1, finite=finite,
+                        residual=None if residual is None else _frames(residual))
+    others = [j for j in range(c.t_kernel) if j != centre]
+    for j in others:
+        shift = j * c.t_dilation - c.t_padding  # output frame o reads input frame o + shift
+        lo, hi = max(0, -shift), min(t, t - shift)
+        last = j == others[-1]
+        for s in range(n):
+            out = acc[s * t + lo:s * t + hi]
+            if hi > lo:
+                _accumulate_(out, frames[s * t + lo + shift:s * t + hi + shift], c.taps[j],
+                             relu=relu and last, finite=finite)
+            if relu and last:  # the frames this tap does not reach
+                acc[s * t:s * t + lo].relu_()
+                acc[s * t + max(hi, lo):(s + 1) * t].relu_()
+    return _volume(acc, n)
+
+
+def _accumulate_(out, x, tap, *, relu, finite):
+    """out = act(out + conv(x)), in place, by winograd_conv3x3_add_ where the tap takes
+    the Winograd kernel on x."""
+    kind, u = tap.kernel_for(x)
+    if kind == "winograd":
+        ops.winograd_conv3x3_add_(out, x, tap.weight, u, tap.bias, stride=tap.stride[0],
+                                  relu=relu, assume_finite=finite)
+    else:
+        out.copy_(dispatch.conv(x, tap, relu=relu, finite=finite, residual=out))
 
 
 def conv_add_relu_(identity, x, c, *, finite):
@@ -126,7 +196,7 @@ def conv_add_relu_(identity, x, c, *, finite):
         frames = _frames(x[:, :, ::c.t_stride] if c.t_stride > 1 else x)
         out = dispatch.conv_add_relu_(_frames(identity), frames, c.taps[0], finite=finite)
         return _volume(out, x.shape[0])
-    if not _taps_pay(c, x):
+    if _route(c, x, identity) == "direct":
         return dispatch.conv_add_relu_(identity, x, c.direct, finite=finite)
     return conv(x, c, relu=True, finite=finite, residual=identity)
 

@@ -190,6 +190,19 @@ def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *
                                                    assume_finite=assume_finite)
 
 
+def winograd_conv3x3_add_(out, input, weight, winograd_weight, bias=None, *, stride=1,
+                          relu=False, assume_finite=False):
+    """out = act(out + winograd_conv3x3(input, ...) + bias), in place (a channels_last out
+    is written where it lies; any other is computed out of place, then copied in)."""
+    _require()
+    _no_backward("winograd_conv3x3_add_", "winograd_conv3x3(..., residual=out)", out=out,
+                 input=input, weight=weight, bias=bias)
+    torch.ops.resnet_fused.winograd_conv3x3_add_(out, input, weight, winograd_weight, bias,
+                                                 stride=stride, relu=relu,
+                                                 assume_finite=assume_finite)
+    return out
+
+
 CONV1X1_PANEL = 64  # output channels per product block (csrc/cpu/conv1x1.cpp)
 
 # oneDNN's levels (ONEDNN_MAX_CPU_ISA) from which its brgemm runs AVX-512 code.
@@ -404,6 +417,11 @@ def _register_fakes():
         torch._check(stride in (1, 2),
                      lambda: f"winograd_conv3x3: expected stride 1 or 2, got {stride}")
         return _strided_out(input, weight, stride)
+
+    @torch.library.register_fake(lib + "winograd_conv3x3_add_")
+    def _(out, input, weight, winograd_weight, bias, *, stride=1, relu=False, assume_finite=False):
+        _same_device("winograd_conv3x3_add_", input, out=out, weight=weight, bias=bias)
+        return None
 
     @torch.library.register_fake(lib + "add_relu")
     def _(a, b):

@@ -46,13 +46,17 @@ def _prepared(case, seed=0):
     return dispatch.prepare(w, b, conv, torch.float32), x, res, conv_ref, c * math.prod(kernel)
 
 
-@pytest.mark.parametrize("taps", [False, True], ids=["direct", "taps"])
+@pytest.mark.parametrize("route", ["direct", "taps in place", "padded taps"])
 @pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_fp64(monkeypatch, case, layout, taps):
-    # Both forms of the multi-tap convs, whichever the rule would pick here.
-    monkeypatch.setattr(conv3d, "_taps_pay", lambda c, x: taps)
+def test_matches_fp64(monkeypatch, case, layout, route):
+    # Every form of the multi-tap convs, whichever the rule would pick here (the taps in
+    # place take stride 1 and 'same' temporal padding only).
     c, x, res, conv_ref, n = _prepared(case)
+    if route == "taps in place" and not (c.t_stride == 1 and 2 * c.t_padding == c.t_dilation
+                                         * (c.t_kernel - 1)):
+        pytest.skip("the taps in place take stride 1 and 'same' temporal padding only")
+    monkeypatch.setattr(conv3d, "_route", lambda c, x, residual: route)
     assert isinstance(c, conv3d.Prepared3d)
     if layout == "channels_last_3d":
         x = x.contiguous(memory_format=CL3D)
@@ -69,10 +73,12 @@ def test_matches_fp64(monkeypatch, case, layout, taps):
         assert_matches(out, (conv_ref + res.double()).relu(), torch.float32, n, "in place")
 
 
-def test_nan_propagates_through_the_taps(monkeypatch):
-    monkeypatch.setattr(conv3d, "_taps_pay", lambda c, x: True)
+@pytest.mark.parametrize("route", ["taps in place", "padded taps"])
+def test_nan_propagates_through_the_taps(monkeypatch, route):
+    monkeypatch.setattr(conv3d, "_route", lambda c, x, residual: route)
     c, x, res, _, _ = _prepared(CASES[0], seed=1)
     x[0, 3, 2, 5, 5] = float("nan")
+    x[0, 5, 4, 2, 7] = float("nan")  # in the last frame, which one tap does not reach
     out = dispatch.conv(x, c, relu=True, finite=False, residual=res)
     ref = torch.relu(F.conv3d(x.double(), c.weight.double(), c.bias.double(), 1, 1)
                      + res.double())
@@ -82,14 +88,18 @@ def test_nan_propagates_through_the_taps(monkeypatch):
 @pytest.mark.skipif(not _extension.winograd_kernel_available(),
                     reason="no Winograd kernel on this CPU")
 def test_the_taps_are_taken_where_they_were_measured_faster():
-    def pays(c, k, t, hw, stride=1, dtype=torch.float32):
+    def route(c, k, t, hw, stride=1, dtype=torch.float32, grad=False):
         conv = nn.Conv3d(c, k, 3, stride, 1)
         p = dispatch.prepare(torch.randn(k, c, 3, 3, 3), torch.randn(k), conv, dtype)
-        return conv3d._taps_pay(p, torch.randn(1, c, t, hw, hw, dtype=dtype))
+        x = torch.randn(1, c, t, hw, hw, dtype=dtype, requires_grad=grad)
+        return conv3d._route(p, x, None)
 
-    # r3d_18's layer1 and layer2 3x3x3 convs at 16 frames of 112x112: the taps.
-    assert pays(64, 64, 16, 56) and pays(128, 128, 8, 28)
-    # A third of the taps' work on padding frames, stride 2, bfloat16: direct.
-    assert not pays(512, 512, 2, 7)
-    assert not pays(64, 128, 16, 56, stride=2)
-    assert not pays(64, 64, 16, 56, dtype=torch.bfloat16)
+    # r3d_18's 3x3x3 convs at 16 frames of 112x112: the taps in place, 2 frames too.
+    for shape in [(64, 64, 16, 56), (128, 128, 8, 28), (256, 256, 4, 14), (512, 512, 2, 7)]:
+        assert route(*shape) == "taps in place", shape
+    # With gradients: padded taps, but not where a third of their work is padding.
+    assert route(64, 64, 16, 56, grad=True) == "padded taps"
+    assert route(512, 512, 2, 7, grad=True) == "direct"
+    # Stride 2 and bfloat16: direct.
+    assert route(64, 128, 16, 56, stride=2) == "direct"
+    assert route(64, 64, 16, 56, dtype=torch.bfloat16) == "direct"

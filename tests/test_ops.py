@@ -517,6 +517,34 @@ class TestWinogradConv3x3:
             assert_matches(out, reference(x, w, bias, residual, case, relu), torch.float32,
                            case.reduction)
 
+    @pytest.mark.parametrize("tile", [2, 4], ids=["f2", "f4"])
+    @pytest.mark.parametrize("case", WINOGRAD_CASES[:4], ids=ids)
+    def test_add_in_place_matches_fp64(self, case, tile):
+        x, w, b, res = case.tensors(channels_last=True)
+        u = ops.winograd_weight(w, tile)
+        for out, bias, relu in [(res.contiguous(memory_format=CL).clone(), b, True),
+                                (res.contiguous(memory_format=CL).clone(), None, False),
+                                (res.contiguous().clone(), b, True)]:  # not channels_last
+            ref = reference(x, w, bias, out, case, relu)
+            layout = out.stride()
+            assert ops.winograd_conv3x3_add_(out, x, w, u, bias, relu=relu) is out
+            assert out.stride() == layout
+            assert_matches(out, ref, torch.float32, case.reduction, f"relu={relu}")
+
+    def test_add_in_place_into_its_input_computes_out_of_place(self):
+        # out = relu(out + conv(out)): the products read what the sum would overwrite.
+        case = ConvCase(32, 32, 8, 8, R=3, padding=1)
+        x, w, b, _ = case.tensors(channels_last=True)
+        ref = reference(x, w, b, x, case, True)
+        ops.winograd_conv3x3_add_(x, x, w, ops.winograd_weight(w, 4), b, relu=True)
+        assert_matches(x, ref, torch.float32, case.reduction)
+
+    def test_add_in_place_refuses_gradients(self):
+        x, w, b, res = ConvCase(32, 32, 8, 8, R=3, padding=1).tensors(channels_last=True)
+        with pytest.raises(RuntimeError, match="winograd_conv3x3_add_: expected no operand that "
+                                               "requires grad"):
+            ops.winograd_conv3x3_add_(res, x, w.requires_grad_(), ops.winograd_weight(w), b)
+
     def test_as_accurate_as_the_direct_kernel(self):
         case = ConvCase(256, 256, 14, 14, R=3, padding=1)
         x, w, b, res = case.tensors(seed=3)
@@ -706,6 +734,8 @@ class TestWinogradConv3x3:
         opcheck(op, (x, w, u, None, None), dict(relu=False))
         u2 = ops.winograd_weight(w, stride=2)
         opcheck(op, (x, w, u2, b, res[:, :, ::2, ::2].contiguous()), dict(stride=2, relu=True))
+        opcheck(torch.ops.resnet_fused.winograd_conv3x3_add_.default,
+                (res.contiguous(memory_format=CL), x, w, u, b), dict(relu=True))
 
 
 # conv1x1 is a CPU op: ResNet's 1x1 shapes at small sizes, more rows than one
@@ -1447,6 +1477,13 @@ def _kernel_cases():
             x[0, 0, 0, 0] = nan
         return lambda: ops.winograd_conv3x3(x, wt, ops.winograd_weight(wt, tile), b, res)
 
+    def winograd_add_(alias=False, poison=False):
+        x, wt, b, res = tensors(32, 32, 10, 10, 3)
+        out = x if alias else res.contiguous(memory_format=CL)
+        if poison:
+            x[0, 0, 0, 0] = nan
+        return lambda: ops.winograd_conv3x3_add_(out, x, wt, ops.winograd_weight(wt, 4), b)
+
     def conv1x1(c, k, dtype=f32, n=2):
         x, w, b, res = tensors(c, k, 7, 9, 1, dtype, n=n)
         return lambda: ops.conv1x1(x, w, ops.conv1x1_weight(w), b, res)
@@ -1473,6 +1510,12 @@ def _kernel_cases():
         ("winograd_nan_input", "winograd_conv3x3", winograd(32, 10, 10, poison=True), False),
         ("winograd_sub_tile", "winograd_conv3x3", winograd(32, 1, 10), False),
         ("winograd_f4_8_channels", "winograd_conv3x3", winograd(8, 10, 10, 4), False),
+        ("winograd_add_", "winograd_conv3x3_add_", winograd_add_(),
+         e.winograd_kernel_available()),
+        ("winograd_add_into_its_input", "winograd_conv3x3_add_", winograd_add_(alias=True), False),
+        ("winograd_add_into_its_input_out_of_place", "winograd_conv3x3",
+         winograd_add_(alias=True), e.winograd_kernel_available()),
+        ("winograd_add_nan_input", "winograd_conv3x3_add_", winograd_add_(poison=True), False),
         ("winograd_bf16", "winograd_conv3x3", winograd(32, 10, 10, dtype=bf16) if bf16_ok else None,
          e.winograd_bf16_kernel_available()),
         ("winograd_bf16_20_channels", "winograd_conv3x3",

@@ -8,7 +8,15 @@ struct PyMethodDef;
 
 namespace resnet_fused {
 
-enum class KernelRun { kWinograd, kConv1x1, kConv1x1AddRelu, kConv1x1Sum, kGroupedConv, kCount };
+enum class KernelRun {
+  kWinograd,
+  kWinogradAdd,
+  kConv1x1,
+  kConv1x1AddRelu,
+  kConv1x1Sum,
+  kGroupedConv,
+  kCount
+};
 
 // One relaxed atomic increment per op call.
 void count_kernel_run(KernelRun kernel);

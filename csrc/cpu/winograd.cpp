@@ -209,11 +209,9 @@ Tensor direct(const Tensor& input, const Tensor& weight, const optional<Tensor>&
                            relu, assume_finite);
 }
 
-Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Tensor& U,
-                            const optional<Tensor>& bias, const optional<Tensor>& residual,
-                            int64_t stride, bool relu, bool assume_finite) {
-  check_winograd_args(input, weight, U, bias, residual, stride);
-  const auto fmt = output_memory_format(input);
+// Whether the Winograd kernel computes this call (else conv_bias_act does, the same).
+bool winograd_takes(const Tensor& input, const Tensor& weight, const Tensor& U, int64_t stride,
+                    bool assume_finite) {
   const bool finite = assume_finite || (all_finite(input) && all_finite(weight));
   // An output smaller than one tile is mostly padding: Winograd would spend its
   // multiplies on zeros, and the weight terms that cancel on the padding would add
@@ -230,11 +228,20 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
   const bool bf16 = input.scalar_type() == at::kBFloat16;
   const bool bf16_ok = !bf16 || (winograd_bf16_kernel_available() && brgemm_bf16_enabled() &&
                                  input.size(1) % 16 == 0 && weight.size(0) % 16 == 0);
-  if (!winograd_kernel_available() || !bf16_ok || !finite || sub_tile || short_reduction ||
-      input.numel() == 0 || weight.size(0) == 0) {
+  return winograd_kernel_available() && bf16_ok && finite && !sub_tile && !short_reduction &&
+         input.numel() != 0 && weight.size(0) != 0;
+}
+
+Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Tensor& U,
+                            const optional<Tensor>& bias, const optional<Tensor>& residual,
+                            int64_t stride, bool relu, bool assume_finite) {
+  check_winograd_args(input, weight, U, bias, residual, stride);
+  const auto fmt = output_memory_format(input);
+  if (!winograd_takes(input, weight, U, stride, assume_finite)) {
     return direct(input, weight, bias, residual, relu, assume_finite, stride);
   }
   count_kernel_run(KernelRun::kWinograd);
+  const int64_t out_h = (input.size(2) - 1) / stride + 1, out_w = (input.size(3) - 1) / stride + 1;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(cl);
   const Tensor u = U.contiguous();
@@ -248,10 +255,35 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
   return out.contiguous(fmt);
 }
 
+// The output transform reads each residual value and then stores its output at the
+// same place, from the same thread, so the residual may be the output itself. The
+// other operands must not share its memory: the products read them while it is
+// written.
+void winograd_conv3x3_add_cpu_(Tensor& out, const Tensor& input, const Tensor& weight,
+                               const Tensor& U, const optional<Tensor>& bias, int64_t stride,
+                               bool relu, bool assume_finite) {
+  check_winograd_args(input, weight, U, bias, out, stride);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const bool shared = out.is_alias_of(input) || out.is_alias_of(weight) || out.is_alias_of(U) ||
+                      (bias && out.is_alias_of(*bias));
+  if (shared || !out.is_contiguous(cl) || !winograd_takes(input, weight, U, stride, assume_finite)) {
+    out.copy_(winograd_conv3x3_cpu(input, weight, U, bias, out, stride, relu, assume_finite));
+    return;
+  }
+  count_kernel_run(KernelRun::kWinogradAdd);
+  const Tensor x = input.contiguous(cl);
+  const Tensor u = U.contiguous();
+  const optional<Tensor> b =
+      bias ? optional<Tensor>(bias->to(at::kFloat).contiguous()) : c10::nullopt;
+  winograd_run(x, u, b ? b->const_data_ptr<float>() : nullptr, out.const_data_ptr(), out, relu,
+               stride);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
+  m.impl("winograd_conv3x3_add_", &winograd_conv3x3_add_cpu_);
 }
 
 }  // namespace resnet_fused
