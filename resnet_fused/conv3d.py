@@ -34,7 +34,7 @@ _MIN_USEFUL_TAP_SHARE = 0.8
 class Prepared3d:
     """A folded Conv3d: its direct form and its 2-D taps."""
     direct: dispatch.PreparedConv  # the 5-D weight, for conv_bias_act's 3-D path
-    taps: list                     # dispatch.PreparedConv per temporal tap (bias on the first)
+    taps: list                     # dispatch.PreparedConv per temporal tap (bias: _centre's)
     t_kernel: int
     t_stride: int
     t_padding: int
@@ -158,7 +158,7 @@ def _taps_in_place(x, c, relu, finite, residual):
     n, t = x.shape[0], x.shape[2]
     frames = _frames(x)
     centre = _centre(c.t_kernel, c.t_padding, c.t_dilation)
-    acc = dispatch.conv(frames, c.taps[centre], relu=relu and c.t_kernel == 1, finite=finite,
+    acc = dispatch.conv(frames, c.taps[centre], relu=False, finite=finite,
                         residual=None if residual is None else _frames(residual))
     others = [j for j in range(c.t_kernel) if j != centre]
     for j in others:
