@@ -80,9 +80,9 @@ def _frames(x):
     return x.transpose(1, 2).reshape(n * t, c, h, w).contiguous(memory_format=torch.channels_last)
 
 
-def _volume(y, n):
+def _volume(y, n, t):
     """_frames' inverse: (N*T, K, H, W) channels_last as (N, K, T, H, W) channels_last_3d."""
-    return y.unflatten(0, (n, -1)).transpose(1, 2)
+    return y.unflatten(0, (n, t)).transpose(1, 2)
 
 
 def _out_frames(c, t):
@@ -113,9 +113,10 @@ def conv(x, c, *, relu, finite, residual=None):
     as the graph keeps its values."""
     n, x = x.shape[0], x.contiguous(memory_format=torch.channels_last_3d)
     if c.t_kernel == 1 and c.t_padding == 0:
-        frames = _frames(x[:, :, ::c.t_stride] if c.t_stride > 1 else x)
+        x = x[:, :, ::c.t_stride] if c.t_stride > 1 else x
         res = None if residual is None else _frames(residual)
-        return _volume(dispatch.conv(frames, c.taps[0], relu=relu, finite=finite, residual=res), n)
+        return _volume(dispatch.conv(_frames(x), c.taps[0], relu=relu, finite=finite,
+                                     residual=res), n, x.shape[2])
     route = _route(c, x, residual)
     if route == "direct":
         return dispatch.conv(x, c.direct, relu=relu, finite=finite, residual=residual)
@@ -147,7 +148,7 @@ def _padded_taps(x, c, relu, finite, residual):
         frames = _frames(xp[:, :, start:start + c.t_stride * (t_out - 1) + 1:c.t_stride])
         last = j == c.t_kernel - 1
         acc = dispatch.conv(frames, tap, relu=relu and last, finite=finite, residual=acc)
-    return _volume(acc, n)
+    return _volume(acc, n, t_out)
 
 
 def _taps_in_place(x, c, relu, finite, residual):
@@ -173,7 +174,7 @@ def _taps_in_place(x, c, relu, finite, residual):
             if relu and last:  # the frames this tap does not reach
                 acc[s * t:s * t + lo].relu_()
                 acc[s * t + max(hi, lo):(s + 1) * t].relu_()
-    return _volume(acc, n)
+    return _volume(acc, n, t)
 
 
 def _accumulate_(out, x, tap, *, relu, finite):
@@ -193,9 +194,9 @@ def conv_add_relu_(identity, x, c, *, finite):
     after this call); returns the result."""
     x = x.contiguous(memory_format=torch.channels_last_3d)
     if c.t_kernel == 1 and c.t_padding == 0:
-        frames = _frames(x[:, :, ::c.t_stride] if c.t_stride > 1 else x)
-        out = dispatch.conv_add_relu_(_frames(identity), frames, c.taps[0], finite=finite)
-        return _volume(out, x.shape[0])
+        x = x[:, :, ::c.t_stride] if c.t_stride > 1 else x
+        out = dispatch.conv_add_relu_(_frames(identity), _frames(x), c.taps[0], finite=finite)
+        return _volume(out, x.shape[0], x.shape[2])
     if _route(c, x, identity) == "direct":
         return dispatch.conv_add_relu_(identity, x, c.direct, finite=finite)
     return conv(x, c, relu=True, finite=finite, residual=identity)

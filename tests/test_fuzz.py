@@ -80,6 +80,7 @@ def conv_cases(draw):
                 x_layout=draw(st.sampled_from(LAYOUTS)), res_kind=draw(
                     st.sampled_from(["none", "dense", "channels_last", "expanded", "sliced"])),
                 relu=draw(st.booleans()), bias=draw(st.booleans()),
+                packed=device == "cpu" and draw(st.booleans()),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -115,13 +116,91 @@ def test_conv_bias_act_fuzz(case):
             rd = _layout(rd, "sliced", None)
         elif case["res_kind"] == "expanded":
             rd = res[:1, :, :1].to(dev).expand(n, k, ho, wo)
-    out = ops.conv_bias_act(xd, wt.to(dev), None if b is None else b.to(dev), rd,
+    # The weight as the models pass it: packed for oneDNN for this input's shape.
+    wd = ops.pack_weight(wt, *conv.geometry(), x.shape) if case["packed"] else wt.to(dev)
+    out = ops.conv_bias_act(xd, wd, None if b is None else b.to(dev), rd,
                             *conv.geometry(), relu=case["relu"])
     assert out.shape == ref.shape and out.dtype == dt
-    if out.numel() and ref.abs().max() > 0:
+    if dt == torch.float32:  # relative to the products' magnitude (one output may cancel)
+        _assert_fp32_matches(out.cpu(), x, wt, b, res, conv, case["relu"], str(case))
+    elif out.numel() and ref.abs().max() > 0:
         assert_matches(out, ref, dt, conv.reduction, what=str(case))
     elif out.numel():  # every output cut by the ReLU: ours must be (near) zero too
         assert out.abs().max().item() <= 1e-6 * tol(dt, conv.reduction), case
+
+
+@st.composite
+def conv3d_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2]))
+    kernel = draw(st.sampled_from([(1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 1), (3, 7, 7)]))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(3))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(3))
+    padding = tuple(draw(st.integers(0, r // 2 * d + 1)) for r, d in zip(kernel, dilation))
+    size = tuple(draw(st.integers(max(1, d * (r - 1) + 1 - 2 * p), d * (r - 1) + 7))
+                 for r, d, p in zip(kernel, dilation, padding))
+    return dict(dtype=draw(st.sampled_from(dtypes_for("cpu"))), n=draw(st.integers(0, 2)),
+                c=groups * draw(st.integers(1, 8)), k=groups * draw(st.integers(1, 8)),
+                groups=groups, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                size=size, channels_last=draw(st.booleans()), residual=draw(st.booleans()),
+                relu=draw(st.booleans()), bias=draw(st.booleans()), packed=draw(st.booleans()),
+                route=draw(st.sampled_from(["op", "op in place", "conv3d", "direct",
+                                            "taps in place", "padded taps"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
+@given(case=conv3d_cases())
+def test_conv3d_fuzz(case):
+    """conv_bias_act and conv_bias_add_relu_ on 5-D operands; resnet_fused.conv3d as it
+    chooses and by each of its routes (the taps in place where they apply)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from resnet_fused import conv3d, dispatch
+
+    g = torch.Generator().manual_seed(case["seed"])
+    dt, n, c, k, groups = case["dtype"], case["n"], case["c"], case["k"], case["groups"]
+    geometry = (case["stride"], case["padding"], case["dilation"], groups)
+    x = torch.randn(n, c, *case["size"], generator=g).to(dt)
+    reduction = c // groups * (case["kernel"][0] * case["kernel"][1] * case["kernel"][2])
+    wt = (torch.randn(k, c // groups, *case["kernel"], generator=g) / reduction ** 0.5).to(dt)
+    b = torch.randn(k, generator=g).to(dt) if case["bias"] else None
+    conv = F.conv3d(x.double(), wt.double(), None if b is None else b.double(), *geometry)
+    res = torch.randn(conv.shape, generator=g).to(dt)
+    relu = case["relu"] or case["route"] == "op in place"
+    ref = conv + res.double() if case["residual"] or case["route"] == "op in place" else conv
+    ref = ref.relu() if relu else ref
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    residual = res if case["residual"] else None
+    w_op = ops.pack_weight(wt, *geometry[:3], groups, x.shape) if case["packed"] else wt
+    if case["route"] == "op":
+        out = ops.conv_bias_act(x, w_op, b, residual, *geometry, relu=relu)
+    elif case["route"] == "op in place":
+        out = res.contiguous(memory_format=torch.channels_last_3d)
+        ops.conv_bias_add_relu_(out, x, w_op, b, *geometry)
+    else:
+        if dt != torch.float32:
+            return  # the routes' other dtypes are the op's
+        module = nn.Conv3d(c, k, case["kernel"], case["stride"], case["padding"],
+                           case["dilation"], groups)
+        p = dispatch.prepare(wt, b, module, dt)
+        xl = x.contiguous(memory_format=torch.channels_last_3d)
+        same = (p.t_stride == 1 and conv3d._out_frames(p, x.shape[2]) == x.shape[2]
+                and conv3d._centre(p.t_kernel, p.t_padding, p.t_dilation) * p.t_dilation
+                == p.t_padding)
+        if case["route"] == "direct":
+            out = dispatch.conv(x, p.direct, relu=relu, finite=True, residual=residual)
+        elif case["route"] == "taps in place" and same and p.t_kernel > 1:
+            out = conv3d._taps_in_place(xl, p, relu, True, residual)
+        elif case["route"] == "padded taps":
+            out = conv3d._padded_taps(xl, p, relu, True, residual)
+        else:
+            out = dispatch.conv(x, p, relu=relu, finite=True, residual=residual)
+    assert out.shape == ref.shape and out.dtype == dt
+    if out.numel() and ref.abs().max() > 0:
+        assert_matches(out, ref, dt, reduction, what=str(case))
 
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,

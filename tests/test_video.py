@@ -147,3 +147,19 @@ def test_compile_and_export_trace_the_fused_graph():
     exported = torch.export.export(fused, (x,))
     with torch.inference_mode():
         assert rel_err(exported.module()(x), ref) <= bound
+
+
+def test_refolds_when_a_bn_or_conv_changes():
+    model = _video("r3d_18")
+    fused = fuse(model)
+    x = _clip(frames=3, size=16, seed=6)
+    with torch.inference_mode():
+        before = fused(x)
+    with torch.no_grad():
+        for m in (fused, model):
+            m.layer1[0].conv2[1].running_var.mul_(3.0)   # a BatchNorm3d buffer, in place
+            m.layer2[0].conv1[0].weight.mul_(0.5)        # a 3x3x3 conv's weight, in place
+    with torch.inference_mode():
+        after = fused(x)
+        assert rel_err(after, model(x)) <= fp32_bounds(model, x)
+        assert rel_err(after, before) > 100 * fp32_bounds(model, x)

@@ -92,30 +92,44 @@ bool sum_fuses(const Tensor& x_channels_last, const Tensor& weight) {
 //   crashes in the fused residual sum (fp32) and in plain bf16 convolution;
 // - a single output channel with a 1x1 output: wrong values from the fused ops;
 // - bf16 with an output row or column of size 1 (3x3, stride 2 or 3): wrong
-//   values, in torch's own F.conv2d too.
-// bf16 calls of the last kind are recomputed in fp32 (bf16 values are exact in
+//   values, in torch's own F.conv2d too;
+// - one input channel per group with strides that differ between the axes (1 along
+//   H, 2 or 3 along W): wrong values where an output column has size 1, in torch's
+//   own F.conv2d too where the input has channels_last's strides (which a
+//   one-channel tensor may have while it also counts as contiguous), and from any
+//   weight oneDNN packed for it.
+// bf16 calls of the third kind are recomputed in fp32 (bf16 values are exact in
 // fp32, and oneDNN accumulates bf16 in fp32 anyway), where that fault does not
-// occur. The first two kinds (onednn_fusion_unsafe) take the portable path:
-// ATen's plain convolution on NCHW input, which is right on them (on
+// occur. The others (onednn_fusion_unsafe) take the portable path: ATen's plain
+// convolution on a fresh NCHW copy of the input, which is right on them (on
 // channels_last input it too crashed on an over-padded grouped 1x1 conv); bf16
-// ones in fp32 as well.
+// ones in fp32 as well; and pack_weight leaves the last kind's weights unpacked.
 // 3-D convolutions are treated alike (an output extent of 1 along any axis).
-bool onednn_fusion_unsafe(const Tensor& weight, at::IntArrayRef out_size, at::IntArrayRef padding,
-                          at::IntArrayRef dilation) {
+bool anisotropic_single_channel(const Tensor& weight, at::IntArrayRef stride) {
+  if (weight.size(1) != 1) return false;
+  for (const int64_t s : stride) {
+    if (s != stride[0]) return true;
+  }
+  return false;
+}
+
+bool onednn_fusion_unsafe(const Tensor& weight, at::IntArrayRef out_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
   for (int64_t d = 0; d + 2 < weight.dim(); ++d) {
     const int64_t span = dilation[d] * (weight.size(d + 2) - 1) + 1;
     if (2 * padding[d] > span - 1) return true;
   }
-  return weight.size(0) == 1 && c10::multiply_integers(out_size.slice(2)) == 1;
+  return (weight.size(0) == 1 && c10::multiply_integers(out_size.slice(2)) == 1) ||
+         anisotropic_single_channel(weight, stride);
 }
 
 bool bf16_needs_fp32(const Tensor& input, const Tensor& weight, at::IntArrayRef out_size,
-                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   if (input.scalar_type() != at::kBFloat16) return false;
   for (const int64_t extent : out_size.slice(2)) {
     if (extent == 1) return true;
   }
-  return onednn_fusion_unsafe(weight, out_size, padding, dilation);
+  return onednn_fusion_unsafe(weight, out_size, stride, padding, dilation);
 }
 
 Tensor to_float(const Tensor& t) { return (t.is_mkldnn() ? t.to_dense() : t).to(at::kFloat); }
@@ -161,7 +175,7 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
     }
     return out;
   }
-  if (bf16_needs_fp32(input, weight, out_size, padding, dilation)) {
+  if (bf16_needs_fp32(input, weight, out_size, stride, padding, dilation)) {
     return conv_bias_act_cpu(to_float(input), to_float(weight), to_float(bias), to_float(residual),
                              stride, padding, dilation, groups, relu, assume_finite)
         .to(at::kBFloat16);
@@ -180,10 +194,12 @@ Tensor conv_bias_act_cpu(const Tensor& input, const Tensor& weight, const option
   }
   // The residual sum needs a channels_last input; the plain path takes either.
   const Tensor x = residual.has_value() ? input.contiguous(channels_last(input)) : input;
-  const bool unsafe = onednn_fusion_unsafe(weight, out_size, padding, dilation);
+  const bool unsafe = onednn_fusion_unsafe(weight, out_size, stride, padding, dilation);
   if (!use_onednn(input) || !finite || unsafe || (residual.has_value() && !sum_fuses(x, weight))) {
     const Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
-    Tensor out = at::convolution(unsafe ? input.contiguous() : input, w, bias, stride, padding,
+    // (A fresh tensor: contiguous() keeps a one-channel input's channels_last strides.)
+    const Tensor x_plain = unsafe ? at::empty(input.sizes(), input.options()).copy_(input) : input;
+    Tensor out = at::convolution(x_plain, w, bias, stride, padding,
                                  dilation, false, std::vector<int64_t>(input.dim() - 2, 0), groups);
     residual_relu_inplace(out, residual, relu);
     return out.contiguous(fmt);
@@ -223,7 +239,7 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
   check_cpu(input, weight, op);
   if (residual.numel() == 0) return;
   const auto out_size = conv_output_size(input, weight, stride, padding, dilation);
-  if (bf16_needs_fp32(input, weight, out_size, padding, dilation)) {
+  if (bf16_needs_fp32(input, weight, out_size, stride, padding, dilation)) {
     residual.copy_(conv_bias_act_cpu(input, weight, bias, residual, stride, padding, dilation,
                                      groups, /*relu=*/true, assume_finite));
     return;
@@ -236,7 +252,7 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
                        (!weight.is_mkldnn() && residual.is_alias_of(weight)) ||  // packed: opaque
                        (bias.has_value() && residual.is_alias_of(*bias));
   const bool fusable = use_onednn(input) && sum_fuses(x, weight) && !aliased &&
-                       !onednn_fusion_unsafe(weight, out_size, padding, dilation) &&
+                       !onednn_fusion_unsafe(weight, out_size, stride, padding, dilation) &&
                        residual.is_contiguous(channels_last(residual)) &&
                        (assume_finite ||
                         (all_finite(input) && all_finite(residual) &&
@@ -256,7 +272,7 @@ void conv_bias_add_relu_cpu_(Tensor& residual, const Tensor& input, const Tensor
 Tensor pack_weight_cpu(const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
   check_pack_weight_args(weight, groups, input_size, /*volumes=*/true);
-  if (!at::hasMKLDNN() || !use_onednn(weight)) {
+  if (!at::hasMKLDNN() || !use_onednn(weight) || anisotropic_single_channel(weight, stride)) {
     return weight.contiguous(channels_last(weight));  // nothing better to pack into
   }
   if (weight.dim() == 5) {
