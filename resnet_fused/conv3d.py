@@ -14,7 +14,11 @@ accumulated in place, _taps_in_place): 64 channels at 16x56x56 47.2 against 20.6
 over zero-padded frames (_padded_taps, when gradients are needed) measured 22.9, 8.8,
 5.6, 5.8, 4.7 and 2.4: slower than direct where a third of the taps' frames are
 padding. At stride 2 (64 to 128 at 16x56x56) the padded taps measured 12.1 against
-12.4. Other 3-D convs take conv_bias_act's 3-D path: oneDNN's direct conv, one op.
+12.4. bfloat16 takes the taps where its Winograd kernel runs (F(2x2), AVX512_BF16): each
+tap's sum is rounded to bfloat16, so r3d_18 erred 1.4x torchvision's bf16 error against
+fp64 (6.3e-3 against 4.5e-3; 4.1e-3 without the taps) in 137.0 ms against 168.8 without
+them (one clip of 16 frames at 112x112). Other 3-D convs take conv_bias_act's 3-D path:
+oneDNN's direct conv, one op.
 """
 
 from dataclasses import dataclass
@@ -92,7 +96,7 @@ def _out_frames(c, t):
 def _taps_pay(c, x, in_place):
     """Whether the sum of 2-D taps (accumulated in place, or out of place over padded
     frames) beats the direct conv on x (see the module docstring)."""
-    if (c.t_kernel == 1 or c.t_stride != 1 or x.dtype != torch.float32
+    if (c.t_kernel == 1 or c.t_stride != 1 or x.dtype not in (torch.float32, torch.bfloat16)
             or dispatch.tracing()):  # traced: no Winograd (PreparedConv.kernel_for)
         return False
     t, t_out = x.shape[2], _out_frames(c, x.shape[2])
