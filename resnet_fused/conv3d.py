@@ -17,7 +17,7 @@ padding. At stride 2 (64 to 128 at 16x56x56) the padded taps measured 12.1 again
 12.4. bfloat16 takes the taps where its Winograd kernel runs (F(2x2), AVX512_BF16): each
 tap's sum is rounded to bfloat16, so r3d_18 erred 1.4x torchvision's bf16 error against
 fp64 (6.3e-3 against 4.5e-3; 4.1e-3 without the taps) in 137.0 ms against 168.8 without
-them (one clip of 16 frames at 112x112). Other 3-D convs take conv_bias_act's 3-D path:
+them (two runs; one clip of 16 frames at 112x112). Other 3-D convs take conv_bias_act's 3-D path:
 oneDNN's direct conv, one op.
 """
 
