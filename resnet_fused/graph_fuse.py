@@ -529,8 +529,9 @@ def _original_layout(t, like):
     channels_last (eager convs return channels_last only for a channels_last input; the
     fused ones always do)."""
     if (isinstance(t, torch.Tensor) and t.dim() >= 3 and isinstance(like, torch.Tensor)
-            and like.dim() in (4, 5) and not (like.is_contiguous(memory_format=_channels_last(like))
-                                         and not like.is_contiguous())):
+            and like.dim() in (4, 5)
+            and not (like.is_contiguous(memory_format=_channels_last(like))
+                     and not like.is_contiguous())):
         return t.contiguous()
     return t
 
@@ -635,6 +636,8 @@ class GraphFused(_Folding):
                                    "on the CPU only")
         for _, conv, _ in pairs[:1]:  # the model's own error is clearer than the kernels'
             w = self.get_submodule(conv).weight
+            if w.dim() != x.dim():
+                return False, f"the input is {x.dim()}-D but {conv} takes {w.dim()}-D input"
             if w.device != x.device:
                 return False, f"the input is on {x.device} but {conv} is on {w.device}"
             if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -649,7 +652,8 @@ class GraphFused(_Folding):
         rewrite = self.__dict__.get("_graph_rewrite")  # absent in copies made by __init__
         x = None if rewrite is None else args[0] if args else kwargs.get(rewrite.input_name)
         prepared = None
-        # Neither 4-D nor 5-D: the model's own forward, whatever it makes of it (or its own error).
+        # Neither 4-D nor 5-D: the model's own forward, whatever it makes of it (or its own
+        # error).
         if (isinstance(x, torch.Tensor) and x.dim() in (4, 5)
                 and not torch.onnx.is_in_onnx_export()):
             prepared = self._prepare_fused(x)

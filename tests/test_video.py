@@ -2,6 +2,7 @@
 Conv3d-BatchNorm3d patterns run as the fused ops (3-D on the CPU), against
 torchvision's own forward."""
 
+import re
 import warnings
 
 import pytest
@@ -163,3 +164,17 @@ def test_refolds_when_a_bn_or_conv_changes():
         after = fused(x)
         assert rel_err(after, model(x)) <= fp32_bounds(model, x)
         assert rel_err(after, before) > 100 * fp32_bounds(model, x)
+
+
+def test_an_input_of_the_other_rank_gets_the_models_own_error():
+    # A 4-D batch of images given to a video model: torchvision's own error, not the op's.
+    fused = fuse(_video("r3d_18"))
+    x = torch.randn(1, 3, 32, 32)
+    ok, why = fused.fused_status(x)
+    assert not ok and re.fullmatch(r"the input is 4-D but \S+ takes 5-D input", why), why
+    with pytest.raises(RuntimeError) as ours, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused(x)
+    with pytest.raises(RuntimeError) as theirs:
+        _video("r3d_18")(x)
+    assert str(ours.value) == str(theirs.value)
