@@ -35,7 +35,7 @@ build: $(VENV)/.deps
 demo: build
 	$(PY) -m resnet_fused verify --arch all --size 128
 	$(PY) -m resnet_fused bench --arch resnet50 --batch-sizes 1,8 --compile --peers
-	$(PY) benchmarks/video_resnets.py --arch r3d_18 --peers --repeats 5
+	$(PY) -m resnet_fused bench --arch r3d_18 --compile --peers --repeats 5
 
 # The suite, then the op, model, fuzz and fx tests again as another CPU class would run
 # them: AVX2 only (ATen, oneDNN and our kernels capped; on an AVX2 machine this

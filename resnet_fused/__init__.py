@@ -19,7 +19,8 @@ _LAZY = {
     "build": "builders", "resnet18": "builders", "resnet34": "builders", "resnet50": "builders",
     "resnet101": "builders", "resnet152": "builders", "resnext50_32x4d": "builders",
     "resnext101_32x8d": "builders", "resnext101_64x4d": "builders",
-    "wide_resnet50_2": "builders", "wide_resnet101_2": "builders",
+    "wide_resnet50_2": "builders", "wide_resnet101_2": "builders", "VIDEO_ARCHS": "builders",
+    "r3d_18": "builders", "mc3_18": "builders", "r2plus1d_18": "builders",
 }
 
 __all__ = ["available", "load_error", "ops"]

@@ -88,21 +88,21 @@ def time_interleaved(fns, device, warmup, repeats, block=5):
 
 # ---- variants ------------------------------------------------------------------------
 
-EAGER = "torchvision eager (NCHW)"
-
-
 CUDNN_FUSED = "cuDNN fused ops (folded BN)"
 
 
-def torch_variants(tv, fused, dtype, use_compile):
-    """(name -> callable(x), notes) for torchvision eager, torch.compile, cuDNN's fused
-    ops (on CUDA) and resnet_fused, on copies of the models in `dtype` (the given ones
-    are left as they are); notes say why a variant is missing."""
+def torch_variants(tv, fused, dtype, use_compile, memory_format=torch.channels_last):
+    """(name -> callable(x), notes) for torchvision eager (first: on the input as given,
+    then on `memory_format`, channels_last_3d for the video ResNets), torch.compile,
+    cuDNN's fused ops (on CUDA, 2-D) and resnet_fused, on copies of the models in `dtype`
+    (the given ones are left as they are); notes say why a variant is missing."""
     tv_d = copy.deepcopy(tv).to(dtype)
-    cl = torch.channels_last
+    cl = memory_format
     tv_cl = copy.deepcopy(tv_d).to(memory_format=cl)
-    variants = {EAGER: tv_d,
-                "torchvision eager (channels_last)": lambda x: tv_cl(x.contiguous(memory_format=cl))}
+    video = cl == torch.channels_last_3d
+    variants = {f"torchvision eager ({'NCDHW' if video else 'NCHW'})": tv_d,
+                f"torchvision eager ({str(cl).replace('torch.', '')})":
+                    lambda x: tv_cl(x.contiguous(memory_format=cl))}
     if use_compile:
         compiled = torch.compile(tv_cl)
         # Inductor's freezing folds BN into the convs as we do: the strongest compiled peer.
@@ -111,7 +111,7 @@ def torch_variants(tv, fused, dtype, use_compile):
         variants["torch.compile + freezing"] = lambda x: frozen(x.contiguous(memory_format=cl))
     notes = []
     device = next(tv.parameters()).device
-    if device.type == "cuda":
+    if device.type == "cuda" and not video:
         # Folded from the fp32 model, as ours is. cuDNN may refuse a shape or dtype
         # (CUDNN_STATUS_NOT_SUPPORTED): one small forward finds out here, so that the
         # other rows are still measured.

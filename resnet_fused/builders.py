@@ -15,6 +15,18 @@ from .model import fuse
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+# torchvision.models.video: clips (N, 3, frames, H, W), fused on the CPU only (fuse()'s
+# torch.fx path, 3-D convolutions).
+VIDEO_ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18")
+
+
+def torchvision_builder(arch):
+    """torchvision's builder of `arch` (one of ARCHS or VIDEO_ARCHS)."""
+    if arch in VIDEO_ARCHS:
+        return getattr(tvm.video, arch)
+    if arch in ARCHS:
+        return getattr(tvm, arch)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS + VIDEO_ARCHS)}")
 
 
 def load_state_dict_file(path):
@@ -54,10 +66,9 @@ def _is_path(weights):
 
 
 def torchvision_model(arch, weights=None, progress=True, **kwargs):
-    """The plain torchvision `arch` (one of ARCHS) with `weights` resolved as in the
-    module doc. Errors say which argument is wrong and how to fix it."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    """The plain torchvision `arch` (one of ARCHS or VIDEO_ARCHS) with `weights`
+    resolved as in the module doc. Errors say which argument is wrong and how to fix it."""
+    builder = torchvision_builder(arch)
     path = None
     if weights is not None and _is_path(weights):
         path, weights = os.fspath(weights), None
@@ -83,7 +94,7 @@ def torchvision_model(arch, weights=None, progress=True, **kwargs):
         if "num_classes" not in kwargs and fc is not None and fc.dim() == 2:
             kwargs["num_classes"] = fc.shape[0]  # a fine-tuned checkpoint's own head
     try:
-        model = getattr(tvm, arch)(weights=weights, progress=progress, **kwargs)
+        model = builder(weights=weights, progress=progress, **kwargs)
     except OSError as e:  # download failed (offline, proxy, ...)
         raise RuntimeError(f"could not download {weights} for {arch}: {e}. Offline, pass a "
                            "path to a saved state_dict instead (weights='path/to/file.pth')") from None
@@ -97,7 +108,8 @@ def torchvision_model(arch, weights=None, progress=True, **kwargs):
 
 
 def build(arch, weights=None, progress=True, **kwargs):
-    """The fused `arch` (one of ARCHS), optionally with weights (see module doc)."""
+    """The fused `arch` (one of ARCHS or VIDEO_ARCHS), optionally with weights (see
+    module doc)."""
     return fuse(torchvision_model(arch, weights, progress, **kwargs), inplace=True)
 
 
@@ -105,7 +117,8 @@ def _builder(arch):
     def builder(*, weights=None, progress=True, **kwargs):
         return build(arch, weights=weights, progress=progress, **kwargs)
     builder.__name__ = arch
-    builder.__doc__ = (f"Fused {arch}; same signature as torchvision.models.{arch}. "
+    where = "torchvision.models.video" if arch in VIDEO_ARCHS else "torchvision.models"
+    builder.__doc__ = (f"Fused {arch}; same signature as {where}.{arch}. "
                        "`weights` may also be a path to a state_dict file.")
     return builder
 
@@ -120,3 +133,6 @@ resnext101_32x8d = _builder("resnext101_32x8d")
 resnext101_64x4d = _builder("resnext101_64x4d")
 wide_resnet50_2 = _builder("wide_resnet50_2")
 wide_resnet101_2 = _builder("wide_resnet101_2")
+r3d_18 = _builder("r3d_18")
+mc3_18 = _builder("mc3_18")
+r2plus1d_18 = _builder("r2plus1d_18")

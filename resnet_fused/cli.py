@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from . import _extension, benchmark, dispatch, info, predict
-from .builders import ARCHS, torchvision_model
+from .builders import ARCHS, VIDEO_ARCHS, torchvision_builder, torchvision_model
 from .model import STAGES, fuse
 from .testing import DETECTION, SEGMENTATION, realistic_, task_model
 
@@ -57,10 +57,41 @@ def _fused_here(device, dtype):
                      f"{str(dtype).replace('torch.', '')}: {why}")
 
 
+def _fused_arch_here(arch, device):
+    """Exits with a usage error for a video arch on a GPU: 3-D convolutions run fused on
+    the CPU only, so its figures would be torchvision's under our name."""
+    if arch in VIDEO_ARCHS and device.type != "cpu":
+        _usage_error(f"argument --arch: the video ResNets ({', '.join(VIDEO_ARCHS)}) run fused "
+                     f"on the CPU only (3-D convolutions), got {arch} on {device}; pass "
+                     "--device cpu")
+
+
+def _input_shape(arch, batch, args):
+    """(batch, 3, H, W) for an image classifier; (batch, 3, frames, H, W), a clip, for a
+    video ResNet. Each takes the input size it was trained at unless --size says."""
+    if arch in VIDEO_ARCHS:
+        return (batch, 3, args.frames, *(args.size or (112, 112)))
+    return (batch, 3, *(args.size or (224, 224)))
+
+
+def _describe_input(arch, args):
+    shape = _input_shape(arch, 1, args)
+    return (f"clip {shape[2]}x{shape[3]}x{shape[4]} (frames x H x W)" if len(shape) == 5
+            else f"input {shape[2]}x{shape[3]}")
+
+
+def _check_frames(args, archs):
+    if args.frames is not None and not set(archs) & set(VIDEO_ARCHS):
+        _usage_error(f"argument --frames: expected a video arch ({', '.join(VIDEO_ARCHS)}), "
+                     f"got --arch {args.arch}")
+    if args.frames is None:
+        args.frames = 16
+
+
 def load_models(arch, weights, device):
     """(torchvision model, fused model, description of the weights), both in eval mode."""
     if weights is None:
-        tv = realistic_(getattr(torchvision.models, arch)(), seed=0)
+        tv = realistic_(torchvision_builder(arch)(), seed=0)
         desc = "seeded random weights with realistic BatchNorm statistics (no checkpoint given)"
     else:
         try:
@@ -75,11 +106,12 @@ def load_models(arch, weights, device):
 # ---------------------------------------------------------------- verify
 
 
-def verify_arch(arch, weights, device, batch, size, seed=0):
-    """Rows of (arch, dtype, max_abs, rel, ref_rel, top1, ok) comparing fused with torchvision."""
+def verify_arch(arch, weights, device, shape, seed=0):
+    """Rows of (arch, dtype, max_abs, rel, ref_rel, top1, ok) comparing fused with
+    torchvision on an input of `shape`."""
     tv, fused, desc = load_models(arch, weights, device)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, *size, generator=g).to(device)
+    x = torch.randn(*shape, generator=g).to(device)
     rows = []
     with torch.inference_mode():
         ref64 = tv.double()(x.double())
@@ -107,14 +139,24 @@ def verify_arch(arch, weights, device, batch, size, seed=0):
 
 def cmd_verify(args):
     device = _device(args.device)
-    archs = ARCHS if args.arch == "all" else [args.arch]
-    print(f"verify on {device}: fused vs torchvision, batch {args.batch}, input {args.size}, "
+    if args.arch != "all":
+        archs = [args.arch]
+        _fused_arch_here(args.arch, device)
+    else:
+        archs = ARCHS + (VIDEO_ARCHS if device.type == "cpu" else ())
+    _check_frames(args, archs)
+    inputs = sorted({_describe_input(a, args) for a in archs}, reverse=True)
+    print(f"verify on {device}: fused vs torchvision, batch {args.batch}, {', '.join(inputs)}, "
           "errors against an fp64 torchvision reference")
+    if args.arch == "all" and device.type != "cpu":
+        print(f"(the video ResNets, {', '.join(VIDEO_ARCHS)}, run fused on the CPU only: "
+              "verify them with --device cpu)")
     print(f"{'arch':18} {'dtype':9} {'max abs err':>12} {'rel err':>10} {'tv rel err':>10} "
           f"{'top-1 agree':>11}  result")
     bad = 0
     for arch in archs:
-        rows, desc = verify_arch(arch, args.weights, device, args.batch, args.size)
+        rows, desc = verify_arch(arch, args.weights, device,
+                                 _input_shape(arch, args.batch, args))
         if not rows:
             bad += 1
             print(f"{arch:18} no dtype: resnet_fused has no kernels on {device}")
@@ -139,22 +181,29 @@ def cmd_bench(args):
         return cmd_bench_task(args)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
-    batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1, 8])
-    tv, fused, desc = load_models(args.arch, args.weights, device)
+    video = args.arch in VIDEO_ARCHS
+    _check_frames(args, [args.arch])
+    _fused_arch_here(args.arch, device)
+    batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1] if video
+                                   else [1, 8])
     _fused_here(device, dtype)
-    variants, notes = benchmark.torch_variants(tv, fused, dtype, args.compile)
+    tv, fused, desc = load_models(args.arch, args.weights, device)
+    variants, notes = benchmark.torch_variants(
+        tv, fused, dtype, args.compile,
+        memory_format=torch.channels_last_3d if video else torch.channels_last)
+    eager = next(iter(variants))  # what the speed-ups are relative to
     if args.peers:
         if device.type != "cpu":
             notes.append("peers: ONNX Runtime and OpenVINO are timed on the CPU only")
         else:
-            example = torch.randn(1, 3, *args.size)
+            example = torch.randn(_input_shape(args.arch, 1, args))
             peers, peer_notes = benchmark.peer_variants(tv, example, dtype,
                                                         torch.get_num_threads())
             variants.update(peers)
             notes += peer_notes
-    print(f"bench {args.arch} on {benchmark.device_name(device)}, {args.dtype}, input "
-          f"{args.size}, median of {args.repeats} runs (blocks of 5, round-robin) after "
-          f"{args.warmup} warm-up runs; {desc}")
+    print(f"bench {args.arch} on {benchmark.device_name(device)}, {args.dtype}, "
+          f"{_describe_input(args.arch, args)}, median of {args.repeats} runs (blocks of 5, "
+          f"round-robin) after {args.warmup} warm-up runs; {desc}")
     for note in notes:
         print(f"  {note}")
     results = []
@@ -162,7 +211,8 @@ def cmd_bench(args):
     with torch.inference_mode():
         for b in batches:
             g = torch.Generator().manual_seed(b)
-            x = torch.randn(b, 3, *args.size, generator=g).to(device=device, dtype=dtype)
+            x = torch.randn(*_input_shape(args.arch, b, args), generator=g).to(
+                device=device, dtype=dtype)
             ref = ref_model(x.double())
             fns = {name: (lambda f=f: f(x)) for name, f in variants.items()}
             errors = {name: benchmark.rel_err(f(x), ref) for name, f in variants.items()}
@@ -175,26 +225,27 @@ def cmd_bench(args):
             for name, med in times.items():
                 results.append(dict(variant=name, batch=b, ms=med, images_per_s=b / med * 1e3,
                                     rel_err=errors[name]))
-    base = {r["batch"]: r for r in results if r["variant"] == benchmark.EAGER}
+    base = {r["batch"]: r for r in results if r["variant"] == eager}
     fastest_peer = {}
     for r in results:
-        eager = base[r["batch"]]
-        r["speedup_vs_eager_nchw"] = eager["ms"] / r["ms"]
+        r["speedup_vs_eager"] = base[r["batch"]]["ms"] / r["ms"]
         # Ours: verify's rule, at most 2x torchvision's own error (+ one fp32 rounding).
         # A peer also passes up to 1e-5 in fp32, where OpenVINO measured up to ~3x
         # torchvision's error without being wrong. A wrong variant's time is shown but
         # compared with nothing.
-        bound = 2 * eager["rel_err"] + torch.finfo(torch.float32).eps
+        bound = 2 * base[r["batch"]]["rel_err"] + torch.finfo(torch.float32).eps
         if r["variant"] != "resnet_fused":
             bound = max(bound, 1e-5)
         r["wrong"] = not r["rel_err"] <= bound
-        if r["variant"] not in (benchmark.EAGER, "resnet_fused") and not r["wrong"]:
+        if r["variant"] not in (eager, "resnet_fused") and not r["wrong"]:
             fastest_peer[r["batch"]] = min(fastest_peer.get(r["batch"], float("inf")), r["ms"])
-    print(f"\n{'variant':34} {'batch':>5} {'ms/batch':>10} {'images/s':>10} "
-          f"{'vs eager NCHW':>14} {'rel err vs fp64':>16}")
+    layout = eager[eager.index("(") + 1:-1]  # NCHW, NCDHW
+    print(f"\n{'variant':38} {'batch':>5} {'ms/batch':>10} "
+          f"{'clips/s' if video else 'images/s':>10} {'vs eager ' + layout:>15} "
+          f"{'rel err vs fp64':>16}")
     for r in results:
-        print(f"{r['variant']:34} {r['batch']:5d} {r['ms']:10.2f} {r['images_per_s']:10.1f} "
-              f"{r['speedup_vs_eager_nchw']:13.2f}x {r['rel_err']:16.2e}"
+        print(f"{r['variant']:38} {r['batch']:5d} {r['ms']:10.2f} {r['images_per_s']:10.1f} "
+              f"{r['speedup_vs_eager']:14.2f}x {r['rel_err']:16.2e}"
               + ("  WRONG (over 2x torchvision's error)" if r["wrong"] else ""))
     for b, ms in sorted(fastest_peer.items()):
         ours = next(r["ms"] for r in results if r["batch"] == b and r["variant"] == "resnet_fused")
@@ -203,7 +254,9 @@ def cmd_bench(args):
     if ours_wrong:
         print("resnet_fused computed a wrong result: see `resnet-fused verify`")
     report = dict(arch=args.arch, device=benchmark.device_name(device), dtype=args.dtype,
-                  size=list(args.size), torch=torch.__version__, weights=desc, notes=notes,
+                  size=list(_input_shape(args.arch, 1, args)[-2:]),
+                  input_shape=list(_input_shape(args.arch, 1, args)[1:]),
+                  torch=torch.__version__, weights=desc, eager=eager, notes=notes,
                   results=results)
     print(json.dumps(report))
     if args.json:
@@ -216,7 +269,8 @@ def cmd_bench_task(args):
     """bench --model: a whole detection or segmentation model, its ResNet body fused
     against unfused, and the body's share of the model's time."""
     ignored = [flag for flag, on in (("--weights", args.weights), ("--compile", args.compile),
-                                     ("--peers", args.peers)) if on]
+                                     ("--peers", args.peers),
+                                     ("--frames", args.frames is not None)) if on]
     if ignored:
         print(f"error: {', '.join(ignored)} cannot be combined with --model (the whole "
               "model runs with seeded random weights, fused against unfused)", file=sys.stderr)
@@ -225,10 +279,11 @@ def cmd_bench_task(args):
     dtype = getattr(torch, args.dtype)
     _fused_here(device, dtype)
     batches = args.batch_sizes or [1]
+    size = args.size or (224, 224)
     tv = task_model(args.model).to(device=device, dtype=dtype)
     fused = fuse(tv)
     print(f"bench {args.model} on {benchmark.device_name(device)}, {args.dtype}, input "
-          f"{args.size}, median of {args.repeats} runs (blocks of 5, round-robin) after "
+          f"{size}, median of {args.repeats} runs (blocks of 5, round-robin) after "
           f"{args.warmup} warm-up runs; seeded random weights with realistic BatchNorm "
           "statistics in the backbone")
     if args.model in DETECTION:
@@ -238,7 +293,7 @@ def cmd_bench_task(args):
     with torch.inference_mode():
         for b in batches:
             g = torch.Generator().manual_seed(b)
-            x = torch.rand(b, 3, *args.size, generator=g).to(device=device, dtype=dtype)
+            x = torch.rand(b, 3, *size, generator=g).to(device=device, dtype=dtype)
             variants = benchmark.task_variants(tv, fused, x)
             print(f"  batch {b} ...", file=sys.stderr, flush=True)
             ms = benchmark.time_interleaved(variants, device, args.warmup, args.repeats)
@@ -256,7 +311,7 @@ def cmd_bench_task(args):
                 results.append(dict(batch=b, part=part, variant=label, ms=t, speedup=speedup,
                                     body_share=share))
     report = dict(model=args.model, device=benchmark.device_name(device), dtype=args.dtype,
-                  size=list(args.size), torch=torch.__version__, results=results)
+                  size=list(size), torch=torch.__version__, results=results)
     print(json.dumps(report))
     if args.json:
         with open(args.json, "w") as f:
@@ -280,7 +335,7 @@ def cmd_profile(args):
                      f"({e.strerror})")
     tv, fused, desc = load_models(args.arch, args.weights, device)
     tv, fused = tv.to(dtype), fused.to(dtype)  # outside inference_mode: see verify_arch
-    x = torch.randn(args.batch, 3, *args.size, device=device, dtype=dtype)
+    x = torch.randn(_input_shape(args.arch, args.batch, args), device=device, dtype=dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     per_stage = {}
     with torch.inference_mode():
@@ -468,22 +523,31 @@ def build_parser():
                              "default: seeded random weights")
         sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
 
+    def input_size(sp, video):
+        sp.add_argument("--size", type=_size, default=None,
+                        help="input SIZE or HxW (default: 224; 112 for the video ResNets)"
+                        if video else "input SIZE or HxW (default: 224)")
+        if video:
+            sp.add_argument("--frames", type=_positive, default=None,
+                            help="frames per clip, for the video ResNets (default: 16)")
+
     v = sub.add_parser("verify", help="compare fused with torchvision in every supported dtype")
-    common(v, ARCHS + ("all",))
+    common(v, ARCHS + VIDEO_ARCHS + ("all",))
     v.add_argument("--batch", type=_positive, default=2)
-    v.add_argument("--size", type=_size, default=(224, 224))
+    input_size(v, video=True)
     v.set_defaults(fn=cmd_verify)
 
     b = sub.add_parser("bench", help="fused vs unfused throughput and latency")
-    common(b)
+    common(b, ARCHS + VIDEO_ARCHS)
     b.add_argument("--model", default=None, choices=DETECTION + SEGMENTATION,
                    help="time this whole detection or segmentation model instead, its ResNet "
                         "backbone fused against unfused (--arch, --weights, --compile and "
                         "--peers do not apply)")
     b.add_argument("--batch-sizes", type=_batches, default=None,
-                   help="comma-separated (default: 1,8 on CPU; 1,32,256 on CUDA; 1 with --model)")
+                   help="comma-separated (default: 1,8 on CPU; 1,32,256 on CUDA; 1 with --model "
+                        "or a video arch)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--size", type=_size, default=(224, 224))
+    input_size(b, video=True)
     b.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision), default and with freezing")
     b.add_argument("--peers", action="store_true",
                    help="also time ONNX Runtime and OpenVINO on torchvision's graph (CPU; "
@@ -497,7 +561,7 @@ def build_parser():
     common(pr)
     pr.add_argument("--batch", type=_positive, default=8)
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    pr.add_argument("--size", type=_size, default=(224, 224))
+    input_size(pr, video=False)
     pr.add_argument("--warmup", type=_non_negative, default=2)
     pr.add_argument("--repeats", type=_positive, default=3)
     pr.add_argument("--out", default="profile_out", help="folder for traces and the chart")

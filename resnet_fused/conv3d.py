@@ -28,6 +28,13 @@ import torch.nn.functional as F
 
 from . import dispatch, ops
 
+# The video ResNets' convs over frames take F(2x2) Winograd only, not F(4x4): per conv
+# F(4x4) errs 4-5x a direct conv against fp64, F(2x2) about 1x, and with F(4x4) in every
+# 3x3 conv of layers 1-3 the logits' error reached 2-3x torchvision's own on small
+# clips, past the 2x that `resnet-fused verify` holds every model to (README's Video
+# ResNets section has the figures and the price in speed).
+_TILES = (2,)
+
 # _padded_taps read zero frames at the temporal padding; below this share of useful
 # tap work the direct conv was faster (2 frames: 4 of 6 taps useful, measured slower; 4
 # frames: 10 of 12, faster).
@@ -74,6 +81,8 @@ def prepare(weight, bias, conv, dtype, cached=True):
     centre = _centre(kt, conv.padding[0], conv.dilation[0])  # holds the bias
     taps = [dispatch.prepare(weight[:, :, j].contiguous(), bias if j == centre else None,
                              geometry, dtype, cached=cached) for j in range(kt)]
+    for tap in taps:
+        tap.winograd_tiles = _TILES
     direct = dispatch.prepare(weight, bias, conv, dtype, cached=cached, direct=True)
     return Prepared3d(direct, taps, kt, conv.stride[0], conv.padding[0], conv.dilation[0], dtype)
 

@@ -165,6 +165,7 @@ class PreparedConv:
     cached: bool = True            # kept across forwards, so worth packing per input shape
     winograd_fits: bool = False    # winograd_conv3x3 computes this conv
     winograd: dict = field(default_factory=dict)  # tile -> Winograd-domain weight
+    winograd_tiles: tuple = (4, 2)  # the tile sizes it may take (conv3d's: F(2x2) only)
     conv1x1_fits: bool = False     # conv1x1 computes this conv
     conv1x1_panels: torch.Tensor = None  # its weight in panels, made on first use
     summed_bias: tuple = None      # (downsample, its bias + ours), for conv_sum_relu
@@ -256,7 +257,7 @@ class PreparedConv:
         inputs need: they are 16/9 (F(2x2)) and 4x (F(4x4)) the weight's size."""
         if not self.winograd_fits or tracing():
             return None
-        tile = _winograd_tile(x, self.weight, self.stride[0])
+        tile = _winograd_tile(x, self.weight, self.stride[0], self.winograd_tiles)
         if tile is None:
             return None
         u = self.winograd.get(tile)
@@ -416,8 +417,8 @@ def _cost(c, k, weight_floats, macs, threads):
 _STRIDE2_MAC_COST = 1.2
 
 
-def _winograd_tile(x, weight, stride=1):
-    """The Winograd tile size (4 or 2) that beats oneDNN on x, or None."""
+def _winograd_tile(x, weight, stride=1, allowed=(4, 2)):
+    """The Winograd tile size (4 or 2, of those allowed) that beats oneDNN on x, or None."""
     n, c, h, w = x.shape
     k = weight.shape[0]
     threads = torch.get_num_threads()
@@ -439,7 +440,7 @@ def _winograd_tile(x, weight, stride=1):
             return 2 if _cost(c, k, 16, 16 * tiles2, threads) < direct else None
         needed = _WINOGRAD_MIN_TILES_PER_THREAD[2] * (1 if small else 2)
         return 2 if tiles2 >= needed * threads else None
-    tiles = {t: n * -(-h // t) * -(-w // t) for t in (4, 2)
+    tiles = {t: n * -(-h // t) * -(-w // t) for t in allowed
              if h >= t and w >= t and (t == 2 or c >= _WINOGRAD_F4_MIN_CHANNELS)}
     if any(_winograd_splits(c, k, count, threads) for count in tiles.values()):
         costs = {None: _cost(c, k, 9, 9 * n * h * w, threads)}

@@ -38,13 +38,3 @@ def test_op_times_lists_every_call_and_sums_them():
     assert float(total.group(1)) == pytest.approx(listed, abs=0.001 * len(calls))  # rounding
     # ResNet-18's 3x3 convs take the Winograd kernel wherever it runs.
     assert ("winograd_conv3x3" in per_op) == _extension.winograd_kernel_available(), out
-
-
-def test_video_resnets_times_each_variant_and_its_error():
-    out = run_script("video_resnets.py", "--arch", "r3d_18", "--frames", "2", "--size", "16",
-                     "--repeats", "1", "--warmup", "0", "--no-compile")
-    rows = dict(re.findall(r"^  (torchvision eager \(\S+\)|resnet_fused)\s+([\d.]+)\s+error vs "
-                           r"fp64 \S+$", out, re.MULTILINE))
-    assert set(rows) == {"torchvision eager (NCDHW)", "torchvision eager (channels_last_3d)",
-                         "resnet_fused"}, out
-    assert "'conv-BN-add-ReLU': 8" in out and "vs the fastest other" in out, out

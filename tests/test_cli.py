@@ -73,6 +73,47 @@ def test_bench_flags_wrong_results(who, monkeypatch, capsys):
         assert code == 1 and "resnet_fused computed a wrong result" in out
 
 
+def test_verify_takes_a_video_resnet_on_clips(capsys):
+    assert main(["verify", "--arch", "r3d_18", "--size", "16", "--frames", "2",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "clip 2x16x16 (frames x H x W)" in out and "all match" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("r3d_18")]
+    assert [r[1] for r in rows] == [str(d).replace("torch.", "") for d in dispatch.CPU_DTYPES]
+
+
+def test_bench_times_a_video_resnet_against_eager_ncdhw(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--arch", "mc3_18", "--size", "16", "--frames", "2", "--warmup", "0",
+                 "--repeats", "1", "--device", "cpu", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["input_shape"] == [3, 2, 16, 16] and report["eager"] == "torchvision eager (NCDHW)"
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"torchvision eager (NCDHW)", "torchvision eager (channels_last_3d)",
+                         "resnet_fused"}
+    assert all(r["batch"] == 1 and not r["wrong"] for r in rows.values())  # one clip by default
+    assert rows["torchvision eager (NCDHW)"]["speedup_vs_eager"] == 1
+    out = capsys.readouterr().out
+    assert "vs eager NCDHW" in out and "clips/s" in out
+
+
+def test_video_options_are_refused_where_they_do_not_apply(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--arch", "resnet18", "--frames", "4", "--device", "cpu"])
+    assert e.value.code == 2
+    assert ("argument --frames: expected a video arch (r3d_18, mc3_18, r2plus1d_18), got "
+            "--arch resnet18") in capsys.readouterr().err
+    # On a GPU the video ResNets run their own forward: their figures would be torchvision's.
+    monkeypatch.setattr(cli, "_device", lambda name: torch.device("cuda"))
+    for command in ("verify", "bench"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--arch", "r3d_18"])
+        assert e.value.code == 2
+        assert ("argument --arch: the video ResNets (r3d_18, mc3_18, r2plus1d_18) run fused on "
+                "the CPU only (3-D convolutions), got r3d_18 on cuda; pass --device cpu"
+                in capsys.readouterr().err)
+
+
 def test_bench_model_times_whole_model_and_body(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--model", "deeplabv3_resnet50", "--size", "48", "--warmup", "0",
@@ -135,7 +176,8 @@ def test_predict_interrupted_without_out_exits_130(tmp_path, capsys, monkeypatch
                                   ["bench", "--json", "/nonexistent-folder/x.json"],
                                   ["bench", "--json", "/tmp"], ["bench", "--size", "abc"],
                                   ["profile", "--out", __file__ + "/sub"],
-                                  ["profile", "--out", __file__]])
+                                  ["profile", "--out", __file__],
+                                  ["profile", "--arch", "r3d_18"], ["bench", "--frames", "0"]])
 def test_bad_arguments_exit_2(argv):
     r = subprocess.run([sys.executable, "-m", "resnet_fused", *argv], capture_output=True, text=True)
     assert r.returncode == 2 and "usage:" in r.stderr

@@ -109,3 +109,22 @@ def test_the_taps_are_taken_where_they_were_measured_faster():
     winograd = conv2d.kernel_for(frames)[0] == "winograd"
     assert route(64, 64, 16, 56, dtype=torch.bfloat16) == ("taps in place" if winograd
                                                             else "direct")
+
+
+@pytest.mark.skipif(not _extension.winograd_kernel_available(),
+                    reason="no Winograd kernel on this CPU")
+@num_threads(2)
+@pytest.mark.parametrize("kt", [3, 1])  # r3d_18's 3x3x3 convs; mc3_18's and R(2+1)D's 1x3x3
+def test_the_convs_over_frames_take_f2x2_where_2d_takes_f4x4(kt):
+    # F(4x4)'s error, summed over a video model's convs, passed 2x torchvision's: the
+    # frames take F(2x2) only (conv3d._TILES), also where a ResNet's 2-D conv takes F(4x4).
+    conv2d = dispatch.prepare(torch.randn(64, 64, 3, 3), torch.randn(64),
+                              nn.Conv2d(64, 64, 3, 1, 1), torch.float32)
+    conv = nn.Conv3d(64, 64, (kt, 3, 3), 1, (kt // 2, 1, 1))
+    c = dispatch.prepare(torch.randn(64, 64, kt, 3, 3), torch.randn(64), conv, torch.float32)
+    frames = torch.randn(16, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+    kind, u = conv2d.kernel_for(frames)
+    assert kind == "winograd" and u.shape[0] == 36  # F(4x4): 6x6 points
+    for tap in c.taps:
+        kind, u = tap.kernel_for(frames)
+        assert kind == "winograd" and u.shape[0] == 16  # F(2x2): 4x4 points

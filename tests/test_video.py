@@ -178,3 +178,15 @@ def test_an_input_of_the_other_rank_gets_the_models_own_error():
     with pytest.raises(RuntimeError) as theirs:
         _video("r3d_18")(x)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_the_builders_load_a_checkpoint_and_name_the_weights(tmp_path):
+    model = _video("r2plus1d_18")
+    path = tmp_path / "r2plus1d.pth"
+    torch.save(model.state_dict(), path)
+    fused = resnet_fused.r2plus1d_18(weights=str(path)).eval()
+    x = _clip()
+    with torch.inference_mode():
+        assert rel_err(fused(x), model(x)) <= fp32_bounds(model, x)
+    with pytest.raises(ValueError, match="expected one of DEFAULT, KINETICS400_V1"):
+        resnet_fused.r3d_18(weights="IMAGENET1K_V1")
