@@ -5,19 +5,21 @@ So a conv with one temporal tap (kernel (1, R, S): mc3_18's Conv3DNoTemporal, R(
 spatial halves, the 1x1x1 downsamples) is a 2-D conv over those frames, and dispatch
 picks its kernel as for a ResNet's (Winograd, conv1x1, oneDNN). A conv with kt
 temporal taps is the sum of kt 2-D convs, tap j over the frames shifted by j: where
-those take the Winograd kernel (3x3, stride 1), the sum costs fewer multiplies than
-oneDNN's direct 3-D conv. Measured one conv at a time with a residual and ReLU (AMD EPYC
-Zen 4, 2 threads, fp32, batch 1, 3x3x3 with padding 1; ms, direct against the taps
-accumulated in place, _taps_in_place): 64 channels at 16x56x56 47.2 against 20.6, 128 at
-8x28x28 22.4 against 8.1, 256 at 4x14x14 9.7 against 4.4, 512 at 4x7x7 9.9 against 4.9,
-512 at 2x7x7 4.2 against 3.4, 128 at 2x28x28 4.0 against 1.6. The out-of-place taps
-over zero-padded frames (_padded_taps, when gradients are needed) measured 22.9, 8.8,
-5.6, 5.8, 4.7 and 2.4: slower than direct where a third of the taps' frames are
-padding. At stride 2 (64 to 128 at 16x56x56) the padded taps measured 12.1 against
-12.4. bfloat16 takes the taps where its Winograd kernel runs (F(2x2), AVX512_BF16): each
-tap's sum is rounded to bfloat16, so r3d_18 erred 1.4x torchvision's bf16 error against
-fp64 (6.3e-3 against 4.5e-3; 4.1e-3 without the taps) in 137.0 ms against 168.8 without
-them (two runs; one clip of 16 frames at 112x112). Other 3-D convs take conv_bias_act's 3-D path:
+those take the Winograd kernel (3x3, stride 1; F(2x2) only, see _TILES), the sum costs
+fewer multiplies than oneDNN's direct 3-D conv. Measured one conv at a time with a
+residual and ReLU (AMD EPYC Zen 4, 2 threads, fp32, batch 1, 3x3x3 with padding 1; ms,
+median of 15, direct against the taps accumulated in place, _taps_in_place, by F(2x2)
+and, for comparison, F(4x4)): 64 channels at 16x56x56 49.6 against 28.1 (20.1), 128 at
+8x28x28 22.1 against 12.2 (8.7), 256 at 4x14x14 9.8 against 5.5 (5.0), 512 at 4x7x7 9.5
+against 7.1 (5.6), 512 at 2x7x7 4.4 against 3.3 (3.3), 128 at 2x28x28 4.0 against 2.2
+(1.5). The out-of-place taps over zero-padded frames (_padded_taps, when gradients are
+needed; F(2x2)) measured 33.6, 13.7, 6.9, 8.7, 4.9 and 3.8: slower than direct where a
+third of the taps' frames are padding and the channels many. At stride 2 (64 to 128 at 16x56x56) the padded
+taps measured 12.1 against 12.4. bfloat16 takes the taps where its Winograd kernel runs
+(F(2x2), AVX512_BF16): each tap's sum is rounded to bfloat16, so r3d_18 erred 1.4x
+torchvision's bf16 error against fp64 (6.3e-3 against 4.5e-3; 4.1e-3 without the taps)
+in 137.0 ms against 168.8 without them (two runs; one clip of 16 frames at 112x112).
+Other 3-D convs take conv_bias_act's 3-D path:
 oneDNN's direct conv, one op.
 """
 
