@@ -46,12 +46,14 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
       "Tensor? residual, *, int stride=1, bool relu=True, bool assume_finite=False) -> Tensor");
-  // out = act(out + conv(input) + bias) by winograd_conv3x3, in place: a sum of convs
-  // over the same output (a 3-D conv as 2-D ones, one per temporal tap) accumulated
-  // without a new output per term.
+  // conv_bias_act for a 3-D conv of 3x3 spatial taps (kt x 3 x 3, kt odd, stride 1,
+  // padding (kt / 2, 1, 1), ungrouped; channels_last_3d) on CPU: each temporal tap a 2-D
+  // winograd_conv3x3 over the frames, the taps summed before one output transform.
+  // winograd_weight is resnet_fused.ops.winograd_weight(weight) of the 5-D weight: one
+  // stride-1 winograd_conv3x3 weight per tap, stacked, [kt, ...].
   m.def(
-      "winograd_conv3x3_add_(Tensor(a!) out, Tensor input, Tensor weight, Tensor winograd_weight, "
-      "Tensor? bias, *, int stride=1, bool relu=False, bool assume_finite=False) -> ()");
+      "winograd_conv3d(Tensor input, Tensor weight, Tensor winograd_weight, Tensor? bias, "
+      "Tensor? residual, *, bool relu=True, bool assume_finite=False) -> Tensor");
   // conv_bias_act for a 1x1, unpadded, ungrouped conv, computed on CPU as one matrix
   // product on oneDNN's brgemm micro-kernel. weight_panels is
   // resnet_fused.ops.conv1x1_weight(weight): the weight in panels of P output channels,

@@ -251,13 +251,17 @@ class PreparedConv:
         self.packed[shape] = w
         return w
 
+    def winograd_tile_for(self, x):
+        """The Winograd tile size winograd_conv3x3 should compute x with, or None."""
+        if not self.winograd_fits or tracing():
+            return None
+        return _winograd_tile(x, self.weight, self.stride[0], self.winograd_tiles)
+
     def winograd_for(self, x):
         """The Winograd-domain weight if winograd_conv3x3 should compute x, else None.
         Made on first use, per tile size, so that a model holds only the ones its
         inputs need: they are 16/9 (F(2x2)) and 4x (F(4x4)) the weight's size."""
-        if not self.winograd_fits or tracing():
-            return None
-        tile = _winograd_tile(x, self.weight, self.stride[0], self.winograd_tiles)
+        tile = self.winograd_tile_for(x)
         if tile is None:
             return None
         u = self.winograd.get(tile)

@@ -146,10 +146,16 @@ def winograd_weight(weight, tile=2, stride=1):
     The shape tells the op which tile to run. At stride 2 (tile=2 only): [4, 4, K / P,
     C, P], the 4 x 4 distinct matrices of its 25 points. A bfloat16 weight (tile=2,
     stride 1, even C) gives [16, K / P, C/2, P, 2] bfloat16: the rows of each panel in the
-    interleaved pairs (VNNI) of the bfloat16 GEMM."""
+    interleaved pairs (VNNI) of the bfloat16 GEMM. A [K, C, kt, 3, 3] weight (stride 1)
+    gives one such weight per temporal tap, stacked: [kt, ...], for winograd_conv3d."""
+    if (isinstance(weight, torch.Tensor) and weight.dim() == 5 and weight.shape[3:] == (3, 3)
+            and stride == 1):
+        return torch.stack([winograd_weight(weight[:, :, j], tile)
+                            for j in range(weight.shape[2])])
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight, got {got}")
+        raise ValueError(f"winograd_weight: expected a [K, C, 3, 3] weight (or [K, C, kt, 3, 3] "
+                         f"at stride 1), got {got}")
     if tile not in _WINOGRAD_G:
         raise ValueError(f"winograd_weight: expected tile 2 or 4, got {tile!r}")
     if stride not in (1, 2) or (stride == 2 and tile != 2):
@@ -190,17 +196,17 @@ def winograd_conv3x3(input, weight, winograd_weight, bias=None, residual=None, *
                                                    assume_finite=assume_finite)
 
 
-def winograd_conv3x3_add_(out, input, weight, winograd_weight, bias=None, *, stride=1,
-                          relu=False, assume_finite=False):
-    """out = act(out + winograd_conv3x3(input, ...) + bias), in place (a channels_last out
-    is written where it lies; any other is computed out of place, then copied in)."""
+def winograd_conv3d(input, weight, winograd_weight, bias=None, residual=None, *, relu=True,
+                    assume_finite=False):
+    """conv_bias_act(input, weight, bias, residual, padding=(kt // 2, 1, 1), relu=relu) for
+    a [K, C, kt, 3, 3] float32 or bfloat16 weight (kt odd, stride 1), on CPU: each
+    temporal tap a 2-D Winograd conv over the frames (as winograd_conv3x3 at stride 1),
+    the taps summed in the Winograd domain before one output transform. `winograd_weight`
+    is winograd_weight(weight, tile=2|4): one per tap, stacked. Returns the input's memory
+    format (channels_last_3d is what the kernel reads and writes)."""
     _require()
-    _no_backward("winograd_conv3x3_add_", "winograd_conv3x3(..., residual=out)", out=out,
-                 input=input, weight=weight, bias=bias)
-    torch.ops.resnet_fused.winograd_conv3x3_add_(out, input, weight, winograd_weight, bias,
-                                                 stride=stride, relu=relu,
-                                                 assume_finite=assume_finite)
-    return out
+    return torch.ops.resnet_fused.winograd_conv3d(input, weight, winograd_weight, bias, residual,
+                                                  relu=relu, assume_finite=assume_finite)
 
 
 CONV1X1_PANEL = 64  # output channels per product block (csrc/cpu/conv1x1.cpp)
@@ -418,10 +424,14 @@ def _register_fakes():
                      lambda: f"winograd_conv3x3: expected stride 1 or 2, got {stride}")
         return _strided_out(input, weight, stride)
 
-    @torch.library.register_fake(lib + "winograd_conv3x3_add_")
-    def _(out, input, weight, winograd_weight, bias, *, stride=1, relu=False, assume_finite=False):
-        _same_device("winograd_conv3x3_add_", input, out=out, weight=weight, bias=bias)
-        return None
+    @torch.library.register_fake(lib + "winograd_conv3d")
+    def _(input, weight, winograd_weight, bias, residual, *, relu=True, assume_finite=False):
+        _same_device("winograd_conv3d", input, weight=weight, winograd_weight=winograd_weight,
+                     bias=bias, residual=residual)
+        torch._check(input.dim() == 5 and weight.dim() == 5,
+                     lambda: "winograd_conv3d: input and weight must be 5-D")
+        shape = (input.shape[0], weight.shape[0], *input.shape[2:])  # 'same' at stride 1
+        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
     @torch.library.register_fake(lib + "add_relu")
     def _(a, b):
@@ -573,6 +583,17 @@ def _register_autograd():
 
     torch.library.register_autograd(lib + "winograd_conv3x3", winograd_backward,
                                     setup_context=winograd_setup)
+
+    def winograd3d_setup(ctx, inputs, keyword_only_inputs, output):
+        save(ctx, inputs, output, keyword_only_inputs.get("relu", True), inputs[3], inputs[4])
+        ctx.padding = (inputs[1].shape[2] // 2, 1, 1)
+
+    def winograd3d_backward(ctx, grad):
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ((1, 1, 1), ctx.padding, (1, 1, 1), 1))
+        return gi, gw, None, gb, gr
+
+    torch.library.register_autograd(lib + "winograd_conv3d", winograd3d_backward,
+                                    setup_context=winograd3d_setup)
 
     # Likewise conv1x1's weight_panels.
     def conv1x1_backward(ctx, grad):

@@ -12,7 +12,7 @@ from torch import nn
 
 from resnet_fused import _extension, conv3d, dispatch
 
-from common_utils import assert_matches, num_threads, requires_extension
+from common_utils import assert_matches, kernel_runs, num_threads, requires_extension
 
 pytestmark = requires_extension
 CL3D = torch.channels_last_3d
@@ -20,6 +20,7 @@ CL3D = torch.channels_last_3d
 # (C, K, (T, H, W), kernel, stride, padding, dilation, N)
 CASES = [
     (16, 16, (5, 10, 10), 3, 1, 1, 1, 1),                           # Conv3DSimple
+    (16, 24, (3, 7, 9), 3, 1, 1, 1, 2),                              # batch 2, 3 frames
     (16, 24, (5, 9, 9), 3, (1, 1, 1), (2, 1, 1), (2, 1, 1), 2),     # dilated in time, batch 2
     (16, 16, (6, 9, 8), 3, 2, 1, 1, 1),                              # r3d's stride-2 blocks
     (16, 32, (4, 9, 8), (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, 2),     # Conv3DNoTemporal
@@ -46,18 +47,20 @@ def _prepared(case, seed=0):
     return dispatch.prepare(w, b, conv, torch.float32), x, res, conv_ref, c * math.prod(kernel)
 
 
-@pytest.mark.parametrize("route", ["direct", "taps in place", "padded taps"])
+@pytest.mark.parametrize("route", ["the rule's", "winograd F(2x2)", "winograd F(4x4)"])
 @pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_fp64(monkeypatch, case, layout, route):
-    # Every form of the multi-tap convs, whichever the rule would pick here (the taps in
-    # place take stride 1 and 'same' temporal padding only).
+    # Each conv as the rule runs it here, and the multi-tap ones that winograd_conv3d
+    # takes through it with either tile.
     c, x, res, conv_ref, n = _prepared(case)
-    if route == "taps in place" and not (c.t_stride == 1 and 2 * c.t_padding == c.t_dilation
-                                         * (c.t_kernel - 1)):
-        pytest.skip("the taps in place take stride 1 and 'same' temporal padding only")
-    monkeypatch.setattr(conv3d, "_route", lambda c, x, residual: route)
     assert isinstance(c, conv3d.Prepared3d)
+    if route != "the rule's":
+        if c.t_kernel == 1 or not _takes_winograd(c):
+            pytest.skip("winograd_conv3d takes (kt, 3, 3) convs, stride 1, 'same' padding")
+        tile = 4 if "4" in route else 2
+        monkeypatch.setattr(c.frames, "winograd_tile_for", lambda frames: tile)
+        assert conv3d._route(c, x) == "winograd"
     if layout == "channels_last_3d":
         x = x.contiguous(memory_format=CL3D)
     for residual, relu in [(None, True), (None, False), (res, True), (res, False)]:
@@ -73,10 +76,14 @@ def test_matches_fp64(monkeypatch, case, layout, route):
         assert_matches(out, (conv_ref + res.double()).relu(), torch.float32, n, "in place")
 
 
-@pytest.mark.parametrize("route", ["taps in place", "padded taps"])
-def test_nan_propagates_through_the_taps(monkeypatch, route):
-    monkeypatch.setattr(conv3d, "_route", lambda c, x, residual: route)
+def _takes_winograd(c):
+    return (c.t_kernel % 2 == 1 and c.t_stride == 1 and c.t_dilation == 1
+            and c.t_padding == c.t_kernel // 2 and c.frames.winograd_fits)
+
+
+def test_nan_propagates_through_the_taps(monkeypatch):
     c, x, res, _, _ = _prepared(CASES[0], seed=1)
+    monkeypatch.setattr(c.frames, "winograd_tile_for", lambda frames: 2)
     x[0, 3, 2, 5, 5] = float("nan")
     x[0, 5, 4, 2, 7] = float("nan")  # in the last frame, which one tap does not reach
     out = dispatch.conv(x, c, relu=True, finite=False, residual=res)
@@ -88,27 +95,25 @@ def test_nan_propagates_through_the_taps(monkeypatch, route):
 @pytest.mark.skipif(not _extension.winograd_kernel_available(),
                     reason="no Winograd kernel on this CPU")
 @num_threads(2)  # the 2-D Winograd rules, and these measurements, depend on the threads
-def test_the_taps_are_taken_where_they_were_measured_faster():
+def test_winograd_is_taken_where_the_same_2d_conv_takes_it():
     def route(c, k, t, hw, stride=1, dtype=torch.float32, grad=False):
         conv = nn.Conv3d(c, k, 3, stride, 1)
         p = dispatch.prepare(torch.randn(k, c, 3, 3, 3), torch.randn(k), conv, dtype)
         x = torch.randn(1, c, t, hw, hw, dtype=dtype, requires_grad=grad)
-        return conv3d._route(p, x, None)
+        return conv3d._route(p, x)
 
-    # r3d_18's 3x3x3 convs at 16 frames of 112x112: the taps in place, 2 frames too.
+    # r3d_18's 3x3x3 convs at 16 frames of 112x112, with gradients too (the op has a
+    # backward); stride 2: direct.
     for shape in [(64, 64, 16, 56), (128, 128, 8, 28), (256, 256, 4, 14), (512, 512, 2, 7)]:
-        assert route(*shape) == "taps in place", shape
-    # With gradients: padded taps, but not where a third of their work is padding.
-    assert route(64, 64, 16, 56, grad=True) == "padded taps"
-    assert route(512, 512, 2, 7, grad=True) == "direct"
-    # Stride 2: direct. bfloat16: the taps where the same 2-D conv takes the Winograd kernel.
+        assert route(*shape) == "winograd", shape
+    assert route(64, 64, 16, 56, grad=True) == "winograd"
     assert route(64, 128, 16, 56, stride=2) == "direct"
+    # bfloat16: where the same 2-D conv takes the Winograd kernel.
     conv2d = dispatch.prepare(torch.randn(64, 64, 3, 3), torch.randn(64),
                               nn.Conv2d(64, 64, 3, 1, 1), torch.bfloat16)
     frames = torch.randn(16, 64, 56, 56, dtype=torch.bfloat16)
     winograd = conv2d.kernel_for(frames)[0] == "winograd"
-    assert route(64, 64, 16, 56, dtype=torch.bfloat16) == ("taps in place" if winograd
-                                                            else "direct")
+    assert route(64, 64, 16, 56, dtype=torch.bfloat16) == ("winograd" if winograd else "direct")
 
 
 @pytest.mark.skipif(not _extension.winograd_kernel_available(),
@@ -125,6 +130,10 @@ def test_the_convs_over_frames_take_f2x2_where_2d_takes_f4x4(kt):
     frames = torch.randn(16, 64, 56, 56).contiguous(memory_format=torch.channels_last)
     kind, u = conv2d.kernel_for(frames)
     assert kind == "winograd" and u.shape[0] == 36  # F(4x4): 6x6 points
-    for tap in c.taps:
-        kind, u = tap.kernel_for(frames)
-        assert kind == "winograd" and u.shape[0] == 16  # F(2x2): 4x4 points
+    assert c.frames.winograd_tile_for(frames) == 2
+    x = torch.randn(1, 64, 16, 56, 56)
+    with kernel_runs() as runs, torch.no_grad():
+        dispatch.conv(x, c, relu=True, finite=True)
+    assert runs["winograd_conv3d" if kt == 3 else "winograd_conv3x3"] == 1
+    if kt == 3:
+        assert c.winograd.keys() == {2} and c.winograd[2].shape[1] == 16  # F(2x2): 4x4 points

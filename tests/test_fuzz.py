@@ -131,21 +131,28 @@ def test_conv_bias_act_fuzz(case):
 
 @st.composite
 def conv3d_cases(draw):
-    groups = draw(st.sampled_from([1, 1, 2]))
-    kernel = draw(st.sampled_from([(1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 1), (3, 7, 7)]))
-    stride = tuple(draw(st.integers(1, 2)) for _ in range(3))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(3))
-    padding = tuple(draw(st.integers(0, r // 2 * d + 1)) for r, d in zip(kernel, dilation))
-    size = tuple(draw(st.integers(max(1, d * (r - 1) + 1 - 2 * p), d * (r - 1) + 7))
-                 for r, d, p in zip(kernel, dilation, padding))
+    route = draw(st.sampled_from(["op", "op in place", "conv3d", "direct", "winograd_conv3d"]))
+    if route == "winograd_conv3d":  # its geometry: (kt, 3, 3), kt odd, 'same' at stride 1
+        groups, kt = 1, draw(st.sampled_from([1, 3, 3, 5]))
+        kernel, stride, dilation, padding = (kt, 3, 3), (1, 1, 1), (1, 1, 1), (kt // 2, 1, 1)
+        size = (draw(st.integers(1, 6)), draw(st.integers(1, 11)), draw(st.integers(1, 11)))
+        c, k = (draw(st.one_of(st.integers(1, 40), st.sampled_from([64, 96])))
+                for _ in range(2))
+    else:
+        groups = draw(st.sampled_from([1, 1, 2]))
+        kernel = draw(st.sampled_from([(1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 1), (3, 7, 7)]))
+        stride = tuple(draw(st.integers(1, 2)) for _ in range(3))
+        dilation = tuple(draw(st.integers(1, 2)) for _ in range(3))
+        padding = tuple(draw(st.integers(0, r // 2 * d + 1)) for r, d in zip(kernel, dilation))
+        size = tuple(draw(st.integers(max(1, d * (r - 1) + 1 - 2 * p), d * (r - 1) + 7))
+                     for r, d, p in zip(kernel, dilation, padding))
+        c, k = groups * draw(st.integers(1, 8)), groups * draw(st.integers(1, 8))
     return dict(dtype=draw(st.sampled_from(dtypes_for("cpu"))), n=draw(st.integers(0, 2)),
-                c=groups * draw(st.integers(1, 8)), k=groups * draw(st.integers(1, 8)),
-                groups=groups, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-                size=size, channels_last=draw(st.booleans()), residual=draw(st.booleans()),
-                relu=draw(st.booleans()), bias=draw(st.booleans()), packed=draw(st.booleans()),
-                route=draw(st.sampled_from(["op", "op in place", "conv3d", "direct",
-                                            "taps in place", "padded taps"])),
-                seed=draw(st.integers(0, 2**31 - 1)))
+                c=c, k=k, groups=groups, kernel=kernel, stride=stride, padding=padding,
+                dilation=dilation, size=size, channels_last=draw(st.booleans()),
+                residual=draw(st.booleans()), relu=draw(st.booleans()),
+                bias=draw(st.booleans()), packed=draw(st.booleans()), route=route,
+                tile=draw(st.sampled_from([2, 4])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
 @settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
@@ -153,11 +160,13 @@ def conv3d_cases(draw):
 @given(case=conv3d_cases())
 def test_conv3d_fuzz(case):
     """conv_bias_act and conv_bias_add_relu_ on 5-D operands; resnet_fused.conv3d as it
-    chooses and by each of its routes (the taps in place where they apply)."""
+    chooses and on the direct path; winograd_conv3d (F(2x2), and F(4x4) in float32; the
+    cases it hands to conv_bias_act too: sub-tile images, few channels for F(4x4), bfloat16
+    channels not in whole vectors)."""
     import torch.nn.functional as F
     from torch import nn
 
-    from resnet_fused import conv3d, dispatch
+    from resnet_fused import dispatch
 
     g = torch.Generator().manual_seed(case["seed"])
     dt, n, c, k, groups = case["dtype"], case["n"], case["c"], case["k"], case["groups"]
@@ -175,7 +184,12 @@ def test_conv3d_fuzz(case):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     residual = res if case["residual"] else None
     w_op = ops.pack_weight(wt, *geometry[:3], groups, x.shape) if case["packed"] else wt
-    if case["route"] == "op":
+    tile = case["tile"] if dt == torch.float32 else 2  # bfloat16: F(2x2), with an even C
+    if dt == torch.bfloat16 and c % 2:
+        tile = None
+    if case["route"] == "winograd_conv3d" and tile is not None:
+        out = ops.winograd_conv3d(x, wt, ops.winograd_weight(wt, tile), b, residual, relu=relu)
+    elif case["route"] == "op":
         out = ops.conv_bias_act(x, w_op, b, residual, *geometry, relu=relu)
     elif case["route"] == "op in place":
         out = res.contiguous(memory_format=torch.channels_last_3d)
@@ -186,20 +200,21 @@ def test_conv3d_fuzz(case):
         module = nn.Conv3d(c, k, case["kernel"], case["stride"], case["padding"],
                            case["dilation"], groups)
         p = dispatch.prepare(wt, b, module, dt)
-        xl = x.contiguous(memory_format=torch.channels_last_3d)
-        same = (p.t_stride == 1 and conv3d._out_frames(p, x.shape[2]) == x.shape[2]
-                and conv3d._centre(p.t_kernel, p.t_padding, p.t_dilation) * p.t_dilation
-                == p.t_padding)
         if case["route"] == "direct":
             out = dispatch.conv(x, p.direct, relu=relu, finite=True, residual=residual)
-        elif case["route"] == "taps in place" and same and p.t_kernel > 1:
-            out = conv3d._taps_in_place(xl, p, relu, True, residual)
-        elif case["route"] == "padded taps":
-            out = conv3d._padded_taps(xl, p, relu, True, residual)
         else:
             out = dispatch.conv(x, p, relu=relu, finite=True, residual=residual)
     assert out.shape == ref.shape and out.dtype == dt
-    if out.numel() and ref.abs().max() > 0:
+    if dt == torch.float32 and out.numel():
+        # As the 2-D fuzz's: relative to the sums of absolute products, where a few
+        # outputs may all cancel (one pixel, two channels, a residual and a bias).
+        scale = F.conv3d(x.double().abs(), wt.double().abs(),
+                         None if b is None else b.double().abs(), *geometry)
+        scale = (scale + res.double().abs() if case["residual"]
+                 or case["route"] == "op in place" else scale).max().item()
+        err = (out.double() - ref).abs().max().item() / max(scale, 1e-30)
+        assert err <= tol(torch.float32, reduction), f"{case}: error {err:.3g}"
+    elif out.numel() and ref.abs().max() > 0:
         assert_matches(out, ref, dt, reduction, what=str(case))
 
 

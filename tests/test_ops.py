@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from resnet_fused import _extension, ops
 
@@ -17,6 +18,7 @@ from common_utils import (ConvCase, assert_matches, assert_nonfinite_matches, as
 pytestmark = requires_extension
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CL = torch.channels_last
+CL3D = torch.channels_last_3d
 
 # ResNet's conv shapes at small spatial sizes, plus odd ones.
 CASES = [
@@ -534,34 +536,6 @@ class TestWinogradConv3x3:
             assert_matches(out, reference(x, w, bias, residual, case, relu), torch.float32,
                            case.reduction)
 
-    @pytest.mark.parametrize("tile", [2, 4], ids=["f2", "f4"])
-    @pytest.mark.parametrize("case", WINOGRAD_CASES[:4], ids=ids)
-    def test_add_in_place_matches_fp64(self, case, tile):
-        x, w, b, res = case.tensors(channels_last=True)
-        u = ops.winograd_weight(w, tile)
-        for out, bias, relu in [(res.contiguous(memory_format=CL).clone(), b, True),
-                                (res.contiguous(memory_format=CL).clone(), None, False),
-                                (res.contiguous().clone(), b, True)]:  # not channels_last
-            ref = reference(x, w, bias, out, case, relu)
-            layout = out.stride()
-            assert ops.winograd_conv3x3_add_(out, x, w, u, bias, relu=relu) is out
-            assert out.stride() == layout
-            assert_matches(out, ref, torch.float32, case.reduction, f"relu={relu}")
-
-    def test_add_in_place_into_its_input_computes_out_of_place(self):
-        # out = relu(out + conv(out)): the products read what the sum would overwrite.
-        case = ConvCase(32, 32, 8, 8, R=3, padding=1)
-        x, w, b, _ = case.tensors(channels_last=True)
-        ref = reference(x, w, b, x, case, True)
-        ops.winograd_conv3x3_add_(x, x, w, ops.winograd_weight(w, 4), b, relu=True)
-        assert_matches(x, ref, torch.float32, case.reduction)
-
-    def test_add_in_place_refuses_gradients(self):
-        x, w, b, res = ConvCase(32, 32, 8, 8, R=3, padding=1).tensors(channels_last=True)
-        with pytest.raises(RuntimeError, match="winograd_conv3x3_add_: expected no operand that "
-                                               "requires grad"):
-            ops.winograd_conv3x3_add_(res, x, w.requires_grad_(), ops.winograd_weight(w), b)
-
     def test_as_accurate_as_the_direct_kernel(self):
         case = ConvCase(256, 256, 14, 14, R=3, padding=1)
         x, w, b, res = case.tensors(seed=3)
@@ -732,7 +706,8 @@ class TestWinogradConv3x3:
             ops.winograd_weight(w, stride=2)
 
     def test_winograd_weight_rejects_other_kernels(self):
-        with pytest.raises(ValueError, match=r"expected a \[K, C, 3, 3\] weight, got \(4, 2, 5, 5\)"):
+        with pytest.raises(ValueError, match=r"expected a \[K, C, 3, 3\] weight \(or \[K, C, kt, 3, "
+                                             r"3\] at stride 1\), got \(4, 2, 5, 5\)"):
             ops.winograd_weight(torch.randn(4, 2, 5, 5))
         with pytest.raises(ValueError, match="expected tile 2 or 4, got 3"):
             ops.winograd_weight(torch.randn(4, 2, 3, 3), tile=3)
@@ -751,8 +726,103 @@ class TestWinogradConv3x3:
         opcheck(op, (x, w, u, None, None), dict(relu=False))
         u2 = ops.winograd_weight(w, stride=2)
         opcheck(op, (x, w, u2, b, res[:, :, ::2, ::2].contiguous()), dict(stride=2, relu=True))
-        opcheck(torch.ops.resnet_fused.winograd_conv3x3_add_.default,
-                (res.contiguous(memory_format=CL), x, w, u, b), dict(relu=True))
+
+
+def _clip(n, c, k, t, h, w, kt=3, dtype=torch.float32, seed=0):
+    """(x channels_last_3d, weight (k, c, kt, 3, 3), bias, residual), scaled as a
+    ResNet's (unit-variance outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, t, h, w, generator=g).contiguous(memory_format=CL3D)
+    wt = torch.randn(k, c, kt, 3, 3, generator=g) / (c * kt * 9) ** 0.5
+    b, res = torch.randn(k, generator=g), torch.randn(n, k, t, h, w, generator=g)
+    return tuple(v.to(dtype) for v in (x, wt, b, res))
+
+
+def _conv3d_ref(x, wt, b, res, relu):
+    ref = F.conv3d(x.double(), wt.double(), None if b is None else b.double(),
+                   padding=(wt.shape[2] // 2, 1, 1))
+    ref = ref if res is None else ref + res.double()
+    return ref.relu() if relu else ref
+
+
+# (N, C, K, T, H, W, kt): one frame (no tap but the centre reaches another), taps past
+# both ends of each clip in a batch of two, frames whose tiles need several blocks
+# (12x40: 120 F(2x2) tiles), five taps, partial tiles, output channels split across
+# threads (few tiles, several panels), a 1-tap conv, F(4x4) below 16 channels.
+WINOGRAD3D_CASES = [(1, 32, 32, 1, 8, 8, 3), (2, 24, 40, 4, 9, 7, 3), (1, 16, 32, 3, 12, 40, 3),
+                    (1, 16, 16, 6, 6, 6, 5), (1, 128, 192, 2, 5, 7, 3), (2, 16, 24, 3, 6, 6, 1),
+                    (1, 8, 16, 3, 8, 8, 3)]
+
+
+class TestWinogradConv3d:
+    @pytest.mark.parametrize("tile", [2, 4], ids=["f2", "f4"])
+    @pytest.mark.parametrize("case", WINOGRAD3D_CASES, ids=str)
+    def test_matches_fp64(self, case, tile):
+        n, c, k, t, h, w, kt = case
+        x, wt, b, res = _clip(n, c, k, t, h, w, kt)
+        u = ops.winograd_weight(wt, tile)
+        assert u.shape == (kt, *ops.winograd_weight(wt[:, :, 0], tile).shape)
+        for bias, residual, relu in [(b, None, True), (b, res, True), (None, res, False),
+                                     (b, res.contiguous(memory_format=CL3D), False)]:
+            out = ops.winograd_conv3d(x, wt, u, bias, residual, relu=relu)
+            assert out.shape == (n, k, t, h, w) and out.is_contiguous(memory_format=CL3D)
+            assert_matches(out, _conv3d_ref(x, wt, bias, residual, relu), torch.float32,
+                           c * kt * 9, f"bias={bias is not None} residual={residual is not None}")
+        # NCDHW input: computed from its channels_last_3d copy, returned NCDHW.
+        out = ops.winograd_conv3d(x.contiguous(), wt, u, b, res)
+        assert out.is_contiguous()
+        assert_matches(out, _conv3d_ref(x, wt, b, res, True), torch.float32, c * kt * 9)
+
+    @pytest.mark.skipif(not _extension.winograd_bf16_kernel_available(),
+                        reason="no bfloat16 Winograd kernel on this CPU")
+    def test_bfloat16_rounds_the_sum_of_the_taps_once(self):
+        x, wt, b, res = _clip(2, 32, 48, 4, 8, 10, dtype=torch.bfloat16)
+        with kernel_runs() as runs:
+            out = ops.winograd_conv3d(x, wt, ops.winograd_weight(wt), b, res)
+        assert runs["winograd_conv3d"] == 1 and out.dtype == torch.bfloat16
+        assert_matches(out, _conv3d_ref(x, wt, b, res, True), torch.bfloat16, 32 * 27)
+
+    @pytest.mark.parametrize("where", NONFINITE_KINDS)
+    def test_nan_and_inf_propagate_like_torch(self, where):
+        x, wt, b, res = _clip(2, 16, 16, 3, 6, 6)
+        # In the last frame, which the last tap does not reach; in the weight's centre,
+        # which meets no padding (where F.conv3d's 0 * NaN is NaN and oneDNN's is skipped).
+        put_nonfinite(where, x[:, :, 2], wt[:, :, 1], b, res[:, :, 2])
+        for relu in (True, False):
+            out = ops.winograd_conv3d(x, wt, ops.winograd_weight(wt), b, res, relu=relu)
+            assert_nonfinite_matches(out, _conv3d_ref(x, wt, b, res, relu), torch.float32,
+                                     16 * 27, f"relu={relu}")
+
+    def test_gradients_match_conv3d(self):
+        x, wt, b, res = _clip(1, 16, 16, 3, 6, 6, dtype=torch.float64)
+        x, wt, b, res = (v.float().requires_grad_() for v in (x, wt, b, res))
+        u = ops.winograd_weight(wt.detach())
+        out = ops.winograd_conv3d(x, wt, u, b, res)
+        ref = torch.relu(F.conv3d(x, wt, b, padding=1) + res)
+        for got, want in zip(torch.autograd.grad(out.sum(), (x, wt, b, res)),
+                             torch.autograd.grad(ref.sum(), (x, wt, b, res))):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    def test_bad_arguments_are_named(self):
+        x, wt, b, res = _clip(1, 16, 16, 3, 6, 6)
+        u = ops.winograd_weight(wt)
+        for args, message in [
+                ((x[0], wt, u, b, res), "winograd_conv3d: expected input to be 5-D"),
+                ((x, wt[:, :, :2], u, b, res), r"expected a \(K, C, kt, 3, 3\) weight with an odd"),
+                ((x, wt, u[:2], b, res), r"expected winograd_weight to hold one weight per "
+                                          r"temporal tap, \[3, ...\]"),
+                ((x, wt, u[:, :4], b, res), r"winograd_conv3d \(one temporal tap's weight\): "
+                                             r"expected winograd_weight of shape"),
+                ((x[:, :8], wt, u, b, res), "winograd_conv3d: ")]:
+            with pytest.raises(RuntimeError, match=message):
+                ops.winograd_conv3d(*args)
+
+    def test_opcheck(self):
+        x, wt, b, res = _clip(1, 16, 24, 3, 5, 6)
+        u = ops.winograd_weight(wt)
+        op = torch.ops.resnet_fused.winograd_conv3d.default
+        opcheck(op, (x, wt, u, b, res), dict(relu=True))
+        opcheck(op, (x.contiguous(), wt, u, None, None), dict(relu=False))
 
 
 # conv1x1 is a CPU op: ResNet's 1x1 shapes at small sizes, more rows than one
@@ -1494,12 +1564,11 @@ def _kernel_cases():
             x[0, 0, 0, 0] = nan
         return lambda: ops.winograd_conv3x3(x, wt, ops.winograd_weight(wt, tile), b, res)
 
-    def winograd_add_(alias=False, poison=False):
-        x, wt, b, res = tensors(32, 32, 10, 10, 3)
-        out = x if alias else res.contiguous(memory_format=CL)
+    def winograd3d(c, h, tile=2, dtype=f32, poison=False):
+        x, wt, b, res = _clip(2, c, c, 3, h, 8, dtype=dtype)
         if poison:
-            x[0, 0, 0, 0] = nan
-        return lambda: ops.winograd_conv3x3_add_(out, x, wt, ops.winograd_weight(wt, 4), b)
+            x[0, 0, 1, 0, 0] = nan
+        return lambda: ops.winograd_conv3d(x, wt, ops.winograd_weight(wt, tile), b, res)
 
     def conv1x1(c, k, dtype=f32, n=2):
         x, w, b, res = tensors(c, k, 7, 9, 1, dtype, n=n)
@@ -1527,12 +1596,12 @@ def _kernel_cases():
         ("winograd_nan_input", "winograd_conv3x3", winograd(32, 10, 10, poison=True), False),
         ("winograd_sub_tile", "winograd_conv3x3", winograd(32, 1, 10), False),
         ("winograd_f4_8_channels", "winograd_conv3x3", winograd(8, 10, 10, 4), False),
-        ("winograd_add_", "winograd_conv3x3_add_", winograd_add_(),
-         e.winograd_kernel_available()),
-        ("winograd_add_into_its_input", "winograd_conv3x3_add_", winograd_add_(alias=True), False),
-        ("winograd_add_into_its_input_out_of_place", "winograd_conv3x3",
-         winograd_add_(alias=True), e.winograd_kernel_available()),
-        ("winograd_add_nan_input", "winograd_conv3x3_add_", winograd_add_(poison=True), False),
+        ("winograd3d_f2", "winograd_conv3d", winograd3d(32, 8), e.winograd_kernel_available()),
+        ("winograd3d_f4", "winograd_conv3d", winograd3d(32, 8, 4), e.winograd_kernel_available()),
+        ("winograd3d_nan_input", "winograd_conv3d", winograd3d(32, 8, poison=True), False),
+        ("winograd3d_sub_tile", "winograd_conv3d", winograd3d(32, 1), False),
+        ("winograd3d_bf16", "winograd_conv3d", winograd3d(32, 8, dtype=bf16) if bf16_ok else None,
+         e.winograd_bf16_kernel_available()),
         ("winograd_bf16", "winograd_conv3x3", winograd(32, 10, 10, dtype=bf16) if bf16_ok else None,
          e.winograd_bf16_kernel_available()),
         ("winograd_bf16_20_channels", "winograd_conv3x3",

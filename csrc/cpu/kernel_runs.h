@@ -10,7 +10,7 @@ namespace resnet_fused {
 
 enum class KernelRun {
   kWinograd,
-  kWinogradAdd,
+  kWinograd3d,
   kConv1x1,
   kConv1x1AddRelu,
   kConv1x1Sum,

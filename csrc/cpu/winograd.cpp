@@ -11,7 +11,11 @@
 // bfloat16 input runs F(2x2) with V and U in bfloat16 (ATen's bfloat16 brgemm, U in
 // VNNI row pairs), on AVX-512 and for channel counts that are multiples of 16.
 //
-// This file holds the op: checks, the per-thread split and the choice of ISA.
+// winograd_conv3d runs the same kernel on the frames of a channels_last_3d clip, for a
+// 3-D conv of 3x3 spatial taps (stride 1, 'same' padding): each temporal tap's products
+// are added into the same Winograd-domain sums, and each output is transformed once.
+//
+// This file holds the ops: checks, the per-thread split and the choice of ISA.
 // The kernel itself is winograd_kernel.h, compiled for AVX2 and for AVX-512.
 // Without either (or without an fp32 brgemm in this torch, brgemm.h), for NaN/Inf operands
 // (whose transforms would turn an Inf into NaN where a direct convolution keeps
@@ -52,14 +56,15 @@ namespace {
 
 // winograd::GemmFn: row-major operands, A dense.
 void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t ldb, int64_t ldc, const void* a,
-              const void* b, float* c) {
-  brgemm_f32(m, n, k, k, ldb, ldc, static_cast<const float*>(a), static_cast<const float*>(b), c);
+              const void* b, float* c, bool accumulate) {
+  brgemm_f32(m, n, k, k, ldb, ldc, static_cast<const float*>(a), static_cast<const float*>(b), c,
+             accumulate);
 }
 
 void gemm_bf16(int64_t m, int64_t n, int64_t k, int64_t ldb, int64_t ldc, const void* a,
-               const void* b, float* c) {
+               const void* b, float* c, bool accumulate) {
   brgemm_bf16(m, n, k, k, ldb, ldc, static_cast<const c10::BFloat16*>(a),
-              static_cast<const c10::BFloat16*>(b), c);
+              static_cast<const c10::BFloat16*>(b), c, accumulate);
 }
 
 // Tiles per block: enough rows for the GEMM micro-kernel to run at full speed
@@ -70,10 +75,13 @@ int64_t tiles_per_block(int64_t tiles, int64_t threads, int64_t max_tiles) {
   return std::max<int64_t>(1, (tiles + threads * rounds - 1) / (threads * rounds));
 }
 
-// All channels_last-contiguous, float32 or (with a bfloat16 U) bfloat16; residual may be null.
+// All channels_last(_3d)-contiguous, float32 or (with a bfloat16 U) bfloat16; residual
+// may be null. A 5-D input is winograd_conv3d's: U then holds one weight per temporal tap.
 void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const void* residual,
                   Tensor& out, bool relu, int64_t stride) {
   winograd::Problem p;
+  const bool volume = input.dim() == 5;
+  const Tensor& U2 = volume ? U[0] : U;  // one tap's, as winograd_conv3x3 takes it
   p.input = input.const_data_ptr();
   p.U = U.const_data_ptr();
   p.bias = bias;
@@ -81,25 +89,26 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
   p.out = out.data_ptr();
   p.relu = relu;
   p.bf16 = input.scalar_type() == at::kBFloat16;
-  p.H = input.size(2);
-  p.W = input.size(3);
+  p.H = input.size(-2);
+  p.W = input.size(-1);
   p.C = input.size(1);
   p.K = out.size(1);
-  p.Ho = out.size(2);
-  p.Wo = out.size(3);
+  p.Ho = out.size(-2);
+  p.Wo = out.size(-1);
   p.stride = static_cast<int>(stride);
-  p.tile = stride == 1 && U.size(0) == 36 ? 4 : 2;  // bfloat16: 16 only
+  p.tile = stride == 1 && U2.size(0) == 36 ? 4 : 2;  // bfloat16: 16 only
   p.alpha = stride == 2 ? 5 : p.tile + 2;
   p.tiles_h = (p.Ho + p.tile - 1) / p.tile;
   p.tiles_w = (p.Wo + p.tile - 1) / p.tile;
-  p.tiles = input.size(0) * p.tiles_h * p.tiles_w;
+  const int64_t images = volume ? input.size(0) * input.size(2) : input.size(0);
+  p.tiles = images * p.tiles_h * p.tiles_w;
   // F(4x4) blocks hold as many output pixels as F(2x2)'s (24 tiles of 16 vs 96 of 4).
   // Stride 2's (2x2 tiles of 25 points) take 48: 0.89-0.90 ms against 0.91-0.95 with 24
   // at batch 1 (128 and 256 channels, cold weights), the same at batch 8.
   const int64_t threads = at::get_num_threads();
   const int64_t max_block = p.alpha == 6 ? 24 : p.alpha == 5 ? 48 : 96;
   p.block = tiles_per_block(p.tiles, threads, max_block);
-  p.u_panel = U.size(p.bf16 ? 3 : -1);
+  p.u_panel = U2.size(p.bf16 ? 3 : -1);
   p.k_slices = 1;
   p.k_slice = p.K;
   // Each block reads all of U, alpha^2 * C * K, and its V and M, alpha^2 * tiles *
@@ -119,6 +128,11 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
     const int64_t groups = (threads + p.k_slices - 1) / p.k_slices;
     p.block = std::min((p.tiles + groups - 1) / groups, 4 * max_block);
     p.k_slice = (panels + p.k_slices - 1) / p.k_slices * p.u_panel;
+  }
+  if (volume) {
+    p.taps = U.size(0);
+    p.frames = input.size(2);
+    p.u_tap = U.numel() / p.taps;
   }
   p.m_cols = p.k_slice;
   // A padded stride keeps the 16 (36) slabs of a tile off the same L1 sets (16 KiB
@@ -155,25 +169,24 @@ namespace {
 // products take P from its shape.
 void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor& U,
                          const optional<Tensor>& bias, const optional<Tensor>& residual,
-                         int64_t stride) {
+                         int64_t stride, const char* op = "winograd_conv3x3") {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
-              "winograd_conv3x3: expected a 3x3 weight (K, C, 3, 3), got shape ", weight.sizes());
-  TORCH_CHECK(stride == 1 || stride == 2, "winograd_conv3x3: expected stride 1 or 2, got ",
+              op, ": expected a 3x3 weight (K, C, 3, 3), got shape ", weight.sizes());
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": expected stride 1 or 2, got ",
               stride);
-  check_conv_bias_act_args(input, weight, bias, residual, {stride, stride}, {1, 1}, {1, 1}, 1,
-                           "winograd_conv3x3");
-  TORCH_CHECK(input.device().is_cpu(), "winograd_conv3x3: expected input on cpu, got ",
+  check_conv_bias_act_args(input, weight, bias, residual, {stride, stride}, {1, 1}, {1, 1}, 1, op);
+  TORCH_CHECK(input.device().is_cpu(), op, ": expected input on cpu, got ",
               input.device());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16,
-              "winograd_conv3x3: expected float32 or bfloat16 input, got ", input.scalar_type());
+              op, ": expected float32 or bfloat16 input, got ", input.scalar_type());
   const int64_t C = weight.size(1), K = weight.size(0);
   if (input.scalar_type() == at::kBFloat16) {
-    TORCH_CHECK(stride == 1, "winograd_conv3x3: bfloat16 input runs at stride 1 only, got "
+    TORCH_CHECK(stride == 1, op, ": bfloat16 input runs at stride 1 only, got "
                 "stride ", stride);
     TORCH_CHECK(U.dim() == 5 && U.size(0) == 16 && 2 * U.size(2) == C && U.size(3) > 0 &&
                     U.size(1) * U.size(3) == K && U.size(4) == 2 &&
                     U.scalar_type() == at::kBFloat16 && U.device().is_cpu(),
-                "winograd_conv3x3: for bfloat16 input, expected winograd_weight of shape [16, ",
+                op, ": for bfloat16 input, expected winograd_weight of shape [16, ",
                 K, " / P, ", C / 2, ", P, 2] bfloat16 (F(2x2, 3x3) in panels of P output "
                 "channels, rows in VNNI pairs, from resnet_fused.ops.winograd_weight of a bfloat16 "
                 "weight with an even C); got ", U.sizes(), " ", U.scalar_type());
@@ -184,20 +197,20 @@ void check_winograd_args(const Tensor& input, const Tensor& weight, const Tensor
   };
   if (stride == 2) {
     TORCH_CHECK(U.dim() == 5 && U.size(0) == 4 && U.size(1) == 4 && panels_fit(2),
-                "winograd_conv3x3: at stride 2, expected winograd_weight of shape [4, 4, ",
+                op, ": at stride 2, expected winograd_weight of shape [4, 4, ",
                 K, " / P, ", C, ", P] (the 4 x 4 distinct matrices of F(2x2, 3x3) at "
                 "stride 2 in panels of P output channels, from resnet_fused.ops.winograd_weight("
                 "weight, tile=2, stride=2)); got ", U.sizes());
   } else {
     TORCH_CHECK(U.dim() == 4 && (U.size(0) == 16 || U.size(0) == 36) && panels_fit(1),
-                "winograd_conv3x3: expected winograd_weight of shape [16, ", K, " / P, ", C,
+                op, ": expected winograd_weight of shape [16, ", K, " / P, ", C,
                 ", P] (F(2x2, 3x3)) or [36, ", K, " / P, ", C,
                 ", P] (F(4x4, 3x3)), the transformed weight in panels of P output channels, "
                 "from resnet_fused.ops.winograd_weight(weight, tile=2|4); got ",
                 U.sizes());
   }
   TORCH_CHECK(U.scalar_type() == at::kFloat && U.device().is_cpu(),
-              "winograd_conv3x3: expected winograd_weight float32 on cpu, got ", U.scalar_type(),
+              op, ": expected winograd_weight float32 on cpu, got ", U.scalar_type(),
               " on ", U.device());
 }
 
@@ -219,8 +232,8 @@ bool winograd_takes(const Tensor& input, const Tensor& weight, const Tensor& U, 
   // error of their own, independent of the reduction length, which the tolerance of
   // a short reduction does not cover: measured up to 2.1x it with 1-4 channels,
   // 0.84x with 8 and at most 0.73x from 16 (tests/common_utils.py's rule).
-  const int64_t tile = stride == 1 && U.size(0) == 36 ? 4 : 2;
-  const int64_t out_h = (input.size(2) - 1) / stride + 1, out_w = (input.size(3) - 1) / stride + 1;
+  const int64_t tile = stride == 1 && U.size(0) == 36 ? 4 : 2;  // one tap's U for a 3-D conv
+  const int64_t out_h = (input.size(-2) - 1) / stride + 1, out_w = (input.size(-1) - 1) / stride + 1;
   const bool sub_tile = out_h < tile || out_w < tile;
   const bool short_reduction = tile == 4 && input.size(1) < kMinChannelsF4;
   // bfloat16: AVX-512 with the bfloat16 brgemm (oneDNN not turned off), whole 16-lane
@@ -255,35 +268,67 @@ Tensor winograd_conv3x3_cpu(const Tensor& input, const Tensor& weight, const Ten
   return out.contiguous(fmt);
 }
 
-// The output transform reads each residual value and then stores its output at the
-// same place, from the same thread, so the residual may be the output itself. The
-// other operands must not share its memory: the products read them while it is
-// written.
-void winograd_conv3x3_add_cpu_(Tensor& out, const Tensor& input, const Tensor& weight,
-                               const Tensor& U, const optional<Tensor>& bias, int64_t stride,
-                               bool relu, bool assume_finite) {
-  check_winograd_args(input, weight, U, bias, out, stride);
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const bool shared = out.is_alias_of(input) || out.is_alias_of(weight) || out.is_alias_of(U) ||
-                      (bias && out.is_alias_of(*bias));
-  if (shared || !out.is_contiguous(cl) || !winograd_takes(input, weight, U, stride, assume_finite)) {
-    out.copy_(winograd_conv3x3_cpu(input, weight, U, bias, out, stride, relu, assume_finite));
-    return;
+void check_winograd3d_args(const Tensor& input, const Tensor& weight, const Tensor& U,
+                           const optional<Tensor>& bias, const optional<Tensor>& residual) {
+  TORCH_CHECK(input.dim() == 5, "winograd_conv3d: expected input to be 5-D (N, C, T, H, W), got ",
+              input.dim(), "-D with shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 5 && weight.size(2) % 2 == 1 && weight.size(3) == 3 &&
+                  weight.size(4) == 3,
+              "winograd_conv3d: expected a (K, C, kt, 3, 3) weight with an odd number kt of "
+              "temporal taps, got shape ", weight.sizes());
+  const int64_t kt = weight.size(2);
+  check_conv_bias_act_args(input, weight, bias, residual, {1, 1, 1}, {kt / 2, 1, 1}, {1, 1, 1}, 1,
+                           "winograd_conv3d", /*volumes=*/true);
+  TORCH_CHECK(input.device().is_cpu(), "winograd_conv3d: expected input on cpu, got ",
+              input.device());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16,
+              "winograd_conv3d: expected float32 or bfloat16 input, got ", input.scalar_type());
+  TORCH_CHECK(U.dim() >= 1 && U.size(0) == kt,
+              "winograd_conv3d: expected winograd_weight to hold one weight per temporal tap, "
+              "[", kt, ", ...] (resnet_fused.ops.winograd_weight of the 5-D weight); got ",
+              U.sizes());
+  // Each tap's as winograd_conv3x3 checks it at stride 1, on a view of the frames
+  // (the first of each clip: only the shapes matter).
+  const Tensor frames = input.as_strided({input.size(0), input.size(1), input.size(3),
+                                          input.size(4)},
+                                         {input.stride(0), input.stride(1), input.stride(3),
+                                          input.stride(4)});
+  check_winograd_args(frames, weight.select(2, 0), U[0], bias, c10::nullopt, 1,
+                      "winograd_conv3d (one temporal tap's weight)");
+}
+
+// A 3-D conv of 3x3 spatial taps (kt x 3 x 3, stride 1, padding (kt / 2, 1, 1)): each
+// temporal tap a 2-D Winograd conv over the frames, summed in the Winograd domain, so
+// that each output is transformed, biased and stored once (winograd_kernel.h's run_taps).
+Tensor winograd_conv3d_cpu(const Tensor& input, const Tensor& weight, const Tensor& U,
+                           const optional<Tensor>& bias, const optional<Tensor>& residual,
+                           bool relu, bool assume_finite) {
+  check_winograd3d_args(input, weight, U, bias, residual);
+  const int64_t kt = weight.size(2);
+  const auto fmt = output_memory_format(input);
+  if (!winograd_takes(input, weight, U[0], 1, assume_finite)) {
+    return conv_bias_act_cpu(input, weight, bias, residual, {1, 1, 1}, {kt / 2, 1, 1}, {1, 1, 1},
+                             1, relu, assume_finite);
   }
-  count_kernel_run(KernelRun::kWinogradAdd);
+  count_kernel_run(KernelRun::kWinograd3d);
+  const auto cl = at::MemoryFormat::ChannelsLast3d;
   const Tensor x = input.contiguous(cl);
   const Tensor u = U.contiguous();
   const optional<Tensor> b =
       bias ? optional<Tensor>(bias->to(at::kFloat).contiguous()) : c10::nullopt;
-  winograd_run(x, u, b ? b->const_data_ptr<float>() : nullptr, out.const_data_ptr(), out, relu,
-               stride);
+  Tensor out = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3),
+                          input.size(4)}, input.options().memory_format(cl));
+  const Tensor r = residual ? residual->contiguous(cl) : Tensor();
+  winograd_run(x, u, b ? b->const_data_ptr<float>() : nullptr,
+               residual ? r.const_data_ptr() : nullptr, out, relu, 1);
+  return out.contiguous(fmt);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
-  m.impl("winograd_conv3x3_add_", &winograd_conv3x3_add_cpu_);
+  m.impl("winograd_conv3d", &winograd_conv3d_cpu);
 }
 
 }  // namespace resnet_fused

@@ -1,5 +1,6 @@
 // The Winograd kernels of winograd_conv3x3, F(2x2, 3x3) and F(4x4, 3x3) at stride 1
-// and F(2x2, 3x3) at stride 2, written once and templated on the vector type V
+// and F(2x2, 3x3) at stride 2, and of winograd_conv3d (run_taps: a 3-D conv's temporal
+// taps summed in M), written once and templated on the vector type V
 // (kernels_avx2.cpp, kernels_avx512.cpp instantiate them, each compiled for its
 // ISA). No ATen here: this header is included inside a `#pragma GCC target` region.
 //
@@ -39,11 +40,14 @@ template <int kAlpha, class T>
 void tile_pixels(const Problem& p, const Tile& t, const T* zeros,
                  const T* (&px)[kAlpha][kAlpha]) {
   const T* input = static_cast<const T*>(p.input);
+  // A 3-D conv's tap reads another frame of the clip, or the zero padding past its ends.
+  const int64_t n = t.n + p.frame_shift, in_clip = t.n % p.frames + p.frame_shift;
+  const bool frame_inside = in_clip >= 0 && in_clip < p.frames;
   for (int i = 0; i < kAlpha; ++i) {
     for (int j = 0; j < kAlpha; ++j) {
       const int64_t y = p.stride * t.y - 1 + i, x = p.stride * t.x - 1 + j;
-      const bool inside = y >= 0 && y < p.H && x >= 0 && x < p.W;
-      px[i][j] = inside ? input + ((t.n * p.H + y) * p.W + x) * p.C : zeros;
+      const bool inside = frame_inside && y >= 0 && y < p.H && x >= 0 && x < p.W;
+      px[i][j] = inside ? input + ((n * p.H + y) * p.W + x) * p.C : zeros;
     }
   }
 }
@@ -270,6 +274,30 @@ inline void at5(const typename V::Reg (&m)[5], typename V::Reg (&y)[2]) {
 
 // ---- the driver -----------------------------------------------------------------
 
+// A thread's scratch: V, then M, then C zeros (the image border's pixels).
+template <class T, int kXi>
+struct Scratch {
+  T* v;
+  float* m;
+  T* zeros;
+  Scratch(const Problem& p, float* scratch)
+      : v(reinterpret_cast<T*>(scratch)), m(scratch + v_floats(p)),
+        zeros(reinterpret_cast<T*>(m + kXi * p.m_stride)) {
+    for (int64_t c = 0; c < p.C; ++c) zeros[c] = T(0);  // +0.0 in float and in bfloat16
+  }
+};
+
+// Item `item` of blocks x k_slices, block-major: its tiles [t0, t0 + count) and output
+// channels [k0, k1) (empty where the last slice has none).
+struct Item {
+  int64_t t0, count, k0, k1;
+  Item(const Problem& p, int64_t item)
+      : t0(item / p.k_slices * p.block),
+        count(p.tiles - t0 < p.block ? p.tiles - t0 : p.block),
+        k0(item % p.k_slices * p.k_slice),
+        k1(k0 + p.k_slice < p.K ? k0 + p.k_slice : p.K) {}
+};
+
 // Items [first, last) (run_blocks_avx512 says which) of p.block tiles of kTile x kTile
 // outputs at stride kStride with elements of type T; `scratch` holds
 // scratch_floats(p) floats. A thread with several slices of one block transforms its
@@ -278,18 +306,15 @@ template <class V, int kTile, int kStride, class T>
 void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
   constexpr int kAlpha = kStride == 1 ? kTile + 2 : 2 * kTile + 1;
   constexpr int kXi = kAlpha * kAlpha;
-  T* v = reinterpret_cast<T*>(scratch);
-  float* m = scratch + v_floats(p);
-  T* zeros = reinterpret_cast<T*>(m + kXi * p.m_stride);
-  for (int64_t c = 0; c < p.C; ++c) zeros[c] = T(0);  // +0.0 in float and in bfloat16
+  const Scratch<T, kXi> s(p, scratch);
+  T* v = s.v;
+  float* m = s.m;
+  const T* zeros = s.zeros;
   int64_t transformed = -1;  // the block whose input V holds
   for (int64_t item = first; item < last; ++item) {
     const int64_t blk = item / p.k_slices;
-    const int64_t k0 = (item % p.k_slices) * p.k_slice;
-    const int64_t k1 = k0 + p.k_slice < p.K ? k0 + p.k_slice : p.K;
+    const auto [t0, count, k0, k1] = Item(p, item);
     if (k0 >= k1) continue;
-    const int64_t t0 = blk * p.block;
-    const int64_t count = p.tiles - t0 < p.block ? p.tiles - t0 : p.block;
     if (blk != transformed) {
       if constexpr (kStride == 2) {
         transform_input<V, 5>(p, zeros, v, t0, count,
@@ -309,7 +334,7 @@ void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
       const T* u = static_cast<const T*>(p.U) + u_xi * p.C * p.K;
       for (int64_t k = k0; k < k1; k += p.u_panel) {
         p.gemm(count, p.u_panel, p.C, p.u_panel, p.m_cols, v + xi * p.v_stride, u + k * p.C,
-               m + xi * p.m_stride + (k - k0));
+               m + xi * p.m_stride + (k - k0), false);
       }
     }
     if constexpr (kStride == 2) {
@@ -324,8 +349,78 @@ void run_tiles(const Problem& p, int64_t first, int64_t last, float* scratch) {
   }
 }
 
+// winograd_conv3d's items [first, last), as run_tiles' (stride 1): per block, the centre
+// tap transforms the block's tiles into V and sets M = V @ U_centre; each other tap then
+// does the same for the runs of tiles whose input frame (the tile's frame shifted by the
+// tap) lies in their clip, adding into those rows of M; one output transform stores the
+// sum. No tap multiplies the zero padding past a clip's ends.
+template <class V, int kTile, class T>
+void run_taps(const Problem& p, int64_t first, int64_t last, float* scratch) {
+  constexpr int kAlpha = kTile + 2;
+  constexpr int kXi = kAlpha * kAlpha;
+  const Scratch<T, kXi> s(p, scratch);
+  T* v = s.v;
+  float* m = s.m;
+  const T* zeros = s.zeros;
+  const int64_t frame_tiles = p.tiles_h * p.tiles_w, centre = p.taps / 2;
+  for (int64_t item = first; item < last; ++item) {
+    const auto [t0, count, k0, k1] = Item(p, item);
+    if (k0 >= k1) continue;
+    for (int64_t i = 0; i < p.taps; ++i) {
+      const int64_t j = i == 0 ? centre : i <= centre ? i - 1 : i;  // the centre first
+      Problem q = p;
+      q.frame_shift = j - centre;
+      const T* u_tap = static_cast<const T*>(p.U) + j * p.u_tap;
+      // Runs [r0, r1) of the block's tiles, frame by frame, merged while the tap reaches.
+      int64_t r0 = t0;
+      while (r0 < t0 + count) {
+        const int64_t frame = r0 / frame_tiles, t = frame % p.frames + q.frame_shift;
+        const int64_t end = t0 + count;
+        int64_t r1 = (frame + 1) * frame_tiles < end ? (frame + 1) * frame_tiles : end;
+        if (t < 0 || t >= p.frames) {
+          r0 = r1;
+          continue;
+        }
+        while (r1 < end) {
+          const int64_t next = (r1 / frame_tiles) % p.frames + q.frame_shift;
+          if (next < 0 || next >= p.frames) break;
+          r1 = (r1 / frame_tiles + 1) * frame_tiles < end ? (r1 / frame_tiles + 1) * frame_tiles
+                                                           : end;
+        }
+        if constexpr (kTile == 4) {
+          transform_input<V, 6>(q, zeros, v, r0, r1 - r0,
+                                [](const auto& d, auto& r) { bt6<V>(d, r); });
+        } else {
+          transform_input_f2<V, T>(q, zeros, v, r0, r1 - r0);
+        }
+        for (int xi = 0; xi < kXi; ++xi) {
+          const T* u = u_tap + xi * p.C * p.K;
+          for (int64_t k = k0; k < k1; k += p.u_panel) {
+            p.gemm(r1 - r0, p.u_panel, p.C, p.u_panel, p.m_cols, v + xi * p.v_stride,
+                   u + k * p.C, m + xi * p.m_stride + (r0 - t0) * p.m_cols + (k - k0), i > 0);
+          }
+        }
+        r0 = r1;
+      }
+    }
+    if constexpr (kTile == 4) {
+      transform_output<V, 6, 4>(p, m, t0, count, k0, k1,
+                                [](const auto& q, auto& y) { at6<V>(q, y); });
+    } else {
+      transform_output_f2<V, T>(p, m, t0, count, k0, k1);
+    }
+  }
+}
+
 template <class V>
 void run_blocks(const Problem& p, int64_t first, int64_t last, float* scratch) {
+  if (p.taps > 0) {  // winograd_conv3d
+    if constexpr (V::kBf16) {
+      if (p.bf16) return run_taps<V, 2, uint16_t>(p, first, last, scratch);
+    }
+    if (p.tile == 4) return run_taps<V, 4, float>(p, first, last, scratch);
+    return run_taps<V, 2, float>(p, first, last, scratch);
+  }
   if constexpr (V::kBf16) {
     if (p.bf16) return run_tiles<V, 2, 1, uint16_t>(p, first, last, scratch);
   }

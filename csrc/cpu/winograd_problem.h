@@ -7,11 +7,11 @@
 namespace resnet_fused {
 namespace winograd {
 
-// C (m x n, float) = A (m x k) @ B (k x n), row-major, lda = k; B's rows ldb apart and
-// C's ldc apart (a slice of columns of a wider matrix). A and B float, or bfloat16 with
-// B in VNNI pairs (rows 2i and 2i+1 interleaved).
+// C (m x n, float) = A (m x k) @ B (k x n) (C += where accumulate), row-major, lda = k;
+// B's rows ldb apart and C's ldc apart (a slice of columns of a wider matrix). A and B
+// float, or bfloat16 with B in VNNI pairs (rows 2i and 2i+1 interleaved).
 using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, int64_t ldb, int64_t ldc, const void* a,
-                        const void* b, float* c);
+                        const void* b, float* c, bool accumulate);
 
 struct Problem {
   // channels_last [N, C, H, W] input, [N, K, Ho, Wo] output/residual (padding 1),
@@ -36,6 +36,12 @@ struct Problem {
   int64_t m_cols;                   // columns of M: k_slice, or K with one slice
   int64_t v_stride, m_stride;       // floats between consecutive V[xi] / M[xi] in a block
   GemmFn gemm;
+  // winograd_conv3d: the input's and output's N * T frames are images of one batch, and
+  // output frame t of a clip sums `taps` (> 0) 2-D convs, tap j over input frame
+  // t + j - taps / 2 of that clip (zeros outside it), in the Winograd domain (M) before
+  // one output transform. U holds the taps' weights `u_tap` elements apart;
+  // `frame_shift` is the tap being transformed's j - taps / 2.
+  int64_t taps = 0, frames = 1, u_tap = 0, frame_shift = 0;
 };
 
 // Floats of V's part of the scratch (bfloat16 V takes half).
