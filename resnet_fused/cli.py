@@ -80,8 +80,22 @@ def _describe_input(arch, args):
             else f"input {shape[2]}x{shape[3]}")
 
 
+def _device_for(args, video):
+    """--device, where auto takes the CPU for a video ResNet (its 3-D convolutions run
+    fused there only)."""
+    if video and args.device == "auto":
+        if torch.cuda.is_available():
+            print("note: --device auto chose cpu: the video ResNets run fused on the CPU only",
+                  file=sys.stderr)
+        return torch.device("cpu")
+    return _device(args.device)
+
+
 def _check_frames(args, archs):
     if args.frames is not None and not set(archs) & set(VIDEO_ARCHS):
+        if args.arch == "all":
+            _usage_error("argument --frames: the video ResNets are verified on the CPU only "
+                         "(--device cpu), got --arch all on a GPU")
         _usage_error(f"argument --frames: expected a video arch ({', '.join(VIDEO_ARCHS)}), "
                      f"got --arch {args.arch}")
     if args.frames is None:
@@ -138,7 +152,7 @@ def verify_arch(arch, weights, device, shape, seed=0):
 
 
 def cmd_verify(args):
-    device = _device(args.device)
+    device = _device_for(args, args.arch in VIDEO_ARCHS)
     if args.arch != "all":
         archs = [args.arch]
         _fused_arch_here(args.arch, device)
@@ -179,9 +193,9 @@ def cmd_verify(args):
 def cmd_bench(args):
     if args.model:
         return cmd_bench_task(args)
-    device = _device(args.device)
-    dtype = getattr(torch, args.dtype)
     video = args.arch in VIDEO_ARCHS
+    device = _device_for(args, video)
+    dtype = getattr(torch, args.dtype)
     _check_frames(args, [args.arch])
     _fused_arch_here(args.arch, device)
     batches = args.batch_sizes or ([1, 32, 256] if device.type == "cuda" else [1] if video
@@ -268,9 +282,10 @@ def cmd_bench(args):
 def cmd_bench_task(args):
     """bench --model: a whole detection or segmentation model, its ResNet body fused
     against unfused, and the body's share of the model's time."""
+    if args.frames is not None:
+        _usage_error("argument --frames: expected a video arch, got --model (an image model)")
     ignored = [flag for flag, on in (("--weights", args.weights), ("--compile", args.compile),
-                                     ("--peers", args.peers),
-                                     ("--frames", args.frames is not None)) if on]
+                                     ("--peers", args.peers)) if on]
     if ignored:
         print(f"error: {', '.join(ignored)} cannot be combined with --model (the whole "
               "model runs with seeded random weights, fused against unfused)", file=sys.stderr)
@@ -541,8 +556,8 @@ def build_parser():
     common(b, ARCHS + VIDEO_ARCHS)
     b.add_argument("--model", default=None, choices=DETECTION + SEGMENTATION,
                    help="time this whole detection or segmentation model instead, its ResNet "
-                        "backbone fused against unfused (--arch, --weights, --compile and "
-                        "--peers do not apply)")
+                        "backbone fused against unfused (--arch, --weights, --frames, --compile "
+                        "and --peers do not apply)")
     b.add_argument("--batch-sizes", type=_batches, default=None,
                    help="comma-separated (default: 1,8 on CPU; 1,32,256 on CUDA; 1 with --model "
                         "or a video arch)")

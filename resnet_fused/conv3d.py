@@ -69,9 +69,8 @@ class _Geometry2d:
 
 
 def prepare(weight, bias, conv, dtype, cached=True):
-    centre = min(conv.padding[0], weight.shape[2] - 1)
-    frames = dispatch.prepare(weight[:, :, centre].contiguous(), bias, _Geometry2d(conv), dtype,
-                              cached=cached)
+    frames = dispatch.prepare(weight[:, :, weight.shape[2] // 2].contiguous(), bias,
+                              _Geometry2d(conv), dtype, cached=cached)
     frames.winograd_tiles = _TILES
     direct = dispatch.prepare(weight, bias, conv, dtype, cached=cached, direct=True)
     return Prepared3d(direct, frames, weight.shape[2], conv.stride[0], conv.padding[0],
@@ -94,7 +93,7 @@ def _winograd_weight(c, x):
     padding, a Winograd tile for the same 2-D conv over x's frames), else None."""
     kt = c.t_kernel
     if (kt == 1 or kt % 2 == 0 or c.t_stride != 1 or c.t_dilation != 1 or c.t_padding != kt // 2
-            or x.dtype not in (torch.float32, torch.bfloat16)):
+            or c.frames.stride != (1, 1) or x.dtype not in (torch.float32, torch.bfloat16)):
         return None
     n, ch, t, h, w = x.shape
     # The 2-D rules read only the frames' shape, dtype and device.

@@ -252,7 +252,8 @@ class PreparedConv:
         return w
 
     def winograd_tile_for(self, x):
-        """The Winograd tile size winograd_conv3x3 should compute x with, or None."""
+        """The Winograd tile size winograd_conv3x3 should compute x with, or None (conv3d
+        asks it of a 3-D conv's centre tap, for winograd_conv3d)."""
         if not self.winograd_fits or tracing():
             return None
         return _winograd_tile(x, self.weight, self.stride[0], self.winograd_tiles)

@@ -82,6 +82,15 @@ def test_verify_takes_a_video_resnet_on_clips(capsys):
     assert [r[1] for r in rows] == [str(d).replace("torch.", "") for d in dispatch.CPU_DTYPES]
 
 
+def test_device_auto_takes_the_cpu_for_a_video_resnet(monkeypatch, capsys):
+    # Where a GPU is present too: the 3-D convolutions run fused on the CPU only.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["verify", "--arch", "r3d_18", "--size", "16", "--frames", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "verify on cpu" in captured.out
+    assert "--device auto chose cpu: the video ResNets run fused on the CPU only" in captured.err
+
+
 def test_bench_times_a_video_resnet_against_eager_ncdhw(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--arch", "mc3_18", "--size", "16", "--frames", "2", "--warmup", "0",
@@ -103,11 +112,15 @@ def test_video_options_are_refused_where_they_do_not_apply(monkeypatch, capsys):
     assert e.value.code == 2
     assert ("argument --frames: expected a video arch (r3d_18, mc3_18, r2plus1d_18), got "
             "--arch resnet18") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "fcn_resnet50", "--frames", "4"])
+    assert e.value.code == 2
+    assert "argument --frames: expected a video arch, got --model" in capsys.readouterr().err
     # On a GPU the video ResNets run their own forward: their figures would be torchvision's.
     monkeypatch.setattr(cli, "_device", lambda name: torch.device("cuda"))
     for command in ("verify", "bench"):
         with pytest.raises(SystemExit) as e:
-            main([command, "--arch", "r3d_18"])
+            main([command, "--arch", "r3d_18", "--device", "cuda"])
         assert e.value.code == 2
         assert ("argument --arch: the video ResNets (r3d_18, mc3_18, r2plus1d_18) run fused on "
                 "the CPU only (3-D convolutions), got r3d_18 on cuda; pass --device cpu"

@@ -23,6 +23,7 @@ CASES = [
     (16, 24, (3, 7, 9), 3, 1, 1, 1, 2),                              # batch 2, 3 frames
     (16, 24, (5, 9, 9), 3, (1, 1, 1), (2, 1, 1), (2, 1, 1), 2),     # dilated in time, batch 2
     (16, 16, (6, 9, 8), 3, 2, 1, 1, 1),                              # r3d's stride-2 blocks
+    (16, 16, (4, 16, 16), 3, (1, 2, 2), 1, 1, 1),                   # stride 2 in space only
     (16, 32, (4, 9, 8), (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, 2),     # Conv3DNoTemporal
     (24, 16, (5, 6, 6), (3, 1, 1), (2, 1, 1), (1, 0, 0), 1, 1),     # R(2+1)D's temporal half
     (16, 32, (4, 9, 9), 1, 2, 0, 1, 2),                              # downsample
@@ -78,10 +79,12 @@ def test_matches_fp64(monkeypatch, case, layout, route):
 
 def _takes_winograd(c):
     return (c.t_kernel % 2 == 1 and c.t_stride == 1 and c.t_dilation == 1
-            and c.t_padding == c.t_kernel // 2 and c.frames.winograd_fits)
+            and c.t_padding == c.t_kernel // 2 and c.frames.winograd_fits
+            and c.frames.stride == (1, 1))
 
 
-def test_nan_propagates_through_the_taps(monkeypatch):
+def test_nan_propagates_where_winograd_would_run(monkeypatch):
+    # winograd_conv3d hands a NaN input to conv_bias_act's direct path.
     c, x, res, _, _ = _prepared(CASES[0], seed=1)
     monkeypatch.setattr(c.frames, "winograd_tile_for", lambda frames: 2)
     x[0, 3, 2, 5, 5] = float("nan")
@@ -108,6 +111,7 @@ def test_winograd_is_taken_where_the_same_2d_conv_takes_it():
         assert route(*shape) == "winograd", shape
     assert route(64, 64, 16, 56, grad=True) == "winograd"
     assert route(64, 128, 16, 56, stride=2) == "direct"
+    assert route(64, 64, 16, 56, stride=(1, 2, 2)) == "direct"  # the op has no stride
     # bfloat16: where the same 2-D conv takes the Winograd kernel.
     conv2d = dispatch.prepare(torch.randn(64, 64, 3, 3), torch.randn(64),
                               nn.Conv2d(64, 64, 3, 1, 1), torch.bfloat16)

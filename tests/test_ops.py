@@ -764,10 +764,14 @@ class TestWinogradConv3d:
         assert u.shape == (kt, *ops.winograd_weight(wt[:, :, 0], tile).shape)
         for bias, residual, relu in [(b, None, True), (b, res, True), (None, res, False),
                                      (b, res.contiguous(memory_format=CL3D), False)]:
-            out = ops.winograd_conv3d(x, wt, u, bias, residual, relu=relu)
-            assert out.shape == (n, k, t, h, w) and out.is_contiguous(memory_format=CL3D)
-            assert_matches(out, _conv3d_ref(x, wt, bias, residual, relu), torch.float32,
-                           c * kt * 9, f"bias={bias is not None} residual={residual is not None}")
+            # On one thread and on several (which split the output channels where the
+            # weight outweighs the tiles: the 128 to 192 channels case).
+            for out in one_and_more_threads(
+                    lambda: ops.winograd_conv3d(x, wt, u, bias, residual, relu=relu)):
+                assert out.shape == (n, k, t, h, w) and out.is_contiguous(memory_format=CL3D)
+                assert_matches(out, _conv3d_ref(x, wt, bias, residual, relu), torch.float32,
+                               c * kt * 9, f"bias={bias is not None} "
+                                           f"residual={residual is not None}")
         # NCDHW input: computed from its channels_last_3d copy, returned NCDHW.
         out = ops.winograd_conv3d(x.contiguous(), wt, u, b, res)
         assert out.is_contiguous()
@@ -784,6 +788,8 @@ class TestWinogradConv3d:
 
     @pytest.mark.parametrize("where", NONFINITE_KINDS)
     def test_nan_and_inf_propagate_like_torch(self, where):
+        # (Through conv_bias_act: the op hands non-finite operands to it, as
+        # winograd_conv3x3 does.)
         x, wt, b, res = _clip(2, 16, 16, 3, 6, 6)
         # In the last frame, which the last tap does not reach; in the weight's centre,
         # which meets no padding (where F.conv3d's 0 * NaN is NaN and oneDNN's is skipped).
@@ -813,7 +819,7 @@ class TestWinogradConv3d:
                                           r"temporal tap, \[3, ...\]"),
                 ((x, wt, u[:, :4], b, res), r"winograd_conv3d \(one temporal tap's weight\): "
                                              r"expected winograd_weight of shape"),
-                ((x[:, :8], wt, u, b, res), "winograd_conv3d: ")]:
+                ((x[:, :8], wt, u, b, res), "winograd_conv3d: expected input with 16 channels")]:
             with pytest.raises(RuntimeError, match=message):
                 ops.winograd_conv3d(*args)
 

@@ -60,7 +60,7 @@ def test_a_video_resnet_runs_fused_and_matches(arch):
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to the original forward
         assert rel_err(fused(x), model(x)) <= fp32_bounds(model, x)
-        # At least one of our ops per pattern (a 3x3x3 conv is three 2-D taps).
+        # At least one of our ops per pattern.
         assert _runs_fused(_op_calls(fused, x)) >= sum(PATTERNS[arch].values())
 
 

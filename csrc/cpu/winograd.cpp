@@ -147,7 +147,8 @@ void winograd_run(const Tensor& input, const Tensor& U, const float* bias, const
 #else
   // The ISA kernels are built for x86-64 with GCC or Clang only; elsewhere cpu_isa() is
   // kNone, winograd_kernel_available() is false and the op never gets here.
-  TORCH_CHECK(false, "winograd_conv3x3: the Winograd kernel is not built on this platform");
+  TORCH_CHECK(false, "winograd_conv3x3, winograd_conv3d: the Winograd kernel is not built on "
+              "this platform");
   void (*run)(const winograd::Problem&, int64_t, int64_t, float*) = nullptr;
 #endif
   const int64_t scratch = winograd::scratch_floats(p);
