@@ -135,6 +135,7 @@ def conv_add_relu_(identity, x, c, *, finite):
         x = x[:, :, ::c.t_stride] if c.t_stride > 1 else x
         out = dispatch.conv_add_relu_(_frames(identity), _frames(x), c.frames, finite=finite)
         return _volume(out, x.shape[0], x.shape[2])
-    if _route(c, x) == "direct":
+    u = _winograd_weight(c, x)
+    if u is None:
         return dispatch.conv_add_relu_(identity, x, c.direct, finite=finite)
-    return conv(x, c, relu=True, finite=finite, residual=identity)
+    return ops.winograd_conv3d(x, c.weight, u, c.bias, identity, relu=True, assume_finite=finite)
