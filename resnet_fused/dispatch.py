@@ -335,9 +335,10 @@ def _winograd_fits(c):
 # per thread it waits on that read. In a model the weight is not in cache when its
 # layer starts (ResNet-50's weights are 100 MB). So F(4x4) (36 matrices) needs 16 of
 # its tiles per thread; below that F(2x2) (16 matrices) pays from 24 of its tiles per
-# thread, if its weight (64 * C * K bytes) is small enough to come from L3 (up to
-# 256x256 channels); below that oneDNN's direct kernel is faster. With more channels
-# only F(4x4) pays (with AVX2 since its weight comes in 32-wide panels, ops.brgemm_panel:
+# thread if its weight (64 * C * K bytes) is small enough to come from L3 (up to
+# 256x256 channels), from twice as many with a larger one; below that oneDNN's direct
+# kernel is faster. With more channels F(4x4) pays first (with AVX2 since its weight
+# comes in 32-wide panels, ops.brgemm_panel:
 # 512 channels at 14x14, batch 16, warm, F(4x4) 34.1 ms against oneDNN's 67.2 and F(2x2)'s
 # 35.5; AVX-512 33.3 / 61.3 / 34.3; in 64-wide panels AVX2 had lost there). Measured on AMD
 # EPYC Zen 4, 2 threads, in ResNet-50 and alone (benchmarks/cpu_kernels.py), before the
@@ -347,8 +348,15 @@ def _winograd_fits(c):
 #     (ResNet-18 batch 1: 15.2 ms with F(2x2) there, 16.8 with F(4x4))
 #   512 ch, 7x7, batch 8, in the model    16 / 64      5.6       -     7.2
 # Those weight-bound shapes now split, and the cost model below picks for them.
+# Where F(4x4) is not allowed (the video ResNets' convs over frames, conv3d._TILES),
+# R(2+1)D's layer3 takes F(2x2) with a large weight in one piece: cold weights, 2
+# threads, alternating, ms (oneDNN / F(2x2)): 256 -> 576 channels at 14x14, 4 frames
+# (98 tiles per thread) 8.73 / 4.92, 576 -> 256 8.71 / 4.88, 256 -> 460 7.07 / 4.17; 512
+# -> 921 at 7x7 (one panel of 921 channels) 16 tiles per thread 3.79 / 4.62, 32 tiles
+# 6.83 / 7.41 (so R(2+1)D's layer4 at 2 frames stays on oneDNN), 48 tiles 13.36 / 11.54.
 _WINOGRAD_MIN_TILES_PER_THREAD = {4: 16, 2: 24}
-_WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2) pays
+_WINOGRAD_L3_WEIGHT = 256 * 256  # C * K up to which F(2x2) pays from 24 tiles per thread
+_WINOGRAD_F2_LARGE_WEIGHT_TILES = 2  # past it, from this many times as many
 
 
 # winograd_conv3x3 computes an image smaller than one tile, and F(4x4) with fewer
@@ -443,7 +451,8 @@ def _winograd_tile(x, weight, stride=1, allowed=(4, 2)):
         if _winograd_splits(c, k, tiles2, threads, x.dtype):
             direct = _cost(c, k, 9, 9 * n * h * w, threads)
             return 2 if _cost(c, k, 16, 16 * tiles2, threads) < direct else None
-        needed = _WINOGRAD_MIN_TILES_PER_THREAD[2] * (1 if small else 2)
+        needed = _WINOGRAD_MIN_TILES_PER_THREAD[2]
+        needed *= 1 if small else _WINOGRAD_F2_LARGE_WEIGHT_TILES
         return 2 if tiles2 >= needed * threads else None
     tiles = {t: n * -(-h // t) * -(-w // t) for t in allowed
              if h >= t and w >= t and (t == 2 or c >= _WINOGRAD_F4_MIN_CHANNELS)}
@@ -453,8 +462,10 @@ def _winograd_tile(x, weight, stride=1, allowed=(4, 2)):
                       for t, count in tiles.items()})
         return min(costs, key=costs.get)
     for tile, needed in _WINOGRAD_MIN_TILES_PER_THREAD.items():
-        if tile not in tiles or (not small and tile == 2):
+        if tile not in tiles:
             continue
+        if tile == 2 and not small:
+            needed *= _WINOGRAD_F2_LARGE_WEIGHT_TILES
         if tiles[tile] >= needed * threads:
             return tile
     return None

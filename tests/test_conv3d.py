@@ -141,3 +141,19 @@ def test_the_convs_over_frames_take_f2x2_where_2d_takes_f4x4(kt):
     assert runs["winograd_conv3d" if kt == 3 else "winograd_conv3x3"] == 1
     if kt == 3:
         assert c.winograd.keys() == {2} and c.winograd[2].shape[1] == 16  # F(2x2): 4x4 points
+
+
+@pytest.mark.skipif(not _extension.winograd_kernel_available(),
+                    reason="no Winograd kernel on this CPU")
+@num_threads(2)
+def test_r2plus1d_layer3_takes_f2x2_with_its_large_weight():
+    # F(2x2) only, a weight past L3 in one piece: from 48 tiles per thread (R(2+1)D's
+    # layer3 at 4 frames of 14x14: 98), twice a weight from L3's 24 (dispatch.py's
+    # measurements). 921 output channels make one panel, which the threads never split.
+    def tile(n, c, k, hw):
+        return dispatch._winograd_tile(torch.empty(n, c, hw, hw), torch.empty(k, c, 3, 3),
+                                       1, conv3d._TILES)
+
+    assert tile(4, 256, 576, 14) == tile(4, 576, 256, 14) == tile(4, 256, 460, 14) == 2
+    assert tile(4, 512, 921, 7) is None and tile(6, 512, 921, 7) == 2  # 32 and 48 per thread
+    assert tile(1, 128, 128, 16) == 2  # a small weight at 32 tiles per thread
