@@ -173,6 +173,7 @@ class PreparedConv:
     grouped_weight: torch.Tensor = None  # its weight in blocks, made on first use
     pad_to: int = 0                # CUDA: input channels the "padded" route pads to (_pad_to)
     padded_weight: torch.Tensor = None  # the weight with those zero channels, made on first use
+    float32: "PreparedConv" = None  # bfloat16: this conv in float32, made on first use (_choose)
     packed: dict = field(default_factory=dict)  # input shape -> weight in oneDNN's layout
     routes: dict = field(default_factory=dict)  # (input shape, threads) -> kernel_for's answer
 
@@ -185,8 +186,9 @@ class PreparedConv:
 
     def kernel_for(self, x):
         """("winograd", its weight), ("conv1x1", its weight panels), ("grouped", its
-        weight blocks), ("padded", its weight with zero input channels) or
-        ("conv_bias_act", its weight): the op that suits x. Remembered
+        weight blocks), ("padded", its weight with zero input channels), ("float32", this
+        conv as a float32 PreparedConv) or ("conv_bias_act", its weight): the op that
+        suits x. Remembered
         per input shape and thread count outside tracing: the choice is a few
         microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
         if tracing():
@@ -223,6 +225,17 @@ class PreparedConv:
         if (self.pad_to and "pad_channels" in CUDA_TRY and not tracing() and x.is_cuda
                 and x.shape[1] == self.weight.shape[1] and _tensor_core_conv(x)):
             return "padded", self.padded_weight_for()
+        # conv_bias_act computes a bfloat16 conv with an output extent of 1 in float32
+        # (csrc/cpu/conv_bias_act.cpp: the oneDNN torch ships errs there), converting its
+        # weight on every call: 0.4-2 ms for each of R(2+1)D's layer3-4 convs on clips of 4
+        # frames, whose time axis ends at 1. So such a conv keeps a float32 copy instead.
+        if (self.dtype == torch.bfloat16 and self.cached and x.device.type == "cpu"
+                and not tracing() and 1 in _output_extents(x, self)):
+            if self.float32 is None:
+                self.float32 = prepare(self.weight.float(), _float(self.bias), self,
+                                       torch.float32, direct=self.weight.dim() == 5)
+                self.float32.winograd_tiles = self.winograd_tiles
+            return "float32", self.float32
         return "conv_bias_act", self.weight_for(x)
 
     def padded_weight_for(self):
@@ -270,6 +283,15 @@ class PreparedConv:
             u = ops.winograd_weight(self.weight, tile=tile, stride=self.stride[0])
             u = self.winograd[tile] = to_huge_pages(u)
         return u
+
+
+def _output_extents(x, c):
+    return [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+            zip(x.shape[2:], c.weight.shape[2:], c.stride, c.padding, c.dilation)]
+
+
+def _float(t):
+    return None if t is None else t.float()
 
 
 def prepare(weight, bias, conv, dtype, cached=True, direct=False):
@@ -578,6 +600,8 @@ def conv(x, c, *, relu, finite, residual=None):
         y = _OPS.conv1x1(x, c.weight, w, c.bias, residual, relu=relu, stride=c.stride[0])
     elif kind == "grouped":
         y = _OPS.grouped_conv3x3(x, c.weight, w, c.bias, residual, stride=c.stride[0], relu=relu)
+    elif kind == "float32":  # its float32 copy, rounded once, as conv_bias_act would
+        y = conv(x.float(), w, relu=relu, finite=finite, residual=_float(residual))
     elif kind == "padded":
         y = _OPS.conv_bias_act(pad_channels(x, w.shape[1]), w, c.bias, residual, c.stride,
                                c.padding, c.dilation, c.groups, relu=relu, assume_finite=finite)
@@ -696,7 +720,8 @@ def conv_add_relu_(identity, x, c, *, finite):
     if c.dtype != x.dtype or needs_grad:
         return conv(x, c, relu=True, finite=finite, residual=identity)
     kind, w = c.kernel_for(x)
-    if kind in ("winograd", "grouped", "padded") or (kind == "conv1x1" and c.stride != (1, 1)):
+    if (kind in ("winograd", "grouped", "padded", "float32")
+            or (kind == "conv1x1" and c.stride != (1, 1))):
         return conv(x, c, relu=True, finite=finite, residual=identity)
     if kind == "conv1x1":
         _OPS.conv1x1_add_relu_(identity, x, c.weight, w, c.bias)

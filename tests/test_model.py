@@ -16,8 +16,8 @@ from torch import nn
 import resnet_fused
 from resnet_fused import FusedResNet, _extension, dispatch, fuse
 
-from common_utils import (assert_matches, fp32_bound, kernel_runs, num_threads, rel_err,
-                          tv_model)
+from common_utils import (assert_matches, assert_rounded_once, fp32_bound, kernel_runs,
+                          num_threads, rel_err, tv_model)
 from resnet_fused._extension import winograd_kernel_available
 
 pytestmark = pytest.mark.skipif(not resnet_fused.available(), reason="extension not built")
@@ -420,6 +420,34 @@ def test_cpu_bf16_runs_winograd_where_it_pays(arch, f2):
     ref = tv_model(arch).double()(x.double())
     theirs = tv_model(arch).to(torch.bfloat16)(x.bfloat16())
     assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
+
+
+@pytest.mark.skipif(not BF16, reason="no bfloat16 convolutions on this CPU")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cpu_bf16_conv_with_an_output_extent_of_1_keeps_a_float32_copy(dims):
+    # conv_bias_act computes such a bfloat16 conv in float32 (conv_bias_act.cpp); the
+    # model's conv keeps its weight in float32 for it, made once, and rounds once.
+    torch.manual_seed(0)
+    if dims == 2:  # a stride-2 3x3 conv on 2 rows: one output row
+        conv, x = nn.Conv2d(16, 32, 3, 2, 1), torch.randn(2, 16, 2, 5)
+        f = torch.nn.functional.conv2d
+    else:  # R(2+1)D's temporal conv on one frame
+        conv, x = nn.Conv3d(16, 32, (3, 1, 1), 1, (1, 0, 0)), torch.randn(2, 16, 1, 4, 4)
+        f = torch.nn.functional.conv3d
+    x, w, b = x.bfloat16(), conv.weight.detach().bfloat16(), conv.bias.detach().bfloat16()
+    c = dispatch.prepare(w, b, conv, torch.bfloat16)
+    prepared = c if dims == 2 else c.direct
+    geometry = conv.stride, conv.padding
+    res = torch.randn(f(x.float(), w.float(), None, *geometry).shape).bfloat16()
+    with torch.no_grad():
+        out = dispatch.conv(x, c, relu=True, finite=False, residual=res)
+        copy32 = prepared.float32
+        assert copy32 is not None and copy32.weight.dtype == torch.float32
+        assert torch.equal(dispatch.conv_add_relu_(res.clone(), x, c, finite=False), out)
+    assert prepared.float32 is copy32
+    ref = (f(x.double(), w.double(), b.double(), *geometry) + res.double()).relu()
+    size = f(x.double().abs(), w.double().abs(), b.double().abs(), *geometry) + res.double().abs()
+    assert_rounded_once(out, ref, size, reduction=w[0].numel())
 
 
 @pytest.mark.skipif(not BF16, reason="no bfloat16 convolutions on this CPU")
