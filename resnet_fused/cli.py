@@ -222,6 +222,7 @@ def cmd_bench(args):
         print(f"  {note}")
     results = []
     ref_model = copy.deepcopy(tv).double()
+    rate = "clips_per_s" if video else "images_per_s"
     with torch.inference_mode():
         for b in batches:
             g = torch.Generator().manual_seed(b)
@@ -237,8 +238,8 @@ def cmd_bench(args):
                                                         for name, med in times.items()),
                   file=sys.stderr, flush=True)
             for name, med in times.items():
-                results.append(dict(variant=name, batch=b, ms=med, images_per_s=b / med * 1e3,
-                                    rel_err=errors[name]))
+                results.append({"variant": name, "batch": b, "ms": med, rate: b / med * 1e3,
+                                "rel_err": errors[name]})
     base = {r["batch"]: r for r in results if r["variant"] == eager}
     fastest_peer = {}
     for r in results:
@@ -258,7 +259,7 @@ def cmd_bench(args):
           f"{'clips/s' if video else 'images/s':>10} {'vs eager ' + layout:>15} "
           f"{'rel err vs fp64':>16}")
     for r in results:
-        print(f"{r['variant']:38} {r['batch']:5d} {r['ms']:10.2f} {r['images_per_s']:10.1f} "
+        print(f"{r['variant']:38} {r['batch']:5d} {r['ms']:10.2f} {r[rate]:10.1f} "
               f"{r['speedup_vs_eager']:14.2f}x {r['rel_err']:16.2e}"
               + ("  WRONG (over 2x torchvision's error)" if r["wrong"] else ""))
     for b, ms in sorted(fastest_peer.items()):

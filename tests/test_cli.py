@@ -101,6 +101,8 @@ def test_bench_times_a_video_resnet_against_eager_ncdhw(tmp_path, capsys):
     assert set(rows) == {"torchvision eager (NCDHW)", "torchvision eager (channels_last_3d)",
                          "resnet_fused"}
     assert all(r["batch"] == 1 and not r["wrong"] for r in rows.values())  # one clip by default
+    assert all(r["clips_per_s"] == pytest.approx(1e3 / r["ms"]) and "images_per_s" not in r
+               for r in rows.values())
     assert rows["torchvision eager (NCDHW)"]["speedup_vs_eager"] == 1
     out = capsys.readouterr().out
     assert "vs eager NCDHW" in out and "clips/s" in out
