@@ -237,10 +237,15 @@ def rel_err(out, ref):
 # ---- profiling -------------------------------------------------------------------------
 
 
-def stage_times(events):
+# The stages of a video ResNet: torchvision's VideoResNet's top-level modules, as the
+# fused graph labels them (graph_fuse._label_stages).
+VIDEO_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+
+
+def stage_times(events, stages=STAGES):
     """ms per stage label ("stage:layer1", ...) in torch.profiler's key_averages()."""
     return {s: sum(e.cpu_time_total if e.device_time_total == 0 else e.device_time_total
-                   for e in events if e.key == f"stage:{s}") / 1e3 for s in STAGES}
+                   for e in events if e.key == f"stage:{s}") / 1e3 for s in stages}
 
 
 def staged_torchvision(m, x):
@@ -257,7 +262,21 @@ def staged_torchvision(m, x):
         return m.fc(torch.flatten(m.avgpool(x), 1))
 
 
-def bar_chart(per_stage, path, title):
+def staged_video_torchvision(m, x):
+    """torchvision's VideoResNet forward, with the labels of the fused graph's stages."""
+    rf = torch.profiler.record_function
+    with rf("stage:stem"):
+        x = m.stem(x)
+    for s in ("layer1", "layer2", "layer3", "layer4"):
+        with rf(f"stage:{s}"):
+            x = getattr(m, s)(x)
+    with rf("stage:avgpool"):
+        x = m.avgpool(x).flatten(1)
+    with rf("stage:fc"):
+        return m.fc(x)
+
+
+def bar_chart(per_stage, path, title, stages=STAGES):
     """A PNG of per-stage ms, fused vs unfused. Raises ImportError without matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
@@ -265,12 +284,12 @@ def bar_chart(per_stage, path, title):
 
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.4
-    xs = range(len(STAGES))
-    ax.bar([i - width / 2 for i in xs], [per_stage["unfused"][s] for s in STAGES], width,
+    xs = range(len(stages))
+    ax.bar([i - width / 2 for i in xs], [per_stage["unfused"][s] for s in stages], width,
            label="unfused (torchvision)")
-    ax.bar([i + width / 2 for i in xs], [per_stage["fused"][s] for s in STAGES], width,
+    ax.bar([i + width / 2 for i in xs], [per_stage["fused"][s] for s in stages], width,
            label="fused (resnet_fused)")
-    ax.set_xticks(list(xs), STAGES)
+    ax.set_xticks(list(xs), stages)
     ax.set_ylabel("ms per forward")
     ax.set_title(title)
     ax.legend()

@@ -341,9 +341,13 @@ def cmd_bench_task(args):
 def cmd_profile(args):
     from torch.profiler import ProfilerActivity, profile
 
-    device = _device(args.device)
+    video = args.arch in VIDEO_ARCHS
+    device = _device_for(args, video)
     dtype = getattr(torch, args.dtype)
+    _check_frames(args, [args.arch])
+    _fused_arch_here(args.arch, device)
     _fused_here(device, dtype)
+    stages = benchmark.VIDEO_STAGES if video else STAGES
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -360,8 +364,9 @@ def cmd_profile(args):
                 print(f"[{name}] warm-up {i + 1}/{args.warmup}", file=sys.stderr, flush=True)
                 model(x)
             benchmark.sync(device)
-            # FusedResNet labels its stages itself while a profiler runs.
-            forward = benchmark.staged_torchvision if name == "unfused" else (lambda m, i: m(i))
+            # The fused models label their stages themselves while a profiler runs.
+            staged = benchmark.staged_video_torchvision if video else benchmark.staged_torchvision
+            forward = staged if name == "unfused" else (lambda m, i: m(i))
             with profile(activities=acts) as prof:
                 for i in range(args.repeats):
                     print(f"[{name}] profiled run {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
@@ -370,19 +375,21 @@ def cmd_profile(args):
             trace = os.path.join(args.out, f"trace_{name}.json")
             prof.export_chrome_trace(trace)
             events = prof.key_averages()
-            per_stage[name] = {k: v / args.repeats for k, v in benchmark.stage_times(events).items()}
+            per_stage[name] = {k: v / args.repeats
+                               for k, v in benchmark.stage_times(events, stages).items()}
             print(f"\n{name}: top ops\n" + events.table(sort_by="self_cpu_time_total", row_limit=8))
             print(f"chrome trace: {trace}")
     where = benchmark.device_name(device)
-    print(f"\nper-stage time (ms per forward), {args.arch}, batch {args.batch}, {args.dtype}, "
-          f"{where}; {desc}")
+    print(f"\nper-stage time (ms per forward), {args.arch}, batch {args.batch}, "
+          f"{_describe_input(args.arch, args)}, {args.dtype}, {where}; {desc}")
     print(f"{'stage':10} {'unfused':>10} {'fused':>10} {'speedup':>8}")
-    for s in STAGES:
+    for s in stages:
         u, f = per_stage["unfused"][s], per_stage["fused"][s]
         print(f"{s:10} {u:10.2f} {f:10.2f} {u / f if f else float('nan'):7.2f}x")
     png = os.path.join(args.out, "per_stage.png")
     try:
-        benchmark.bar_chart(per_stage, png, f"{args.arch} batch {args.batch} {args.dtype} on {where}")
+        benchmark.bar_chart(per_stage, png, f"{args.arch} batch {args.batch} {args.dtype} on {where}",
+                            stages)
         print(f"bar chart: {png}")
     except ImportError:
         print("bar chart: skipped, matplotlib is not installed (pip install resnet_fused[cli] "
@@ -574,10 +581,10 @@ def build_parser():
     b.set_defaults(fn=cmd_bench)
 
     pr = sub.add_parser("profile", help="per-stage time fused vs unfused, trace + bar chart")
-    common(pr)
+    common(pr, ARCHS + VIDEO_ARCHS)
     pr.add_argument("--batch", type=_positive, default=8)
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    input_size(pr, video=False)
+    input_size(pr, video=True)
     pr.add_argument("--warmup", type=_non_negative, default=2)
     pr.add_argument("--repeats", type=_positive, default=3)
     pr.add_argument("--out", default="profile_out", help="folder for traces and the chart")

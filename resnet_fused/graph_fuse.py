@@ -39,7 +39,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import dispatch, ops
 from .fold import cast_folded, fold_conv_bn
-from .model import _Folding, _NotFusable, _train_mode_bn
+from .model import _Folding, _NotFusable, _stage_labeller, _train_mode_bn
 from .state_watch import StateWatch
 
 # The norms each conv class folds with. torchvision's video ResNets make their 3-D
@@ -389,6 +389,7 @@ def _rewrite(model, graph, untraced):
     _mark_scan_free(graph, modules, model_input, run_node)
     if model_input is not None:
         _restore_layout_where_seen(graph, model_input)
+    _label_stages(graph, run_node, folded)
     _look_up_on(model_node, graph)
     graph.lint()
     return _Rewrite(fx.GraphModule(nn.Module(), graph, class_name="FusedGraph"), folded, relus,
@@ -463,6 +464,32 @@ def _restored(graph, value, user, model_input):
         return graph.call_function(_original_layout, (value, model_input))
 
 
+def _label_stages(graph, run_node, pairs):
+    """Before each run of nodes from one top-level submodule (a torchvision model's
+    "stem", "layer1", ...), a call that labels them "stage:<name>" while a profiler runs,
+    as FusedResNet labels its stages (`resnet-fused profile` reads the labels)."""
+    conv_of = {key: conv for key, conv, _ in pairs}
+    current = None
+    for node in list(graph.nodes):
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "output":
+            stage = None
+        elif node.op == "call_module":
+            stage = node.target.split(".")[0]
+        elif node.target in (_conv_bn, _conv_bn_add_relu):
+            stage = conv_of[node.args[1]].split(".")[0]
+        elif stack:
+            stage = next(iter(stack.values()))[0].split(".")[0]
+        else:  # a function of the model's own forward: where the nodes before it were
+            stage = current
+        if stage != current:
+            with graph.inserting_before(node):
+                graph.call_function(_stage, (run_node, stage))
+            current = stage
+
+
 def _look_up_on(model_node, graph):
     """Module calls and attributes looked up on the model at each call, not copied
     as fx.GraphModule would: the graph never holds stale modules or buffers, and
@@ -485,6 +512,17 @@ class _Run:
     convs: dict          # key -> dispatch.PreparedConv
     finite: bool         # the model input and the folded weights are finite
     dtype: torch.dtype   # run dtype (the autocast dtype under autocast)
+    stages: _stage_labeller = None  # while a profiler runs
+
+
+def _stage(run, name):
+    """Opens the profiler label "stage:<name>" (None: none), closing the one open."""
+    if run.stages is None:
+        return
+    if name is None:
+        run.stages.exit()
+    else:
+        run.stages.enter(name)
 
 
 def _get_attr(model, name):
@@ -544,7 +582,7 @@ def _add_relu(a, b):
 
 
 _FUSED_FUNCTIONS = (_conv_bn, _conv_bn_add_relu, _add_relu)
-_GRAPH_FUNCTIONS = (_get_attr, _call_module, _original_layout, *_FUSED_FUNCTIONS)
+_GRAPH_FUNCTIONS = (_get_attr, _call_module, _original_layout, _stage, *_FUSED_FUNCTIONS)
 
 
 # ---- the fused model ----------------------------------------------------------------
@@ -660,7 +698,8 @@ class GraphFused(_Folding):
         if prepared is None:
             return super().forward(*args, **kwargs)
         _, fold, finite = prepared
-        run = _Run(fold.convs, finite, self._run_dtype(x))
+        stages = _stage_labeller() if torch.autograd.profiler._is_profiler_enabled else None
+        run = _Run(fold.convs, finite, self._run_dtype(x), stages)
         return rewrite.graph_module.forward(self, run, *args, **kwargs)
 
     def _pairs(self):

@@ -115,12 +115,15 @@ def test_video_options_are_refused_where_they_do_not_apply(monkeypatch, capsys):
     assert ("argument --frames: expected a video arch (r3d_18, mc3_18, r2plus1d_18), got "
             "--arch resnet18") in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
+        main(["profile", "--arch", "resnet18", "--frames", "4", "--device", "cpu"])
+    assert e.value.code == 2 and "got --arch resnet18" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         main(["bench", "--model", "fcn_resnet50", "--frames", "4"])
     assert e.value.code == 2
     assert "argument --frames: expected a video arch, got --model" in capsys.readouterr().err
     # On a GPU the video ResNets run their own forward: their figures would be torchvision's.
     monkeypatch.setattr(cli, "_device", lambda name: torch.device("cuda"))
-    for command in ("verify", "bench"):
+    for command in ("verify", "bench", "profile"):
         with pytest.raises(SystemExit) as e:
             main([command, "--arch", "r3d_18", "--device", "cuda"])
         assert e.value.code == 2
@@ -163,6 +166,17 @@ def test_profile_writes_traces_and_chart(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_profile_times_a_video_resnets_stages(tmp_path, capsys):
+    assert main(["profile", "--arch", "r2plus1d_18", "--batch", "1", "--size", "16", "--frames",
+                 "2", "--warmup", "1", "--repeats", "1", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.split("per-stage time")[1].splitlines()
+    assert "clip 2x16x16 (frames x H x W)" in table[0]
+    rows = {line.split()[0]: line.split()[1:3] for line in table[2:2 + len(benchmark.VIDEO_STAGES)]}
+    assert list(rows) == list(benchmark.VIDEO_STAGES)
+    assert all(float(unfused) > 0 and float(fused) > 0 for unfused, fused in rows.values())
+
+
 def test_predict_prints_top5(tmp_path, capsys):
     from PIL import Image
     img = tmp_path / "img.png"
@@ -192,7 +206,7 @@ def test_predict_interrupted_without_out_exits_130(tmp_path, capsys, monkeypatch
                                   ["bench", "--json", "/tmp"], ["bench", "--size", "abc"],
                                   ["profile", "--out", __file__ + "/sub"],
                                   ["profile", "--out", __file__],
-                                  ["profile", "--arch", "r3d_18"], ["bench", "--frames", "0"]])
+                                  ["profile", "--frames", "0"], ["bench", "--frames", "0"]])
 def test_bad_arguments_exit_2(argv):
     r = subprocess.run([sys.executable, "-m", "resnet_fused", *argv], capture_output=True, text=True)
     assert r.returncode == 2 and "usage:" in r.stderr

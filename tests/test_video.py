@@ -64,6 +64,27 @@ def test_a_video_resnet_runs_fused_and_matches(arch):
         assert _runs_fused(_op_calls(fused, x)) >= sum(PATTERNS[arch].values())
 
 
+def test_a_profiler_sees_the_fused_stages():
+    # As torchvision's top-level modules, one label each per forward, none nested in
+    # another, every fused op inside one but the input's NaN/Inf scan before the graph
+    # (resnet-fused profile reads them).
+    fused, x = fuse(_video("r2plus1d_18")), _clip()
+    stages = ["stem", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
+    with torch.inference_mode():
+        fused(x)
+        with torch.profiler.profile() as prof:
+            fused(x)
+            fused(x)
+    labels = [e for e in prof.events() if e.name.startswith("stage:")]
+    assert [e.name for e in labels] == [f"stage:{s}" for s in stages] * 2
+    spans = [(e.time_range.start, e.time_range.end) for e in labels]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    ours = [e for e in prof.events()
+            if e.name.startswith("resnet_fused::") and e.name != "resnet_fused::all_finite"]
+    assert ours and all(any(s <= e.time_range.start and e.time_range.end <= t for s, t in spans)
+                        for e in ours)
+
+
 def test_channels_last_3d_input_and_output_layout():
     model = _video("r3d_18")
     fused = fuse(model)
