@@ -249,27 +249,21 @@ def stage_times(events, stages=STAGES):
 
 
 def staged_torchvision(m, x):
-    """torchvision's ResNet forward, with the profiler labels FusedResNet emits."""
+    """torchvision's ResNet or VideoResNet forward, with the profiler labels of the fused
+    models' stages (STAGES, VIDEO_STAGES)."""
     rf = torch.profiler.record_function
+    video = hasattr(m, "stem")
     with rf("stage:stem"):
-        x = m.relu(m.bn1(m.conv1(x)))
-    with rf("stage:maxpool"):
-        x = m.maxpool(x)
+        x = m.stem(x) if video else m.relu(m.bn1(m.conv1(x)))
+    if not video:
+        with rf("stage:maxpool"):
+            x = m.maxpool(x)
     for s in ("layer1", "layer2", "layer3", "layer4"):
         with rf(f"stage:{s}"):
             x = getattr(m, s)(x)
-    with rf("stage:head"):
-        return m.fc(torch.flatten(m.avgpool(x), 1))
-
-
-def staged_video_torchvision(m, x):
-    """torchvision's VideoResNet forward, with the labels of the fused graph's stages."""
-    rf = torch.profiler.record_function
-    with rf("stage:stem"):
-        x = m.stem(x)
-    for s in ("layer1", "layer2", "layer3", "layer4"):
-        with rf(f"stage:{s}"):
-            x = getattr(m, s)(x)
+    if not video:
+        with rf("stage:head"):
+            return m.fc(torch.flatten(m.avgpool(x), 1))
     with rf("stage:avgpool"):
         x = m.avgpool(x).flatten(1)
     with rf("stage:fc"):

@@ -365,8 +365,7 @@ def cmd_profile(args):
                 model(x)
             benchmark.sync(device)
             # The fused models label their stages themselves while a profiler runs.
-            staged = benchmark.staged_video_torchvision if video else benchmark.staged_torchvision
-            forward = staged if name == "unfused" else (lambda m, i: m(i))
+            forward = benchmark.staged_torchvision if name == "unfused" else (lambda m, i: m(i))
             with profile(activities=acts) as prof:
                 for i in range(args.repeats):
                     print(f"[{name}] profiled run {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
