@@ -292,10 +292,12 @@ def grouped_conv_block(kg):
 
 def grouped_conv_fits(weight, groups):
     """Whether grouped_conv3x3's kernel computes this [K, C / groups, 3, 3] weight: K / groups
-    a multiple of 16, or K / groups = C / groups = 4 or 8 (else it calls conv_bias_act)."""
+    a multiple of 16, or K / groups = C / groups = 4 or 8 with whole blocks of 16 output
+    channels (else it calls conv_bias_act)."""
     k, cg = weight.shape[:2]
     kg = k // groups
-    return k % groups == 0 and (kg % GROUPED_CONV_MIN_BLOCK == 0 or (kg in (4, 8) and cg == kg))
+    return k % groups == 0 and (kg % GROUPED_CONV_MIN_BLOCK == 0 or (
+        kg in (4, 8) and cg == kg and k % grouped_conv_block(kg) == 0))
 
 
 def grouped_conv_weight(weight, groups):

@@ -81,6 +81,7 @@ def conv_cases(draw):
                     st.sampled_from(["none", "dense", "channels_last", "expanded", "sliced"])),
                 relu=draw(st.booleans()), bias=draw(st.booleans()),
                 packed=device == "cpu" and draw(st.booleans()),
+                dispatch=device == "cpu" and draw(st.booleans()),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -118,8 +119,18 @@ def test_conv_bias_act_fuzz(case):
             rd = res[:1, :, :1].to(dev).expand(n, k, ho, wo)
     # The weight as the models pass it: packed for oneDNN for this input's shape.
     wd = ops.pack_weight(wt, *conv.geometry(), x.shape) if case["packed"] else wt.to(dev)
-    out = ops.conv_bias_act(xd, wd, None if b is None else b.to(dev), rd,
-                            *conv.geometry(), relu=case["relu"])
+    out = None
+    if case["dispatch"]:  # as a model runs it, where its route is conv_bias_act's or
+        #                   bfloat16's float32 copy (the other kernels have fuzz tests of their own)
+        from torch import nn
+
+        from resnet_fused import dispatch
+        p = dispatch.prepare(wt, b, nn.Conv2d(c, k, conv.R, *conv.geometry()), dt)
+        if p.kernel_for(xd)[0] in ("conv_bias_act", "float32"):
+            out = dispatch.conv(xd, p, relu=case["relu"], finite=False, residual=rd)
+    if out is None:
+        out = ops.conv_bias_act(xd, wd, None if b is None else b.to(dev), rd,
+                                *conv.geometry(), relu=case["relu"])
     assert out.shape == ref.shape and out.dtype == dt
     if dt == torch.float32:  # relative to the products' magnitude (one output may cancel)
         _assert_fp32_matches(out.cpu(), x, wt, b, res, conv, case["relu"], str(case))
@@ -160,7 +171,8 @@ def conv3d_cases(draw):
 @given(case=conv3d_cases())
 def test_conv3d_fuzz(case):
     """conv_bias_act and conv_bias_add_relu_ on 5-D operands; resnet_fused.conv3d as it
-    chooses and on the direct path; winograd_conv3d (F(2x2), and F(4x4) in float32; the
+    chooses and on the direct path (in bfloat16, where an output extent is 1, on a float32
+    copy of the weight); winograd_conv3d (F(2x2), and F(4x4) in float32; the
     cases it hands to conv_bias_act too: sub-tile images, few channels for F(4x4), bfloat16
     channels not in whole vectors)."""
     import torch.nn.functional as F
@@ -194,9 +206,7 @@ def test_conv3d_fuzz(case):
     elif case["route"] == "op in place":
         out = res.contiguous(memory_format=torch.channels_last_3d)
         ops.conv_bias_add_relu_(out, x, w_op, b, *geometry)
-    else:
-        if dt != torch.float32:
-            return  # the routes' other dtypes are the op's
+    else:  # bfloat16 too: dispatch's own bfloat16 route (a float32 copy of the weight)
         module = nn.Conv3d(c, k, case["kernel"], case["stride"], case["padding"],
                            case["dilation"], groups)
         p = dispatch.prepare(wt, b, module, dt)

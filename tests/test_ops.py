@@ -1285,6 +1285,23 @@ class TestGroupedConv3x3:
         expected = ops.conv_bias_act(x, w, b, res, 1, 1, 1, case.groups)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
+    def test_groups_short_of_a_whole_block_are_not_taken(self):
+        # Groups of 4 (8) channels share blocks of 16 output channels: with 2 groups of 4
+        # there is none, and a model's conv of that shape raised in grouped_conv_weight
+        # (found by tests/test_fuzz.py through dispatch); it takes conv_bias_act.
+        from torch import nn
+
+        from resnet_fused import dispatch
+        case = ConvCase(8, 8, 6, 6, R=3, padding=1, groups=2)
+        x, w, b, res = case.tensors()
+        assert not ops.grouped_conv_fits(w, case.groups)
+        conv = nn.Conv2d(8, 8, 3, 1, 1, groups=2)
+        p = dispatch.prepare(w, b, conv, torch.float32)
+        assert p.kernel_for(x)[0] == "conv_bias_act"
+        with torch.no_grad():
+            out = dispatch.conv(x, p, relu=True, finite=False, residual=res)
+        assert_matches(out, reference(x, w, b, res, case, True), torch.float32, case.reduction)
+
     def test_bfloat16_goes_to_conv_bias_act(self):
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             pytest.skip("no bfloat16 convolution on this CPU")
