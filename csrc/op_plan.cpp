@@ -6,7 +6,8 @@
 //
 // The arguments come in typed lists because a TorchScript class method takes no list of
 // mixed values: for each argument of the op's schema, in order, its value is the next
-// entry of the list of its type (int[] arguments: their length, then their values).
+// entry of the list of its type (int[] arguments: their length, then their values; other
+// optional arguments than tensors an int: -1 for None, else a dtype's c10::ScalarType).
 #include <Python.h>
 #include <pybind11/pybind11.h>
 
@@ -91,6 +92,21 @@ class OpPlan : public torch::CustomClassHolder {
         step.args.emplace_back(floats[take(f, floats.size(), "float")]);
       } else if (kind == c10::TypeKind::NumberType) {  // a Scalar, recorded as a float
         step.args.emplace_back(c10::Scalar(floats[take(f, floats.size(), "float")]));
+      } else if (kind == c10::TypeKind::OptionalType) {
+        // Another optional argument: -1 for None, else a dtype (c10::ScalarType's value).
+        const int64_t code = ints[take(i, ints.size(), "int")];
+        if (code < 0) {
+          step.args.emplace_back();
+        } else {
+          const auto& real = arg.real_type();
+          TORCH_CHECK(real->kind() == c10::TypeKind::OptionalType &&
+                          real->castRaw<c10::OptionalType>()->getElementType()->kind() ==
+                              c10::TypeKind::ScalarTypeType &&
+                          code < static_cast<int64_t>(c10::ScalarType::NumOptions),
+                      "OpPlan.add_step: ", name, "'s argument ", arg.name(), " of type ",
+                      arg.real_type()->str(), " holds only None here, got ", code);
+          step.args.emplace_back(static_cast<c10::ScalarType>(code));
+        }
       } else {
         TORCH_CHECK(false, "OpPlan.add_step: ", name, "'s argument ", arg.name(), " has type ",
                     arg.real_type()->str(), ", which a plan does not hold");

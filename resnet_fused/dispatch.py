@@ -188,9 +188,8 @@ class PreparedConv:
         """("winograd", its weight), ("conv1x1", its weight panels), ("grouped", its
         weight blocks), ("padded", its weight with zero input channels), ("float32", this
         conv as a float32 PreparedConv) or ("conv_bias_act", its weight): the op that
-        suits x. Remembered
-        per input shape and thread count outside tracing: the choice is a few
-        microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
+        suits x. Remembered per input shape and thread count outside tracing: the choice
+        is a few microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
         if tracing():
             return self._choose(x)
         key = (x.shape, torch.get_num_threads())
@@ -358,9 +357,9 @@ def _winograd_fits(c):
 # layer starts (ResNet-50's weights are 100 MB). So F(4x4) (36 matrices) needs 16 of
 # its tiles per thread; below that F(2x2) (16 matrices) pays from 24 of its tiles per
 # thread if its weight (64 * C * K bytes) is small enough to come from L3 (up to
-# 256x256 channels), from twice as many with a larger one; below that oneDNN's direct
-# kernel is faster. With more channels F(4x4) pays first (with AVX2 since its weight
-# comes in 32-wide panels, ops.brgemm_panel:
+# 256x256 channels), and where F(4x4) is not allowed from twice as many with a larger
+# one; below that oneDNN's direct kernel is faster. With more channels F(4x4) pays first
+# (with AVX2 since its weight comes in 32-wide panels, ops.brgemm_panel:
 # 512 channels at 14x14, batch 16, warm, F(4x4) 34.1 ms against oneDNN's 67.2 and F(2x2)'s
 # 35.5; AVX-512 33.3 / 61.3 / 34.3; in 64-wide panels AVX2 had lost there). Measured on AMD
 # EPYC Zen 4, 2 threads, in ResNet-50 and alone (benchmarks/cpu_kernels.py), before the
@@ -373,7 +372,7 @@ def _winograd_fits(c):
 # Where F(4x4) is not allowed (the video ResNets' convs over frames, conv3d._TILES),
 # R(2+1)D's layer3 takes F(2x2) with a large weight in one piece: cold weights, 2
 # threads, alternating, ms (oneDNN / F(2x2)): 256 -> 576 channels at 14x14, 4 frames
-# (98 tiles per thread) 8.73 / 4.92, 576 -> 256 8.71 / 4.88, 256 -> 460 7.07 / 4.17; 512
+# (98 tiles per thread) 8.73 / 4.92, 256 -> 460 7.07 / 4.17 (576 -> 256 8.71 / 4.88); 512
 # -> 921 at 7x7 (one panel of 921 channels) 16 tiles per thread 3.79 / 4.62, 32 tiles
 # 6.83 / 7.41 (so R(2+1)D's layer4 at 2 frames stays on oneDNN), 48 tiles 13.36 / 11.54.
 _WINOGRAD_MIN_TILES_PER_THREAD = {4: 16, 2: 24}
@@ -487,6 +486,8 @@ def _winograd_tile(x, weight, stride=1, allowed=(4, 2)):
         if tile not in tiles:
             continue
         if tile == 2 and not small:
+            if 4 in allowed:  # F(4x4) pays first; measured without it only
+                continue
             needed *= _WINOGRAD_F2_LARGE_WEIGHT_TILES
         if tiles[tile] >= needed * threads:
             return tile

@@ -68,6 +68,11 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+# c10::ScalarType's values of the dtypes a forward converts between (a ScalarType
+# argument's schema type is int).
+_SCALAR_TYPES = {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}
+
+
 def _encode(func, args, kwargs, slots):
     """add_step's arguments for one recorded call (raises TypeError on a type the plan
     does not hold)."""
@@ -87,6 +92,10 @@ def _encode(func, args, kwargs, slots):
             slot = slots.get(id(value)) if isinstance(value, torch.Tensor) else None
             tensors.append(None if slot is not None else value)
             tensor_slots.append(-1 if slot is None else slot)
+        elif kind in ("int", "Optional[int]") and isinstance(value, torch.dtype):
+            if value not in _SCALAR_TYPES:  # a ScalarType argument (to.dtype, _to_copy)
+                raise TypeError(f"{schema.name}: argument {arg.name} is {value}")
+            ints.append(_SCALAR_TYPES[value])
         elif kind == "int":
             ints.append(int(value))
         elif kind.startswith("List[int]") or kind.startswith("int["):
@@ -97,6 +106,8 @@ def _encode(func, args, kwargs, slots):
             floats.append(float(value))
         elif kind == "number" and type(value) is float:  # a Scalar: a float one only, so
             floats.append(value)  # that an int one is not replayed as a float
+        elif kind.startswith("Optional[") and value is None:
+            ints.append(-1)  # another optional argument: None (or a dtype, above)
         else:
             raise TypeError(f"{schema.name}: argument {arg.name} of type {kind}")
     return (schema.name, schema.overload_name, tensors, tensor_slots, ints, bools, floats)

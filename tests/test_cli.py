@@ -174,7 +174,9 @@ def test_profile_times_a_video_resnets_stages(tmp_path, capsys):
     assert "clip 2x16x16 (frames x H x W)" in table[0]
     rows = {line.split()[0]: line.split()[1:3] for line in table[2:2 + len(benchmark.VIDEO_STAGES)]}
     assert list(rows) == list(benchmark.VIDEO_STAGES)
-    assert all(float(unfused) > 0 and float(fused) > 0 for unfused, fused in rows.values())
+    # The layers take measurable time; the pool and fc on one pixel may print 0.00.
+    assert all(float(rows[s][0]) > 0 and float(rows[s][1]) > 0
+               for s in ("stem", "layer1", "layer2", "layer3", "layer4"))
 
 
 def test_predict_prints_top5(tmp_path, capsys):

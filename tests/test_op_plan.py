@@ -36,6 +36,20 @@ def test_replay_gives_the_walks_outputs(arch, shape, channels_last):
         assert rel_err(replayed, tv(x)) <= fp32_bound(tv, x)
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="no bfloat16 convolutions on this CPU")
+def test_a_walk_that_converts_dtypes_is_replayed():
+    # bfloat16 at 32x32: layer4's convs have one output pixel and run on a float32 copy of
+    # their weight (dispatch.py), so the walk converts x and the result (aten.to.dtype,
+    # whose dtype a plan holds as c10::ScalarType's value).
+    fused = fuse(tv_model("resnet18")).to(torch.bfloat16)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode():
+        walked, recorded, replayed = fused(x), fused(x), fused(x)
+    assert [callable(p) for p in _plans(fused).values()] == [True]
+    assert torch.equal(recorded, walked) and torch.equal(replayed, walked)
+
+
 def test_backbone_replay_keeps_the_returned_layers():
     # The block after a returned layer may not sum into it: the replay must not either.
     tv = tv_model("resnet18")
@@ -134,9 +148,14 @@ def test_plan_errors_name_the_problem():
         plan.add_step("aten::relu", "", [None], [0], [1], [], [])
     with pytest.raises(RuntimeError, match="aten::dropout needs more float arguments"):
         plan.add_step("aten::dropout", "", [None], [0], [], [], [])
-    with pytest.raises(RuntimeError, match="argument memory_format has type MemoryFormat\\?, "
-                                           "which a plan does not hold"):
-        plan.add_step("aten::clone", "", [None], [0], [], [], [])
+    with pytest.raises(RuntimeError, match="argument approximate has type str, which a plan "
+                                           "does not hold"):
+        plan.add_step("aten::gelu", "", [None], [0], [], [], [])
+    with pytest.raises(RuntimeError, match="aten::clone needs more int arguments"):
+        plan.add_step("aten::clone", "", [None], [0], [], [], [])  # memory_format: -1 for None
+    with pytest.raises(RuntimeError, match="argument memory_format of type MemoryFormat\\? "
+                                           "holds only None here, got 2"):
+        plan.add_step("aten::clone", "", [None], [0], [2], [], [])
     for inputs in ([torch.ones(1), torch.ones(1)], []):
         with pytest.raises(RuntimeError, match=rf"expected 1 inputs \(as the plan was made for\), "
                                                rf"got {len(inputs)}"):
