@@ -65,9 +65,13 @@ def conv_cases(draw):
     device = draw(st.sampled_from(DEVICES))
     dtype = draw(st.sampled_from(dtypes_for(device)))
     groups = draw(st.sampled_from([1, 1, 2, 4]))
-    c = groups * draw(st.integers(1, 12))
-    k = groups * draw(st.integers(1, 12))
     r = draw(st.sampled_from([1, 3, 5, 7]))
+    # Now and then the channel counts of our kernels' weight layouts (whole panels, blocks
+    # and vectors), whose dispatch route then makes those weights.
+    per_group = (st.sampled_from([16, 32, 64]) if r <= 3 and draw(st.integers(0, 4)) == 0
+                 else st.integers(1, 12))
+    c = groups * draw(per_group)
+    k = groups * draw(per_group)
     stride = draw(st.integers(1, 3))
     dilation = draw(st.integers(1, 2))
     padding = draw(st.integers(0, r // 2 * dilation + 1))
