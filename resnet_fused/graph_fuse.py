@@ -700,12 +700,11 @@ class GraphFused(_Folding):
         _, fold, finite = prepared
         stages = _stage_labeller() if torch.autograd.profiler._is_profiler_enabled else None
         run = _Run(fold.convs, finite, self._run_dtype(x), stages)
-        if stages is None:
-            return rewrite.graph_module.forward(self, run, *args, **kwargs)
         try:
             return rewrite.graph_module.forward(self, run, *args, **kwargs)
         finally:  # a label left open by an error would take in what runs after it
-            stages.exit()
+            if stages is not None:
+                stages.exit()
 
     def _pairs(self):
         for key, conv, bn in self._graph_rewrite.pairs:
