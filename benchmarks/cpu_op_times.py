@@ -8,8 +8,8 @@ Each op's time is its wall time inside a real forward: its weights and inputs ar
 cold or warm as the ops before it leave them, which an op timed alone does not show.
 The timer adds a few microseconds per call; the sum is close to the forward's own time.
 
-    python benchmarks/cpu_op_times.py [--arch resnet50] [--batch 1] [--dtype float32]
-                                      [--repeats 20] [--min-ms 0.02]
+    python benchmarks/cpu_op_times.py [--arch resnet50] [--batch 1] [--size 224]
+                                      [--dtype float32] [--repeats 20] [--min-ms 0.02]
 """
 
 import argparse
@@ -45,6 +45,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=int, default=224, help="input height and width")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--min-ms", type=float, default=0.02, help="list calls at least this long")
@@ -52,7 +53,7 @@ def main():
     dtype = getattr(torch, args.dtype)
 
     model = testing.realistic_(builders.build(args.arch)).eval().to(dtype)
-    x = torch.randn(args.batch, 3, 224, 224, dtype=dtype)
+    x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
     runs = []
     with torch.inference_mode():
         for _ in range(3):
@@ -72,7 +73,7 @@ def main():
         raise SystemExit("cpu_op_times: the forwards made different numbers of op calls")
 
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {args.arch} batch {args.batch} "
-          f"{args.dtype}: median of {args.repeats} forwards, ms")
+          f"at {args.size}x{args.size}, {args.dtype}: median of {args.repeats} forwards, ms")
     per_op = defaultdict(lambda: [0, 0.0])
     total = 0.0
     for i, (name, shapes, _) in enumerate(runs[0]):

@@ -79,6 +79,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv1x1_add_relu_(Tensor(a!) residual, Tensor input, Tensor weight, "
       "Tensor weight_panels, Tensor? bias) -> ()");
+  // A convolution's input patches as the rows of a matrix (CPU; channels_last [N, taps
+  // * C, OH, OW], taps (kh, kw) in [tap_begin, tap_end)): the small convs that
+  // conv1x1 then computes as one product.
+  m.def(
+      "im2col(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, int[2] tap_begin, int[2] tap_end) -> Tensor");
   // max_pool2d(input, kernel_size, stride, padding) without the argmax indices
   // (CPU, float32 and bfloat16; dilation 1, floor rounding).
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");

@@ -169,6 +169,8 @@ class PreparedConv:
     conv1x1_fits: bool = False     # conv1x1 computes this conv
     conv1x1_panels: torch.Tensor = None  # its weight in panels, made on first use
     summed_bias: tuple = None      # (downsample, its bias + ours), for conv_sum_relu
+    im2col: dict = field(default_factory=dict)  # taps -> (weight over them as a 1x1 conv's,
+    #                                             its conv1x1 panels), made on first use
     grouped_fits: bool = False     # grouped_conv3x3 computes this conv
     grouped_weight: torch.Tensor = None  # its weight in blocks, made on first use
     pad_to: int = 0                # CUDA: input channels the "padded" route pads to (_pad_to)
@@ -185,9 +187,10 @@ class PreparedConv:
     MAX_PACKED_SHAPES = 4
 
     def kernel_for(self, x):
-        """("winograd", its weight), ("conv1x1", its weight panels), ("grouped", its
-        weight blocks), ("padded", its weight with zero input channels), ("float32", this
-        conv as a float32 PreparedConv) or ("conv_bias_act", its weight): the op that
+        """("winograd", its weight), ("conv1x1", its weight panels), ("im2col", (taps,
+        the weight over them as a 1x1 conv's, its panels)), ("grouped", its weight blocks),
+        ("padded", its weight with zero input channels), ("float32", this conv as a float32
+        PreparedConv) or ("conv_bias_act", its weight): the op that
         suits x. Remembered per input shape and thread count outside tracing: the choice
         is a few microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
         if tracing():
@@ -215,6 +218,8 @@ class PreparedConv:
             if self.conv1x1_panels is None:
                 self.conv1x1_panels = to_huge_pages(ops.conv1x1_weight(self.weight))
             return "conv1x1", self.conv1x1_panels
+        if self.cached and not tracing() and _im2col_pays(x, self):
+            return "im2col", self.im2col_for(x)
         if self.grouped_fits and not tracing():
             if self.grouped_weight is None:
                 self.grouped_weight = to_huge_pages(ops.grouped_conv_weight(self.weight,
@@ -263,6 +268,21 @@ class PreparedConv:
         self.packed[shape] = w
         return w
 
+    def im2col_for(self, x):
+        """(ops.im2col's arguments after x, weight, panels): im2col over the kernel taps
+        that read any of x (the others read only padding), and the weight over those taps
+        as a 1x1 conv's, [K, taps * C, 1, 1] in im2col's order, with its conv1x1 panels."""
+        taps = _taps_read(x, self)
+        pair = self.im2col.get(taps)
+        if pair is None:
+            (h0, w0), (h1, w1) = taps
+            k = self.weight.shape[0]
+            # (All taps: a view of the channels_last weight. conv1x1 reads only its panels.)
+            w = self.weight.permute(0, 2, 3, 1)[:, h0:h1, w0:w1].reshape(k, -1, 1, 1)
+            pair = self.im2col[taps] = (w, to_huge_pages(ops.conv1x1_weight(w)))
+        args = (tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation) + taps
+        return (args,) + pair
+
     def winograd_tile_for(self, x):
         """The Winograd tile size winograd_conv3x3 should compute x with, or None (conv3d
         asks it of a 3-D conv's centre tap, for winograd_conv3d)."""
@@ -282,6 +302,21 @@ class PreparedConv:
             u = ops.winograd_weight(self.weight, tile=tile, stride=self.stride[0])
             u = self.winograd[tile] = to_huge_pages(u)
         return u
+
+
+def _taps_read(x, c):
+    """((first, first), (end, end)): per axis, the range of kernel taps that read some
+    pixel of x rather than only its padding (as tap_begin, tap_end of ops.im2col); None
+    where no tap does (then the conv's output is its bias)."""
+    begin, end = [], []
+    for size, out, k, s, p, d in zip(x.shape[2:], _output_extents(x, c), c.weight.shape[2:],
+                                     c.stride, c.padding, c.dilation):
+        read = [t for t in range(k) if any(0 <= o * s + t * d - p < size for o in range(out))]
+        if not read:
+            return None
+        begin.append(read[0])
+        end.append(read[-1] + 1)
+    return tuple(begin), tuple(end)
 
 
 def _output_extents(x, c):
@@ -560,6 +595,39 @@ def _conv1x1_pays(x, stride):
     return rows <= _CONV1X1_MAX_ROWS_PER_THREAD * torch.get_num_threads()
 
 
+# ---- im2col rules -------------------------------------------------------------------
+
+# Small convs with a kernel larger than 1x1 (ResNets on small inputs: at 32x32 every
+# conv after the stem has at most 64 output pixels) run as conv1x1's product over their
+# im2col rows: that skips ATen's ~30 us around oneDNN's convolution on each call, and
+# taps that read only padding (a 3x3 conv on a 1x1 input multiplies its centre tap
+# only). Up to IM2COL_MAX_ROWS output pixels and IM2COL_MAX_MACS multiply-adds: beyond,
+# the op takes long enough that those microseconds no longer show (layer4's stride-2
+# 3x3 conv at 224x224, batch 1, 49 rows and 116 M multiply-adds: oneDNN 1.31-1.45 ms,
+# im2col + conv1x1 1.33-1.39, per op inside ResNet-50, AMD EPYC Zen 4, 2 threads).
+IM2COL_MAX_ROWS = 256
+IM2COL_MAX_MACS = 1 << 24
+
+
+def _im2col_pays(x, c):
+    k, cin = c.weight.shape[:2]
+    if (x.device.type != "cpu" or c.weight.dim() != 4 or c.groups != 1
+            or tuple(c.weight.shape[2:]) == (1, 1) or k % ops.CONV1X1_PANEL
+            or not _extension.conv1x1_kernel_available()):
+        return False
+    if c.dtype == torch.bfloat16:
+        if not (_extension.conv1x1_bf16_kernel_available() and (not _AMX or _BF16_ON_AMX)
+                and cin % 2 == 0):
+            return False
+    elif c.dtype != torch.float32:
+        return False
+    rows = x.shape[0]
+    for extent in _output_extents(x, c):
+        rows *= extent
+    return (rows <= IM2COL_MAX_ROWS and rows * c.weight[0].numel() * k <= IM2COL_MAX_MACS
+            and _taps_read(x, c) is not None)
+
+
 # ---- grouped_conv3x3 rules ----------------------------------------------------------
 
 def _grouped_fits(c):
@@ -599,6 +667,10 @@ def conv(x, c, *, relu, finite, residual=None):
                                   relu=relu, assume_finite=finite)
     elif kind == "conv1x1":
         y = _OPS.conv1x1(x, c.weight, w, c.bias, residual, relu=relu, stride=c.stride[0])
+    elif kind == "im2col":
+        args, w2, panels = w
+        cols = _OPS.im2col(x, *args)
+        y = _OPS.conv1x1(cols, w2, panels, c.bias, residual, relu=relu)
     elif kind == "grouped":
         y = _OPS.grouped_conv3x3(x, c.weight, w, c.bias, residual, stride=c.stride[0], relu=relu)
     elif kind == "float32":  # its float32 copy, rounded once, as conv_bias_act would
@@ -726,6 +798,11 @@ def conv_add_relu_(identity, x, c, *, finite):
         return conv(x, c, relu=True, finite=finite, residual=identity)
     if kind == "conv1x1":
         _OPS.conv1x1_add_relu_(identity, x, c.weight, w, c.bias)
+        return identity
+    if kind == "im2col":
+        args, w2, panels = w
+        cols = _OPS.im2col(x, *args)
+        _OPS.conv1x1_add_relu_(identity, cols, w2, panels, c.bias)
         return identity
     _OPS.conv_bias_add_relu_(identity, x, w, c.bias, c.stride, c.padding, c.dilation, c.groups,
                              assume_finite=finite)

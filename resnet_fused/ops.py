@@ -341,6 +341,21 @@ def grouped_conv3x3(input, weight, packed_weight, bias=None, residual=None, *, s
                                                   stride=stride, relu=relu)
 
 
+def im2col(input, kernel_size, stride=1, padding=0, dilation=1, tap_begin=0, tap_end=None):
+    """The patches that conv2d(input, weight of kernel_size, stride, padding, dilation)
+    reads, as rows (CPU, any dtype): channels_last [N, taps * C, OH, OW], where pixel
+    (n, oh, ow) holds, for each tap (kh, kw) in [tap_begin, tap_end) (default: all of
+    them; row-major), the C channels that tap reads, zeros where it reads padding. So
+    conv2d(input, weight) = conv1x1(im2col(input, ...), w, conv1x1_weight(w)) with
+    w = weight.permute(0, 2, 3, 1).reshape(K, -1, 1, 1), over the same taps."""
+    _require()
+    kernel_size = _ints(kernel_size, "kernel_size")
+    tap_end = kernel_size if tap_end is None else _ints(tap_end, "tap_end")
+    return torch.ops.resnet_fused.im2col(input, kernel_size, _ints(stride, "stride"),
+                                         _ints(padding, "padding"), _ints(dilation, "dilation"),
+                                         _ints(tap_begin, "tap_begin"), tap_end)
+
+
 def max_pool2d(input, kernel_size, stride=None, padding=0):
     """F.max_pool2d(input, kernel_size, stride, padding) on CPU (float32 or bfloat16) or
     CUDA (float16 too); no dilation, floor rounding, stride defaulting to kernel_size;
@@ -510,6 +525,22 @@ def _register_fakes():
                                zip((h, w), kernel_size, stride, padding))
         return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
+    @torch.library.register_fake(lib + "im2col")
+    def _(input, kernel_size, stride, padding, dilation, tap_begin, tap_end):
+        torch._check(input.dim() == 4, lambda: "im2col: input must be 4-D")
+        torch._check(all(len(v) == 2 for v in (kernel_size, stride, padding, dilation,
+                                               tap_begin, tap_end)),
+                     lambda: "im2col: expected kernel_size, stride, padding, dilation, tap_begin "
+                             "and tap_end of length 2")
+        torch._check(all(0 <= b < e <= k for b, e, k in zip(tap_begin, tap_end, kernel_size)),
+                     lambda: f"im2col: expected 0 <= tap_begin < tap_end <= kernel_size "
+                             f"{list(kernel_size)}, got {list(tap_begin)} and {list(tap_end)}")
+        oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                  zip(input.shape[2:], kernel_size, stride, padding, dilation))
+        taps = (tap_end[0] - tap_begin[0]) * (tap_end[1] - tap_begin[1])
+        shape = (input.shape[0], taps * input.shape[1], oh, ow)
+        return input.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
     @torch.library.register_fake(lib + "mean_linear")
     def _(input, weight, bias):
         _same_device("mean_linear", input, weight=weight, bias=bias)
@@ -673,6 +704,27 @@ def _register_autograd():
 
     torch.library.register_autograd(lib + "max_pool2d", max_pool_backward,
                                     setup_context=max_pool_setup)
+
+    # im2col is linear: its gradient sums each row's taps back onto the pixels they read,
+    # which F.fold does for all taps of the kernel (those left out get zero gradient).
+    def im2col_setup(ctx, inputs, output):
+        ctx.input_shape = inputs[0].shape
+        ctx.geometry = tuple(tuple(v) for v in inputs[1:])
+
+    def im2col_backward(ctx, grad):
+        (kh, kw), stride, padding, dilation, begin, end = ctx.geometry
+        n, c, h, w = ctx.input_shape
+        oh, ow = grad.shape[2:]
+        taps = grad.permute(0, 2, 3, 1).reshape(n, oh * ow, end[0] - begin[0],
+                                                end[1] - begin[1], c)
+        full = taps.new_zeros((n, oh * ow, kh, kw, c))
+        full[:, :, begin[0]:end[0], begin[1]:end[1]] = taps
+        cols = full.permute(0, 4, 2, 3, 1).reshape(n, c * kh * kw, oh * ow)
+        gx = torch.nn.functional.fold(cols, (h, w), (kh, kw), dilation=dilation,
+                                      padding=padding, stride=stride)
+        return gx, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "im2col", im2col_backward, setup_context=im2col_setup)
 
     def add_relu_setup(ctx, inputs, output):
         ctx.save_for_backward(output)

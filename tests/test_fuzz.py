@@ -124,13 +124,14 @@ def test_conv_bias_act_fuzz(case):
     # The weight as the models pass it: packed for oneDNN for this input's shape.
     wd = ops.pack_weight(wt, *conv.geometry(), x.shape) if case["packed"] else wt.to(dev)
     out = None
-    if case["dispatch"]:  # as a model runs it, where its route is conv_bias_act's or
-        #                   bfloat16's float32 copy (the other kernels have fuzz tests of their own)
+    if case["dispatch"]:  # as a model runs it, where its route is conv_bias_act's,
+        #                   bfloat16's float32 copy or conv1x1 over im2col rows (the other
+        #                   kernels have fuzz tests of their own)
         from torch import nn
 
         from resnet_fused import dispatch
         p = dispatch.prepare(wt, b, nn.Conv2d(c, k, conv.R, *conv.geometry()), dt)
-        if p.kernel_for(xd)[0] in ("conv_bias_act", "float32"):
+        if p.kernel_for(xd)[0] in ("conv_bias_act", "float32", "im2col"):
             out = dispatch.conv(xd, p, relu=case["relu"], finite=False, residual=rd)
     if out is None:
         out = ops.conv_bias_act(xd, wd, None if b is None else b.to(dev), rd,
@@ -142,6 +143,49 @@ def test_conv_bias_act_fuzz(case):
         assert_matches(out, ref, dt, conv.reduction, what=str(case))
     elif out.numel():  # every output cut by the ReLU: ours must be (near) zero too
         assert out.abs().max().item() <= 1e-6 * tol(dt, conv.reduction), case
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
+@given(dtype=st.sampled_from(CONV1X1_DTYPES), n=st.integers(0, 3), c=st.integers(1, 40),
+       k=st.sampled_from([64, 128]), r=st.integers(2, 7), stride=st.integers(1, 3),
+       dilation=st.integers(1, 2), data=st.data(), in_place=st.booleans(),
+       residual=st.booleans(), relu=st.booleans(), bias=st.booleans(),
+       layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+def test_small_conv_route_fuzz(dtype, n, c, k, r, stride, dilation, data, in_place, residual,
+                               relu, bias, layout, seed):
+    """dispatch.conv and conv_add_relu_ on small convs, as a model runs them: conv1x1
+    over their im2col rows (over the taps that read the input), or whichever route
+    dispatch takes where that does not fit (bfloat16 with odd channels, no tap reading
+    the input, too many output pixels)."""
+    from torch import nn
+
+    from resnet_fused import dispatch
+
+    padding = data.draw(st.integers(0, r // 2 * dilation + 1))
+    span = dilation * (r - 1) + 1
+    h, w = (data.draw(st.integers(max(1, span - 2 * padding), span + 6)) for _ in range(2))
+    conv = ConvCase(c, k, h, w, R=r, stride=stride, padding=padding, dilation=dilation, N=n)
+    g = torch.Generator().manual_seed(seed)
+    x = _layout(torch.randn(n, c, h, w, generator=g).to(dtype), layout, None)
+    wt = (torch.randn(k, c, r, r, generator=g) / conv.reduction ** 0.5).to(dtype)
+    b = torch.randn(k, generator=g).to(dtype) if bias else None
+    res = torch.randn(n, k, *conv.out_hw, generator=g).to(dtype)
+    p = dispatch.prepare(wt, b, nn.Conv2d(c, k, r, *conv.geometry()), dtype)
+    with torch.no_grad():
+        if in_place:
+            out = dispatch.conv_add_relu_(res.clone(memory_format=torch.channels_last),
+                                          x, p, finite=False)
+        else:
+            out = dispatch.conv(x, p, relu=relu, finite=False, residual=res if residual else None)
+    residual, relu = residual or in_place, relu or in_place
+    what = f"{conv} {dtype} route {p.kernel_for(x)[0]}"
+    if dtype == torch.float32:
+        _assert_fp32_matches(out, x, wt, b, res if residual else None, conv, relu, what)
+        return
+    ref = reference(x, wt, b, res if residual else None, conv, relu)
+    if out.numel() and ref.abs().max() > 0:
+        assert_matches(out, ref, dtype, conv.reduction, what=what)
 
 
 @st.composite

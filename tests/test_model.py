@@ -450,6 +450,37 @@ def test_cpu_bf16_conv_with_an_output_extent_of_1_keeps_a_float32_copy(dims):
     assert_rounded_once(out, ref, size, reduction=w[0].numel())
 
 
+@pytest.mark.skipif(not _extension.conv1x1_kernel_available(), reason="no conv1x1 kernel here")
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_cpu_small_convs_run_as_products_over_im2col_rows(arch):
+    # At 32x32, batch 1, the stem has 256 output pixels and every later conv at most 64:
+    # each conv with a kernel larger than 1x1 runs as conv1x1 over its im2col rows, and
+    # layer4's stride-1 3x3 convs, on a 1x1 input, over their centre tap only.
+    tv = tv_model(arch)
+    fused = fuse(tv)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ours = fused(x)
+    spatial = [m for m in tv.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert [e.name for e in prof.events()].count("resnet_fused::im2col") == len(spatial) == 17
+    assert rel_err(ours, tv(x)) <= fp32_bound(tv, x)
+    fold = next(iter(fused._fold_cache.values()))
+    last = fold.layers[-1][1][-1]
+    conv = last["conv2"]
+    (taps, (w, _)), = conv.im2col.items()
+    assert taps == ((1, 1), (2, 2)) and w.shape == (512, conv.weight.shape[1], 1, 1)
+    if BF16 and _extension.conv1x1_bf16_kernel_available() and not dispatch._AMX:
+        # bfloat16 too, but for the stem: its 3 x 49 columns are odd, and conv1x1's
+        # bfloat16 weight holds its rows in pairs.
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            ours = fuse(tv_model(arch)).to(torch.bfloat16)(x.bfloat16())
+            theirs = tv_model(arch).to(torch.bfloat16)(x.bfloat16())
+            ref = tv.double()(x.double())
+        names = [e.name for e in prof.events()]
+        assert names.count("resnet_fused::im2col") == len(spatial) - 1
+        assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
+
+
 @pytest.mark.skipif(not BF16, reason="no bfloat16 convolutions on this CPU")
 @pytest.mark.parametrize("on_amx", [False, True])
 def test_cpu_bf16_leaves_convs_to_onednn_on_amx(monkeypatch, on_amx):
@@ -473,7 +504,8 @@ def test_cpu_bf16_leaves_convs_to_onednn_on_amx(monkeypatch, on_amx):
         on_amx and _extension.conv1x1_bf16_kernel_available())
     # Every conv fused, whichever kernel.
     assert sum(names.count("resnet_fused::" + op) for op in (
-        "conv_bias_act", "conv_bias_add_relu_", "winograd_conv3x3", "conv1x1")) == 20
+        "conv_bias_act", "conv_bias_add_relu_", "winograd_conv3x3", "conv1x1",
+        "conv1x1_add_relu_")) == 20
     ref = tv_model("resnet18").double()(x.double())
     theirs = tv_model("resnet18").to(torch.bfloat16)(x.bfloat16())
     assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref)
@@ -696,7 +728,8 @@ def test_cpu_bf16_runs_every_1x1_conv_on_conv1x1():
                     + 2 * counted["conv1x1_sum"])  # each computed by the kernel itself
     runs = _extension.conv1x1_bf16_kernel_available() and (
         not dispatch._AMX or dispatch._BF16_ON_AMX)
-    assert ones == (36 if runs else 0)
+    # (and one more for each 3x3 conv run over its im2col rows: layer3-4's at 64x64)
+    assert ones == (36 + names.count("resnet_fused::im2col") if runs else 0)
     assert names.count("resnet_fused::conv1x1_sum") == (4 if runs else 0)
     ref = tv_model("resnet50").double()(x.double())
     theirs = tv_model("resnet50").to(torch.bfloat16)(x.bfloat16())

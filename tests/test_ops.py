@@ -1350,6 +1350,93 @@ class TestGroupedConv3x3:
         opcheck(op, (x, w, p, b, res[:, :, ::2, ::2].contiguous()), dict(stride=2, relu=True))
 
 
+# im2col is a CPU op: (N, C, H, W), kernel, stride, padding, dilation, taps begin and end.
+IM2COL_CASES = [
+    ((2, 8, 5, 6), (3, 3), (1, 1), (1, 1), (1, 1), (0, 0), (3, 3)),
+    ((1, 5, 9, 7), (3, 3), (2, 2), (1, 1), (1, 1), (0, 0), (3, 3)),     # stride 2, odd sizes
+    ((1, 16, 1, 1), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), (2, 2)),    # centre tap only
+    ((1, 16, 2, 2), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), (3, 3)),    # stride 2 to 1x1
+    ((2, 3, 11, 10), (7, 7), (2, 2), (3, 3), (1, 1), (0, 0), (7, 7)),   # the stem
+    ((1, 4, 6, 8), (3, 2), (1, 2), (2, 0), (2, 3), (1, 0), (3, 2)),     # dilation, uneven
+]
+
+
+def im2col_reference(x, kernel, stride, padding, dilation, begin, end):
+    # F.unfold's columns are (c, kh, kw) per output pixel; im2col's rows are (kh, kw, c)
+    # over the taps asked for.
+    n, c = x.shape[:2]
+    cols = F.unfold(x, kernel, dilation, padding, stride)
+    oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+              zip(x.shape[2:], kernel, stride, padding, dilation))
+    cols = cols.reshape(n, c, kernel[0], kernel[1], oh, ow)[:, :, begin[0]:end[0],
+                                                             begin[1]:end[1]]
+    return cols.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, oh, ow)
+
+
+class TestIm2col:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=ids)
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", IM2COL_CASES, ids=ids)
+    def test_matches_unfold(self, case, channels_last, dtype):
+        # A copy: exact.
+        shape, *geometry = case
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt_of(channels_last))
+        out = ops.im2col(x, *geometry)
+        assert torch.equal(out, im2col_reference(x, *geometry))
+        assert out.is_contiguous(memory_format=CL)
+
+    def test_sliced_input(self):
+        x = torch.randn(2, 6, 9, 9)[:, 1:5, 1:, ::2]
+        out = ops.im2col(x, 3, 1, 1)
+        assert torch.equal(out, im2col_reference(x, (3, 3), (1, 1), (1, 1), (1, 1), (0, 0),
+                                                 (3, 3)))
+
+    def test_empty_batch(self):
+        out = ops.im2col(torch.empty(0, 4, 5, 5), 3, 1, 1)
+        assert out.shape == (0, 36, 5, 5)
+
+    def test_a_conv_is_conv1x1_over_its_rows(self):
+        # The identity dispatch uses for small convs, over the taps that read the input.
+        case = ConvCase(64, 64, 2, 2, R=3, stride=2, padding=1, N=3)
+        x, w, b, res = case.tensors(channels_last=True)
+        taps = ((1, 1), (3, 3))  # the others read only padding
+        w2 = w.permute(0, 2, 3, 1)[:, 1:, 1:].reshape(64, -1, 1, 1).contiguous()
+        out = ops.conv1x1(ops.im2col(x, 3, 2, 1, 1, *taps), w2, ops.conv1x1_weight(w2), b, res)
+        assert_matches(out, reference(x, w, b, res, case, relu=True), torch.float32, 64 * 9)
+
+    def test_gradient_is_unfolds(self):
+        x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+        geometry = ((3, 2), (2, 1), (1, 1), (1, 2), (1, 0), (3, 2))
+        torch.autograd.gradcheck(lambda t: ops.im2col(t, *geometry), (x,))
+        g = torch.randn(ops.im2col(x, *geometry).shape, dtype=torch.float64)
+        ours, = torch.autograd.grad(ops.im2col(x, *geometry), x, g)
+        theirs, = torch.autograd.grad(im2col_reference(x, *geometry), x, g)
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_opcheck(self, channels_last):
+        x = torch.randn(2, 5, 6, 7).contiguous(memory_format=fmt_of(channels_last))
+        op = torch.ops.resnet_fused.im2col.default
+        opcheck(op, (x, [3, 3], [1, 1], [1, 1], [1, 1], [0, 0], [3, 3]))
+        opcheck(op, (x, [3, 3], [2, 2], [1, 1], [1, 1], [1, 0], [3, 2]))
+
+    def test_bad_input_is_named(self):
+        x = torch.randn(1, 4, 5, 5)
+        with pytest.raises(RuntimeError, match=r"expected 0 <= tap_begin < tap_end <= "
+                                               r"kernel_size \[3, 3\] along each axis, got "
+                                               r"tap_begin \[1, 1\] and tap_end \[1, 3\]"):
+            ops.im2col(x, 3, 1, 1, 1, 1, (1, 3))
+        with pytest.raises(RuntimeError, match="expected input to be 4-D"):
+            ops.im2col(x[0], 3)
+        with pytest.raises(RuntimeError, match=r"input spatial size \[5, 5\] with padding "
+                                               r"\[0, 0\] is smaller than the kernel"):
+            ops.im2col(x, 7)
+        with pytest.raises(RuntimeError, match="padding >= 0"):
+            ops.im2col(x, 3, 1, -1)
+        with pytest.raises(ValueError, match="tap_end: expected an int or a pair of ints"):
+            ops.im2col(x, 3, tap_end="all")
+
+
 # max_pool2d is a CPU op: the stem's 3x3/2 pool, odd sizes, kernels and strides.
 POOL_CASES = [((2, 64, 15, 17), 3, 2, 1), ((1, 20, 8, 8), 2, 2, 0), ((3, 5, 9, 6), 3, 1, 1),
               ((1, 3, 7, 7), (3, 1), (2, 3), (1, 0)), ((2, 16, 4, 4), 4, 1, 2),

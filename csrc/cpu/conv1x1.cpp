@@ -201,6 +201,11 @@ void run(std::vector<Operand<T>> ops, const T* bias, const T* residual, Tensor& 
   if (split_rows) {  // equal blocks, the same number per thread
     const int64_t per_thread = (rows + threads * kRowBlock - 1) / (threads * kRowBlock);
     row_block = (rows + threads * per_thread - 1) / (threads * per_thread);
+  } else if (col_blocks * ((rows + row_block - 1) / row_block) < threads) {
+    // Fewer items than threads (64 output channels over at most 128 rows): smaller row
+    // blocks, so that every thread gets one.
+    const int64_t per_panel = (threads + col_blocks - 1) / col_blocks;
+    row_block = std::max<int64_t>(1, (rows + per_panel - 1) / per_panel);
   }
   const int64_t row_blocks = (rows + row_block - 1) / row_block;
   // At stride > 1, split by rows, each thread gathers each of its row blocks once, into
