@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace resnet_fused {
@@ -60,20 +61,35 @@ Tensor im2col_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stri
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, N * OH * OW, 16, [&](int64_t r0, int64_t r1) {
+  const int64_t row_bytes = TH * TW * pixel_bytes;
+  // Each thread copies at least ~64 KiB: below that, waking the other threads costs
+  // more than the copy (a few microseconds).
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  at::parallel_for(0, N * OH * OW, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t ow = r % OW, oh = r / OW % OH, n = r / (OW * OH);
-      char* row = dst + r * TH * TW * pixel_bytes;
-      for (int64_t i = tap_begin[0]; i < tap_end[0]; ++i) {
+      char* row = dst + r * row_bytes;
+      // Along a kernel row the taps [j0, j1) read pixels inside the image; the others
+      // read padding (zeros). At dilation 1 those pixels are adjacent: one copy.
+      const int64_t iw0 = ow * stride[1] + tap_begin[1] * dilation[1] - padding[1];
+      int64_t j0 = 0, j1 = TW;  // counted from tap_begin[1]
+      while (j0 < TW && iw0 + j0 * dilation[1] < 0) ++j0;
+      while (j1 > j0 && iw0 + (j1 - 1) * dilation[1] >= W) --j1;
+      for (int64_t i = tap_begin[0]; i < tap_end[0]; ++i, row += TW * pixel_bytes) {
         const int64_t ih = oh * stride[0] + i * dilation[0] - padding[0];
-        for (int64_t j = tap_begin[1]; j < tap_end[1]; ++j, row += pixel_bytes) {
-          const int64_t iw = ow * stride[1] + j * dilation[1] - padding[1];
-          if (0 <= ih && ih < H && 0 <= iw && iw < W) {
-            std::memcpy(row, src + ((n * H + ih) * W + iw) * pixel_bytes, pixel_bytes);
-          } else {
-            std::memset(row, 0, pixel_bytes);  // all-zero bits: 0.0 in float and bfloat16
-          }
+        if (ih < 0 || ih >= H || j0 == j1) {
+          std::memset(row, 0, TW * pixel_bytes);  // all-zero bits: 0.0 in float and bfloat16
+          continue;
         }
+        std::memset(row, 0, j0 * pixel_bytes);
+        const char* line = src + ((n * H + ih) * W + iw0) * pixel_bytes;
+        if (dilation[1] == 1) {
+          std::memcpy(row + j0 * pixel_bytes, line + j0 * pixel_bytes, (j1 - j0) * pixel_bytes);
+        } else {
+          for (int64_t j = j0; j < j1; ++j)
+            std::memcpy(row + j * pixel_bytes, line + j * dilation[1] * pixel_bytes, pixel_bytes);
+        }
+        std::memset(row + j1 * pixel_bytes, 0, (TW - j1) * pixel_bytes);
       }
     }
   });
