@@ -531,17 +531,22 @@ def _winograd_tile(x, weight, stride=1, allowed=(4, 2)):
 
 # ---- conv1x1 rules ---------------------------------------------------------------
 
-def _conv1x1_fits(c):
-    # Unpadded 1x1 convs (stride 1, or the same stride along both axes) with whole
-    # 64-channel weight panels (conv1x1.cpp): float32, and bfloat16 with an even number
-    # of input channels on AVX-512 (not on AMX, as for Winograd above).
-    k, cin = c.weight.shape[:2]
-    bf16 = (c.dtype == torch.bfloat16 and _extension.conv1x1_bf16_kernel_available()
-            and (not _AMX or _BF16_ON_AMX) and cin % 2 == 0)
-    return (c.weight.device.type == "cpu" and (c.dtype == torch.float32 or bf16)
-            and tuple(c.weight.shape[2:]) == (1, 1) and c.stride[0] == c.stride[1]
-            and c.padding == (0, 0) and c.groups == 1 and k % ops.CONV1X1_PANEL == 0
+def _conv1x1_computes(dtype, k, reduction):
+    # conv1x1's kernel (conv1x1.cpp): whole 64-channel weight panels; float32, and
+    # bfloat16 with an even reduction on AVX-512 (not on AMX, as for Winograd above).
+    bf16 = (dtype == torch.bfloat16 and _extension.conv1x1_bf16_kernel_available()
+            and (not _AMX or _BF16_ON_AMX) and reduction % 2 == 0)
+    return ((dtype == torch.float32 or bf16) and k % ops.CONV1X1_PANEL == 0
             and _extension.conv1x1_kernel_available())
+
+
+def _conv1x1_fits(c):
+    # Unpadded 1x1 convs (stride 1, or the same stride along both axes) that conv1x1's
+    # kernel computes.
+    k, cin = c.weight.shape[:2]
+    return (c.weight.device.type == "cpu" and _conv1x1_computes(c.dtype, k, cin)
+            and tuple(c.weight.shape[2:]) == (1, 1) and c.stride[0] == c.stride[1]
+            and c.padding == (0, 0) and c.groups == 1)
 
 
 # conv1x1 computes the 1x1 convs that fit it: called from our op, it skips
@@ -614,16 +619,10 @@ IM2COL_MAX_MACS = 1 << 26
 
 
 def _im2col_pays(x, c):
+    # (bfloat16: an even number of input channels makes every taps' reduction even.)
     k, cin = c.weight.shape[:2]
     if (x.device.type != "cpu" or c.weight.dim() != 4 or c.groups != 1
-            or tuple(c.weight.shape[2:]) == (1, 1) or k % ops.CONV1X1_PANEL
-            or not _extension.conv1x1_kernel_available()):
-        return False
-    if c.dtype == torch.bfloat16:
-        if not (_extension.conv1x1_bf16_kernel_available() and (not _AMX or _BF16_ON_AMX)
-                and cin % 2 == 0):
-            return False
-    elif c.dtype != torch.float32:
+            or tuple(c.weight.shape[2:]) == (1, 1) or not _conv1x1_computes(c.dtype, k, cin)):
         return False
     rows = x.shape[0]
     for extent in _output_extents(x, c):
@@ -673,8 +672,7 @@ def conv(x, c, *, relu, finite, residual=None):
         y = _OPS.conv1x1(x, c.weight, w, c.bias, residual, relu=relu, stride=c.stride[0])
     elif kind == "im2col":
         args, w2, panels = w
-        cols = _OPS.im2col(x, *args)
-        y = _OPS.conv1x1(cols, w2, panels, c.bias, residual, relu=relu)
+        y = _OPS.conv1x1(_OPS.im2col(x, *args), w2, panels, c.bias, residual, relu=relu)
     elif kind == "grouped":
         y = _OPS.grouped_conv3x3(x, c.weight, w, c.bias, residual, stride=c.stride[0], relu=relu)
     elif kind == "float32":  # its float32 copy, rounded once, as conv_bias_act would
@@ -805,8 +803,7 @@ def conv_add_relu_(identity, x, c, *, finite):
         return identity
     if kind == "im2col":
         args, w2, panels = w
-        cols = _OPS.im2col(x, *args)
-        _OPS.conv1x1_add_relu_(identity, cols, w2, panels, c.bias)
+        _OPS.conv1x1_add_relu_(identity, _OPS.im2col(x, *args), w2, panels, c.bias)
         return identity
     _OPS.conv_bias_add_relu_(identity, x, w, c.bias, c.stride, c.padding, c.dilation, c.groups,
                              assume_finite=finite)
