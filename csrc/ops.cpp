@@ -10,6 +10,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/grouped_conv.h"
 #include "cpu/kernel_runs.h"
+#include "cpu/stem_conv.h"
 #include "cpu/winograd.h"
 #include "fast_forward.h"
 #include "op_plan.h"
@@ -68,6 +69,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "grouped_conv3x3(Tensor input, Tensor weight, Tensor packed_weight, Tensor? bias, "
       "Tensor? residual, *, int stride=1, bool relu=True) -> Tensor");
+  // conv_bias_act for an ungrouped, undilated conv over few input channels (ResNet's
+  // stem), stride (1, 1) or (2, 2), computed on CPU by a direct kernel of ours.
+  // packed_weight is resnet_fused.ops.stem_conv_weight(weight): [R, C, S, K].
+  m.def(
+      "stem_conv(Tensor input, Tensor weight, Tensor packed_weight, Tensor? bias, "
+      "Tensor? residual, *, int[2] stride, int[2] padding, bool relu=True) -> Tensor");
   // act(conv1x1(input) + conv1x1(input2, stride=stride2) + bias): two 1x1 convs with
   // the same output shape summed without storing either alone (ResNet's downsample and
   // the last conv of the block it belongs to).
@@ -125,6 +132,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddIntConstant(m, "conv1x1_kernel", resnet_fused::brgemm_f32_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "grouped_conv_kernel",
                           resnet_fused::grouped_conv_kernel_available() ? 1 : 0);
+  PyModule_AddIntConstant(m, "stem_conv_kernel",
+                          resnet_fused::stem_conv_kernel_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "conv1x1_bf16_kernel",
                           resnet_fused::conv1x1_bf16_kernel_available() ? 1 : 0);
   PyModule_AddIntConstant(m, "winograd_bf16_kernel",

@@ -104,6 +104,12 @@ def grouped_conv_kernel_available():
     return available() and bool(getattr(_C, "grouped_conv_kernel", 0))
 
 
+def stem_conv_kernel_available():
+    """Whether stem_conv runs its own kernel here (AVX2+FMA or AVX-512); else it computes
+    through conv_bias_act."""
+    return available() and bool(getattr(_C, "stem_conv_kernel", 0))
+
+
 def winograd_bf16_kernel_available():
     """Whether it also runs its bfloat16 kernel here (AVX-512 with a bfloat16 brgemm
     that runs: AVX512_BF16 or AMX)."""

@@ -173,6 +173,8 @@ class PreparedConv:
     #                                             its conv1x1 panels), made on first use
     grouped_fits: bool = False     # grouped_conv3x3 computes this conv
     grouped_weight: torch.Tensor = None  # its weight in blocks, made on first use
+    stem_fits: bool = False        # stem_conv computes this conv
+    stem_weight: torch.Tensor = None  # its weight as stem_conv reads it, made on first use
     pad_to: int = 0                # CUDA: input channels the "padded" route pads to (_pad_to)
     padded_weight: torch.Tensor = None  # the weight with those zero channels, made on first use
     float32: "PreparedConv" = None  # bfloat16: this conv in float32, made on first use (_choose)
@@ -189,7 +191,8 @@ class PreparedConv:
     def kernel_for(self, x):
         """("winograd", its weight), ("conv1x1", its weight panels), ("im2col", (im2col's
         arguments, the weight over the taps read as a 1x1 conv's, its panels)), ("grouped",
-        its weight blocks), ("padded", its weight with zero input channels), ("float32",
+        its weight blocks), ("stem", its weight as stem_conv reads it), ("padded", its
+        weight with zero input channels), ("float32",
         this conv as a float32 PreparedConv) or ("conv_bias_act", its weight): the op that
         suits x. Remembered per input shape and thread count outside tracing: the choice
         is a few microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
@@ -218,6 +221,10 @@ class PreparedConv:
             if self.conv1x1_panels is None:
                 self.conv1x1_panels = to_huge_pages(ops.conv1x1_weight(self.weight))
             return "conv1x1", self.conv1x1_panels
+        if self.stem_fits and not tracing() and _stem_pays(x, self):
+            if self.stem_weight is None:
+                self.stem_weight = ops.stem_conv_weight(self.weight)
+            return "stem", self.stem_weight
         if self.cached and not tracing() and _im2col_pays(x, self):
             return "im2col", self.im2col_for(x)
         if self.grouped_fits and not tracing():
@@ -347,6 +354,7 @@ def prepare(weight, bias, conv, dtype, cached=True, direct=False):
     c.winograd_fits = cached and _winograd_fits(c)
     c.conv1x1_fits = cached and _conv1x1_fits(c)
     c.grouped_fits = cached and _grouped_fits(c)
+    c.stem_fits = cached and _stem_fits(c)
     c.pad_to = _pad_to(c)
     if c.pad_to and cached:
         # Made now, on the fold's stream before its syncing check, not on the first
@@ -648,6 +656,40 @@ def _grouped_fits(c):
             and _extension.grouped_conv_kernel_available())
 
 
+# ---- stem_conv rules ----------------------------------------------------------------
+
+# Convs over at most STEM_MAX_CHANNELS input channels (ResNet's stem: 3 channels, 7x7,
+# stride 2), float32, stride 1 or 2 along both axes, ungrouped and undilated, with a
+# multiple of 32 output channels: stem_conv's kernel computes them.
+STEM_MAX_CHANNELS = 4
+
+
+def _stem_fits(c):
+    return (c.weight.device.type == "cpu" and c.weight.dim() == 4 and c.dtype == torch.float32
+            and c.weight.shape[1] <= STEM_MAX_CHANNELS
+            and c.weight.shape[0] % ops.STEM_CONV_BLOCK == 0
+            and tuple(c.weight.shape[2:]) != (1, 1) and c.stride in ((1, 1), (2, 2))
+            and c.dilation == (1, 1) and c.groups == 1 and _extension.stem_conv_kernel_available())
+
+
+# Where it pays (benchmarks/cpu_stem_conv.py, AMD EPYC Zen 4, 2 threads, ResNet's stem,
+# ms, oneDNN / ours): with AVX2, where oneDNN's kernel for 3 input channels runs at ~60%
+# of the FMA peak and ours at ~85%, at every size (224x224 batch 1 1.97 / 1.82, batch 8
+# 14.63 / 13.12); with AVX-512, where oneDNN's runs at ~93%, only where ATen's ~25 us
+# around each oneDNN call shows: up to STEM_AVX512_MAX_MACS multiply-adds (32x32 batch 1
+# 0.063 / 0.036, 64x64 0.130 / 0.106; at 224x224 batch 1 1.15 / 1.27, batch 8 9.92 / 9.99).
+STEM_AVX512_MAX_MACS = 1 << 25
+
+
+def _stem_pays(x, c):
+    if _extension.cpu_isa() != "avx512":
+        return True
+    macs = x.shape[0] * c.weight[0].numel() * c.weight.shape[0]
+    for extent in _output_extents(x, c):
+        macs *= extent
+    return macs <= STEM_AVX512_MAX_MACS
+
+
 # ---- running it ------------------------------------------------------------------
 
 # The ops, called directly on arguments PreparedConv holds ready (resnet_fused.ops'
@@ -673,6 +715,9 @@ def conv(x, c, *, relu, finite, residual=None):
     elif kind == "im2col":
         args, w2, panels = w
         y = _OPS.conv1x1(_OPS.im2col(x, *args), w2, panels, c.bias, residual, relu=relu)
+    elif kind == "stem":
+        y = _OPS.stem_conv(x, c.weight, w, c.bias, residual, stride=c.stride, padding=c.padding,
+                           relu=relu)
     elif kind == "grouped":
         y = _OPS.grouped_conv3x3(x, c.weight, w, c.bias, residual, stride=c.stride[0], relu=relu)
     elif kind == "float32":  # its float32 copy, rounded once, as conv_bias_act would
@@ -795,7 +840,7 @@ def conv_add_relu_(identity, x, c, *, finite):
     if c.dtype != x.dtype or needs_grad:
         return conv(x, c, relu=True, finite=finite, residual=identity)
     kind, w = c.kernel_for(x)
-    if (kind in ("winograd", "grouped", "padded", "float32")
+    if (kind in ("winograd", "grouped", "stem", "padded", "float32")
             or (kind == "conv1x1" and c.stride != (1, 1))):
         return conv(x, c, relu=True, finite=finite, residual=identity)
     if kind == "conv1x1":

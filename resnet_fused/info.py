@@ -44,6 +44,8 @@ def rows():
                                  "needs torch's fp32 brgemm")),
         ("grouped_conv3x3 float32", _yes(_extension.grouped_conv_kernel_available(),
                                          "needs AVX2+FMA or AVX-512")),
+        ("stem_conv float32", _yes(_extension.stem_conv_kernel_available(),
+                                   "needs AVX2+FMA or AVX-512")),
     ]
     for name, runs in (("winograd_conv3x3 bfloat16", _extension.winograd_bf16_kernel_available()),
                        ("conv1x1 bfloat16", _extension.conv1x1_bf16_kernel_available())):

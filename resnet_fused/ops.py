@@ -341,6 +341,34 @@ def grouped_conv3x3(input, weight, packed_weight, bias=None, residual=None, *, s
                                                   stride=stride, relu=relu)
 
 
+STEM_CONV_BLOCK = 32  # stem_conv's kernel computes K a multiple of this (else conv_bias_act)
+
+
+def stem_conv_weight(weight):
+    """A [K, C, R, S] weight as stem_conv's, [R, C, S, K]: per tap (kh, c, kw) its K
+    output channels contiguous, the order the kernel reads them in. Made once, at fold
+    time."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"stem_conv_weight: expected a [K, C, R, S] weight, got {got}")
+    return weight.permute(2, 1, 3, 0).contiguous()
+
+
+def stem_conv(input, weight, packed_weight, bias=None, residual=None, *, stride=1, padding=0,
+              relu=True):
+    """conv_bias_act(input, weight, bias, residual, stride, padding, relu=relu) for an
+    ungrouped, undilated float32 conv at stride 1 or 2, computed on CPU by a direct kernel
+    made for few input channels (ResNet's stem: 3 channels, 7x7, stride 2), the weight
+    read as `packed_weight` (stem_conv_weight(weight)); K must be a multiple of
+    STEM_CONV_BLOCK for the kernel to run (else conv_bias_act computes it). NaN and Inf
+    propagate as in torch; a tap on the padding is a product with zero, as in torch's
+    float64 convolution. Only packed_weight's shape is checked."""
+    _require()
+    return torch.ops.resnet_fused.stem_conv(input, weight, packed_weight, bias, residual,
+                                            stride=_ints(stride, "stride"),
+                                            padding=_ints(padding, "padding"), relu=relu)
+
+
 def im2col(input, kernel_size, stride=1, padding=0, dilation=1, tap_begin=0, tap_end=None):
     """The patches that conv2d(input, weight of kernel_size, stride, padding, dilation)
     reads, as rows (CPU, any dtype): channels_last [N, taps * C, OH, OW], where pixel
@@ -495,6 +523,17 @@ def _register_fakes():
         torch._check(stride in (1, 2),
                      lambda: f"grouped_conv3x3: expected stride 1 or 2, got {stride}")
         return _strided_out(input, weight, stride)
+
+    @torch.library.register_fake(lib + "stem_conv")
+    def _(input, weight, packed_weight, bias, residual, *, stride, padding, relu=True):
+        _same_device("stem_conv", input, weight=weight, packed_weight=packed_weight, bias=bias,
+                     residual=residual)
+        torch._check(input.dim() == 4 and weight.dim() == 4,
+                     lambda: "stem_conv: input and weight must be 4-D")
+        torch._check(tuple(stride) in ((1, 1), (2, 2)),
+                     lambda: f"stem_conv: expected stride (1, 1) or (2, 2), got {tuple(stride)}")
+        shape = _conv_out_shape(input, weight, stride, padding, (1, 1))
+        return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
 
     @torch.library.register_fake(lib + "max_pool2d")
     def _(input, kernel_size, stride, padding):
@@ -672,6 +711,18 @@ def _register_autograd():
 
     torch.library.register_autograd(lib + "grouped_conv3x3", grouped_backward,
                                     setup_context=grouped_setup)
+
+    # Likewise stem_conv's packed_weight.
+    def stem_setup(ctx, inputs, keyword_only_inputs, output):
+        save(ctx, inputs, output, keyword_only_inputs.get("relu", True), inputs[3], inputs[4])
+        ctx.geometry = (tuple(keyword_only_inputs["stride"]), tuple(keyword_only_inputs["padding"]),
+                        (1, 1), 1)
+
+    def stem_backward(ctx, grad):
+        gi, gw, gb, gr = _conv_backward(ctx, grad, ctx.geometry)
+        return gi, gw, None, gb, gr
+
+    torch.library.register_autograd(lib + "stem_conv", stem_backward, setup_context=stem_setup)
 
     def mean_linear_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], inputs[1])

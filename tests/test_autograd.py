@@ -73,6 +73,11 @@ def _grouped(x, w, b, r, case, tile):
     return ops.grouped_conv3x3(x, w, p, b, r, stride=case.stride)
 
 
+def _stem(x, w, b, r, case, tile):
+    s, p, _, _ = case.geometry()
+    return ops.stem_conv(x, w, ops.stem_conv_weight(w.detach()), b, r, stride=s, padding=p)
+
+
 def _conv1x1(x, w, b, r, case, tile):
     return ops.conv1x1(x, w, ops.conv1x1_weight(w.detach()), b, r, stride=case.stride)
 
@@ -83,6 +88,7 @@ def _conv1x1(x, w, b, r, case, tile):
     (_winograd, ConvCase(16, 24, 9, 11, R=3, stride=2, padding=1), 2),
     (_grouped, ConvCase(32, 32, 9, 11, R=3, padding=1, groups=8), None),
     (_grouped, ConvCase(32, 32, 9, 11, R=3, stride=2, padding=1, groups=8), None),
+    (_stem, ConvCase(3, 32, 9, 11, R=7, stride=2, padding=3), None),
     (_conv1x1, ConvCase(16, 64, 9, 11), None),
     (_conv1x1, ConvCase(16, 64, 9, 11, stride=2), None)],
     ids=lambda v: v.__name__.strip("_") if callable(v) else str(v))

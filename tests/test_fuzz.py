@@ -125,13 +125,13 @@ def test_conv_bias_act_fuzz(case):
     wd = ops.pack_weight(wt, *conv.geometry(), x.shape) if case["packed"] else wt.to(dev)
     out = None
     if case["dispatch"]:  # as a model runs it, where its route is conv_bias_act's,
-        #                   bfloat16's float32 copy or conv1x1 over im2col rows (the other
-        #                   kernels have fuzz tests of their own)
+        #                   bfloat16's float32 copy, conv1x1 over im2col rows or stem_conv
+        #                   (the other kernels have fuzz tests of their own)
         from torch import nn
 
         from resnet_fused import dispatch
         p = dispatch.prepare(wt, b, nn.Conv2d(c, k, conv.R, *conv.geometry()), dt)
-        if p.kernel_for(xd)[0] in ("conv_bias_act", "float32", "im2col"):
+        if p.kernel_for(xd)[0] in ("conv_bias_act", "float32", "im2col", "stem"):
             out = dispatch.conv(xd, p, relu=case["relu"], finite=False, residual=rd)
     if out is None:
         out = ops.conv_bias_act(xd, wd, None if b is None else b.to(dev), rd,
@@ -186,6 +186,33 @@ def test_small_conv_route_fuzz(dtype, n, c, k, r, stride, dilation, data, in_pla
     ref = reference(x, wt, b, res if residual else None, conv, relu)
     if out.numel() and ref.abs().max() > 0:
         assert_matches(out, ref, dtype, conv.reduction, what=what)
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=FIXED,
+          suppress_health_check=list(HealthCheck))
+@given(n=st.integers(0, 2), c=st.integers(1, 4), k=st.sampled_from([32, 64, 96, 48]),
+       r=st.integers(1, 7), s=st.integers(1, 7), stride=st.sampled_from([1, 2]), data=st.data(),
+       x_layout=st.sampled_from(LAYOUTS), residual=st.booleans(), relu=st.booleans(),
+       bias=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+def test_stem_conv_fuzz(n, c, k, r, s, stride, data, x_layout, residual, relu, bias, threads,
+                        seed):
+    # Kernels 1x1 to 7x7, uneven ones and uneven padding (up to past the kernel's half),
+    # widths across both ISAs' runs of 5 and 7 pixels, one to four input channels, K a
+    # multiple of 32 (and 48, which goes to conv_bias_act), thread counts that split the
+    # rows unevenly.
+    padding = (data.draw(st.integers(0, r)), data.draw(st.integers(0, s)))
+    h = data.draw(st.integers(max(1, r - 2 * padding[0]), r + 12))
+    w = data.draw(st.integers(max(1, s - 2 * padding[1]), s + 20))
+    conv = ConvCase(c, k, h, w, R=r, S=s, stride=stride, padding=padding, N=n)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(k, c, r, s, generator=g) / conv.reduction ** 0.5
+    b = torch.randn(k, generator=g) if bias else None
+    res = torch.randn(n, k, *conv.out_hw, generator=g) if residual else None
+    with num_threads(threads):
+        out = ops.stem_conv(_layout(x, x_layout, None), wt, ops.stem_conv_weight(wt), b, res,
+                            stride=stride, padding=padding, relu=relu)
+    _assert_fp32_matches(out, x, wt, b, res, conv, relu, f"stem_conv {conv}")
 
 
 @st.composite

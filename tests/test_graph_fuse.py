@@ -277,7 +277,7 @@ def test_fp32_matches_and_every_pattern_runs_fused(name):
     calls = kernel_calls(fused, x)
     convs = sum(calls.get(f"resnet_fused::{op}", 0)
                 for op in ("conv_bias_act", "winograd_conv3x3", "conv_bias_add_relu_", "conv1x1",
-                           "conv1x1_add_relu_", "grouped_conv3x3"))
+                           "conv1x1_add_relu_", "grouped_conv3x3", "stem_conv"))
     assert convs == expected[CONV_BN_RELU] + expected[CONV_BN] + expected[CONV_BN_ADD_RELU]
     assert calls.get("resnet_fused::add_relu", 0) == expected[ADD_RELU]
     assert not any("batch_norm" in k for k in calls), calls

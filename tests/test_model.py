@@ -312,6 +312,24 @@ def test_cpu_fp32_runs_grouped_convs_on_their_kernel(arch):
     assert names.count("resnet_fused::grouped_conv3x3") == runs["grouped_conv3x3"] == blocks
 
 
+# The stem runs on stem_conv where dispatch's rule says it pays: with AVX2 at every
+# size; with AVX-512 where ATen's cost around oneDNN's call shows (64x64), not at 224x224
+# (oneDNN's kernel near the FMA peak there). The model matches torchvision either way.
+@pytest.mark.parametrize("isa, size, ours", [("avx512", 64, True), ("avx512", 224, False),
+                                             ("avx2", 224, True)])
+def test_cpu_fp32_stem_runs_on_stem_conv_where_it_pays(monkeypatch, isa, size, ours):
+    if not _extension.stem_conv_kernel_available():
+        pytest.skip("no AVX2 or AVX-512 on this CPU: the stem kernel does not run here")
+    monkeypatch.setattr(_extension, "cpu_isa", lambda: isa)  # the rule's view of the CPU
+    fused = fuse(tv_model("resnet18"))
+    x = torch.randn(1, 3, size, size)
+    with torch.inference_mode(), kernel_runs() as runs:
+        out = fused(x)
+    tv = tv_model("resnet18")
+    assert rel_err(out, tv(x)) <= fp32_bound(tv, x)
+    assert runs["stem_conv"] == (1 if ours else 0)
+
+
 # On 2 threads the weight-bound convs split their output channels across the threads
 # and dispatch.py's cost model picks for them: layer2 (128 channels at 8x8) and
 # layer3 (256 at 4x4) take F(2x2), layer4 (512 at 2x2) stays direct; layer1 (one
@@ -455,8 +473,9 @@ def test_cpu_bf16_conv_with_an_output_extent_of_1_keeps_a_float32_copy(dims):
 def test_cpu_small_convs_run_as_products_over_im2col_rows(arch):
     # At 32x32, batch 1, the stem has 256 output pixels and every later conv at most 64:
     # each conv with a kernel larger than 1x1 runs as conv1x1 over its im2col rows where
-    # Winograd does not take it (with AVX2, layer1's), and layer4's stride-1 3x3 convs, on
-    # a 1x1 input, over their centre tap only.
+    # Winograd does not take it (with AVX2, layer1's) and stem_conv not (the stem, where
+    # its kernel runs), and layer4's stride-1 3x3 convs, on a 1x1 input, over their centre
+    # tap only.
     tv = tv_model(arch)
     fused = fuse(tv)
     x = torch.randn(1, 3, 32, 32)
@@ -465,7 +484,9 @@ def test_cpu_small_convs_run_as_products_over_im2col_rows(arch):
     spatial = [m for m in tv.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
     names = [e.name for e in prof.events()]
     winograd = names.count("resnet_fused::winograd_conv3x3")
-    assert names.count("resnet_fused::im2col") == len(spatial) - winograd and winograd <= 6
+    stem = names.count("resnet_fused::stem_conv")
+    assert stem == _extension.stem_conv_kernel_available() and winograd <= 6
+    assert names.count("resnet_fused::im2col") == len(spatial) - winograd - stem
     assert len(spatial) == 17 and "resnet_fused::conv_bias_act" not in names
     assert rel_err(ours, tv(x)) <= fp32_bound(tv, x)
     fold = next(iter(fused._fold_cache.values()))
@@ -769,12 +790,14 @@ def test_refresh_fold_repacks_the_fc():
         assert rel_err(fused(x), tv(x)) <= fp32_bound(tv, x)
 
 
-def test_more_input_shapes_than_the_caches_keep():
+def test_more_input_shapes_than_the_caches_keep(monkeypatch):
     # oneDNN-packed weights and kernel routes are kept for the few input shapes used
     # last per conv (dispatch.PreparedConv.MAX_PACKED_SHAPES), recorded plans for the
     # few used last per fold (model._MAX_PLANS): every shape, early or late, first seen
     # or replayed, gets torchvision's answer, and the last shapes used have their packs
-    # and, once seen twice in a row, their plan.
+    # and, once seen twice in a row, their plan. The stem, kept on oneDNN's conv, shows
+    # the packs.
+    monkeypatch.setattr(dispatch, "_stem_pays", lambda x, c: False)
     tv = tv_model("resnet50")
     fused = fuse(tv)
     sizes = [(1, 48), (2, 48), (1, 56), (2, 64), (1, 72), (3, 40), (1, 80), (2, 56), (1, 96),

@@ -1350,6 +1350,134 @@ class TestGroupedConv3x3:
         opcheck(op, (x, w, p, b, res[:, :, ::2, ::2].contiguous()), dict(stride=2, relu=True))
 
 
+# stem_conv is a CPU op: ResNet's stem at small sizes, widths off both ISAs' runs of 5
+# and 7 pixels, strides 1 and 2, 1 to 4 input channels, uneven kernels and padding, 32 to
+# 96 output channels, a 1x1 output, and a padding wider than the image.
+STEM_CASES = [ConvCase(c, k, h, w, R=r, S=sw, stride=st, padding=p, N=n)
+              for n, c, k, h, w, r, sw, st, p in [
+                  (2, 3, 64, 29, 31, 7, 7, 2, 3), (1, 3, 64, 32, 32, 7, 7, 2, 3),
+                  (1, 1, 32, 9, 13, 3, 3, 1, 1), (2, 4, 96, 11, 8, 5, 3, 2, (2, 0)),
+                  (1, 2, 32, 6, 23, 2, 4, 1, (0, 3)), (1, 3, 64, 7, 7, 7, 7, 2, 0),
+                  (1, 3, 32, 2, 3, 7, 7, 2, 3)]]
+
+
+class TestStemConv:
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("case", STEM_CASES, ids=ids)
+    def test_matches_fp64(self, case, channels_last):
+        x, w, b, res = case.tensors(channels_last=channels_last)
+        p = ops.stem_conv_weight(w)
+        assert p.shape == (case.R, case.C, case.kernel_size[1], case.K)
+        stride, padding, _, _ = case.geometry()
+        with kernel_runs() as runs:
+            for bias, residual, relu in [(b, None, True), (b, None, False), (b, res, True),
+                                         (None, res, False), (None, None, True)]:
+                ref = reference(x, w, bias, residual, case, relu)
+                out = ops.stem_conv(x, w, p, bias, residual, stride=stride, padding=padding,
+                                    relu=relu)
+                # (One channel: channels_last strides are NCHW's too, and the op says NCHW.)
+                assert out.is_contiguous(memory_format=fmt_of(channels_last and case.C > 1))
+                assert_matches(out, ref, torch.float32, case.reduction, str(case))
+        assert runs["stem_conv"] == (5 if _extension.stem_conv_kernel_available() else 0)
+
+    def test_sliced_input(self):
+        # Any strides: a view with a storage offset and every other column.
+        case = STEM_CASES[0]
+        x, w, b, _ = case.tensors()
+        wide = torch.randn(2, 3, 30, 62)
+        x = wide[:, :, 1:, ::2]
+        out = ops.stem_conv(x, w, ops.stem_conv_weight(w), b, stride=2, padding=3)
+        assert_matches(out, reference(x, w, b, None, case, True), torch.float32, case.reduction)
+
+    def test_thread_counts_give_the_same_result(self):
+        case = STEM_CASES[0]
+        x, w, b, res = case.tensors()
+        p = ops.stem_conv_weight(w)
+        one, many = one_and_more_threads(
+            lambda: ops.stem_conv(x, w, p, b, res, stride=2, padding=3))
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
+
+    def test_same_bits_on_every_vector_path(self):
+        # Each output sums its taps in one order on AVX2 and AVX-512 alike; without them
+        # the op is conv_bias_act's.
+        import hashlib
+        import subprocess
+        import sys
+        script = ("import hashlib, torch; from resnet_fused import ops; "
+                  "g = torch.Generator().manual_seed(0); "
+                  "x = torch.randn(2, 3, 37, 41, generator=g); "
+                  "w, b = torch.randn(64, 3, 7, 7, generator=g), torch.randn(64, generator=g); "
+                  "y = ops.stem_conv(x, w, ops.stem_conv_weight(w), b, stride=2, padding=3); "
+                  "print(hashlib.sha256(y.contiguous().numpy().tobytes()).hexdigest())")
+        digests = set()
+        for isa in ("avx2", "avx512"):
+            env = dict(__import__("os").environ, RESNET_FUSED_CPU_ISA=isa)
+            digests.add(subprocess.run([sys.executable, "-c", script], check=True, env=env,
+                                       capture_output=True, text=True).stdout.strip())
+        assert len(digests) == 1 and all(len(d) == len(hashlib.sha256().hexdigest())
+                                         for d in digests), digests
+
+    @pytest.mark.parametrize("where", NONFINITE_KINDS)
+    def test_nan_and_inf_propagate_like_torch(self, where):
+        case = ConvCase(4, 32, 12, 12, R=3, padding=1)
+        x, w, b, res = case.tensors()
+        put_nonfinite(where, x, w, b, res)
+        p = ops.stem_conv_weight(w)
+        for relu in (True, False):
+            out = ops.stem_conv(x, w, p, b, res, stride=1, padding=1, relu=relu)
+            ref = reference(x, w, b, res, case, relu)
+            assert_nonfinite_matches(out, ref, torch.float32, case.reduction, f"relu={relu}")
+
+    @pytest.mark.parametrize("case", [
+        ConvCase(3, 48, 12, 12, R=7, stride=2, padding=3),   # K not a multiple of 32
+        ConvCase(3, 64, 12, 12, R=7, stride=2, padding=3, N=0)], ids=ids)
+    def test_other_widths_and_empty_batches_go_to_conv_bias_act(self, case):
+        x, w, b, res = case.tensors()
+        with kernel_runs() as runs:
+            out = ops.stem_conv(x, w, ops.stem_conv_weight(w), b, res, stride=2, padding=3)
+        assert runs["stem_conv"] == 0
+        expected = ops.conv_bias_act(x, w, b, res, 2, 3)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    def test_bfloat16_goes_to_conv_bias_act(self):
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            pytest.skip("no bfloat16 convolution on this CPU")
+        x, w, b, _ = (t.bfloat16() for t in STEM_CASES[0].tensors())
+        out = ops.stem_conv(x, w, ops.stem_conv_weight(w), b, stride=2, padding=3)
+        torch.testing.assert_close(out, ops.conv_bias_act(x, w, b, None, 2, 3), rtol=0, atol=0)
+
+    @pytest.mark.parametrize("change, message", [
+        (dict(p=torch.randn(7, 3, 7, 32)), r"stem_conv: expected packed_weight of shape "
+                                           r"\[7, 3, 7, 64\] Float on cpu"),
+        (dict(x=torch.randn(2, 4, 12, 12)), r"expected input with 3 channels"),
+        (dict(s=3), r"stem_conv: expected stride \(1, 1\) or \(2, 2\), got \[3, 3\]"),
+        (dict(s=(1, 2)), r"expected stride \(1, 1\) or \(2, 2\), got \[1, 2\]"),
+        (dict(b=torch.randn(63)), r"stem_conv: expected bias of shape \[64\]"),
+        (dict(x=torch.randn(2, 3, 2, 2), pad=0), r"stem_conv: input spatial size \[2, 2\] with "
+                                                 r"padding \[0, 0\] is smaller than the kernel"),
+    ])
+    def test_bad_input_is_named(self, change, message):
+        a = dict(x=torch.randn(2, 3, 12, 12), w=torch.randn(64, 3, 7, 7), b=torch.randn(64), s=2,
+                 pad=3)
+        a.update(change)
+        p = change.get("p", ops.stem_conv_weight(torch.randn(64, 3, 7, 7)))
+        with pytest.raises(RuntimeError, match=message):
+            ops.stem_conv(a["x"], a["w"], p, a["b"], stride=a["s"], padding=a["pad"])
+
+    def test_stem_conv_weight_rejects_other_weights(self):
+        with pytest.raises(ValueError, match=r"expected a \[K, C, R, S\] weight, got \(64, 3, 7\)"):
+            ops.stem_conv_weight(torch.randn(64, 3, 7))
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_opcheck(self, channels_last):
+        case = ConvCase(3, 32, 9, 10, R=7, stride=2, padding=3)
+        x, w, b, res = case.tensors(channels_last=channels_last)
+        p = ops.stem_conv_weight(w)
+        op = torch.ops.resnet_fused.stem_conv.default
+        opcheck(op, (x, w, p, b, res), dict(stride=[2, 2], padding=[3, 3], relu=True))
+        opcheck(op, (x, w, p, None, None), dict(stride=[2, 2], padding=[3, 3], relu=False))
+
+
 # im2col is a CPU op: (N, C, H, W), kernel, stride, padding, dilation, taps begin and end.
 IM2COL_CASES = [
     ((2, 8, 5, 6), (3, 3), (1, 1), (1, 1), (1, 1), (0, 0), (3, 3)),

@@ -11,7 +11,8 @@ namespace {
 constexpr int kKernels = static_cast<int>(KernelRun::kCount);
 // The op names as Python calls them, in KernelRun's order.
 constexpr const char* kNames[kKernels] = {"winograd_conv3x3", "winograd_conv3d", "conv1x1",
-                                          "conv1x1_add_relu_", "conv1x1_sum", "grouped_conv3x3"};
+                                          "conv1x1_add_relu_", "conv1x1_sum", "grouped_conv3x3",
+                                          "stem_conv"};
 std::atomic<int64_t> runs[kKernels];
 
 PyObject* kernel_runs(PyObject*, PyObject*) {

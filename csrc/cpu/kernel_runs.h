@@ -15,6 +15,7 @@ enum class KernelRun {
   kConv1x1AddRelu,
   kConv1x1Sum,
   kGroupedConv,
+  kStemConv,
   kCount
 };
 

@@ -1,7 +1,8 @@
 // Our CPU kernel templates instantiated for AVX2 + FMA (8 float lanes): the Winograd
-// kernel (winograd_kernel.h), conv1x1's epilogue (conv1x1_epilogue_kernel.h) and the
-// grouped 3x3 conv (grouped_conv_kernel.h), on the vector type of vec_avx2.h. Called
-// only when cpu_isa() says the CPU has it; the rest of the library stays baseline x86-64.
+// kernel (winograd_kernel.h), conv1x1's epilogue (conv1x1_epilogue_kernel.h), the
+// grouped 3x3 conv (grouped_conv_kernel.h) and the stem conv (stem_conv_kernel.h), on
+// the vector type of vec_avx2.h. Called only when cpu_isa() says the CPU has it; the rest
+// of the library stays baseline x86-64.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -9,6 +10,7 @@
 
 #include "cpu/conv1x1_epilogue.h"
 #include "cpu/grouped_conv_problem.h"
+#include "cpu/stem_conv_problem.h"
 #include "cpu/winograd_problem.h"
 
 #ifdef __clang__
@@ -20,6 +22,7 @@
 
 #include "cpu/conv1x1_epilogue_kernel.h"
 #include "cpu/grouped_conv_kernel.h"
+#include "cpu/stem_conv_kernel.h"
 #include "cpu/vec_avx2.h"
 #include "cpu/winograd_kernel.h"
 
@@ -35,6 +38,10 @@ void conv1x1::epilogue_avx2(const float* c, const float* bias, const float* resi
 }
 
 void grouped_conv::run_rows_avx2(const Problem& p, int64_t first, int64_t last) {
+  run_rows<vec::Avx2>(p, first, last);
+}
+
+void stem_conv::run_rows_avx2(const Problem& p, int64_t first, int64_t last) {
   run_rows<vec::Avx2>(p, first, last);
 }
 
