@@ -192,10 +192,10 @@ class PreparedConv:
         """("winograd", its weight), ("conv1x1", its weight panels), ("im2col", (im2col's
         arguments, the weight over the taps read as a 1x1 conv's, its panels)), ("grouped",
         its weight blocks), ("stem", its weight as stem_conv reads it), ("padded", its
-        weight with zero input channels), ("float32",
-        this conv as a float32 PreparedConv) or ("conv_bias_act", its weight): the op that
-        suits x. Remembered per input shape and thread count outside tracing: the choice
-        is a few microseconds of Python per call, ~0.3 ms of a 53-conv forward."""
+        weight with zero input channels), ("float32", this conv as a float32
+        PreparedConv) or ("conv_bias_act", its weight): the op that suits x. Remembered
+        per input shape and thread count outside tracing: the choice is a few microseconds
+        of Python per call, ~0.3 ms of a 53-conv forward."""
         if tracing():
             return self._choose(x)
         key = (x.shape, torch.get_num_threads())

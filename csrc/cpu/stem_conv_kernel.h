@@ -4,10 +4,9 @@
 // inside a `#pragma GCC target` region.
 //
 // A run is a few output pixels of one row times two vectors of output channels, its
-// sums in registers.
-// Each tap (kh, c, kw) loads the block's weight vectors once and broadcasts one input
-// value per pixel: the input planes come padded, so a run reads no branch and its pixels'
-// inputs sit at fixed offsets (stride * r + kw) from one pointer.
+// sums in registers. Each tap (kh, c, kw) loads the run's weight vectors once and
+// broadcasts one input value per pixel: the input planes come padded, so a run takes no
+// branch and its pixels' inputs sit at fixed offsets (stride * r + kw) from one pointer.
 #pragma once
 
 #include "cpu/stem_conv_problem.h"
