@@ -59,16 +59,18 @@ def time_once(fn, device):
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_interleaved(fns, device, warmup, repeats, block=5):
+def time_interleaved(fns, device, warmup, repeats, block=5, settle_ms=50.0):
     """Median ms of each fn after warm-up. Runs go in blocks of `block` per variant,
     round-robin, every other round in reverse (A A B B C C, C C B B A A, ...): drift in
     clock speed or machine load hits every variant alike, each block still runs with
     that model's caches warm, and no variant always follows the same one (in a fixed
     order, the same model timed twice as A B A B measured the second up to 7% faster on
-    an AMD EPYC Zen 4; as A B B A, 0.2-1.9%). Each block starts with one untimed run,
-    which takes the previous variant's leftovers: its data in the caches and its idle
-    threads (ONNX Runtime's spin for 10-50 ms after a run and, there, doubled the time
-    of ResNet-50's next forward at batch 1)."""
+    an AMD EPYC Zen 4; as A B B A, 0.2-1.9%). Each block starts with untimed runs, one
+    at least and as many as fit in settle_ms, which take the previous variant's
+    leftovers: its data in the caches and its idle threads (ONNX Runtime's spin for
+    10-50 ms after a run and, there, doubled the time of ResNet-50's next forward at
+    batch 1; one untimed run of a model that takes a few milliseconds, at small inputs,
+    left the next variant's timed runs inside that spin)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -79,7 +81,11 @@ def time_interleaved(fns, device, warmup, repeats, block=5):
         for name, fn in order:
             runs = min(block, repeats - len(times[name]))
             if runs:
-                time_once(fn, device)
+                settled = 0.0
+                while True:
+                    settled += time_once(fn, device)
+                    if settled >= settle_ms:
+                        break
             for _ in range(runs):
                 times[name].append(time_once(fn, device))
         order.reverse()

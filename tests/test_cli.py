@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -155,8 +156,29 @@ def test_bench_timing_alternates_the_order_of_its_rounds():
     # forward and reversed.
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
-    benchmark.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=4, block=2)
+    benchmark.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=4, block=2,
+                               settle_ms=0)
     assert "".join(calls) == "ABC" + "AAABBBCCC" + "CCCBBBAAA"
+
+
+def test_bench_timing_settles_each_block_for_settle_ms():
+    # Each block's untimed runs last at least settle_ms (a fast variant runs several),
+    # so that the previous variant's spinning threads have gone quiet.
+    calls = []
+
+    def variant(name):
+        calls.append((name, time.perf_counter()))
+        time.sleep(0.002)
+
+    fns = {name: (lambda name=name: variant(name)) for name in "AB"}
+    benchmark.time_interleaved(fns, torch.device("cpu"), warmup=0, repeats=1, block=1,
+                               settle_ms=20)
+    names = "".join(n for n, _ in calls)
+    a, b = names.count("A"), names.count("B")
+    assert names == "A" * a + "B" * b and a >= 3 and b >= 3  # untimed runs, then the timed one
+    first_b = next(t for n, t in calls if n == "B")
+    assert calls[a - 1][1] - calls[0][1] >= 0.018  # A's untimed runs took >= 20 ms
+    assert first_b > calls[a - 1][1]
 
 
 def test_profile_writes_traces_and_chart(tmp_path):
