@@ -673,11 +673,12 @@ def _stem_fits(c):
 
 
 # Where it pays (benchmarks/cpu_stem_conv.py, AMD EPYC Zen 4, 2 threads, ResNet's stem,
-# ms, oneDNN / ours): with AVX2, where oneDNN's kernel for 3 input channels runs at ~60%
-# of the FMA peak and ours at ~85%, at every size (224x224 batch 1 1.97 / 1.82, batch 8
-# 14.63 / 13.12); with AVX-512, where oneDNN's runs at ~93%, only where ATen's ~25 us
-# around each oneDNN call shows: up to STEM_AVX512_MAX_MACS multiply-adds (32x32 batch 1
-# 0.063 / 0.036, 64x64 0.130 / 0.106; at 224x224 batch 1 1.15 / 1.27, batch 8 9.92 / 9.99).
+# ms, oneDNN / ours): with AVX2, where oneDNN's kernel for 3 input channels runs at
+# 52-62% of the FMA peak, at every size (224x224 batch 1 1.66-1.97 / 1.43-1.82, batch 8
+# 11.34-14.63 / 10.27-13.12, two runs); with AVX-512, where oneDNN's runs at ~93%, only
+# where ATen's ~25 us around each oneDNN call shows: up to STEM_AVX512_MAX_MACS
+# multiply-adds (32x32 batch 1 0.063 / 0.036, 64x64 0.130 / 0.106; at 224x224 batch 1
+# 1.15 / 1.27, batch 8 9.92 / 9.99).
 STEM_AVX512_MAX_MACS = 1 << 25
 
 

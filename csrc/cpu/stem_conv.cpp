@@ -1,9 +1,9 @@
 // CPU stem_conv: a float32 conv over few input channels (ResNet's stem: 3 channels, 7x7,
 // stride 2, padding 3) by a direct kernel of our own, with bias, residual and ReLU
 // applied before the one store. oneDNN, reached through ATen with channels_last tensors,
-// runs ResNet's stem at ~90% of the FMA peak with AVX-512 but ~60% with AVX2 (batch 1,
-// AMD EPYC Zen 4, 2 threads), where this kernel runs at ~85%; ATen also spends ~25 us
-// around each oneDNN call, which small inputs notice (dispatch.py's rule).
+// runs ResNet's stem at ~90% of the FMA peak with AVX-512 but 52-62% with AVX2 (batch 1,
+// AMD EPYC Zen 4, 2 threads), where this op takes 0.86-0.92x its time; ATen also spends
+// ~25 us around each oneDNN call, which small inputs notice (dispatch.py's rule).
 //
 // This file holds the op: checks, the zero-padded copy of the input, the per-thread split
 // and the choice of ISA. The kernel is stem_conv_kernel.h, compiled for AVX2 and for
